@@ -1,0 +1,305 @@
+"""The recipe: a typed schema for one fine-tuning run, loaded from YAML plus `key=value` overrides.
+
+Every field has a docstring (shown by `dpkit validate --explain` and the README's reference).
+Unknown keys are refused with the closest valid key; all problems are collected and raised once
+as a `RecipeError`. Checks that need the world size, the data or the model on disk live in
+`dpkit.preflight`; this module only knows the recipe itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpkit.errors import Problem, RecipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class ModelSection(_Section):
+    name_or_path: str | None = None
+    """Hugging Face hub id (`Qwen/Qwen2.5-0.5B`) or local directory with config.json and weights."""
+    config: dict[str, Any] | None = None
+    """Inline config (`model_type` plus sizes) for a tiny model with random weights seeded by
+    `train.seed`. Use instead of `name_or_path`, for tests and the quickstart."""
+    tokenizer: str | None = None
+    """Hub id or local directory of the tokenizer; defaults to `name_or_path`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model and tokenizer."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Training precision. bfloat16/float16 turn on DeepSpeed's mixed precision (fp32 master
+    weights in the optimizer); float16 is refused on CPU."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run (only for repositories you trust)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of `model.name_or_path` and `model.config`")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("an inline `model.config` needs `model.tokenizer` (a hub id or directory)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`model.config` needs a `model_type` (for example `llama`)")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ data
+DATA_FORMATS = ("alpaca", "messages", "text")
+# The canonical column names each format reads; `columns` maps them to a dataset's own names.
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+OPTIONAL_COLUMNS = {"input"}
+
+
+class DataSource(_Section):
+    path: str
+    """Hub dataset name, or a local .json/.jsonl/.parquet/.csv file (relative to the current
+    directory)."""
+    name: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    split: str = "train"
+    """Which split to read."""
+    format: Literal["alpaca", "messages", "text"] = "alpaca"
+    """alpaca: instruction/input/output; messages: chat turns rendered with the tokenizer's chat
+    template; text: plain text, every token trained on."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
+    max_rows: int | None = Field(default=None, gt=0)
+    """Read at most this many rows (the first ones)."""
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "DataSource":
+        expected = FORMAT_COLUMNS[self.format]
+        unknown = [k for k in self.columns if k not in expected]
+        if unknown:
+            raise ValueError(
+                f"`columns` maps {unknown}, but format `{self.format}` reads {list(expected)}"
+            )
+        return self
+
+    def column(self, canonical: str) -> str:
+        return self.columns.get(canonical, canonical)
+
+
+class DataSection(_Section):
+    sources: list[DataSource] = Field(min_length=1)
+    """One or more datasets, concatenated in order before shuffling."""
+    max_seq_len: int = Field(default=2048, gt=1)
+    """Longest tokenized row trained on."""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """What happens to longer rows: cut at `max_seq_len`, or left out. Either is counted and
+    reported at start."""
+    completion_only_loss: bool = True
+    """Train only on responses (alpaca output, assistant turns): prompt tokens get label -100."""
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Hold out this fraction of the training rows (chosen with `train.seed`) for eval loss."""
+    eval_sources: list[DataSource] = Field(default_factory=list)
+    """Separate eval datasets; use instead of `eval_fraction`."""
+
+    @model_validator(mode="after")
+    def _one_eval(self) -> "DataSection":
+        if self.eval_fraction > 0 and self.eval_sources:
+            raise ValueError(
+                "can't use both `data.eval_fraction` and `data.eval_sources`. Choose one."
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------- train
+class TrainSection(_Section):
+    global_batch_size: int = Field(gt=0)
+    """Rows per optimizer step over all ranks (= micro_batch_size × gradient accumulation ×
+    world size; accumulation is derived, never written)."""
+    micro_batch_size: int = Field(default=1, gt=0)
+    """Rows per forward pass on one rank."""
+    epochs: int = Field(default=1, gt=0)
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Stop after this many optimizer steps."""
+    lr: float = Field(default=2e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to 0, or constant."""
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    seed: int = 42
+    """Seeds model init (inline configs), data order, eval split and dropout."""
+    collective_timeout_s: int = Field(default=600, gt=0)
+    """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
+    hanging: a dead rank or node ends the job within this time."""
+
+
+# ------------------------------------------------------------------------------------------ zero
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class ZeroSection(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 partitions optimizer state, 2 also gradients,
+    3 also parameters."""
+    template: str | None = None
+    """A DeepSpeed JSON template; default: the one in ds_configs/ matching stage and offload."""
+    offload_optimizer: Offload = "none"
+    """Keep optimizer state (and its step) on CPU or NVMe: stage 1–3."""
+    offload_params: Offload = "none"
+    """Keep parameters on CPU or NVMe between uses: stage 3 only."""
+    nvme_path: str | None = None
+    """Directory on a fast local disk for NVMe offload."""
+
+    @model_validator(mode="after")
+    def _offload_fits_stage(self) -> "ZeroSection":
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError("parameter offload needs `zero.stage: 3`")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            raise ValueError("NVMe offload needs `zero.nvme_path` (a directory on a local NVMe disk)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- output
+class OutputSection(_Section):
+    dir: str
+    """Run directory (relative to the current directory)."""
+    overwrite: bool = False
+    """Replace an existing run directory. Without it an existing directory stops the run."""
+    log_steps: int = Field(default=1, gt=0)
+    """Write a metrics line and a log line every this many steps."""
+    eval_steps: int | None = Field(default=None, gt=0)
+    """Compute eval loss every this many steps (and always at the end, if there is eval data)."""
+    save_model: bool = True
+    """Write the trained model in Hugging Face format to `<dir>/model` at the end."""
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    output: OutputSection
+
+
+# -------------------------------------------------------------------------------------- loading
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`train.lr=1e-4` → (["train", "lr"], 1e-4). Values are read as YAML (numbers, lists, null)."""
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError.one(item, "an override must look like `section.key=value`",
+                                  "for example `train.lr=1e-4`")
+        parsed.append((key.split("."), yaml.safe_load(value) if value != "" else ""))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for keys, value in parse_overrides(overrides):
+        node: Any = raw
+        for i, key in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = node[int(key)]
+                continue
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError.one(".".join(keys[: i + 1]), "is a value, not a section",
+                                      "override a key inside a section")
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply overrides, validate. Raises `RecipeError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError.one(str(path), "recipe file not found", "check the path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError.one(str(path), f"is not valid YAML: {e}", "fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise RecipeError.one(str(path), "must be a mapping of sections (model, data, train, ...)")
+    return recipe_from_dict(apply_overrides(raw, overrides or []))
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([_problem_from_pydantic(err) for err in e.errors()]) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "recipe"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic section class that a location points into (for key suggestions)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                     None)
+        if model is None:
+            return None
+    return model
+
+
+def _problem_from_pydantic(err: dict) -> Problem:
+    loc = tuple(err["loc"])
+    where = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        fix = f"did you mean `{_dotted((*loc[:-1], close[0]))}`?" if close else (
+            f"valid keys here: {', '.join(valid)}" if valid else "remove it")
+        return Problem(where, "unknown key", fix)
+    if kind == "missing":
+        return Problem(where, "is required", "add it to the recipe")
+    if kind == "value_error":  # cross-field checks raised by our validators
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        return Problem(where, msg)
+    got = err.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return Problem(where, f"{err['msg']}{shown}", "see the recipe reference in README.md")
