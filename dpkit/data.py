@@ -1,0 +1,252 @@
+"""Data: load (hub or local file), format, tokenize with prompt masking, shard per rank, collate.
+
+Masking works on the rendered text: each row becomes text plus the character spans that are
+trained on (the alpaca response, each assistant turn). The whole text is tokenized at once — so
+the model sees exactly what it will see at inference — and a token is trained on when it starts
+inside a trained span. Labels are -100 everywhere else (prompt, template markup, padding).
+
+Sharding: each epoch has one global order (a permutation seeded by `train.seed + epoch`); rank r
+reads rows r, r+W, r+2W, … of it. Step s of the epoch takes the next micro × accumulation rows of
+every rank's shard, which together are exactly rows [s·B, (s+1)·B) of the global order — the same
+batch a single process would see. When the row count isn't divisible by the global batch B, the
+last step of the epoch is smaller (nothing dropped, nothing repeated); a rank whose shard is used
+up feeds an all-masked micro-batch so that the collectives stay in step and it adds no gradient.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpkit.errors import Problem, RecipeError
+from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSection, DataSource
+
+IGNORE = -100
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"{self.rows} rows, {self.tokens} tokens; longer than max_seq_len: "
+                f"{self.truncated} truncated, {self.dropped_too_long} dropped; "
+                f"{self.dropped_no_target} dropped with no trained token")
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_source(source: DataSource, where: str):
+    """A `datasets.Dataset` for one source: a local file or a hub dataset."""
+    import datasets
+
+    path = Path(source.path).expanduser()
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise RecipeError.one(f"{where}.path", f"file '{source.path}' not found (relative paths "
+                                  f"are read from {Path.cwd()})", "check the path")
+        builder = LOCAL_SUFFIXES.get(path.suffix)
+        if builder is None:
+            raise RecipeError.one(f"{where}.path", f"unsupported file type '{path.suffix}'",
+                                  f"use one of {sorted(LOCAL_SUFFIXES)}")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source.path, source.name, split=source.split)
+    if source.max_rows is not None:
+        ds = ds.select(range(min(source.max_rows, len(ds))))
+    return ds
+
+
+def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
+    problems = []
+    for canonical in FORMAT_COLUMNS[source.format]:
+        col = source.column(canonical)
+        if col not in ds.column_names and canonical not in OPTIONAL_COLUMNS:
+            mapped = f" (mapped from `{canonical}`)" if col != canonical else ""
+            problems.append(Problem(
+                f"{where}", f"dataset '{source.path}' has no column '{col}'{mapped} for format "
+                f"`{source.format}`; its columns are {ds.column_names}",
+                f"map it with `{where}.columns: {{{canonical}: <column>}}` or change `format`"))
+    if len(ds) == 0:
+        problems.append(Problem(f"{where}.path", f"dataset '{source.path}' is empty",
+                                "point it at a file with rows"))
+    return problems
+
+
+# --------------------------------------------------------------------------------- formatting
+def render(row: dict, source: DataSource, tokenizer, completion_only: bool):
+    """(text, trained character spans) for one row. Specials like bos come from the template."""
+    if source.format == "text":
+        text = row[source.column("text")]
+        return text, [(0, len(text))], True
+    if source.format == "alpaca":
+        inp = row.get(source.column("input")) or ""
+        template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
+        prompt = template.format(instruction=row[source.column("instruction")], input=inp)
+        text = prompt + row[source.column("output")]
+        span = (len(prompt) if completion_only else 0, len(text))
+        return text, [span], True
+    messages = row[source.column("messages")]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not completion_only:
+        return text, [(0, len(text))], False
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                                  add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    return text, spans, False
+
+
+def tokenize_row(row: dict, source: DataSource, tokenizer, completion_only: bool) -> Example:
+    text, spans, plain_text = render(row, source, tokenizer, completion_only)
+    # alpaca/text: the tokenizer adds bos as for any prompt, and we append eos (trained) so the
+    # model learns to stop. messages: the chat template already holds every special token.
+    enc = tokenizer(text, add_special_tokens=plain_text, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    labels = []
+    for tok, (start, end) in zip(ids, offsets):
+        trained = end > start and any(a <= start < b for a, b in spans)
+        labels.append(tok if trained else IGNORE)
+    if plain_text:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Example(ids, labels)
+
+
+def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, stats: DataStats):
+    examples = []
+    for row in ds:
+        ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
+        if len(ex.input_ids) > section.max_seq_len:
+            if section.overflow == "drop":
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += 1
+            ex = Example(ex.input_ids[: section.max_seq_len], ex.labels[: section.max_seq_len])
+        if all(label == IGNORE for label in ex.labels[1:]):
+            stats.dropped_no_target += 1
+            continue
+        examples.append(ex)
+        stats.tokens += len(ex.input_ids)
+    stats.rows += len(examples)
+    stats.per_source[source.path] = stats.per_source.get(source.path, 0) + len(examples)
+    return examples
+
+
+def load_datasets(section: DataSection, tokenizer, seed: int):
+    """(train examples, eval examples, stats). Every problem is raised at once."""
+    raw, problems = [], []
+    for kind, sources in (("sources", section.sources), ("eval_sources", section.eval_sources)):
+        for i, source in enumerate(sources):
+            where = f"data.{kind}[{i}]"
+            try:
+                ds = load_source(source, where)
+            except RecipeError as e:
+                problems.extend(e.problems)
+                continue
+            found = column_problems(ds, source, where)
+            problems.extend(found)
+            if not found:
+                raw.append((kind, source, ds))
+    if problems:
+        raise RecipeError(problems)
+    stats, eval_stats = DataStats(), DataStats()
+    train, evals = [], []
+    for kind, source, ds in raw:
+        target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
+        target.extend(tokenize_source(ds, source, tokenizer, section, st))
+    if section.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(train) * section.eval_fraction))
+        held = set(order[:n_eval])
+        evals = [train[i] for i in sorted(held)]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    if not train:
+        raise RecipeError.one("data.sources", "no training rows left after tokenization "
+                              f"({stats.describe()})",
+                              "raise data.max_seq_len, use overflow: truncate, or check the data")
+    return train, evals, stats
+
+
+# ---------------------------------------------------------------------------------- sharding
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def shard(order: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's rows of an epoch: disjoint from the other ranks', together all of them."""
+    return order[rank::world_size]
+
+
+def steps_per_epoch(n: int, global_batch_size: int) -> int:
+    return -(-n // global_batch_size)
+
+
+def step_micro_batches(n: int, seed: int, epoch: int, step_in_epoch: int, rank: int,
+                       world_size: int, micro: int, accum: int) -> list[list[int]]:
+    """Row indices of this rank's `accum` micro-batches for one optimizer step (some may be [])."""
+    rows = shard(epoch_order(n, seed, epoch), rank, world_size)
+    per_step = micro * accum
+    mine = rows[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+    return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+
+
+def eval_micro_batches(n: int, rank: int, world_size: int, micro: int) -> list[list[int]]:
+    """Eval rows of this rank, in micro-batches; every rank gets the same number of batches."""
+    rows = list(range(n))[rank::world_size]
+    largest_shard = -(-n // world_size)
+    count = -(-largest_shard // micro)
+    return [rows[i * micro:(i + 1) * micro] for i in range(count)]
+
+
+# --------------------------------------------------------------------------------- collation
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. An empty list gives one fully masked row (adds nothing)."""
+    if not examples:
+        return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
+                "attention_mask": torch.ones((1, 2), dtype=torch.long),
+                "labels": torch.full((1, 2), IGNORE, dtype=torch.long)}
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is computed on (labels shifted by one, as the model predicts the next)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

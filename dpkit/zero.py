@@ -1,0 +1,228 @@
+"""DeepSpeed config: pick a template, resolve every "auto" from the recipe, refuse what's wrong.
+
+The recipe is the one source of truth for batch sizes, precision and clipping; templates carry
+ZeRO knobs and "auto". A number written in both places must agree, or the run is refused.
+`batch_arithmetic` is the only place the global = micro × accumulation × world rule lives.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpkit.errors import Problem, RecipeError
+from dpkit.recipe import Recipe
+
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Top-level keys a template may hold. DeepSpeed silently ignores unknown top-level keys, so a
+# typo there ("gradient_clipping_" or "zero_optimisation") would change nothing and say nothing.
+TEMPLATE_TOP_LEVEL = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "bf16", "fp16", "zero_optimization", "steps_per_print",
+    "wall_clock_breakdown", "aio", "activation_checkpointing", "communication_data_type",
+    "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "checkpoint",
+    "data_types", "memory_breakdown", "dump_state", "seq_parallel_communication_data_type",
+}
+# Optimizer and schedule come from the recipe's `train` section, never from a template.
+REFUSED_TOP_LEVEL = {"optimizer": "train.lr / train.adam_betas / train.weight_decay",
+                     "scheduler": "train.lr_schedule / train.warmup_ratio"}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch_size} = micro {self.micro_batch_size} × "
+                f"accumulation {self.grad_accum} × world {self.world_size}")
+
+
+def batch_arithmetic(recipe: Recipe, world_size: int) -> BatchPlan:
+    """Derive gradient accumulation; refuse a global batch that doesn't split evenly."""
+    gbs, mbs = recipe.train.global_batch_size, recipe.train.micro_batch_size
+    per_step = mbs * world_size
+    if gbs % per_step:
+        lower, upper = (gbs // per_step) * per_step, (gbs // per_step + 1) * per_step
+        options = " or ".join(str(v) for v in (lower, upper) if v > 0)
+        raise RecipeError.one(
+            "train.global_batch_size",
+            f"{gbs} is not divisible by micro_batch_size × world size = {mbs} × {world_size} "
+            f"= {per_step}",
+            f"set it to {options}, or change train.micro_batch_size")
+    return BatchPlan(gbs, mbs, gbs // per_step, world_size)
+
+
+def template_path(recipe: Recipe) -> Path:
+    if recipe.zero.template:
+        return Path(recipe.zero.template)
+    z = recipe.zero
+    if "nvme" in (z.offload_optimizer, z.offload_params):
+        name = "zero3_nvme" if z.stage == 3 else f"zero{z.stage}_offload"
+    elif z.offload_params != "none" or (z.offload_optimizer != "none" and z.stage == 3):
+        name = "zero3_offload"
+    elif z.offload_optimizer != "none":
+        name = "zero2_offload" if z.stage == 2 else f"zero{z.stage}_offload"
+    else:
+        name = f"zero{z.stage}"
+    return DS_CONFIGS / f"{name}.json"
+
+
+def load_template(path: Path) -> dict:
+    where = "zero.template"
+    if not path.is_file():
+        raise RecipeError.one(where, f"DeepSpeed template '{path}' not found",
+                              f"use one of {sorted(p.name for p in DS_CONFIGS.glob('*.json'))} "
+                              "or a path to your own")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecipeError.one(str(path), f"is not valid JSON: {e}", "fix the syntax") from None
+
+
+def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
+                      on_cpu: bool = False) -> dict:
+    """The DeepSpeed config for this recipe and world size, with no "auto" left.
+
+    `hidden_size` sizes the communication buckets as transformers' integration does.
+    Raises `RecipeError` listing every unknown key, conflict and unresolvable "auto".
+    """
+    path = template_path(recipe)
+    cfg = copy.deepcopy(load_template(path))
+    problems: list[Problem] = []
+    src = f"{path.name}"
+
+    for key in cfg:
+        if key in REFUSED_TOP_LEVEL:
+            problems.append(Problem(f"{src}: {key}", "optimizer and scheduler come from the recipe",
+                                    f"remove it from the template and set {REFUSED_TOP_LEVEL[key]}"))
+        elif key not in TEMPLATE_TOP_LEVEL:
+            close = difflib.get_close_matches(key, TEMPLATE_TOP_LEVEL, n=1)
+            problems.append(Problem(f"{src}: {key}", "unknown DeepSpeed key",
+                                    f"did you mean `{close[0]}`?" if close else "remove it"))
+
+    batch = batch_arithmetic(recipe, world_size)
+    precision = recipe.model.dtype
+    wanted: dict[str, Any] = {
+        "train_batch_size": batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum,
+        "gradient_clipping": recipe.train.max_grad_norm,
+        "bf16.enabled": precision == "bfloat16",
+        "fp16.enabled": precision == "float16",
+    }
+    recipe_key = {"train_batch_size": "train.global_batch_size",
+                  "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                  "gradient_accumulation_steps": "train.global_batch_size",
+                  "gradient_clipping": "train.max_grad_norm",
+                  "bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype"}
+    for dotted, value in wanted.items():
+        _set_or_check(cfg, dotted, value, src, recipe_key[dotted], problems, create=True)
+
+    zo = cfg.setdefault("zero_optimization", {})
+    _set_or_check(cfg, "zero_optimization.stage", recipe.zero.stage, src, "zero.stage", problems,
+                  create=True)
+    if hidden_size:
+        buckets = {"reduce_bucket_size": hidden_size * hidden_size,
+                   "allgather_bucket_size": hidden_size * hidden_size,
+                   "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                   "stage3_param_persistence_threshold": 10 * hidden_size}
+        for key, value in buckets.items():
+            if zo.get(key) == "auto":
+                zo[key] = value
+    _resolve_offload(recipe, zo, src, problems)
+
+    leftover = list(_autos(cfg))
+    for dotted in leftover:
+        problems.append(Problem(f"{src}: {dotted}", "is \"auto\" but dpkit cannot resolve it",
+                                "write a value in the template"))
+    if not problems:
+        problems.extend(_deepspeed_schema_problems(cfg, src))
+    if on_cpu and precision == "float16":
+        problems.append(Problem("model.dtype", "float16 is not supported by DeepSpeed on CPU",
+                                "use bfloat16 or float32"))
+    if problems:
+        raise RecipeError(problems)
+    return cfg
+
+
+def _resolve_offload(recipe: Recipe, zo: dict, src: str, problems: list[Problem]) -> None:
+    for section, field in (("offload_optimizer", "offload_optimizer"),
+                           ("offload_param", "offload_params")):
+        wanted = getattr(recipe.zero, field)
+        block = zo.get(section)
+        if block is None:
+            if wanted != "none":
+                problems.append(Problem(f"zero.{field}", f"is {wanted}, but template {src} has no "
+                                        f"`zero_optimization.{section}` block",
+                                        "leave zero.template unset to get the matching template"))
+            continue
+        device = block.get("device")
+        if device == "auto":
+            block["device"] = wanted
+        elif device != wanted and not (device is None and wanted == "none"):
+            problems.append(Problem(f"zero.{field}", f"is {wanted}, but template {src} sets "
+                                    f"`{section}.device: {device}`",
+                                    "make them agree (or set the template's device to \"auto\")"))
+        if block.get("nvme_path") == "auto":
+            if recipe.zero.nvme_path:
+                block["nvme_path"] = recipe.zero.nvme_path
+            elif block.get("device") != "nvme":
+                block.pop("nvme_path")
+        if block.get("device") == "none":
+            zo.pop(section)
+
+
+def _set_or_check(cfg: dict, dotted: str, value: Any, src: str, recipe_key: str,
+                  problems: list[Problem], create: bool) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {}) if create else node.get(p, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif current != value:
+        problems.append(Problem(f"{src}: {dotted}", f"is {current!r} but the recipe gives {value!r}",
+                                f"write \"auto\" in the template and set {recipe_key} in the recipe"))
+
+
+def _autos(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _autos(v, f"{prefix}{k}.")
+    elif node == "auto":
+        yield prefix.rstrip(".")
+
+
+def _deepspeed_schema_problems(cfg: dict, src: str) -> list[Problem]:
+    """Unknown or mistyped keys inside `zero_optimization`, judged by DeepSpeed's own schema."""
+    from pydantic import ValidationError
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**cfg.get("zero_optimization", {}))
+    except ValidationError as e:
+        out = []
+        valid = sorted({*DeepSpeedZeroConfig.model_fields,
+                        *(f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias)})
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+                fix = f"did you mean `{close[0]}`?" if close else "remove it"
+                out.append(Problem(f"{src}: zero_optimization.{key}", "unknown DeepSpeed key", fix))
+            else:
+                out.append(Problem(f"{src}: zero_optimization.{key}", err["msg"],
+                                   "see DeepSpeed's ZeRO configuration docs"))
+        return out
+    return []
