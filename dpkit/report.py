@@ -1,0 +1,315 @@
+"""`dpkit report RUN_DIR [RUN_DIR ...]`: report.md plus PNG plots drawn from metrics.jsonl.
+
+Works on a run still in progress (no summary.json, maybe a half-written last line) and overlays
+several runs on one set of plots, one colour per run. Plots use matplotlib's Agg canvas directly
+(no pyplot): no global figure state, no display needed, safe to call from a training process.
+The model card (`dpkit.model_card`) embeds the loss plot drawn by `write_loss_plot`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpkit.errors import RecipeError
+
+PLOT_SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800×450 PNG
+PLOT_DPI = 100
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclass
+class Run:
+    path: Path
+    name: str
+    train: list[dict]
+    """Train-step records (those with a `loss`), in file order."""
+    evals: list[dict]
+    """Eval records (those with an `eval_loss`), in file order."""
+    summary: dict | None
+    """summary.json, or None while the run is in progress (or if it stopped early)."""
+    skipped_lines: int = 0
+    """Lines of metrics.jsonl that could not be read (a half-written last line, usually)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.train[-1]["loss"] if self.train else None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        if self.evals:
+            return self.evals[-1]["eval_loss"]
+        return (self.summary or {}).get("final_eval_loss")
+
+    @property
+    def memory_keys(self) -> list[str]:
+        keys = {k for r in self.train for k in r if k.startswith("memory_")}
+        return sorted(keys)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
+    """(train records, eval records, unreadable lines). A writer may be appending right now, so a
+    line that does not parse is counted and skipped instead of failing the report."""
+    train, evals, skipped = [], [], 0
+    if not path.is_file():
+        return train, evals, skipped
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if not isinstance(record, dict):
+                skipped += 1
+            elif "eval_loss" in record:
+                evals.append(record)
+            elif "loss" in record:
+                train.append(record)
+    return train, evals, skipped
+
+
+def load_run(run_dir: str | Path, name: str | None = None) -> Run:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RecipeError.one(str(run_dir), "run directory not found", "check the path")
+    train, evals, skipped = read_metrics(path / "metrics.jsonl")
+    summary = None
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except json.JSONDecodeError:  # being written right now: treat the run as in progress
+            summary = None
+    return Run(path, name or path.resolve().name, train, evals, summary, skipped)
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[Run]:
+    """Load runs, naming each by its directory; clashing names get their parent's name too."""
+    paths = [Path(p) for p in run_dirs]
+    base = [p.resolve().name for p in paths]
+    names = [f"{p.resolve().parent.name}/{b}" if base.count(b) > 1 else b
+             for p, b in zip(paths, base)]
+    return [load_run(p, n) for p, n in zip(paths, names)]
+
+
+# ----------------------------------------------------------------------------------- plotting
+def _tokens_axis(runs: list[Run]) -> bool:
+    """Plot against tokens when every train record has `tokens_seen`, else against steps."""
+    return all("tokens_seen" in r for run in runs for r in run.train)
+
+
+def _new_figure(title: str, xlabel: str, ylabel: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _colour(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def loss_figure(runs: list[Run]):
+    """Train loss (line) and eval loss (dashed, dots) against tokens seen, one colour per run."""
+    by_tokens = _tokens_axis(runs)
+    key = "tokens_seen" if by_tokens else "step"
+    fig, ax = _new_figure("Loss", "tokens seen" if by_tokens else "step", "loss")
+    for i, run in enumerate(runs):
+        ax.plot([r[key] for r in run.train], [r["loss"] for r in run.train],
+                color=_colour(i), label=f"{run.name} train")
+        evals = [r for r in run.evals if key in r]
+        if evals:
+            ax.plot([r[key] for r in evals], [r["eval_loss"] for r in evals], color=_colour(i),
+                    linestyle="--", marker="o", markersize=4, label=f"{run.name} eval")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _series_figure(runs: list[Run], key: str, title: str, ylabel: str):
+    fig, ax = _new_figure(title, "step", ylabel)
+    for i, run in enumerate(runs):
+        points = [(r["step"], r[key]) for r in run.train if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), color=_colour(i), label=run.name)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def memory_figure(runs: list[Run]):
+    """Every `memory_*` key against step. A list value holds one reading per rank; each rank is
+    its own line, so an imbalanced ZeRO partition shows up."""
+    fig, ax = _new_figure("Memory", "step", "MB")
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        for j, key in enumerate(run.memory_keys):
+            records = [r for r in run.train if r.get(key) is not None]
+            label = key.removeprefix("memory_")
+            first = records[0][key] if records else None
+            if isinstance(first, list):
+                for rank in range(len(first)):
+                    ax.plot([r["step"] for r in records if len(r[key]) > rank],
+                            [r[key][rank] for r in records if len(r[key]) > rank],
+                            color=_colour(i), linestyle=styles[j % 4],
+                            alpha=1.0 - 0.6 * rank / max(1, len(first)),
+                            label=f"{run.name} {label} rank {rank}")
+            elif records:
+                ax.plot([r["step"] for r in records], [r[key] for r in records],
+                        color=_colour(i), linestyle=styles[j % 4], label=f"{run.name} {label}")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attach the raster canvas: no pyplot, no backend switch
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_loss_plot(runs: list[Run], path: Path) -> Path | None:
+    """The loss plot alone (for the model card); None when no step has been logged yet."""
+    if not any(run.train for run in runs):
+        return None
+    return _save(loss_figure(runs), path)
+
+
+def write_plots(runs: list[Run], out_dir: Path) -> dict[str, Path]:
+    """Draw every plot the metrics allow; returns {title: path}."""
+    plots: dict[str, Path] = {}
+    if not any(run.train for run in runs):
+        return plots
+    plots["Loss"] = _save(loss_figure(runs), out_dir / "loss.png")
+    if any(r.get("tokens_per_s") is not None for run in runs for r in run.train):
+        plots["Throughput"] = _save(
+            _series_figure(runs, "tokens_per_s", "Throughput", "tokens/s (all ranks)"),
+            out_dir / "throughput.png")
+    if any(run.memory_keys for run in runs):
+        plots["Memory"] = _save(memory_figure(runs), out_dir / "memory.png")
+    if any(r.get("lr") is not None for run in runs for r in run.train):
+        plots["Learning rate"] = _save(_series_figure(runs, "lr", "Learning rate", "lr"),
+                                       out_dir / "lr.png")
+    return plots
+
+
+# ------------------------------------------------------------------------------------ report.md
+def fmt(value, spec: str = ".4f") -> str:
+    """A number for a table cell; `—` for missing."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return format(value, spec)
+    return format(value, ",") if isinstance(value, int) else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _row(run: Run) -> list[str]:
+    last = run.train[-1] if run.train else {}
+    rates = [r["tokens_per_s"] for r in run.train if r.get("tokens_per_s") is not None]
+    wall = (run.summary or {}).get("wall_time_s")
+    if wall is None and len(run.train) > 1 and "time" in run.train[0]:
+        wall = run.train[-1]["time"] - run.train[0]["time"]
+    status = "finished" if run.finished else "in progress (no summary.json)"
+    return [run.name, status, fmt(last.get("step")), fmt(last.get("tokens_seen")),
+            fmt(run.final_loss), fmt(run.final_eval_loss),
+            fmt(statistics.median(rates), ",.0f") if rates else "—", _duration(wall)]
+
+
+def _details(run: Run) -> list[str]:
+    s = run.summary or {}
+    lines = [f"### {run.name}", "", f"- directory: `{run.path}`"]
+    if not run.finished:
+        lines.append("- no summary.json yet: the run is in progress or stopped before the end")
+    if run.skipped_lines:
+        lines.append(f"- {run.skipped_lines} unreadable line(s) in metrics.jsonl skipped "
+                     "(a line being written, usually)")
+    if s:
+        lines.append(f"- world size {s.get('world_size')}, global batch "
+                     f"{s.get('global_batch_size')} = micro batch {s.get('micro_batch_size')} × "
+                     f"gradient accumulation {s.get('grad_accum')} × world size "
+                     f"{s.get('world_size')}; ZeRO stage {s.get('zero_stage')}; {s.get('dtype')}")
+        lines.append(f"- base model: {s.get('base_model')}; data: "
+                     f"{', '.join(map(str, s.get('datasets') or [])) or '—'}")
+        if s.get("hardware"):
+            lines.append(f"- hardware: {s['hardware']}")
+    for key in run.memory_keys:
+        values = [v for r in run.train if (v := r.get(key)) is not None]
+        peak = max(max(v) if isinstance(v, list) else v for v in values)
+        lines.append(f"- `{key}`: {peak:,.0f} at its highest (over steps and ranks)")
+    return lines + [""]
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
+    """Write report.md and the plots; returns the path of report.md.
+
+    `out_dir` defaults to `<run>/report` for one run and `./report` for several.
+    """
+    if not run_dirs:
+        raise RecipeError.one("report", "no run directory given", "pass one or more RUN_DIRs")
+    runs = load_runs(list(run_dirs))
+    out = Path(out_dir) if out_dir is not None else (
+        runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, out)
+
+    header = ["run", "status", "step", "tokens seen", "final train loss", "final eval loss",
+              "median tokens/s", "wall time"]
+    lines = ["# dpkit training report", "",
+             f"{len(runs)} run(s), written {time.strftime('%Y-%m-%d %H:%M:%S')}. Final losses are "
+             "the last logged values in metrics.jsonl.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_row(run)) + " |" for run in runs]
+    lines.append("")
+    if not plots:
+        lines += ["No train step has been logged yet: no plots.", ""]
+    for title, path in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    lines += ["## Runs", ""]
+    for run in runs:
+        lines += _details(run)
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    """Add `dpkit report RUN_DIR [RUN_DIR ...] [--out DIR]`."""
+    p = subparsers.add_parser(
+        "report", help="write report.md and plots for one or more run directories",
+        description="Draw loss, eval loss, throughput, memory and learning-rate plots from each "
+                    "run's metrics.jsonl (runs in progress included; several runs are overlaid) "
+                    "and write report.md next to them.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: RUN_DIR/report for one run, ./report for "
+                        "several)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    report = write_report(args.run_dirs, args.out)
+    print(f"wrote {report} and its plots")
+    return 0
