@@ -143,15 +143,16 @@ def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, sta
     examples = []
     for row in ds:
         ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
-        if len(ex.input_ids) > section.max_seq_len:
-            if section.overflow == "drop":
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += 1
+        too_long = len(ex.input_ids) > section.max_seq_len
+        if too_long and section.overflow == "drop":
+            stats.dropped_too_long += 1
+            continue
+        if too_long:
             ex = Example(ex.input_ids[: section.max_seq_len], ex.labels[: section.max_seq_len])
         if all(label == IGNORE for label in ex.labels[1:]):
-            stats.dropped_no_target += 1
+            stats.dropped_no_target += 1  # e.g. a prompt so long that truncation cut the answer
             continue
+        stats.truncated += too_long
         examples.append(ex)
         stats.tokens += len(ex.input_ids)
     stats.rows += len(examples)

@@ -1,7 +1,7 @@
 """Build the small byte-level BPE tokenizer that the quickstart and the tests use.
 
 It is trained on the bundled Self-Instruct seed tasks so that it tokenizes them sensibly with a
-vocabulary of 512 (tiny models train in seconds on CPU). It deliberately has no pad token, like
+vocabulary of 2048 (tiny models train in seconds on CPU). It deliberately has no pad token, like
 Llama's tokenizer: dpkit must handle that (it pads with eos and masks by attention mask).
 
     python scripts/make_tiny_tokenizer.py   # rewrites data/tokenizers/tiny-bpe/
@@ -41,7 +41,7 @@ def main():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer)
     # Add <s> in front like Llama does; the chat template adds it itself (add_special_tokens=False).

@@ -1,0 +1,372 @@
+"""Push a run to the Hugging Face Hub: the model (or LoRA adapter), tokenizer with its chat
+template, generation config, a README.md model card and the training record.
+
+huggingface_hub does the transfer (create_repo, create_branch, one create_commit, so the repo
+never shows half a model). Its own retries cover preupload, LFS and downloads but not
+create_repo or the commit call, so dpkit retries the whole sequence on transient errors; that is
+safe because the commit skips files the Hub already has. The card and loss plot are written to
+`<run>/hub/` first, and nothing in the run directory is modified or removed, so a failed push
+loses nothing and `dpkit push RUN_DIR` can be run again.
+
+The token is read from the environment variable named by `hub.token_env` at push time, handed
+to huggingface_hub, and held nowhere else: not in the recipe, the card, logs or any file we write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dpkit import model_card
+from dpkit.errors import Problem, RecipeError
+
+# Not imported from dpkit.recipe: recipe.py imports this module for `Recipe.hub`.
+
+
+class HubSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              validate_assignment=True)
+
+    repo_id: str
+    """Hub model repository, `owner/name` (created if missing)."""
+    private: bool = True
+    """Create the repository private. Ignored when it already exists."""
+    revision: str | None = None
+    """Branch to push to (created from main if missing); default main."""
+    push_at_end: bool = True
+    """Push the trained model, card and training record when training ends."""
+    push_checkpoints: bool = False
+    """Also push the Hugging Face export of each saved checkpoint, as a commit `step N`."""
+    adapter_only: bool = True
+    """LoRA runs: push the adapter alone. False merges it into the base weights and pushes a
+    full model. Ignored for full fine-tunes."""
+    license: str | None = None
+    """License id for the card metadata (`apache-2.0`, `llama3.1`, ...): respect the base
+    model's license."""
+    tags: list[str] = Field(default_factory=list)
+    """Extra card tags, added to dpkit's own (dpkit, deepspeed, zero-stage-N)."""
+    token_env: str = "HF_TOKEN"
+    """Name of the environment variable holding a write token. The token itself never goes in
+    a recipe. With the default, a token saved by `hf auth login` also works."""
+    endpoint: str | None = None
+    """Hub URL for a self-hosted Hub or mirror; default: $HF_ENDPOINT, else huggingface.co."""
+    retries: int = Field(default=5, ge=0)
+    """Retries after a transient error (5xx, 408, 429, connection lost) before giving up."""
+    retry_wait_s: float = Field(default=2.0, gt=0)
+    """Wait before the first retry; doubled after each, at most 60 s."""
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if not model_card.is_hub_id(v) or len(v.split("/")[1]) > 96:
+            raise ValueError("must look like `owner/name` (letters, digits, `-`, `_`, `.`)")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_env(cls, v: str) -> str:
+        # The message never repeats the value: it may be a token pasted in by mistake.
+        if v.startswith(("hf_", "api_")) or not v.replace("_", "a").isalnum() or v[0].isdigit():
+            raise ValueError("must be the NAME of an environment variable (like HF_TOKEN), not a "
+                             "token: put the token in that variable")
+        return v
+
+
+def hub_from_dict(raw: dict, where: str = "hub") -> HubSection:
+    """Validate a hub section; problems are named `hub.<key>` and never echo values."""
+    try:
+        return HubSection.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([Problem(".".join([where, *map(str, err["loc"])]),
+                                   str(err["msg"]).removeprefix("Value error, "))
+                           for err in e.errors()]) from None
+
+
+# --------------------------------------------------------------------------------- the token
+def resolve_token(hub: HubSection) -> str:
+    value = os.environ.get(hub.token_env, "").strip()
+    if value:
+        return value
+    if hub.token_env == "HF_TOKEN":
+        from huggingface_hub import get_token
+
+        if stored := get_token():  # saved by `hf auth login`
+            return stored
+    fix = f"export {hub.token_env}=<a write token from https://huggingface.co/settings/tokens>"
+    if hub.token_env == "HF_TOKEN":
+        fix += " or run `hf auth login`"
+    raise RecipeError.one("hub.token_env", f"no Hub token: ${hub.token_env} is not set", fix)
+
+
+def check_hub(hub: HubSection) -> list[Problem]:
+    """Pre-launch checks (for preflight): a token is there to push with."""
+    try:
+        resolve_token(hub)
+    except RecipeError as e:
+        return e.problems
+    return []
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+# ------------------------------------------------------------------------------ what is pushed
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "vocab.txt", "merges.txt"]
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors",
+               "model.safetensors.index.json", *TOKENIZER_FILES]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", *TOKENIZER_FILES]
+TRAINING_FILES = ["recipe.yaml", "ds_config.json", "summary.json", "metrics.jsonl"]
+# An allowlist, not "everything in model/": pickles (*.bin, *.pt) and stray files stay local.
+
+
+class PushError(Exception):
+    """The push failed after retries; the run directory is intact."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+    files: list[str]
+
+
+def is_adapter(model_dir: Path) -> bool:
+    return (model_dir / "adapter_config.json").is_file()
+
+
+def _select(model_dir: Path, patterns: list[str], say: Callable[[str], None]) -> dict[str, Path]:
+    chosen, left = {}, []
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        if any(fnmatch.fnmatch(path.name, pat) for pat in patterns):
+            chosen[path.name] = path
+        elif path.name != "README.md":  # ours replaces any card a library wrote
+            left.append(path.name)
+    if left:
+        say(f"[dpkit] not pushed (not weights, config or tokenizer): {', '.join(left)}")
+    return chosen
+
+
+def _merge_adapter(adapter_dir: Path, out: Path) -> Path:
+    """Merge a LoRA adapter into its base model (read from adapter_config.json)."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto")
+    model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES + ["generation_config.json"]:
+        if (adapter_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(adapter_dir / name, out / name)
+    return out
+
+
+def _files_to_push(run_dir: Path, model_dir: Path, hub: HubSection, card_dir: Path,
+                   scratch: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], bool]:
+    adapter = is_adapter(model_dir)
+    if adapter and not hub.adapter_only:
+        say(f"[dpkit] merging the LoRA adapter into its base model (hub.adapter_only: false)")
+        model_dir, adapter = _merge_adapter(model_dir, scratch / "merged"), False
+    files = _select(model_dir, ADAPTER_FILES if adapter else MODEL_FILES, say)
+    weights = [n for n in files if n.endswith(".safetensors")]
+    if not weights or ("adapter_config.json" if adapter else "config.json") not in files:
+        raise RecipeError.one(str(model_dir), "no safetensors weights and config to push",
+                              "point at a run whose model was saved (output.save_model: true)")
+    if not any(n in files for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        say("[dpkit] warning: no tokenizer files in the model directory")
+    files.update({f"training/{n}": run_dir / n for n in TRAINING_FILES if (run_dir / n).is_file()})
+    files["README.md"] = card_dir / "README.md"
+    if (card_dir / model_card.LOSS_PLOT).is_file():
+        files[model_card.LOSS_PLOT] = card_dir / model_card.LOSS_PLOT
+    return files, adapter
+
+
+def _refuse_token_in(files: dict[str, Path], token: str) -> None:
+    """Last line of defence: never upload a file that contains the token."""
+    needle = token.encode()
+    for name, path in files.items():
+        if not name.endswith(".safetensors") and needle in path.read_bytes():
+            raise PushError(f"refusing to push: {path} contains the Hub token; remove it")
+
+
+# ------------------------------------------------------------------------------------ retrying
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _is_transient(exc: BaseException | None) -> bool:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    while exc is not None:  # the client wraps errors (e.g. LFS upload in RuntimeError)
+        if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+            return exc.response.status_code in TRANSIENT_STATUS
+        if isinstance(exc, httpx2.TransportError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _with_retries(what: str, fn: Callable, hub: HubSection, token: str,
+                  say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep):
+    wait = hub.retry_wait_s
+    for attempt in range(hub.retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            message = _redact(f"{type(e).__name__}: {e}".splitlines()[0], token)
+            if not _is_transient(e) or attempt == hub.retries:
+                raise PushError(f"{what} failed: {message}") from None
+            say(f"[dpkit] {what}: transient error ({message}); retry {attempt + 1}/"
+                f"{hub.retries} in {wait:.1f}s")
+            sleep(wait)
+            wait = min(wait * 2, 60.0)
+
+
+# -------------------------------------------------------------------------------------- push
+def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path | None = None,
+                 step: int | None = None, commit_message: str | None = None,
+                 say: Callable[[str], None] = print) -> PushResult:
+    """Push a run directory's model, card and training record (main process only).
+
+    `model_dir` defaults to `<run>/model`; a checkpoint push passes its export and `step`.
+    Raises RecipeError for user errors (no token, no model), PushError when the Hub keeps
+    failing. The card and plot are left in `<run>/hub/`, the record of the push in
+    `<run>/hub/push.json`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    run_dir = Path(run_dir)
+    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
+    if not model_dir.is_dir():
+        raise RecipeError.one(str(model_dir), "no model directory to push",
+                              "push a run that saved its model (output.save_model: true)")
+    token = resolve_token(hub)
+    card_dir = run_dir / "hub"
+    revision = hub.revision or "main"
+    with tempfile.TemporaryDirectory(prefix="dpkit-push-") as scratch:
+        files, adapter = _files_to_push(run_dir, model_dir, hub, card_dir, Path(scratch), say)
+        base = None
+        if adapter:
+            base = json.loads((model_dir / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+        model_card.write_card(run_dir, card_dir, repo_id=hub.repo_id, base_model=base,
+                              adapter=adapter, license=hub.license, tags=hub.tags, step=step)
+        _refuse_token_in(files, token)
+        summary = model_card._read_json(run_dir / "summary.json")
+        message = commit_message or (f"dpkit: checkpoint at step {step}" if step is not None else
+                                     f"dpkit: {run_dir.resolve().name}, "
+                                     f"{summary.get('steps', '?')} steps")
+
+        api = HfApi(endpoint=hub.endpoint, token=token, library_name="dpkit")
+        say(f"[dpkit] pushing {len(files)} files to {hub.repo_id}@{revision}")
+        _with_retries("creating the repository", lambda: api.create_repo(
+            hub.repo_id, private=hub.private, exist_ok=True), hub, token, say)
+        if revision != "main":
+            _with_retries(f"creating branch {revision}", lambda: api.create_branch(
+                hub.repo_id, branch=revision, exist_ok=True), hub, token, say)
+        # Fresh operations each attempt: the client marks them as used.
+        info = _with_retries("uploading", lambda: api.create_commit(
+            hub.repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                          for name, path in files.items()],
+            commit_message=message, revision=revision), hub, token, say)
+    result = PushResult(hub.repo_id, revision, info.oid, str(info.commit_url), sorted(files))
+    (card_dir / "push.json").write_text(json.dumps({**asdict(result), "time": time.time()},
+                                                   indent=2) + "\n")
+    say(f"[dpkit] pushed {hub.repo_id}@{revision}: {result.url}")
+    return result
+
+
+def push_on_main(run_dir: str | Path, hub: HubSection, *, is_main: bool,
+                 barrier: Callable[[], None] | None = None, say: Callable[[str], None] = print,
+                 **kwargs) -> PushResult | None:
+    """For the training loop: rank 0 pushes while the other ranks wait in `barrier`.
+
+    A failed push is reported and training's result stands (the model is on disk), so a Hub
+    outage never fails a finished run. The barrier must allow for upload time: call this after
+    the last collective, or give the process group a timeout longer than the push.
+    """
+    result = None
+    if is_main:
+        try:
+            result = push_run_dir(run_dir, hub, say=say, **kwargs)
+        except (PushError, RecipeError) as e:
+            say(f"[dpkit] push failed, the model is safe in {run_dir}: {e}\n"
+                f"[dpkit] push it later with: dpkit push {run_dir} --repo-id {hub.repo_id}")
+    if barrier is not None:
+        barrier()
+    return result
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    """Add `dpkit push RUN_DIR --repo-id ID`."""
+    p = subparsers.add_parser(
+        "push", help="push a run's model and model card to the Hugging Face Hub",
+        description="Push RUN_DIR/model (weights or LoRA adapter, config, tokenizer with chat "
+                    "template, generation config), a model card and the training record. "
+                    "Defaults come from the run's recipe.yaml `hub` section; flags override.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", help="Hub repository owner/name")
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repository private (default) or public")
+    p.add_argument("--revision", help="branch to push to (default main)")
+    p.add_argument("--license", help="license id for the card metadata")
+    p.add_argument("--tag", action="append", dest="tags", help="extra card tag (repeatable)")
+    p.add_argument("--adapter-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA runs: push the adapter (default) or merge it into the base model")
+    p.add_argument("--token-env", help="environment variable holding the token (default "
+                                       "HF_TOKEN)")
+    p.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--retries", type=int, help="retries after transient errors (default 5)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=_cmd_push)
+
+
+def _hub_from_run(run_dir: Path) -> dict:
+    """The `hub` section of the run's resolved recipe, if it has one."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        section = (yaml.safe_load(path.read_text()) or {}).get("hub")
+    except yaml.YAMLError:
+        return {}
+    return dict(section) if isinstance(section, dict) else {}
+
+
+def _cmd_push(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError.one(args.run_dir, "run directory not found", "check the path")
+    raw = _hub_from_run(run_dir)
+    flags = {"repo_id": args.repo_id, "private": args.private, "revision": args.revision,
+             "license": args.license, "tags": args.tags, "adapter_only": args.adapter_only,
+             "token_env": args.token_env, "endpoint": args.endpoint, "retries": args.retries}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if "repo_id" not in raw:
+        raise RecipeError.one("--repo-id", "no repository to push to",
+                              "pass --repo-id owner/name (or set hub.repo_id in the recipe)")
+    hub = hub_from_dict(raw)
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - stdout stays for results
+    try:
+        result = push_run_dir(run_dir, hub, commit_message=args.message, say=say)
+    except PushError as e:
+        print(f"error: {e}\nThe run directory is unchanged; run the same command again to "
+              "retry.", file=sys.stderr)
+        return 1
+    print(result.url)
+    return 0

@@ -1,0 +1,306 @@
+"""The memory model behind `dpkit plan`: pure arithmetic, no torch, no DeepSpeed.
+
+Every number is "elements × bytes per element" on one rank, tagged with where it lives (GPU, CPU,
+NVMe) and when (during forward/backward, during the optimizer step, or always). Which tensors
+DeepSpeed 0.19 actually allocates per stage was read from its source and checked by counting the
+tensors a real engine holds (tests/distributed/test_plan_measured.py); docs/plan.md explains each
+line and where it differs from DeepSpeed's own estimators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GiB = 2**30
+FRAGMENTATION = 0.10
+"""Allocator fragmentation margin, as a fraction of the peak allocated bytes."""
+RUNTIME_RESERVE = 1 * GiB
+"""GPU memory no tensor accounts for: CUDA context, NCCL workspaces, cuBLAS handles."""
+CPU_PER_RANK = 2 * GiB
+"""Host memory of one rank's process itself (Python, torch, CUDA libraries, data loader)."""
+SHARD_BYTES = 5 * 10**9
+"""Checkpoint shard size: under ZeRO-3 a rank loading pretrained weights holds one shard at a time."""
+STAGE0_ALLREDUCE = 500_000_000
+"""Elements per flattened all-reduce bucket of the ZeRO-0 engine (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE)."""
+
+BACKWARD, STEP = "backward", "step"
+ALWAYS = frozenset({BACKWARD, STEP})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a model (counted on the meta device)."""
+
+    param_numels: tuple[int, ...]
+    """Every distinct parameter's element count (tied weights once), LoRA adapters included."""
+    trainable_numels: tuple[int, ...]
+    """The parameters the optimizer updates (all for full fine-tuning, the adapters for LoRA)."""
+    largest_layer: int
+    """Most parameter elements owned directly by one module (DeepSpeed's "largest layer")."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated_mlp: bool = True
+    lora_rank: int = 0
+    lora_targets_per_layer: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.param_numels)
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.trainable_numels)
+
+    @property
+    def largest_trainable(self) -> int:
+        return max(self.trainable_numels, default=0)
+
+    def persistent(self, threshold: int) -> int:
+        """Elements ZeRO-3 keeps whole on every rank (parameters of at most `threshold` elements)."""
+        return sum(n for n in self.param_numels if n <= threshold)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The DeepSpeed `zero_optimization` values the memory depends on (DeepSpeed's defaults)."""
+
+    reduce_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    sub_group_size: int = 1_000_000_000
+    optimizer_buffer_count: int = 4
+    param_buffer_count: int = 5
+    param_buffer_size: int = 100_000_000
+
+
+@dataclass(frozen=True)
+class Setup:
+    stage: int
+    offload_optimizer: str  # none | cpu | nvme
+    offload_params: str  # none | cpu | nvme (stage 3 only)
+    world_size: int
+    gpus_per_node: int
+    dtype_bytes: int  # 2 for bf16/fp16 (mixed precision), 4 for fp32
+    micro_batch: int
+    seq_len: int
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    knobs: Knobs = field(default_factory=Knobs)
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype_bytes < 4
+
+    @property
+    def label(self) -> str:
+        if self.offload_optimizer == "none":
+            return "none"
+        if self.offload_params == "none":
+            return f"optimizer→{self.offload_optimizer}"
+        return f"optimizer+params→{self.offload_optimizer}"
+
+
+@dataclass(frozen=True)
+class Part:
+    category: str  # params | grads | optim | step | activations | comm
+    item: str
+    elements: int
+    bytes_per: int
+    device: str = "gpu"  # gpu | cpu | nvme
+    phases: frozenset = ALWAYS
+    state: bool = False  # a "model state" in the ZeRO paper's sense (params, grads, optimizer)
+
+    @property
+    def bytes(self) -> int:
+        return self.elements * self.bytes_per
+
+
+@dataclass
+class Breakdown:
+    setup: Setup
+    parts: list[Part]
+    cpu_loading: int = 0
+    """Host bytes one rank needs while it loads the weights (before training state exists)."""
+
+    def on(self, device: str, phase: str, category: str | None = None) -> int:
+        return sum(p.bytes for p in self.parts if p.device == device and phase in p.phases
+                   and (category is None or p.category == category))
+
+    def gpu(self, category: str) -> int:
+        """A category's GPU bytes at the phase where the GPU peaks."""
+        return self.on("gpu", self.peak_phase, category)
+
+    @property
+    def peak_phase(self) -> str:
+        return BACKWARD if self.on("gpu", BACKWARD) >= self.on("gpu", STEP) else STEP
+
+    @property
+    def gpu_allocated(self) -> int:
+        """Peak bytes of live tensors on one GPU (what torch.cuda.max_memory_allocated reports)."""
+        return self.on("gpu", self.peak_phase)
+
+    @property
+    def gpu_margin(self) -> int:
+        return int(self.gpu_allocated * FRAGMENTATION) + RUNTIME_RESERVE
+
+    @property
+    def gpu_total(self) -> int:
+        return self.gpu_allocated + self.gpu_margin
+
+    @property
+    def cpu_per_rank(self) -> int:
+        steady = max(self.on("cpu", BACKWARD), self.on("cpu", STEP))
+        return CPU_PER_RANK + max(steady, self.cpu_loading)
+
+    @property
+    def cpu_per_node(self) -> int:
+        return self.cpu_per_rank * min(self.setup.gpus_per_node, self.setup.world_size)
+
+    @property
+    def nvme_per_rank(self) -> int:
+        return sum(p.bytes for p in self.parts if p.device == "nvme")
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer states, wherever they live (the ZeRO paper's sum)."""
+        return sum(p.bytes for p in self.parts if p.state)
+
+    def elements(self, category: str, item: str | None = None) -> int:
+        return sum(p.elements for p in self.parts
+                   if p.category == category and (item is None or p.item == item))
+
+
+def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
+    """(bytes one block saves, bytes saved outside the blocks) for one micro batch."""
+    b, h = setup.dtype_bytes, shape.hidden
+    mlp = (4 if shape.gated_mlp else 2) * shape.intermediate
+    kv = shape.kv_heads * shape.head_dim
+    tokens = setup.micro_batch * setup.seq_len
+    if setup.attn_implementation == "eager":
+        per_token = b * (8 * h + mlp) + 8 * h + 8
+        scores = shape.heads * setup.seq_len ** 2 * (4 + (b if b < 4 else 0)) * setup.micro_batch
+    else:  # sdpa / flash attention: memory linear in the sequence length
+        per_token = b * (6 * h + 2 * kv + mlp) + 8 * h + 8 + 4 * shape.heads
+        scores = 0
+    per_token += b * shape.lora_rank * shape.lora_targets_per_layer
+    outside = tokens * (b * (2 * h + 2 * shape.head_dim) + 4 * h + 16 + 4 * shape.vocab)
+    return tokens * per_token + scores, outside
+
+
+def saved_activations(shape: ModelShape, setup: Setup) -> int:
+    """Bytes autograd saves for backward over one micro batch (weights excluded).
+
+    Per token and block, HF Llama-style blocks save b·(6h + 2·kv + m·I) (b = dtype bytes,
+    kv = kv_heads·head_dim, m = 4 for a gated MLP, 2 for a plain one) plus 8h for the fp32 upcasts
+    of two RMSNorms and 8 + 4·heads bytes of per-token statistics; eager attention saves K/V after
+    repeat_kv (kv → h) and the softmax (heads·s² per sequence, fp32 plus a b-byte copy); LoRA adds
+    its rank-r intermediate per adapted layer. Outside the blocks: b·(2h + 2·head_dim) + 4h + 16
+    per token and the fp32 log-softmax of the loss (4·V). With gradient checkpointing a block keeps
+    only its input (b·h). The coefficients come from autograd's saved tensors of real HF models;
+    tests/unit/test_plan.py re-measures them on shapes not used to fit them.
+    """
+    block, outside = _activation_terms(shape, setup)
+    if setup.gradient_checkpointing:
+        tokens = setup.micro_batch * setup.seq_len
+        return tokens * setup.dtype_bytes * shape.hidden * shape.layers + outside
+    return block * shape.layers + outside
+
+
+def activation_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Peak activation bytes: what autograd saves, the logits the forward returns (b·V per
+    token), d(loss)/d(logits) opening the backward ((4 + b)·V per token), and with gradient
+    checkpointing the one block being recomputed."""
+    tokens = setup.micro_batch * setup.seq_len
+    total = saved_activations(shape, setup) + tokens * (4 + 2 * setup.dtype_bytes) * shape.vocab
+    if setup.gradient_checkpointing:
+        total += _activation_terms(shape, setup)[0]
+    return total
+
+
+def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
+    """Per-rank memory of one (stage, offload, micro batch) choice, as DeepSpeed 0.19 allocates it."""
+    s, n, b, k = setup.stage, setup.world_size, setup.dtype_bytes, setup.knobs
+    P, T = shape.total, shape.trainable
+    Tn = math.ceil(T / n) if s >= 1 else T  # optimizer partition (stage 1+), else everything
+    opt_dev = "gpu" if setup.offload_optimizer == "none" else setup.offload_optimizer
+    par_dev = "gpu" if setup.offload_params == "none" else setup.offload_params
+    parts: list[Part] = []
+    add = parts.append
+    bwd, stp = frozenset({BACKWARD}), frozenset({STEP})
+
+    # Parameters, in the model dtype
+    if s < 3:
+        add(Part("params", "weights", P, b, state=True))
+    else:
+        add(Part("params", "partition", math.ceil(P / n), b, par_dev, state=True))
+        persist = shape.persistent(k.param_persistence_threshold)
+        add(Part("params", "persistent", persist, b))
+        gathered = min(k.max_live_parameters, shape.largest_layer + k.prefetch_bucket_size)
+        add(Part("params", "gathered", min(gathered, P - persist), b, phases=bwd))
+
+    # Gradients, in the model dtype (DeepSpeed's default gradient accumulation dtype)
+    inflight = shape.largest_trainable if shape.largest_trainable > k.reduce_bucket_size else 0
+    if s == 0:
+        add(Part("grads", "full", T, b, state=True))
+    elif s == 1:
+        add(Part("grads", "full", T, b, phases=bwd, state=True))
+        if opt_dev == "gpu":
+            add(Part("grads", "partition", Tn, b, phases=stp))
+    elif opt_dev == "gpu":
+        add(Part("grads", "partition", Tn, b, state=True))
+        add(Part("grads", "in flight", inflight, b, phases=bwd))
+    else:
+        if s == 3:  # grad_partitions_flat_buffer lives with the optimizer
+            add(Part("grads", "partition", Tn, b, "cpu", state=True))
+        add(Part("grads", "in flight", inflight, b, phases=bwd))
+
+    # Optimizer: fp32 master weights (unless the model already is fp32 and DeepSpeed aliases it)
+    # plus Adam's two moments
+    master = Tn
+    if not setup.mixed and (s == 0 or (s == 3 and opt_dev == "gpu")):
+        master = 0
+    add(Part("optim", "master", master, 4, opt_dev, state=True))
+    add(Part("optim", "adam", 2 * Tn, 4, opt_dev, state=True))
+
+    # fp32 copy of the gradient the optimizer steps on
+    if opt_dev == "gpu":
+        if s == 0:
+            step_grads = T if setup.mixed else 0
+        elif s == 3:
+            step_grads = min(k.sub_group_size, Tn)
+        else:
+            step_grads = Tn
+        add(Part("step", "fp32 grads", step_grads, 4, phases=stp))
+    elif opt_dev == "cpu":
+        add(Part("step", "fp32 grads", Tn, 4, "cpu"))
+        if s < 3:  # bit16 staging buffer for the updated partition
+            add(Part("step", "bit16 staging", Tn, b, "cpu"))
+    else:  # NVMe: pinned swap buffers in host memory
+        add(Part("step", "swap buffers", k.optimizer_buffer_count * min(k.sub_group_size, Tn), 4,
+                 "cpu"))
+    if par_dev == "nvme":
+        add(Part("params", "swap buffers", k.param_buffer_count * k.param_buffer_size, b, "cpu"))
+
+    # Activations
+    add(Part("activations", "saved + loss grad", activation_bytes(shape, setup), 1, phases=bwd))
+
+    # Communication buffers
+    if s == 0:
+        add(Part("comm", "all-reduce bucket", min(STAGE0_ALLREDUCE, T), b, phases=bwd))
+    elif s in (1, 2):
+        copies = 2 if setup.knobs.overlap_comm else 1
+        add(Part("comm", "reduce buckets", copies * k.reduce_bucket_size, b, phases=bwd))
+    else:
+        add(Part("comm", "reduce bucket", k.reduce_bucket_size, b))
+        add(Part("comm", "reduce-scatter", k.reduce_bucket_size, b, phases=bwd))
+
+    loading = P * b if s < 3 else min(P * b, SHARD_BYTES)
+    return Breakdown(setup, [p for p in parts if p.elements], cpu_loading=loading)

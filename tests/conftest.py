@@ -1,0 +1,78 @@
+"""Shared test helpers: tiny recipes, and real multi-rank launches with a hard timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
+ALPACA = ROOT / "data" / "self_instruct_seed.alpaca.jsonl"
+MESSAGES = ROOT / "data" / "self_instruct_seed.messages.jsonl"
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 2048, "max_position_embeddings": 512}
+
+
+def tiny_recipe(out_dir: Path, **sections) -> dict:
+    """A small fp32 recipe on the bundled data; `sections` override keys per section."""
+    recipe = {
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": str(TOKENIZER), "dtype": "float32"},
+        "data": {"sources": [{"path": str(MESSAGES), "format": "messages"}], "max_seq_len": 128},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 8, "lr": 3e-3,
+                  "lr_schedule": "constant"},
+        "zero": {"stage": 2},
+        "output": {"dir": str(out_dir), "save_model": False},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def rank_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # The op DeepSpeed compiles for CPU collectives lives in the project, built once by .ci/run.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    return env
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 240, module: str | None = None,
+             script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Start `nproc` real ranks with torch.distributed.run; kill them all after `timeout`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc)]
+    cmd += ["-m", module] if module else [str(script)]
+    proc = subprocess.run(cmd + args, env=rank_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+@pytest.fixture
+def tmp_run(tmp_path: Path) -> Path:
+    return tmp_path / "run"
