@@ -71,12 +71,29 @@ def load_source(source: DataSource, where: str):
         if builder is None:
             raise RecipeError.one(f"{where}.path", f"unsupported file type '{path.suffix}'",
                                   f"use one of {sorted(LOCAL_SUFFIXES)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise RecipeError.one(f"{where}.path", f"dataset '{source.path}' is empty",
+                                  "point it at a file with rows")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many types for a malformed file
+            raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
+                                  f"{builder}: {_first_line(e)}", "check the file's format") from e
     else:
-        ds = datasets.load_dataset(source.path, source.name, split=source.split)
+        try:
+            ds = datasets.load_dataset(source.path, source.name, split=source.split)
+        except Exception as e:  # unknown name, no network, wrong split or config name
+            raise RecipeError.one(f"{where}.path", f"could not load hub dataset '{source.path}': "
+                                  f"{_first_line(e)}", "check the name, `name` and `split` (a "
+                                  "local file needs a .json/.jsonl/.parquet/.csv suffix)") from e
     if source.max_rows is not None:
         ds = ds.select(range(min(source.max_rows, len(ds))))
     return ds
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def column_problems(ds, source: DataSource, where: str) -> list[Problem]:

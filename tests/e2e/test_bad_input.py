@@ -1,0 +1,128 @@
+"""Bad input: one clear message naming the key or file and the fix, exit code 2, before any
+rank starts, and nothing created or overwritten."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, rank_env, tiny_recipe, write_recipe
+
+from dpkit.cli import main
+from dpkit.zero import DS_CONFIGS
+
+
+def train(tmp_path, capsys, recipe: dict, *overrides):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    code = main(["train", str(path), *overrides])
+    out, err = capsys.readouterr()
+    assert "launching" not in out  # no rank was started
+    return code, err
+
+
+def expect_error(tmp_path, capsys, recipe, *needles, overrides=()):
+    code, err = train(tmp_path, capsys, recipe, *overrides)
+    assert code == 2, err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_with_suggestion(tmp_path, capsys):
+    r = tiny_recipe(tmp_path / "run")
+    r["train"]["micro_batch"] = 2
+    expect_error(tmp_path, capsys, r,
+                 "error: train.micro_batch: unknown key — did you mean `train.micro_batch_size`?")
+
+
+def test_wrong_type(tmp_path, capsys):
+    r = tiny_recipe(tmp_path / "run", train={"lr": "fast"})
+    expect_error(tmp_path, capsys, r, "train.lr:", "'fast'")
+
+
+def test_batch_not_divisible(tmp_path, capsys):
+    # No GPU here: `dpkit train` starts 2 ranks by default.
+    r = tiny_recipe(tmp_path / "run", train={"global_batch_size": 10, "micro_batch_size": 2})
+    expect_error(tmp_path, capsys, r, "train.global_batch_size: 10 is not divisible by "
+                 "micro_batch_size × world size = 2 × 2 = 4", "set it to 8 or 12")
+
+
+def test_batch_not_divisible_for_world_size(tmp_path, capsys):
+    r = tiny_recipe(tmp_path / "run", train={"global_batch_size": 12, "micro_batch_size": 2})
+    path = write_recipe(tmp_path / "recipe.yaml", r)
+    assert main(["train", str(path), "--nproc-per-node", "4"]) == 2
+    assert "12 is not divisible by micro_batch_size × world size = 2 × 4 = 8" in \
+        capsys.readouterr().err
+
+
+def test_missing_dataset_column(tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "Hi?", "answer": "Hello."}) + "\n")
+    r = tiny_recipe(tmp_path / "run", data={"sources": [{"path": str(data), "format": "alpaca"}]})
+    expect_error(tmp_path, capsys, r, "data.sources[0]: dataset", "has no column 'instruction'",
+                 "columns are ['question', 'answer']", "data.sources[0].columns")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    r = tiny_recipe(tmp_path / "run", data={"sources": [{"path": str(data), "format": "text"}]})
+    expect_error(tmp_path, capsys, r, "data.sources[0].path:", "is empty")
+
+
+def test_nonexistent_model_path(tmp_path, capsys):
+    r = tiny_recipe(tmp_path / "run")
+    r["model"] = {"name_or_path": str(tmp_path / "no-such-model"), "dtype": "float32"}
+    expect_error(tmp_path, capsys, r, "model.name_or_path: no config.json in local directory")
+
+
+def test_tokenizer_without_pad_token_is_handled(tmp_path, capsys):
+    # The bundled tokenizer has no pad token, like Llama's: validate says how it is handled.
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path / "run"))
+    assert main(["validate", str(path)]) == 0
+    assert "tokenizer pads with its eos token '</s>'" in capsys.readouterr().out
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    code, err = train(tmp_path, capsys, tiny_recipe(run))
+    assert code == 2
+    assert f"output.dir: '{run}' already exists and is not empty" in err
+    assert "output.overwrite=true" in err
+    assert (run / "keep.txt").read_text() == "precious"
+
+
+def template(tmp_path, mutate) -> str:
+    cfg = json.loads((DS_CONFIGS / "zero2.json").read_text())
+    mutate(cfg)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_unknown_key_in_deepspeed_template(tmp_path, capsys):
+    t = template(tmp_path, lambda c: c["zero_optimization"].update(overlap_com=True))
+    r = tiny_recipe(tmp_path / "run", zero={"stage": 2, "template": t})
+    expect_error(tmp_path, capsys, r, "ds.json: zero_optimization.overlap_com: unknown DeepSpeed "
+                 "key — did you mean `overlap_comm`?")
+
+
+def test_unresolvable_auto_in_template(tmp_path, capsys):
+    t = template(tmp_path, lambda c: c["zero_optimization"].update(sub_group_size="auto"))
+    r = tiny_recipe(tmp_path / "run", zero={"stage": 2, "template": t})
+    expect_error(tmp_path, capsys, r, "zero_optimization.sub_group_size: is \"auto\" but dpkit "
+                 "cannot resolve it")
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    r = tiny_recipe(tmp_path / "run")
+    r["zero"]["stagee"] = 3
+    path = write_recipe(tmp_path / "recipe.yaml", r)
+    proc = subprocess.run([sys.executable, "-m", "dpkit.cli", "train", str(path)], cwd=ROOT,
+                          env=rank_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: zero.stagee: unknown key — did you mean `zero.stage`?"]
+    assert "Traceback" not in proc.stderr
