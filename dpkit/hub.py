@@ -29,7 +29,7 @@ from typing import Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dpkit import model_card
+from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
 
 # Not imported from dpkit.recipe: recipe.py imports this module for `Recipe.hub`.
@@ -163,11 +163,25 @@ def _select(model_dir: Path, patterns: list[str], say: Callable[[str], None]) ->
     return chosen
 
 
-def _merge_adapter(adapter_dir: Path, out: Path) -> Path:
-    """Merge a LoRA adapter into its base model (read from adapter_config.json)."""
-    from peft import AutoPeftModelForCausalLM
+def adapter_base(model_dir: Path, run_dir: Path) -> str | None:
+    """The base model of a LoRA adapter: its adapter_config.json, else the run's summary."""
+    config = json.loads((model_dir / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        base = model_card._read_json(run_dir / "summary.json").get("base_model")
+    return base if base and base != "inline config" else None
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto")
+
+def _merge_adapter(adapter_dir: Path, base: str | None, out: Path) -> Path:
+    """Merge a LoRA adapter into its base model's weights."""
+    if base is None:
+        raise RecipeError.one("hub.adapter_only", "the adapter names no base model to merge into",
+                              "push the adapter alone (hub.adapter_only: true)")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"),
+                                      adapter_dir)
     model.merge_and_unload().save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (adapter_dir / name).is_file() and not (out / name).exists():
@@ -176,11 +190,12 @@ def _merge_adapter(adapter_dir: Path, out: Path) -> Path:
 
 
 def _files_to_push(run_dir: Path, model_dir: Path, hub: HubSection, card_dir: Path,
-                   scratch: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], bool]:
+                   scratch: Path, say: Callable[[str], None]) -> dict[str, Path]:
     adapter = is_adapter(model_dir)
     if adapter and not hub.adapter_only:
         say(f"[dpkit] merging the LoRA adapter into its base model (hub.adapter_only: false)")
-        model_dir, adapter = _merge_adapter(model_dir, scratch / "merged"), False
+        base = adapter_base(model_dir, run_dir)
+        model_dir, adapter = _merge_adapter(model_dir, base, scratch / "merged"), False
     files = _select(model_dir, ADAPTER_FILES if adapter else MODEL_FILES, say)
     weights = [n for n in files if n.endswith(".safetensors")]
     if not weights or ("adapter_config.json" if adapter else "config.json") not in files:
@@ -192,7 +207,7 @@ def _files_to_push(run_dir: Path, model_dir: Path, hub: HubSection, card_dir: Pa
     files["README.md"] = card_dir / "README.md"
     if (card_dir / model_card.LOSS_PLOT).is_file():
         files[model_card.LOSS_PLOT] = card_dir / model_card.LOSS_PLOT
-    return files, adapter
+    return files
 
 
 def _refuse_token_in(files: dict[str, Path], token: str) -> None:
@@ -214,8 +229,8 @@ def _is_transient(exc: BaseException | None) -> bool:
     while exc is not None:  # the client wraps errors (e.g. LFS upload in RuntimeError)
         if isinstance(exc, HfHubHTTPError) and exc.response is not None:
             return exc.response.status_code in TRANSIENT_STATUS
-        if isinstance(exc, httpx2.TransportError):
-            return True
+        if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):
+            return True  # ConnectionError: what hf_xet raises when the network drops
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -257,21 +272,20 @@ def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path 
     token = resolve_token(hub)
     card_dir = run_dir / "hub"
     revision = hub.revision or "main"
+    base = adapter_base(model_dir, run_dir) if is_adapter(model_dir) else None
+    model_card.write_card(run_dir, card_dir, repo_id=hub.repo_id, base_model=base,
+                          adapter=is_adapter(model_dir) and hub.adapter_only,
+                          license=hub.license, tags=hub.tags, step=step)
     with tempfile.TemporaryDirectory(prefix="dpkit-push-") as scratch:
-        files, adapter = _files_to_push(run_dir, model_dir, hub, card_dir, Path(scratch), say)
-        base = None
-        if adapter:
-            base = json.loads((model_dir / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
-        model_card.write_card(run_dir, card_dir, repo_id=hub.repo_id, base_model=base,
-                              adapter=adapter, license=hub.license, tags=hub.tags, step=step)
+        files = _files_to_push(run_dir, model_dir, hub, card_dir, Path(scratch), say)
         _refuse_token_in(files, token)
         summary = model_card._read_json(run_dir / "summary.json")
         message = commit_message or (f"dpkit: checkpoint at step {step}" if step is not None else
                                      f"dpkit: {run_dir.resolve().name}, "
                                      f"{summary.get('steps', '?')} steps")
 
-        api = HfApi(endpoint=hub.endpoint, token=token, library_name="dpkit")
+        api = HfApi(endpoint=hub.endpoint, token=token, library_name="dpkit",
+                    library_version=__version__)
         say(f"[dpkit] pushing {len(files)} files to {hub.repo_id}@{revision}")
         _with_retries("creating the repository", lambda: api.create_repo(
             hub.repo_id, private=hub.private, exist_ok=True), hub, token, say)

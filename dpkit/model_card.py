@@ -91,8 +91,8 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
 
     facts = _run_facts(run_dir)
     s = facts["summary"]
-    meta = card_metadata(facts, base_model=base_model, adapter=adapter, license=license, tags=tags)
     base = base_model or facts["base_model"]
+    meta = card_metadata(facts, base_model=base, adapter=adapter, license=license, tags=tags)
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
     kind = "a LoRA adapter for" if adapter else "a full fine-tune of"
     status = "" if s and step is None else (
