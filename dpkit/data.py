@@ -58,12 +58,17 @@ class DataStats:
 
 
 # ------------------------------------------------------------------------------------ loading
+def is_local_source(source: DataSource) -> bool:
+    path = Path(source.path).expanduser()
+    return path.suffix in LOCAL_SUFFIXES or path.exists()
+
+
 def load_source(source: DataSource, where: str):
     """A `datasets.Dataset` for one source: a local file or a hub dataset."""
     import datasets
 
     path = Path(source.path).expanduser()
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
+    if is_local_source(source):
         if not path.is_file():
             raise RecipeError.one(f"{where}.path", f"file '{source.path}' not found (relative paths "
                                   f"are read from {Path.cwd()})", "check the path")

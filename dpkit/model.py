@@ -29,6 +29,13 @@ def shipped_config_dir(hub_id: str) -> Path | None:
     return candidate if (candidate / "config.json").is_file() else None
 
 
+def shipped_tokenizer_dir(hub_id: str) -> Path | None:
+    """Tokenizer files shipped beside a hub config (tokenizer.json + tokenizer_config.json)."""
+    candidate = SHIPPED_HUB_CONFIGS / hub_id
+    return candidate if (candidate / "tokenizer_config.json").is_file() and \
+        (candidate / "tokenizer.json").is_file() else None
+
+
 def load_model_config(section: ModelSection, offline_ok: bool = True):
     """The transformers config of the recipe's model, without loading weights.
 
@@ -50,6 +57,12 @@ def load_model_config(section: ModelSection, offline_ok: bool = True):
     shipped = shipped_config_dir(name) if offline_ok else None
     if shipped is not None:
         return AutoConfig.from_pretrained(shipped)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise RecipeError.one("model.name_or_path", f"'{name}' has no config.json shipped under "
+                              f"{SHIPPED_HUB_CONFIGS} and the hub is offline (HF_HUB_OFFLINE=1)",
+                              "add recipes/hub_configs/<org>/<name>/config.json, or go online")
     return AutoConfig.from_pretrained(name, revision=section.revision,
                                       trust_remote_code=section.trust_remote_code)
 
@@ -67,6 +80,11 @@ def load_tokenizer(section: ModelSection):
     if looks_local(name) and not Path(name).expanduser().is_dir():
         raise RecipeError.one("model.tokenizer" if section.tokenizer else "model.name_or_path",
                               f"tokenizer directory '{name}' not found", "check the path")
+    shipped = None if looks_local(name) else shipped_tokenizer_dir(name)
+    from huggingface_hub import constants
+
+    if shipped is not None and constants.HF_HUB_OFFLINE:
+        name = str(shipped)  # offline validation of a hub recipe: the copy that ships with it
     tok = AutoTokenizer.from_pretrained(name, revision=section.revision,
                                         trust_remote_code=section.trust_remote_code)
     if tok.pad_token is None:

@@ -28,13 +28,13 @@ def _collect(problems: list[Problem], fn, *args):
 
 def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool = True
                  ) -> PreflightReport:
-    from dpkit.data import load_datasets
-    from dpkit.model import load_model_config, load_tokenizer
+    from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
     from dpkit.train import output_dir_problem
     from dpkit.zero import batch_arithmetic, resolve_ds_config
 
     problems: list[Problem] = []
     notes: list[str] = []
+    offline = hub_offline()
     batch = _collect(problems, batch_arithmetic, recipe, world_size)
     if batch:
         notes.append(batch.describe())
@@ -42,21 +42,55 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     tokenizer_key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
     config = _collect_model(problems, load_model_config, recipe.model, model_key)
     hidden = getattr(config, "hidden_size", None) if config is not None else None
-    if batch:  # without a valid split the DeepSpeed config would only repeat that error
+    if batch and config is not None:  # else the DeepSpeed config would only repeat the error
         _collect(problems, resolve_ds_config, recipe, world_size, hidden, on_cpu)
-    tokenizer = _collect_model(problems, load_tokenizer, recipe.model, tokenizer_key)
+    if offline and not looks_local(recipe.model.tokenizer_path) and \
+            shipped_tokenizer_dir(recipe.model.tokenizer_path) is None:
+        tokenizer = None
+        notes.append(f"offline: tokenizer '{recipe.model.tokenizer_path}' not checked "
+                     "(token counts and masking are checked at launch)")
+    else:
+        tokenizer = _collect_model(problems, load_tokenizer, recipe.model, tokenizer_key)
     if tokenizer is not None and tokenizer.pad_token == tokenizer.eos_token:
         notes.append(f"tokenizer pads with its eos token '{tokenizer.eos_token}' (padding is "
                      "masked by the attention mask, so real eos tokens are still trained on)")
-    if check_data and tokenizer is not None:
-        result = _collect(problems, load_datasets, recipe.data, tokenizer, recipe.train.seed)
-        if result is not None:
-            train, evals, stats = result
-            notes.append(f"data: {stats.describe()}; eval rows: {len(evals)}")
+    if check_data:
+        _check_data(recipe, tokenizer, offline, problems, notes)
     problem = output_dir_problem(recipe)
     if problem is not None:
         problems.extend(problem.problems)
     return PreflightReport(problems, notes)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1: check what can be checked without the hub, and say what was skipped."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem],
+                notes: list[str]) -> None:
+    """Columns of every source; with a tokenizer, the full tokenization and its statistics."""
+    from dpkit.data import column_problems, is_local_source, load_datasets, load_source
+
+    sources = [(f"data.{kind}[{i}]", s) for kind in ("sources", "eval_sources")
+               for i, s in enumerate(getattr(recipe.data, kind))]
+    skipped = [s.path for _, s in sources if offline and not is_local_source(s)]
+    if skipped:
+        notes.append(f"offline: hub datasets {skipped} not checked")
+    if tokenizer is not None and not skipped:
+        result = _collect(problems, load_datasets, recipe.data, tokenizer, recipe.train.seed)
+        if result is not None:
+            _, evals, stats = result
+            notes.append(f"data: {stats.describe()}; eval rows: {len(evals)}")
+        return
+    for where, source in sources:
+        if source.path in skipped:
+            continue
+        ds = _collect(problems, load_source, source, where)
+        if ds is not None:
+            problems.extend(column_problems(ds, source, where))
 
 
 def _collect_model(problems: list[Problem], fn, section, key: str):
