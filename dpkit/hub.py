@@ -22,9 +22,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -129,7 +129,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "chat_template.json", "vocab.json", "vocab.txt", "merges.txt"]
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors",
                "model.safetensors.index.json", *TOKENIZER_FILES]
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", *TOKENIZER_FILES]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "generation_config.json",
+                 *TOKENIZER_FILES]
 TRAINING_FILES = ["recipe.yaml", "ds_config.json", "summary.json", "metrics.jsonl"]
 # An allowlist, not "everything in model/": pickles (*.bin, *.pt) and stray files stay local.
 
@@ -193,7 +194,7 @@ def _files_to_push(run_dir: Path, model_dir: Path, hub: HubSection, card_dir: Pa
                    scratch: Path, say: Callable[[str], None]) -> dict[str, Path]:
     adapter = is_adapter(model_dir)
     if adapter and not hub.adapter_only:
-        say(f"[dpkit] merging the LoRA adapter into its base model (hub.adapter_only: false)")
+        say("[dpkit] merging the LoRA adapter into its base model (hub.adapter_only: false)")
         base = adapter_base(model_dir, run_dir)
         model_dir, adapter = _merge_adapter(model_dir, base, scratch / "merged"), False
     files = _select(model_dir, ADAPTER_FILES if adapter else MODEL_FILES, say)
@@ -309,16 +310,18 @@ def push_on_main(run_dir: str | Path, hub: HubSection, *, is_main: bool,
                  **kwargs) -> PushResult | None:
     """For the training loop: rank 0 pushes while the other ranks wait in `barrier`.
 
-    A failed push is reported and training's result stands (the model is on disk), so a Hub
-    outage never fails a finished run. The barrier must allow for upload time: call this after
+    A failed push, whatever the cause, is reported and training's result stands (the model is
+    on disk): a Hub outage or a card bug never fails a finished run, nor leaves the other ranks
+    waiting for a rank 0 that died. The barrier must allow for upload time: call this after
     the last collective, or give the process group a timeout longer than the push.
     """
     result = None
     if is_main:
         try:
             result = push_run_dir(run_dir, hub, say=say, **kwargs)
-        except (PushError, RecipeError) as e:
-            say(f"[dpkit] push failed, the model is safe in {run_dir}: {e}\n"
+        except Exception as e:
+            reason = _redact(f"{type(e).__name__}: {e}", os.environ.get(hub.token_env))
+            say(f"[dpkit] push failed, the model is safe in {run_dir}: {reason}\n"
                 f"[dpkit] push it later with: dpkit push {run_dir} --repo-id {hub.repo_id}")
     if barrier is not None:
         barrier()
@@ -375,7 +378,9 @@ def _cmd_push(args) -> int:
         raise RecipeError.one("--repo-id", "no repository to push to",
                               "pass --repo-id owner/name (or set hub.repo_id in the recipe)")
     hub = hub_from_dict(raw)
-    say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - stdout stays for results
+    def say(text: str) -> None:  # progress to stderr: stdout carries only the commit URL
+        print(text, file=sys.stderr)
+
     try:
         result = push_run_dir(run_dir, hub, commit_message=args.message, say=say)
     except PushError as e:

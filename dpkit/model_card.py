@@ -94,7 +94,13 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
     base = base_model or facts["base_model"]
     meta = card_metadata(facts, base_model=base, adapter=adapter, license=license, tags=tags)
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
-    kind = "a LoRA adapter for" if adapter else "a full fine-tune of"
+    if base == "inline config":  # a model built from a config in the recipe: random init
+        what = "a model initialised at random from an inline config in the recipe"
+    else:
+        what = f"{'a LoRA adapter for' if adapter else 'a full fine-tune of'} {base_text}"
+    params = s.get("parameters")
+    params_text = "—" if params is None else (
+        f"{params:,} (trainable: {s.get('trainable_parameters', params):,})")
     status = "" if s and step is None else (
         f"\n\n> Checkpoint at step {step}; training was still running when it was pushed."
         if step is not None else "\n\n> summary.json was missing: the run may not have finished.")
@@ -108,10 +114,12 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
                           f"- [{d}](https://huggingface.co/datasets/{d})"
                           for d in facts["datasets"]) or "- —"
     usage = _usage(repo_id, adapter)
+    wall = f"{s['wall_time_s']:.0f} s" if s.get("wall_time_s") is not None else "—"
+    dtype = s.get("dtype") or (facts["recipe"].get("model") or {}).get("dtype")
 
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
-        f"`{repo_id}` is {kind} {base_text}, trained with dpkit on DeepSpeed ZeRO stage "
+        f"`{repo_id}` is {what}, trained with dpkit on DeepSpeed ZeRO stage "
         f"{facts['zero_stage']}.{status}", "",
         "## Results", "",
         "| | |", "|---|---|",
@@ -119,17 +127,18 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
         f"| tokens seen (non-padding tokens, all ranks) | {_cell(facts['tokens_seen'])} |",
         f"| final train loss | {_cell(facts['final_loss'])} |",
         f"| final eval loss | {_cell(facts['final_eval_loss'])} |",
-        f"| wall time | {_cell(s.get('wall_time_s'), '.0f')} s |", "",
+        f"| wall time | {wall} |", "",
     ]
     if has_plot:
         lines += [f"![Training and eval loss against tokens seen]({LOSS_PLOT})", ""]
     lines += [
         "## Training setup", "",
         "| | |", "|---|---|",
+        f"| parameters | {params_text} |",
         f"| world size (data-parallel ranks) | {_cell(ws)} |",
         f"| effective batch | {batch} |",
         f"| ZeRO stage | {_cell(facts['zero_stage'])} |",
-        f"| precision | {_cell(s.get('dtype') or (facts['recipe'].get('model') or {}).get('dtype'))} |",
+        f"| precision | {_cell(dtype)} |",
         f"| hardware | {_cell(s.get('hardware'))} |", "",
         "Training data:", "", data_list, "",
         "## How to use", "", "```python", usage, "```", "",

@@ -10,7 +10,7 @@ call, read from the installed client's source:
     POST /api/models/{repo}/preupload/{rev}              create_commit: regular or LFS per file
     POST /{repo}.git/info/lfs/objects/batch              LFS batch: where to PUT each new blob
     PUT  /_lfs/{sha256}                                  the blob itself (basic transfer)
-    POST /api/models/{repo}/commit/{rev}                 NDJSON commit (header, file, lfsFile, deleted*)
+    POST /api/models/{repo}/commit/{rev}                 NDJSON: header, file, lfsFile, deleted*
     GET  /api/models/{repo}[/revision/{rev}]             model_info / repo_info
     GET  /api/models/{repo}/tree/{rev}[/{path}]          list_repo_tree (snapshot_download)
     HEAD|GET /{repo}/resolve/{rev}/{path}                hf_hub_download
@@ -289,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _validate_yaml(self, payload: dict) -> None:
         content = payload.get("content", "")
-        match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
         try:
             meta = yaml.safe_load(match.group(1)) if match else {}
         except yaml.YAMLError as e:

@@ -200,7 +200,7 @@ def test_model_card_metadata_and_training_story(full_run, tmp_path):
     readme, plot = model_card.write_card(run, tmp_path, repo_id=REPO, base_model=None,
                                          adapter=False, license="apache-2.0", tags=["tiny"])
     text = readme.read_text()
-    front = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    front = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
     meta = yaml.safe_load(front.group(1))
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert meta["datasets"] == ["tatsu-lab/alpaca"]  # a local file is no Hub dataset id
@@ -217,7 +217,7 @@ def test_model_card_metadata_and_training_story(full_run, tmp_path):
     for name, version in s["versions"].items():
         assert f"- {name}: {version}" in text
     assert (run / "recipe.yaml").read_text().strip() in text
-    ds_block = re.search(r"## Resolved DeepSpeed config\n\n```json\n(.*?)\n```", text, re.S)
+    ds_block = re.search(r"## Resolved DeepSpeed config\n\n```json\n(.*?)\n```", text, re.DOTALL)
     assert json.loads(ds_block.group(1)) == FIXTURE_DS
     assert f"]({model_card.LOSS_PLOT})" in text and plot == tmp_path / model_card.LOSS_PLOT
     from matplotlib.image import imread

@@ -24,7 +24,8 @@ def make_run(path: Path, *, steps: int, seed: float, finished: bool, memory: boo
     for step in range(1, steps + 1):
         tokens = 900 + 13 * (step % 7)
         tokens_seen += tokens
-        rec = {"step": step, "epoch": 0, "loss": round(2.5 * math.exp(-step / (10 * seed)) + 0.3, 6),
+        loss = round(2.5 * math.exp(-step / (10 * seed)) + 0.3, 6)
+        rec = {"step": step, "epoch": 0, "loss": loss,
                "lr": 1e-4 * min(1.0, step / 3), "grad_norm": 1.0 / step, "tokens": tokens,
                "tokens_seen": tokens_seen, "samples": 8, "step_time_s": 0.5,
                "tokens_per_s": tokens / 0.5 * seed, "time": t0 + step}
@@ -90,7 +91,7 @@ def test_report_overlays_runs_and_states_final_losses(two_runs):
         assert f"{train:.4f}" in row
         if evaluation is not None:
             assert f"{evaluation:.4f}" in row
-        assert f"![Loss](loss.png)" in md
+    assert "![Loss](loss.png)" in md
     assert "in progress" in next(ln for ln in md.splitlines() if ln.startswith("| run-b |"))
     assert "1 unreadable line" in md  # the torn tail of run-b was skipped, not fatal
     # memory per rank: the peak of rank 1 at step 20 is 1100 + 40
