@@ -401,3 +401,37 @@ def test_push_on_main_survives_a_failed_push(full_run, tmp_path, monkeypatch):
     assert waited == [1, 2]
     assert any("push failed, the model is safe" in s for s in said)
     assert all(TOKEN not in s for s in said)
+
+
+def test_card_for_a_checkpoint_of_a_run_in_progress(full_run, tmp_path):
+    import shutil
+
+    run, *_ = full_run
+    live = tmp_path / "live"
+    shutil.copytree(run, live, ignore=shutil.ignore_patterns("summary.json", "hub"))
+    readme, _ = model_card.write_card(live, tmp_path / "card", repo_id=REPO, base_model=None,
+                                      adapter=False, license=None, tags=[], step=12)
+    text = readme.read_text()
+    assert "Checkpoint at step 12; training was still running" in text
+    # From metrics.jsonl, whose last whole train line is step 12 with loss 3.0 / 12.
+    assert f"| final train loss | {3.0 / 12:.4f} |" in text
+    assert "| final eval loss | 0.9000 |" in text
+    assert "license" not in yaml.safe_load(text.split("---")[1])
+
+
+def test_a_file_holding_the_token_is_never_pushed(full_run, tmp_path, monkeypatch):
+    import shutil
+
+    run, *_ = full_run
+    leaky = tmp_path / "leaky"
+    shutil.copytree(run, leaky, ignore=shutil.ignore_patterns("hub"))
+    with open(leaky / "recipe.yaml", "a") as f:
+        f.write(f"# token: {TOKEN}\n")
+    monkeypatch.setenv("DPKIT_TEST_TOKEN", TOKEN)
+    hub = dphub.HubSection(repo_id=REPO, token_env="DPKIT_TEST_TOKEN",
+                           endpoint="http://127.0.0.1:9")  # never reached: refused before
+    assert dphub.check_hub(hub) == []
+    with pytest.raises(dphub.PushError, match="recipe.yaml contains the Hub token") as err:
+        dphub.push_run_dir(leaky, hub, say=lambda _: None)
+    assert TOKEN not in str(err.value)
+    assert not (leaky / "hub" / "push.json").exists()
