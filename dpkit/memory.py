@@ -45,7 +45,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
-    gated_mlp: bool = True
+    mlp_factor: int = 4
+    """Intermediate-size tensors an MLP saves per token: 4 gated (SwiGLU), 2 plain, 5 gelu_new."""
     lora_rank: int = 0
     lora_targets_per_layer: int = 0
 
@@ -60,6 +61,19 @@ class ModelShape:
     @property
     def largest_trainable(self) -> int:
         return max(self.trainable_numels, default=0)
+
+    def overlapping_partition(self, n: int) -> int:
+        """Most gradient elements one ZeRO-1/2 rank buffers: the whole gradient of every trainable
+        parameter that overlaps its 1/n of the flattened parameters (`grads_in_partition`)."""
+        size, most, start = math.ceil(self.trainable / n), 0, 0
+        spans = []
+        for numel in self.trainable_numels:
+            spans.append((start, start + numel))
+            start += numel
+        for r in range(n):
+            lo, hi = r * size, (r + 1) * size
+            most = max(most, sum(b - a for a, b in spans if a < hi and b > lo))
+        return most
 
     def persistent(self, threshold: int) -> int:
         """Elements ZeRO-3 keeps whole on every rank (parameters of at most `threshold` elements)."""
@@ -134,9 +148,9 @@ class Breakdown:
         return sum(p.bytes for p in self.parts if p.device == device and phase in p.phases
                    and (category is None or p.category == category))
 
-    def gpu(self, category: str) -> int:
-        """A category's GPU bytes at the phase where the GPU peaks."""
-        return self.on("gpu", self.peak_phase, category)
+    def gpu(self, *categories: str) -> int:
+        """The categories' GPU bytes at their own largest (forward/backward or optimizer step)."""
+        return max(sum(self.on("gpu", phase, c) for c in categories) for phase in (BACKWARD, STEP))
 
     @property
     def peak_phase(self) -> str:
@@ -181,14 +195,14 @@ class Breakdown:
 def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     """(bytes one block saves, bytes saved outside the blocks) for one micro batch."""
     b, h = setup.dtype_bytes, shape.hidden
-    mlp = (4 if shape.gated_mlp else 2) * shape.intermediate
-    kv = shape.kv_heads * shape.head_dim
+    mlp = shape.mlp_factor * shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     tokens = setup.micro_batch * setup.seq_len
-    if setup.attn_implementation == "eager":
-        per_token = b * (8 * h + mlp) + 8 * h + 8
+    if setup.attn_implementation == "eager":  # K and V repeated to every head, scores kept
+        per_token = b * (4 * h + 4 * q + mlp) + 8 * h + 8
         scores = shape.heads * setup.seq_len ** 2 * (4 + (b if b < 4 else 0)) * setup.micro_batch
     else:  # sdpa / flash attention: memory linear in the sequence length
-        per_token = b * (6 * h + 2 * kv + mlp) + 8 * h + 8 + 4 * shape.heads
+        per_token = b * (4 * h + 2 * q + 2 * kv + mlp) + 8 * h + 8 + 4 * shape.heads
         scores = 0
     per_token += b * shape.lora_rank * shape.lora_targets_per_layer
     outside = tokens * (b * (2 * h + 2 * shape.head_dim) + 4 * h + 16 + 4 * shape.vocab)
@@ -198,14 +212,15 @@ def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
 def saved_activations(shape: ModelShape, setup: Setup) -> int:
     """Bytes autograd saves for backward over one micro batch (weights excluded).
 
-    Per token and block, HF Llama-style blocks save b·(6h + 2·kv + m·I) (b = dtype bytes,
-    kv = kv_heads·head_dim, m = 4 for a gated MLP, 2 for a plain one) plus 8h for the fp32 upcasts
-    of two RMSNorms and 8 + 4·heads bytes of per-token statistics; eager attention saves K/V after
-    repeat_kv (kv → h) and the softmax (heads·s² per sequence, fp32 plus a b-byte copy); LoRA adds
-    its rank-r intermediate per adapted layer. Outside the blocks: b·(2h + 2·head_dim) + 4h + 16
-    per token and the fp32 log-softmax of the loss (4·V). With gradient checkpointing a block keeps
-    only its input (b·h). The coefficients come from autograd's saved tensors of real HF models;
-    tests/unit/test_plan.py re-measures them on shapes not used to fit them.
+    Per token and block (b = dtype bytes, q = heads·head_dim, kv = kv_heads·head_dim):
+    b·(4h + 2q + 2kv + m·I) + 8h + 8 + 4·heads with sdpa/flash attention, where m·I is the MLP
+    (m = 4 for a gated MLP, 2 for a plain one, 5 with GPT-2's composite gelu_new), 8h the fp32
+    upcasts of two RMSNorms, 8 + 4·heads bytes per-token statistics. Eager attention saves K/V
+    repeated to every head (b·(4h + 4q + m·I) + 8h + 8) and the softmax (heads·s² per sequence,
+    fp32 plus a b-byte copy). LoRA adds its rank-r intermediate per adapted layer. Outside the
+    blocks: b·(2h + 2·head_dim) + 4h + 16 per token and the fp32 log-softmax of the loss (4·V).
+    With gradient checkpointing a block keeps only its input (b·h). Fitted on autograd's saved
+    tensors of HF models; tests/unit/test_plan.py re-measures them on other shapes.
     """
     block, outside = _activation_terms(shape, setup)
     if setup.gradient_checkpointing:
@@ -253,7 +268,11 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
     elif s == 1:
         add(Part("grads", "full", T, b, phases=bwd, state=True))
         if opt_dev == "gpu":
-            add(Part("grads", "partition", Tn, b, phases=stp))
+            add(Part("grads", "partition", shape.overlapping_partition(n), b, phases=stp))
+    elif opt_dev == "gpu" and s == 2:
+        add(Part("grads", "partition", Tn, b, state=True))
+        add(Part("grads", "partition boundary", shape.overlapping_partition(n) - Tn, b))
+        add(Part("grads", "in flight", inflight, b, phases=bwd))
     elif opt_dev == "gpu":
         add(Part("grads", "partition", Tn, b, state=True))
         add(Part("grads", "in flight", inflight, b, phases=bwd))
@@ -262,11 +281,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
             add(Part("grads", "partition", Tn, b, "cpu", state=True))
         add(Part("grads", "in flight", inflight, b, phases=bwd))
 
-    # Optimizer: fp32 master weights (unless the model already is fp32 and DeepSpeed aliases it)
-    # plus Adam's two moments
-    master = Tn
-    if not setup.mixed and (s == 0 or (s == 3 and opt_dev == "gpu")):
-        master = 0
+    # Optimizer: fp32 master weights plus Adam's two moments. Only ZeRO-0 in fp32 steps the
+    # model's own tensors; ZeRO-1/2/3 always clone an fp32 partition (stage 3 means to alias an
+    # fp32 model's partition, but compares a torch.device to a str, which is never equal).
+    master = 0 if (s == 0 and not setup.mixed) else Tn
     add(Part("optim", "master", master, 4, opt_dev, state=True))
     add(Part("optim", "adam", 2 * Tn, 4, opt_dev, state=True))
 

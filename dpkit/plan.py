@@ -1,0 +1,435 @@
+"""`dpkit plan`: will it fit, and the fastest ZeRO setup that does.
+
+From the model's config alone (parameters counted on the meta device, no weights loaded) and the
+DeepSpeed config dpkit would resolve for each choice, every ZeRO stage × offload gets a per-GPU
+memory breakdown (dpkit.memory), the largest micro batch that fits, and the fastest fitting choice
+is recommended. `dpkit train` calls `check_fits` before launch. See docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpkit.errors import Problem, RecipeError
+from dpkit.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate
+from dpkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_MICRO_BATCH = 64
+"""Largest micro batch tried when the global batch does not bound it."""
+
+# (stage, offload_optimizer, offload_params), fastest first within each tier. ZeRO-0 cannot
+# offload, and ZeRO-1 offload is never better than ZeRO-2's (same traffic, more GPU memory).
+TIERS: list[list[tuple[int, str, str]]] = [
+    [(0, "none", "none"), (1, "none", "none"), (2, "none", "none")],
+    [(3, "none", "none")],
+    [(2, "cpu", "none")],
+    [(3, "cpu", "none")],
+    [(3, "cpu", "cpu")],
+    [(3, "nvme", "none")],
+    [(3, "nvme", "nvme")],
+]
+
+
+# ------------------------------------------------------------------------------- model shape
+def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
+                trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters on the meta device: no memory, no weights, any size.
+
+    `lora_targets`: names of linear layers to adapt (`q_proj`, ...); None adapts every linear layer
+    except the output head (PEFT's "all-linear"). With `lora_rank` 0 it is full fine-tuning.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
+                        for m in model.modules())
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, heads = text.hidden_size, text.num_attention_heads
+    layers = text.num_hidden_layers
+    adapters: list[int] = []
+    if lora_rank:
+        head = model.get_output_embeddings()
+        for name, m in model.named_modules():
+            is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+            leaf = name.rsplit(".", 1)[-1]
+            if not is_linear or m is head or (lora_targets and leaf not in lora_targets):
+                continue
+            w = m.weight.shape
+            adapters += [lora_rank * w[1], lora_rank * w[0]]  # A: r×in, B: out×r
+        if not adapters:
+            raise RecipeError.one("--lora-targets", f"no linear layer named {lora_targets} in "
+                                  f"the model", f"choose among {sorted(names)}")
+    return ModelShape(
+        param_numels=tuple(numels + adapters),
+        trainable_numels=tuple(adapters or numels),
+        largest_layer=largest_layer,
+        hidden=h, layers=layers, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or h // heads,
+        intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+                      or 4 * h),
+        vocab=text.vocab_size,
+        mlp_factor=4 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else (
+            5 if (getattr(text, "activation_function", None) or getattr(text, "hidden_act", ""))
+            == "gelu_new" else 2),
+        lora_rank=lora_rank if adapters else 0,
+        lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
+    )
+
+
+# ---------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Hardware:
+    world_size: int
+    gpus_per_node: int
+    gpu_memory: int
+    cpu_memory: int | None = None  # per node; None: not checked
+
+
+@dataclass
+class Option:
+    stage: int
+    offload_optimizer: str
+    offload_params: str
+    micro_batch: int | None  # largest that fits; None: not even the smallest
+    breakdown: Breakdown  # at micro_batch, or at the smallest candidate if nothing fits
+    why_not: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch is not None
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"zero.stage={self.stage}", f"zero.offload_optimizer={self.offload_optimizer}",
+                f"zero.offload_params={self.offload_params}",
+                f"train.micro_batch_size={self.micro_batch}"]
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    shape: ModelShape
+    hw: Hardware
+    options: list[Option]
+    recommended: Option | None
+
+
+def variant(recipe: Recipe, stage: int, offload_optimizer: str, offload_params: str,
+            micro_batch: int | None = None, global_batch: int | None = None) -> Recipe:
+    raw = recipe.model_dump(mode="json")
+    raw["zero"].update(stage=stage, offload_optimizer=offload_optimizer,
+                       offload_params=offload_params)
+    if "nvme" in (offload_optimizer, offload_params) and not raw["zero"].get("nvme_path"):
+        raw["zero"]["nvme_path"] = "/local_nvme"
+    raw["train"]["micro_batch_size"] = micro_batch or raw["train"]["micro_batch_size"]
+    raw["train"]["global_batch_size"] = global_batch or raw["train"]["global_batch_size"]
+    return recipe_from_dict(raw)
+
+
+def resolved_ds_config(recipe: Recipe, world_size: int, hidden_size: int) -> dict:
+    from dpkit.zero import resolve_ds_config
+
+    return resolve_ds_config(recipe, world_size, hidden_size)
+
+
+def knobs(ds_config: dict) -> Knobs:
+    """Memory-relevant ZeRO values, with DeepSpeed's own defaults for what the config leaves out."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    z = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    opt, par = z.offload_optimizer, z.offload_param
+    return Knobs(
+        reduce_bucket_size=int(z.reduce_bucket_size), overlap_comm=bool(z.overlap_comm),
+        prefetch_bucket_size=int(z.prefetch_bucket_size),
+        param_persistence_threshold=int(z.param_persistence_threshold),
+        max_live_parameters=int(z.max_live_parameters), sub_group_size=int(z.sub_group_size),
+        optimizer_buffer_count=int(opt.buffer_count) if opt else 4,
+        param_buffer_count=int(par.buffer_count) if par else 5,
+        param_buffer_size=int(par.buffer_size) if par else 100_000_000)
+
+
+def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
+    gbs = recipe.train.global_batch_size
+    if gbs % world_size:
+        raise RecipeError.one("train.global_batch_size", f"{gbs} is not divisible by the world "
+                              f"size {world_size}", f"use a multiple of {world_size}")
+    per_rank = gbs // world_size
+    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+
+
+def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
+              kn: Knobs) -> Setup:
+    m = recipe.model
+    return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], micro,
+                 recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn)
+
+
+def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,
+        candidates: list[int]) -> Option:
+    """The largest micro batch (of ascending `candidates`) this stage/offload fits with."""
+    cfg = resolved_ds_config(variant(recipe, stage, opt, par, 1, hw.world_size), hw.world_size,
+                             shape.hidden)
+    kn = knobs(cfg)
+    best, why = None, ""
+    for micro in candidates:
+        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, micro, kn))
+        if b.gpu_total > hw.gpu_memory:
+            why = f"needs {gib(b.gpu_total)} GiB per GPU"
+        elif hw.cpu_memory is not None and b.cpu_per_node > hw.cpu_memory:
+            why = f"needs {gib(b.cpu_per_node)} GiB CPU memory per node"
+        if why:
+            break
+        best = (micro, b)
+    if best is None:
+        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, candidates[0], kn))
+        return Option(stage, opt, par, None, b, why)
+    return Option(stage, opt, par, best[0], best[1])
+
+
+def recipe_shape(recipe: Recipe, lora_rank: int = 0, lora_targets: list[str] | None = None):
+    from dpkit.model import load_model_config
+
+    return model_shape(load_model_config(recipe.model), lora_rank, lora_targets,
+                       recipe.model.trust_remote_code)
+
+
+def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,
+         free_global_batch: bool = False) -> Plan:
+    """Every stage × offload with its largest fitting micro batch, and the recommendation.
+
+    With `free_global_batch` the micro batch is not bound by the recipe's global batch (powers of
+    two up to MAX_MICRO_BATCH, no accumulation) — for planning without a recipe.
+    """
+    shape = shape or recipe_shape(recipe)
+    if free_global_batch:
+        candidates = [2**i for i in range(MAX_MICRO_BATCH.bit_length())]
+    else:
+        candidates = micro_candidates(recipe, hw.world_size)
+    options = [fit(shape, recipe, *choice, hw, candidates) for tier in TIERS for choice in tier
+               if nvme or "nvme" not in choice]
+    recommended = None
+    for tier in TIERS:
+        fitting = [o for o in options
+                   if o.fits and (o.stage, o.offload_optimizer, o.offload_params) in tier]
+        if fitting:  # largest micro batch, then lowest stage
+            recommended = min(fitting, key=lambda o: (-o.micro_batch, o.stage))
+            break
+    return Plan(recipe, shape, hw, options, recommended)
+
+
+# ----------------------------------------------------------------------------------- output
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def chosen_recipe(p: Plan, o: Option, free_global_batch: bool) -> Recipe:
+    gbs = o.micro_batch * p.hw.world_size if free_global_batch else None
+    return variant(p.recipe, o.stage, o.offload_optimizer, o.offload_params, o.micro_batch, gbs)
+
+
+def option_name(o: Option) -> str:
+    where = {"none": "no offload"}.get(o.offload_optimizer, f"optimizer on {o.offload_optimizer}")
+    if o.offload_params != "none":
+        where = f"optimizer and parameters on {o.offload_params}"
+    return f"ZeRO-{o.stage}, {where}"
+
+
+def render(p: Plan, free_global_batch: bool = False) -> str:
+    from dpkit.zero import batch_arithmetic
+
+    s, r, hw = p.shape, p.recipe, p.hw
+    lora = f", LoRA r={s.lora_rank}" if s.lora_rank else ""
+    cpu = f", {gib(hw.cpu_memory)} GiB CPU per node" if hw.cpu_memory else ""
+    lines = [
+        f"model: {r.model.name_or_path or r.model.config.get('model_type')}: "
+        f"{s.total / 1e9:.3f}B parameters, {s.trainable / 1e9:.3f}B trained{lora}; "
+        f"{r.model.dtype}, {r.data.max_seq_len} tokens, {r.model.attn_implementation}"
+        f"{', gradient checkpointing' if r.model.gradient_checkpointing else ''}",
+        f"hardware: {hw.world_size // hw.gpus_per_node} node(s) × {hw.gpus_per_node} GPUs × "
+        f"{gib(hw.gpu_memory)} GiB{cpu}", "",
+        "GiB per GPU at the micro batch shown ('no': at the smallest); each column at its own "
+        "peak, total = the larger of the backward and the optimizer step, plus margin",
+        f"{'stage':<6}{'offload':<22}{'micro':>6}{'params':>8}{'grads':>8}{'optim':>8}"
+        f"{'activ':>8}{'comm':>7}{'margin':>8}{'total':>8}{'CPU/node':>10}  fits"]
+    for o in p.options:
+        b = o.breakdown
+        lines.append(
+            f"{o.stage:<6}{b.setup.label:<22}{b.setup.micro_batch:>6}{gib(b.gpu('params')):>8}"
+            f"{gib(b.gpu('grads', 'step')):>8}{gib(b.gpu('optim')):>8}"
+            f"{gib(b.gpu('activations')):>8}{gib(b.gpu('comm')):>7}{gib(b.gpu_margin):>8}"
+            f"{gib(b.gpu_total):>8}{gib(b.cpu_per_node):>10}  "
+            + ("yes" if o.fits else f"no ({o.why_not})"))
+    o = p.recommended
+    if o is None:
+        return "\n".join(lines + ["", "nothing fits: add GPUs, use LoRA (--lora-rank), shorten "
+                                   "data.max_seq_len or set model.gradient_checkpointing=true"])
+    batch = batch_arithmetic(chosen_recipe(p, o, free_global_batch), hw.world_size)
+    return "\n".join(lines + [
+        "", f"recommended: {option_name(o)}, micro batch {o.micro_batch} "
+        f"({gib(o.breakdown.gpu_total)} GiB per GPU)", f"  {batch.describe()}",
+        f"  overrides: {' '.join(o.overrides)}"])
+
+
+def write(p: Plan, directory: Path, free_global_batch: bool) -> list[Path]:
+    """The recommended recipe, its resolved DeepSpeed config, and the launch command."""
+    o, hw = p.recommended, p.hw
+    if o is None:
+        raise RecipeError.one("--write", "nothing fits, so there is nothing to write",
+                              "change the hardware or the recipe first")
+    r = chosen_recipe(p, o, free_global_batch)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [directory / name for name in ("recipe.yaml", "ds_config.json", "launch.sh")]
+    files[0].write_text(recipe_to_yaml(r))
+    ds = resolved_ds_config(r, hw.world_size, p.shape.hidden)
+    files[1].write_text(json.dumps(ds, indent=2) + "\n")
+    nodes = hw.world_size // hw.gpus_per_node
+    cmd = f"dpkit train {files[0]}" if nodes == 1 else (
+        f"torchrun --nnodes {nodes} --nproc_per_node {hw.gpus_per_node} --node_rank "
+        f"${{NODE_RANK:?}} --master_addr ${{MASTER_ADDR:?}} --master_port ${{MASTER_PORT:-29500}} "
+        f"-m dpkit.train {files[0]}")
+    files[2].write_text(
+        f"#!/bin/sh\n# {option_name(o)}, micro batch {o.micro_batch}: "
+        f"{gib(o.breakdown.gpu_total)} GiB per GPU of {gib(hw.gpu_memory)} (dpkit plan)\n"
+        f"# resolved DeepSpeed config: {files[1]}\n{cmd}\n")
+    return files
+
+
+# ------------------------------------------------------------------------------- train hook
+def check_fits(recipe: Recipe, world_size: int, gpus_per_node: int, gpu_memory_bytes: int,
+               lora_rank: int = 0, lora_targets: list[str] | None = None,
+               cpu_memory_bytes: int | None = None) -> list[Problem]:
+    """Problems if the recipe's own stage/offload/micro batch will not fit; [] if it does.
+
+    `dpkit train` calls this before launch and skips it when `train.skip_memory_check` is set.
+    """
+    hw = Hardware(world_size, gpus_per_node, gpu_memory_bytes, cpu_memory_bytes)
+    shape = recipe_shape(recipe, lora_rank, lora_targets)
+    z, mbs = recipe.zero, recipe.train.micro_batch_size
+    own = (z.stage, z.offload_optimizer, z.offload_params)
+    smaller = [m for m in micro_candidates(recipe, world_size) if m < mbs]
+    mine = fit(shape, recipe, *own, hw, smaller + [mbs])
+    if mine.micro_batch == mbs:
+        return []
+    kn = knobs(resolved_ds_config(recipe, world_size, shape.hidden))
+    b = estimate(shape, setup_for(recipe, *own, hw, mbs, kn))
+    need = (f"needs {gib(b.gpu_total)} GiB per GPU (parameters {gib(b.gpu('params'))}, gradients "
+            f"{gib(b.gpu('grads', 'step'))}, optimizer {gib(b.gpu('optim'))}, activations "
+            f"{gib(b.gpu('activations'))}) of {gib(gpu_memory_bytes)} on {world_size} GPUs")
+    if cpu_memory_bytes is not None and b.cpu_per_node > cpu_memory_bytes:
+        need += f", and {gib(b.cpu_per_node)} GiB CPU memory per node"
+    skip = "or set train.skip_memory_check=true to launch anyway"
+    if mine.fits:  # the smallest change: a smaller micro batch
+        return [Problem("train.micro_batch_size", f"will not fit: micro batch {mbs} {need}",
+                        f"set train.micro_batch_size={mine.micro_batch} "
+                        f"({gib(mine.breakdown.gpu_total)} GiB per GPU), {skip}")]
+    o = plan(recipe, hw, nvme=bool(z.nvme_path), shape=shape).recommended
+    if o is None:
+        return [Problem("zero.stage", f"nothing fits: the recipe {need}",
+                        "use more GPUs, LoRA, a shorter data.max_seq_len or "
+                        f"model.gradient_checkpointing=true, {skip}")]
+    current = [f"zero.stage={z.stage}", f"zero.offload_optimizer={z.offload_optimizer}",
+               f"zero.offload_params={z.offload_params}"]
+    changes = " ".join(c for c in o.overrides if c not in current)
+    return [Problem("zero.stage", f"will not fit: ZeRO-{z.stage} (offload {z.offload_optimizer}) "
+                    f"with micro batch {mbs} {need}",
+                    f"set {changes} ({option_name(o)}: {gib(o.breakdown.gpu_total)} GiB per GPU), "
+                    f"{skip}")]
+
+
+# -------------------------------------------------------------------------------------- CLI
+def parse_size(text: str) -> int:
+    """`80GB`, `80G`, `80GiB`, `1TB`, `1.5T` → bytes (GB and GiB both mean 2**30: GPU vendors'
+    "80GB" cards hold ~80 GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise RecipeError.one(text, "is not a memory size", "write it like 80GB or 1TB")
+    return int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
+
+
+def register(subparsers) -> None:
+    sp = subparsers.add_parser(
+        "plan", help="will it fit: memory per GPU for each ZeRO stage and offload",
+        description="Per-GPU memory of every ZeRO stage × offload, and the fastest that fits.")
+    sp.add_argument("target", help="a recipe (.yaml), or a model: hub id, local directory, or "
+                    "config.json")
+    sp.add_argument("overrides", nargs="*", help="recipe overrides, `section.key=value`")
+    sp.add_argument("--gpus-per-node", type=int, default=8)
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--gpu-memory", type=parse_size, default="80GB", help="per GPU, e.g. 80GB")
+    sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
+    sp.add_argument("--nvme", nargs="?", const="/local_nvme", default=None, metavar="PATH",
+                    help="also plan NVMe offload (ZeRO-3), swapping to PATH")
+    sp.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank")
+    sp.add_argument("--lora-targets", default=None, help="comma-separated linear layer names "
+                    "(default: every linear layer but the output head)")
+    g = sp.add_argument_group("without a recipe")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch × world size (no accumulation)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], default="sdpa")
+    sp.add_argument("--write", type=Path, default=None, metavar="DIR",
+                    help="write the recommended recipe, DeepSpeed config and launch command")
+    sp.set_defaults(func=run_plan)
+
+
+def recipe_for_model(target: str, args, world_size: int) -> Recipe:
+    """A stand-in recipe for planning a bare model (placeholder data and output)."""
+    from dpkit.model import looks_local
+
+    path = Path(target).expanduser()
+    if path.is_file():
+        if path.name == "config.json":
+            model = {"name_or_path": str(path.parent)}
+        else:
+            model = {"config": json.loads(path.read_text()), "tokenizer": str(path.parent)}
+    else:
+        model = {"name_or_path": target} if looks_local(target) or "/" in target else None
+        if model is None:
+            raise RecipeError.one(target, "is neither a recipe, a config.json nor a hub id",
+                                  "pass a recipe .yaml, a model directory, a config.json or "
+                                  "an org/name hub id")
+    model.update(dtype=args.dtype, attn_implementation=args.attn,
+                 gradient_checkpointing=args.gradient_checkpointing)
+    raw = {"model": model,
+           "data": {"sources": [{"path": "YOUR_DATA.jsonl"}], "max_seq_len": args.seq_len},
+           "train": {"global_batch_size": args.global_batch_size or world_size},
+           "output": {"dir": "runs/planned"}}
+    from dpkit.recipe import apply_overrides
+
+    return recipe_from_dict(apply_overrides(raw, args.overrides))
+
+
+def run_plan(args) -> int:
+    world = args.gpus_per_node * args.nodes
+    if args.gpus_per_node < 1 or args.nodes < 1:
+        raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
+    is_recipe = args.target.endswith((".yaml", ".yml"))
+    recipe = (load_recipe(args.target, args.overrides) if is_recipe
+              else recipe_for_model(args.target, args, world))
+    free = not is_recipe and args.global_batch_size is None
+    if args.nvme and not recipe.zero.nvme_path:
+        recipe = recipe_from_dict({**recipe.model_dump(mode="json"),
+                                   "zero": {**recipe.zero.model_dump(), "nvme_path": args.nvme}})
+    targets = args.lora_targets.split(",") if args.lora_targets else None
+    hw = Hardware(world, args.gpus_per_node, args.gpu_memory, args.cpu_memory)
+    try:
+        p = plan(recipe, hw, bool(args.nvme), recipe_shape(recipe, args.lora_rank, targets), free)
+    except OSError as e:  # a hub id whose config is neither shipped nor reachable
+        raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
+                              "pass a local directory or config.json") from None
+    print(render(p, free))
+    if args.write:
+        for path in write(p, args.write, free):
+            print(f"wrote {path}")
+    return 0
