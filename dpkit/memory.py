@@ -1,4 +1,7 @@
-"""The memory model behind `dpkit plan`: pure arithmetic, no torch, no DeepSpeed.
+"""The memory model behind `dpkit plan`: a model's shape, then pure arithmetic.
+
+`model_shape` counts parameters on the meta device (torch and transformers imported there only);
+everything else is arithmetic, without torch or DeepSpeed.
 
 Every number is "elements × bytes per element" on one rank, tagged with where it lives (GPU, CPU,
 NVMe) and when (during forward/backward, during the optimizer step, or always). Which tensors
@@ -78,6 +81,58 @@ class ModelShape:
     def persistent(self, threshold: int) -> int:
         """Elements ZeRO-3 keeps whole on every rank (parameters of at most `threshold` elements)."""
         return sum(n for n in self.param_numels if n <= threshold)
+
+
+def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
+                trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters on the meta device: no memory, no weights, any size.
+
+    `lora_targets`: names of linear layers to adapt (`q_proj`, ...); None adapts every linear layer
+    except the output head (PEFT's "all-linear"). With `lora_rank` 0 it is full fine-tuning.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
+                        for m in model.modules())
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, heads = text.hidden_size, text.num_attention_heads
+    layers = text.num_hidden_layers
+    adapters: list[int] = []
+    if lora_rank:
+        head = model.get_output_embeddings()
+        for name, m in model.named_modules():
+            is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+            leaf = name.rsplit(".", 1)[-1]
+            if not is_linear or m is head or (lora_targets and leaf not in lora_targets):
+                continue
+            w = m.weight.shape
+            adapters += [lora_rank * w[1], lora_rank * w[0]]  # A: r×in, B: out×r
+        if not adapters:
+            from dpkit.errors import RecipeError
+
+            raise RecipeError.one("--lora-targets", f"no linear layer named {lora_targets} in "
+                                  f"the model", f"choose among {sorted(names)}")
+    return ModelShape(
+        param_numels=tuple(numels + adapters),
+        trainable_numels=tuple(adapters or numels),
+        largest_layer=largest_layer,
+        hidden=h, layers=layers, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or h // heads,
+        intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+                      or 4 * h),
+        vocab=text.vocab_size,
+        mlp_factor=4 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else (
+            5 if (getattr(text, "activation_function", None) or getattr(text, "hidden_act", ""))
+            == "gelu_new" else 2),
+        lora_rank=lora_rank if adapters else 0,
+        lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
+    )
 
 
 @dataclass(frozen=True)

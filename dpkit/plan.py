@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
-from dpkit.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate
-from dpkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_yaml
+from dpkit.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_yaml
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MICRO_BATCH = 64
@@ -32,57 +32,6 @@ TIERS: list[list[tuple[int, str, str]]] = [
     [(3, "nvme", "none")],
     [(3, "nvme", "nvme")],
 ]
-
-
-# ------------------------------------------------------------------------------- model shape
-def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
-                trust_remote_code: bool = False) -> ModelShape:
-    """Count parameters on the meta device: no memory, no weights, any size.
-
-    `lora_targets`: names of linear layers to adapt (`q_proj`, ...); None adapts every linear layer
-    except the output head (PEFT's "all-linear"). With `lora_rank` 0 it is full fine-tuning.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
-    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
-                        for m in model.modules())
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h, heads = text.hidden_size, text.num_attention_heads
-    layers = text.num_hidden_layers
-    adapters: list[int] = []
-    if lora_rank:
-        head = model.get_output_embeddings()
-        for name, m in model.named_modules():
-            is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-            leaf = name.rsplit(".", 1)[-1]
-            if not is_linear or m is head or (lora_targets and leaf not in lora_targets):
-                continue
-            w = m.weight.shape
-            adapters += [lora_rank * w[1], lora_rank * w[0]]  # A: r×in, B: out×r
-        if not adapters:
-            raise RecipeError.one("--lora-targets", f"no linear layer named {lora_targets} in "
-                                  f"the model", f"choose among {sorted(names)}")
-    return ModelShape(
-        param_numels=tuple(numels + adapters),
-        trainable_numels=tuple(adapters or numels),
-        largest_layer=largest_layer,
-        hidden=h, layers=layers, heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or h // heads,
-        intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-                      or 4 * h),
-        vocab=text.vocab_size,
-        mlp_factor=4 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else (
-            5 if (getattr(text, "activation_function", None) or getattr(text, "hidden_act", ""))
-            == "gelu_new" else 2),
-        lora_rank=lora_rank if adapters else 0,
-        lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
-    )
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -231,6 +180,10 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f}"
 
 
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def chosen_recipe(p: Plan, o: Option, free_global_batch: bool) -> Recipe:
     gbs = o.micro_batch * p.hw.world_size if free_global_batch else None
     return variant(p.recipe, o.stage, o.offload_optimizer, o.offload_params, o.micro_batch, gbs)
@@ -251,7 +204,7 @@ def render(p: Plan, free_global_batch: bool = False) -> str:
     cpu = f", {gib(hw.cpu_memory)} GiB CPU per node" if hw.cpu_memory else ""
     lines = [
         f"model: {r.model.name_or_path or r.model.config.get('model_type')}: "
-        f"{s.total / 1e9:.3f}B parameters, {s.trainable / 1e9:.3f}B trained{lora}; "
+        f"{count(s.total)} parameters, {count(s.trainable)} trained{lora}; "
         f"{r.model.dtype}, {r.data.max_seq_len} tokens, {r.model.attn_implementation}"
         f"{', gradient checkpointing' if r.model.gradient_checkpointing else ''}",
         f"hardware: {hw.world_size // hw.gpus_per_node} node(s) × {hw.gpus_per_node} GPUs × "
@@ -312,7 +265,11 @@ def check_fits(recipe: Recipe, world_size: int, gpus_per_node: int, gpu_memory_b
     `dpkit train` calls this before launch and skips it when `train.skip_memory_check` is set.
     """
     hw = Hardware(world_size, gpus_per_node, gpu_memory_bytes, cpu_memory_bytes)
-    shape = recipe_shape(recipe, lora_rank, lora_targets)
+    return _check(recipe, hw, recipe_shape(recipe, lora_rank, lora_targets))
+
+
+def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
+    world_size, gpu_memory_bytes, cpu_memory_bytes = hw.world_size, hw.gpu_memory, hw.cpu_memory
     z, mbs = recipe.zero, recipe.train.micro_batch_size
     own = (z.stage, z.offload_optimizer, z.offload_params)
     smaller = [m for m in micro_candidates(recipe, world_size) if m < mbs]
@@ -367,7 +324,7 @@ def register(subparsers) -> None:
     sp.add_argument("--gpu-memory", type=parse_size, default="80GB", help="per GPU, e.g. 80GB")
     sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
     sp.add_argument("--nvme", nargs="?", const="/local_nvme", default=None, metavar="PATH",
-                    help="also plan NVMe offload (ZeRO-3), swapping to PATH")
+                    help="also plan NVMe offload (ZeRO-3), swapping to PATH (/local_nvme)")
     sp.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank")
     sp.add_argument("--lora-targets", default=None, help="comma-separated linear layer names "
                     "(default: every linear layer but the output head)")
@@ -383,7 +340,7 @@ def register(subparsers) -> None:
     sp.set_defaults(func=run_plan)
 
 
-def recipe_for_model(target: str, args, world_size: int) -> Recipe:
+def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -> Recipe:
     """A stand-in recipe for planning a bare model (placeholder data and output)."""
     from dpkit.model import looks_local
 
@@ -405,30 +362,31 @@ def recipe_for_model(target: str, args, world_size: int) -> Recipe:
            "data": {"sources": [{"path": "YOUR_DATA.jsonl"}], "max_seq_len": args.seq_len},
            "train": {"global_batch_size": args.global_batch_size or world_size},
            "output": {"dir": "runs/planned"}}
-    from dpkit.recipe import apply_overrides
-
-    return recipe_from_dict(apply_overrides(raw, args.overrides))
+    return recipe_from_dict(apply_overrides(raw, overrides + args.overrides))
 
 
 def run_plan(args) -> int:
-    world = args.gpus_per_node * args.nodes
     if args.gpus_per_node < 1 or args.nodes < 1:
         raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
+    hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
+                  args.cpu_memory)
     is_recipe = args.target.endswith((".yaml", ".yml"))
-    recipe = (load_recipe(args.target, args.overrides) if is_recipe
-              else recipe_for_model(args.target, args, world))
+    nvme = [f"zero.nvme_path={args.nvme}"] if args.nvme else []
+    recipe = (load_recipe(args.target, nvme + args.overrides) if is_recipe
+              else recipe_for_model(args.target, args, hw.world_size, nvme))
     free = not is_recipe and args.global_batch_size is None
-    if args.nvme and not recipe.zero.nvme_path:
-        recipe = recipe_from_dict({**recipe.model_dump(mode="json"),
-                                   "zero": {**recipe.zero.model_dump(), "nvme_path": args.nvme}})
     targets = args.lora_targets.split(",") if args.lora_targets else None
-    hw = Hardware(world, args.gpus_per_node, args.gpu_memory, args.cpu_memory)
     try:
-        p = plan(recipe, hw, bool(args.nvme), recipe_shape(recipe, args.lora_rank, targets), free)
+        shape = recipe_shape(recipe, args.lora_rank, targets)
     except OSError as e:  # a hub id whose config is neither shipped nor reachable
         raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
                               "pass a local directory or config.json") from None
+    p = plan(recipe, hw, bool(args.nvme), shape, free)
     print(render(p, free))
+    if is_recipe:
+        problems = _check(recipe, hw, shape)
+        print("\nrecipe as written: " + ("fits" if not problems else
+                                         "\n  ".join(str(pr) for pr in problems)))
     if args.write:
         for path in write(p, args.write, free):
             print(f"wrote {path}")

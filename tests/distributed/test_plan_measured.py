@@ -8,16 +8,15 @@ flight, ZeRO-3's gathered parameters) are bounds in the plan: measured ≤ plann
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dpkit.memory import Setup, estimate
+from dpkit.memory import Setup, estimate, model_shape
 from dpkit.model import load_model_config
-from dpkit.plan import DTYPE_BYTES, knobs, model_shape, resolved_ds_config, variant
+from dpkit.plan import DTYPE_BYTES, knobs, resolved_ds_config, variant
 from dpkit.recipe import recipe_from_dict
 
 pytestmark = pytest.mark.distributed
@@ -59,16 +58,12 @@ def measured(tmp_path_factory):
                           "ds_config": ds, "lora_rank": lora, "micro_batch": MICRO,
                           "seq_len": SEQ})
     (tmp / "scenarios.json").write_text(json.dumps(scenarios))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(ROOT / ".torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(ROOT / "tests/distributed/plan_measure.py"), str(tmp / "scenarios.json"),
-           str(tmp / "measured.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(WORLD), str(ROOT / "tests/distributed/plan_measure.py"),
+           str(tmp / "scenarios.json"), str(tmp / "measured.json")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return {r["name"]: r["ranks"] for r in json.loads((tmp / "measured.json").read_text())}

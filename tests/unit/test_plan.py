@@ -15,8 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpkit.errors import RecipeError
-from dpkit.memory import Knobs, ModelShape, Setup, estimate, saved_activations
-from dpkit.plan import Hardware, check_fits, model_shape, parse_size, plan, register
+from dpkit.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
+from dpkit.plan import Hardware, check_fits, parse_size, plan, register
 from dpkit.recipe import load_recipe, recipe_from_dict
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -77,6 +77,18 @@ def test_meta_count_matches_deepspeed_count(real_model):
     shape = model_shape(config)  # ours, on the meta device
     assert shape.total == total == sum(p.numel() for p in model.parameters())
     assert shape.largest_layer == largest_layer
+
+
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("cfg,published", [(LLAMA_8B, 8_030_261_248), (QWEN_05B, 494_032_768)])
+def test_meta_count_matches_published_parameter_counts(cfg, published):
+    # the counts the model cards / safetensors index of Llama-3.1-8B and Qwen2.5-0.5B state
+    cfg = dict(cfg)
+    assert model_shape(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).total == published
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 8), (2, 8), (4, 4)])
@@ -298,6 +310,9 @@ def test_cli_recipe_with_lora_and_overrides(tmp_path):
     code, out = run_cli(str(path), "data.max_seq_len=4096", "--gpus-per-node", "8",
                         "--gpu-memory", "24GB", "--lora-rank", "16")
     assert code == 0 and "LoRA r=16" in out and "4096 tokens" in out
+    assert "recipe as written: zero.stage:" in out  # ZeRO-0 full 8B on 24 GB: refused, with a fix
+    code, out = run_cli(str(path), "zero.stage=2", "--gpus-per-node", "8", "--gpu-memory", "80GB")
+    assert "recipe as written: fits" in out
 
 
 def test_sizes_and_user_errors(tmp_path):
