@@ -96,12 +96,14 @@ def load_tokenizer(section: ModelSection):
     return tok
 
 
-def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: dict | None = None):
+def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: dict | None = None,
+                **load_kwargs):
     """The causal LM, in the training dtype.
 
     An inline config is built with the plain constructor under `seed`, so every rank and a
     single-process reference start from identical weights. A pretrained model under ZeRO-3 is
     loaded partitioned (transformers' HfDeepSpeedConfig), so no rank holds the whole model.
+    `load_kwargs` go to `from_pretrained` (QLoRA's 4-bit quantization, from dpkit.lora).
     """
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +121,7 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must live during loading)
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path, revision=section.revision, dtype=dtype,
-            trust_remote_code=section.trust_remote_code, **common)
+            trust_remote_code=section.trust_remote_code, **common, **load_kwargs)
         del keep_alive
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -42,6 +42,10 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     tokenizer_key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
     config = _collect_model(problems, load_model_config, recipe.model, model_key)
     hidden = getattr(config, "hidden_size", None) if config is not None else None
+    if recipe.peft is not None:  # QLoRA needs CUDA; LoRA targets must exist in the model
+        from dpkit.lora import preflight_problems
+
+        problems.extend(preflight_problems(recipe, config, on_cpu))
     if batch and config is not None:  # else the DeepSpeed config would only repeat the error
         _collect(problems, resolve_ds_config, recipe, world_size, hidden, on_cpu)
     if offline and not looks_local(recipe.model.tokenizer_path) and \

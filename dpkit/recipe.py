@@ -183,6 +183,33 @@ class ZeroSection(_Section):
         return self
 
 
+# ------------------------------------------------------------------------------------------ peft
+class PeftSection(_Section):
+    method: Literal["lora", "qlora"] = "lora"
+    """lora: train low-rank adapters on a frozen base model; qlora: the same on a base model
+    loaded in 4-bit (bitsandbytes NF4, CUDA GPUs only)."""
+    r: int = Field(default=16, gt=0)
+    """LoRA rank: the inner size of each adapter (A is r × in, B is out × r)."""
+    alpha: float = Field(default=32, gt=0)
+    """LoRA scaling numerator: adapter outputs are scaled by alpha / r."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input during training (0 makes runs on any world size equal)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (`[q_proj, v_proj]`, matched against the end of each module path),
+    or `all-linear`: every linear layer except the output head."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. `[lm_head]` after adding tokens)."""
+    merge: bool = False
+    """Also write the base model with the adapter merged in, in Hugging Face format, to
+    `<output.dir>/merged`."""
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> "PeftSection":
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("`peft.target_modules` is empty: list module names or use `all-linear`")
+        return self
+
+
 # ---------------------------------------------------------------------------------------- output
 class OutputSection(_Section):
     dir: str
@@ -202,6 +229,8 @@ class Recipe(_Section):
     data: DataSection
     train: TrainSection
     zero: ZeroSection = Field(default_factory=ZeroSection)
+    peft: PeftSection | None = None
+    """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dpkit import data as D
 from dpkit import distributed
+from dpkit import lora
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.metrics import MetricsLog, Progress, memory_mb
 from dpkit.model import build_model, load_model_config, load_tokenizer
@@ -79,6 +80,7 @@ def build_optimizer(model, recipe: Recipe):
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no norms: ZeRO-3 drops empty groups
     t = recipe.train
     if recipe.zero.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -182,10 +184,14 @@ def run(recipe: Recipe) -> dict:
     # Load model ------------------------------------------------------------------------------
     import deepspeed
 
-    model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable")
+    if recipe.peft is not None:  # frozen base + adapters, built identically on every rank
+        model = lora.build_peft_model(recipe, tokenizer, ds_config, out, env)
+        say(f"[dpkit] {lora.describe(model, recipe.peft)}")
+    else:
+        model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config)
+    n_train, n_params = lora.count_parameters(model)
+    say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
+        f"({100 * n_train / max(n_params, 1):.2f}%)")
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -243,7 +249,9 @@ def run(recipe: Recipe) -> dict:
     metrics.close()
 
     # Save ------------------------------------------------------------------------------------
-    if recipe.output.save_model:
+    if recipe.output.save_model and recipe.peft is not None:  # gathered, written, verified
+        lora.save_adapter(engine, tokenizer, out, env, recipe, trained=total_steps > 0)
+    elif recipe.output.save_model:
         save_model(engine, tokenizer, out / "model", env, recipe.zero.stage)
     summary = {
         "steps": total_steps, "tokens_seen": tokens_seen, "final_loss": last_loss,
