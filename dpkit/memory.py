@@ -31,6 +31,11 @@ BACKWARD, STEP = "backward", "step"
 ALWAYS = frozenset({BACKWARD, STEP})
 
 
+ACTIVATION_EXTRA = {"relu": 0, "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2}
+"""Tensors an activation function saves beyond its input (1 for silu, gelu, gelu_pytorch_tanh:
+measured; the composite tanh approximations save their intermediates)."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the memory model needs to know about a model (counted on the meta device)."""
@@ -49,7 +54,14 @@ class ModelShape:
     head_dim: int
     vocab: int
     mlp_factor: int = 4
-    """Intermediate-size tensors an MLP saves per token: 4 gated (SwiGLU), 2 plain, 5 gelu_new."""
+    """Intermediate-size tensors an MLP saves per token (4 for SwiGLU; see ACTIVATION_EXTRA)."""
+    norms_per_layer: int = 2
+    norm_out_fp32: bool = False
+    """Gemma's RMSNorm returns its fp32 product: 8h bytes per token instead of (4 + b)·h."""
+    attn_softcap: bool = False
+    """Gemma-2's tanh soft-capping of attention scores: one more saved score tensor (eager)."""
+    logit_softcap: bool = False
+    """Gemma-2's soft-capping of the logits: one more saved b·V tensor per token."""
     lora_rank: int = 0
     lora_targets_per_layer: int = 0
 
@@ -100,6 +112,9 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
                         for m in model.modules())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    block = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    act = next((getattr(text, k) for k in ("hidden_activation", "hidden_act",
+                                           "activation_function") if getattr(text, k, None)), "")
     h, heads = text.hidden_size, text.num_attention_heads
     layers = text.num_hidden_layers
     adapters: list[int] = []
@@ -127,9 +142,12 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
                       or 4 * h),
         vocab=text.vocab_size,
-        mlp_factor=4 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else (
-            5 if (getattr(text, "activation_function", None) or getattr(text, "hidden_act", ""))
-            == "gelu_new" else 2),
+        mlp_factor=(3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else 1)
+        + ACTIVATION_EXTRA.get(act, 1),
+        norms_per_layer=sum("norm" in type(m).__name__.lower() for m in block.modules()),
+        norm_out_fp32=text.model_type.startswith("gemma"),
+        attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
+        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
         lora_rank=lora_rank if adapters else 0,
         lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
     )
@@ -255,27 +273,32 @@ def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     tokens = setup.micro_batch * setup.seq_len
     if setup.attn_implementation == "eager":  # K and V repeated to every head, scores kept
         per_token = b * (4 * h + 4 * q + mlp) + 8 * h + 8
-        scores = shape.heads * setup.seq_len ** 2 * (4 + (b if b < 4 else 0)) * setup.micro_batch
+        per_score = 4 + (b if b < 4 else 0) + (b if shape.attn_softcap else 0)
+        scores = shape.heads * setup.seq_len ** 2 * per_score * setup.micro_batch
     else:  # sdpa / flash attention: memory linear in the sequence length
         per_token = b * (4 * h + 2 * q + 2 * kv + mlp) + 8 * h + 8 + 4 * shape.heads
         scores = 0
     per_token += b * shape.lora_rank * shape.lora_targets_per_layer
-    outside = tokens * (b * (2 * h + 2 * shape.head_dim) + 4 * h + 16 + 4 * shape.vocab)
+    norm = 8 * h if shape.norm_out_fp32 else (4 + b) * h  # two are in the terms above
+    per_token += shape.norms_per_layer * norm - 2 * (4 + b) * h
+    logits = (4 + (b if shape.logit_softcap else 0)) * shape.vocab
+    outside = tokens * (b * (h + 2 * shape.head_dim) + norm + 16 + logits)
     return tokens * per_token + scores, outside
 
 
 def saved_activations(shape: ModelShape, setup: Setup) -> int:
     """Bytes autograd saves for backward over one micro batch (weights excluded).
 
-    Per token and block (b = dtype bytes, q = heads·head_dim, kv = kv_heads·head_dim):
-    b·(4h + 2q + 2kv + m·I) + 8h + 8 + 4·heads with sdpa/flash attention, where m·I is the MLP
-    (m = 4 for a gated MLP, 2 for a plain one, 5 with GPT-2's composite gelu_new), 8h the fp32
-    upcasts of two RMSNorms, 8 + 4·heads bytes per-token statistics. Eager attention saves K/V
-    repeated to every head (b·(4h + 4q + m·I) + 8h + 8) and the softmax (heads·s² per sequence,
-    fp32 plus a b-byte copy). LoRA adds its rank-r intermediate per adapted layer. Outside the
-    blocks: b·(2h + 2·head_dim) + 4h + 16 per token and the fp32 log-softmax of the loss (4·V).
-    With gradient checkpointing a block keeps only its input (b·h). Fitted on autograd's saved
-    tensors of HF models; tests/unit/test_plan.py re-measures them on other shapes.
+    Per token and block (b = dtype bytes, q = heads·head_dim, kv = kv_heads·head_dim), with
+    sdpa/flash attention: b·(4h + 2q + 2kv + m·I) + 8h + 8 + 4·heads, where m·I is the MLP (m = 3
+    gated or 1 plain, plus ACTIVATION_EXTRA), 8h the fp32 upcasts of two RMSNorms (each further
+    norm (4 + b)·h, Gemma's 8h), 8 + 4·heads bytes of per-token statistics. Eager attention keeps
+    K/V repeated to every head (4q for 2q + 2kv, no statistics) and the softmax: heads·s² per
+    sequence, fp32 plus a b-byte copy (plus b for Gemma-2's soft-capping). LoRA adds its rank-r
+    intermediate per adapted layer. Outside the blocks: b·(h + 2·head_dim) + a norm + 16 per token
+    and the loss's fp32 log-softmax (4·V). With gradient checkpointing a block keeps only its
+    input (b·h). Fitted on autograd's saved tensors of HF models (tests/unit/test_plan.py
+    re-measures other shapes and architectures; docs/plan.md lists the known gaps).
     """
     block, outside = _activation_terms(shape, setup)
     if setup.gradient_checkpointing:
@@ -354,8 +377,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
         add(Part("step", "fp32 grads", step_grads, 4, phases=stp))
     elif opt_dev == "cpu":
         add(Part("step", "fp32 grads", Tn, 4, "cpu"))
-        if s < 3:  # bit16 staging buffer for the updated partition
+        if s < 3:  # bit16 staging of the updated partition; one parameter's gradient staging
             add(Part("step", "bit16 staging", Tn, b, "cpu"))
+            for where in ("gpu", "cpu"):
+                add(Part("comm", "offload staging", shape.largest_trainable, b, where))
     else:  # NVMe: pinned swap buffers in host memory
         add(Part("step", "swap buffers", k.optimizer_buffer_count * min(k.sub_group_size, Tn), 4,
                  "cpu"))

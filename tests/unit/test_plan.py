@@ -115,8 +115,9 @@ def test_zero2_agrees_with_deepspeed_estimator(real_model, nodes, gpus):
 
 
 def test_zero3_agrees_with_deepspeed_estimator_but_for_the_bf16_partition(real_model):
-    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                               model_to_params)
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs, estimate_zero3_model_states_mem_needs_all_live,
+        model_to_params)
 
     config, model = real_model
     psi, largest = model_to_params(model)
@@ -125,6 +126,8 @@ def test_zero3_agrees_with_deepspeed_estimator_but_for_the_bf16_partition(real_m
     # DeepSpeed's formula has no prefetch bucket and no persistent parameters: turn them off
     # (and a reduce bucket smaller than the largest layer, so its gradient is counted once).
     kn = Knobs(prefetch_bucket_size=0, param_persistence_threshold=0, reduce_bucket_size=1000)
+    printed = printed_gpu_gib(estimate_zero3_model_states_mem_needs_all_live, model,
+                              num_gpus_per_node=gpus, num_nodes=nodes)
     for opt, par in (("none", "none"), ("cpu", "none"), ("cpu", "cpu")):
         _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
             psi, largest, gpus, nodes, cpu_offload=opt == "cpu", cpu_offload_params=par == "cpu")
@@ -141,6 +144,9 @@ def test_zero3_agrees_with_deepspeed_estimator_but_for_the_bf16_partition(real_m
             assert states + working - ds_gpu == pytest.approx(2 * psi / world, abs=8 * world)
         else:
             assert states + working == pytest.approx(ds_gpu, abs=8 * world)
+        device = {"none": "none", "cpu": "OffloadDeviceEnum.cpu"}
+        key = f"offload_param={device[par]}, offload_optimizer={device[opt]}, zero_init=1"
+        assert printed[key] == pytest.approx(ds_gpu / 2**30, abs=0.006)
 
 
 # ------------------------------------------------------------------------------ activations
@@ -174,6 +180,9 @@ ACT_MODELS = {  # shapes unlike the ones the coefficients were fitted on
     "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=320,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                     vocab_size=800, head_dim=48),
+    "gemma2": dict(model_type="gemma2", hidden_size=96, intermediate_size=200,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=24, vocab_size=1000),  # eager only: four norms, soft-capping
 }
 
 
@@ -184,6 +193,7 @@ ACT_MODELS = {  # shapes unlike the ones the coefficients were fitted on
 def test_activation_formula_matches_autograd(name, dtype, attn, ckpt):
     cfg = dict(ACT_MODELS[name])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    attn = "eager" if name == "gemma2" else attn  # transformers has no sdpa path for Gemma-2
     measured = saved_bytes(config, dtype, attn, ckpt)
     b = 2 if dtype == torch.bfloat16 else 4
     planned = saved_activations(model_shape(config), Setup(0, "none", "none", 1, 1, b, 2, 40,
