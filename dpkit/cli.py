@@ -26,22 +26,25 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a recipe YAML")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=1e-4")
     p.add_argument("--nproc-per-node", type=int, default=0,
-                   help="ranks per node (default: one per GPU; 2 on a machine without GPUs)")
-    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+                   help="ranks per node (default: the hostfile's slots, else one per GPU; 2 on a "
+                        "machine without GPUs)")
+    p.add_argument("--nodes", "--nnodes", dest="nodes", type=int, default=0,
+                   help="number of nodes (default: the hostfile's hosts, else 1)")
 
 
 def _plan_from_args(args) -> LaunchPlan:
     return LaunchPlan(launcher=getattr(args, "launcher", "torchrun"),
-                      nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                      node_rank=getattr(args, "node_rank", 0),
-                      master_addr=getattr(args, "master_addr", "127.0.0.1"),
+                      nproc_per_node=args.nproc_per_node, nodes=args.nodes,
+                      node_rank=getattr(args, "node_rank", None),
+                      master_addr=getattr(args, "master_addr", None),
                       master_port=getattr(args, "master_port", 0),
-                      hostfile=getattr(args, "hostfile", None))
+                      hostfile=getattr(args, "hostfile", None)).check()
 
 
 def _preflight(args):
     recipe = load_recipe(args.recipe, args.overrides)
     plan = _plan_from_args(args)
+    plan.rendezvous_timeout_s = recipe.train.collective_timeout_s
     report = check_recipe(recipe, plan.world_size(), on_cpu=not torch.cuda.is_available())
     raise_if_problems(report)
     return recipe, plan, report
@@ -59,7 +62,24 @@ def cmd_train(args) -> int:
     recipe, plan, report = _preflight(args)
     for note in report.notes:
         print(f"[dpkit] {note}")
-    return launch(plan, args.recipe, args.overrides, args.dry_run)
+    code = launch(plan, args.recipe, args.overrides, args.dry_run)
+    if code != 0:
+        print(failure_summary(recipe, args, code), file=sys.stderr)
+    return code
+
+
+def failure_summary(recipe, args, code: int) -> str:
+    """After a failed launch: where to pick up. (The launcher's own report above names the
+    rank that failed first.)"""
+    from pathlib import Path
+
+    from dpkit.checkpoint import latest_complete
+
+    latest = latest_complete(Path(recipe.output.dir))
+    where = f"last complete checkpoint: {latest}" if latest else "no complete checkpoint yet"
+    resume = (f"; resume with: dpkit train {args.recipe} {' '.join(args.overrides)} resume=auto"
+              if latest else "")
+    return f"[dpkit] training failed (launcher exit code {code}); {where}{resume}".replace("  ", " ")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
                    help="what starts the ranks (default: torchrun)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    p.add_argument("--master-port", type=int, default=0, help="port on node 0 (0: a free one)")
-    p.add_argument("--hostfile", help="deepspeed hostfile (with --launcher deepspeed)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank, 0..nodes-1 (multi-node: run the command on every "
+                        "node; with the deepspeed CLI it means no ssh)")
+    p.add_argument("--master-addr", default=None,
+                   help="address of node 0 (default: the hostfile's first host, else 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="port on node 0 (default: a free one; 29500 across nodes)")
+    p.add_argument("--hostfile", help="`host slots=N` per line (deepspeed's format): nodes, ranks "
+                                      "per node and node 0's address, for every launcher")
     p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
     p.set_defaults(func=cmd_train)
 

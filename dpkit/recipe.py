@@ -222,6 +222,11 @@ class OutputSection(_Section):
     """Compute eval loss every this many steps (and always at the end, if there is eval data)."""
     save_model: bool = True
     """Write the trained model in Hugging Face format to `<dir>/model` at the end."""
+    save_steps: int | None = Field(default=None, gt=0)
+    """Write a full training checkpoint (engine, optimizer, ZeRO partitions, scheduler, data
+    position, RNG) to `<dir>/checkpoints/` every this many steps, and at the last step."""
+    save_total_limit: int | None = Field(default=None, gt=0)
+    """Keep only the newest this many complete checkpoints (default: keep all)."""
 
 
 class Recipe(_Section):
@@ -232,6 +237,9 @@ class Recipe(_Section):
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection
+    resume: str | None = None
+    """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
+    is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""
 
 
 # -------------------------------------------------------------------------------------- loading

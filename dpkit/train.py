@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dpkit import checkpoint as C
 from dpkit import data as D
 from dpkit import distributed
 from dpkit import lora
@@ -35,8 +36,10 @@ from dpkit.zero import batch_arithmetic, resolve_ds_config
 
 
 def output_dir_problem(recipe: Recipe):
-    """The run directory may not exist unless the recipe says to overwrite it."""
+    """The run directory may not exist unless the recipe says to overwrite or resume it."""
     out = Path(recipe.output.dir)
+    if recipe.resume is not None:
+        return None
     if out.exists() and any(out.iterdir()) and not recipe.output.overwrite:
         return RecipeError.one("output.dir", f"'{out}' already exists and is not empty",
                                "choose another directory, or set output.overwrite=true to replace it")
@@ -50,7 +53,7 @@ def prepare_output_dir(recipe: Recipe, env) -> Path:
     if problem is not None:
         raise problem
     if env.is_main:
-        if out.exists() and recipe.output.overwrite:
+        if out.exists() and recipe.output.overwrite and recipe.resume is None:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
@@ -181,6 +184,13 @@ def run(recipe: Recipe) -> dict:
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
+    resume_from = C.find_resume(recipe.resume, out)
+    universal = resume_from is not None and C.needs_universal(resume_from, env.world_size,
+                                                              recipe.zero.stage)
+    if universal:
+        C.convert_to_universal(resume_from, env)
+        ds_config["checkpoint"] = {"load_universal": True}
+
     # Load model ------------------------------------------------------------------------------
     import deepspeed
 
@@ -197,12 +207,36 @@ def run(recipe: Recipe) -> dict:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
+    start_step, tokens_seen = 0, 0
+    if resume_from is not None:
+        groups = [{"weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        state = C.load(engine, resume_from, env, universal)
+        if universal:
+            C.repair_universal_load(engine.optimizer, groups)
+        if state.steps_per_epoch != per_epoch or state.seed != recipe.train.seed:
+            raise RecipeError.one("resume", f"checkpoint {resume_from} was made with "
+                                  f"{state.steps_per_epoch} steps per epoch and seed {state.seed}, "
+                                  f"this run has {per_epoch} and {recipe.train.seed}",
+                                  "resume with the same data, global batch and seed")
+        start_step, tokens_seen = state.step, state.tokens_seen
+        say(f"[dpkit] resumed from {resume_from} at step {start_step}"
+            + (" (universal checkpoint: world size or ZeRO stage changed)" if universal else ""))
+        if env.is_main:
+            truncate_metrics(out / "metrics.jsonl", start_step)
+
+    def save_checkpoint(step_done: int) -> Path:
+        state = C.TrainState(step=step_done, tokens_seen=tokens_seen, world_size=env.world_size,
+                             zero_stage=recipe.zero.stage, seed=recipe.train.seed,
+                             steps_per_epoch=per_epoch)
+        return C.save(engine, out, state, tokenizer, env, recipe.output.save_total_limit)
+
     # Train -----------------------------------------------------------------------------------
     metrics = MetricsLog(out / "metrics.jsonl" if env.is_main else None)
-    progress = Progress(total_steps, 0, env.is_main)
+    progress = Progress(total_steps, start_step, env.is_main)
     pad_id = tokenizer.pad_token_id
-    tokens_seen, last_loss, last_eval = 0, float("nan"), None
-    for step in range(total_steps):
+    last_loss, last_eval = float("nan"), None
+    for step in range(start_step, total_steps):
+        C.fault_point("step", step + 1, env.rank)
         epoch, step_in_epoch = divmod(step, per_epoch)
         t0 = time.perf_counter()
         micro_batches = [to_device(D.collate([train_rows[i] for i in idx], pad_id), env.device)
@@ -245,6 +279,10 @@ def run(recipe: Recipe) -> dict:
             metrics.write(step=step + 1, eval_loss=last_eval, eval_tokens=eval_tokens,
                           tokens_seen=tokens_seen)
             progress.write(f"[dpkit] step {step + 1}: eval loss {last_eval:.4f}")
+        save_every = recipe.output.save_steps
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == total_steps):
+            ckpt = save_checkpoint(step + 1)
+            progress.write(f"[dpkit] step {step + 1}: checkpoint {ckpt}")
     progress.close()
     metrics.close()
 
@@ -276,8 +314,17 @@ def run(recipe: Recipe) -> dict:
     return summary
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after the checkpoint a run resumes from (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = distributed.strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else EXIT_USER_ERROR
@@ -287,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)
         return EXIT_USER_ERROR
+    except distributed.RendezvousError as e:  # one line per node, not a traceback per rank
+        if distributed.launcher_info().local_rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -34,9 +34,13 @@ def _default(field) -> str:
 
 
 def reference() -> str:
-    lines = []
+    lines, top_level = [], []
     for name, field in Recipe.model_fields.items():
         model = _section_model(field.annotation)
+        if model is None:
+            doc = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            top_level.append(f"| `{name}` | {_default(field)} | {doc} |")
+            continue
         lines += [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
         for key, sub in model.model_fields.items():
             doc = (sub.description or "").replace("\n", " ").replace("|", "\\|")
@@ -45,6 +49,8 @@ def reference() -> str:
                 doc += " Each source: " + ", ".join(f"`{k}`" for k in nested.model_fields) + "."
             lines.append(f"| `{name}.{key}` | {_default(sub)} | {doc} |")
         lines.append("")
+    if top_level:
+        lines += ["**top level**", "", "| key | default | meaning |", "|---|---|---|", *top_level]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -51,13 +51,14 @@ def rank_env() -> dict[str, str]:
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 240, module: str | None = None,
-             script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+             script: Path | None = None, check: bool = True,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Start `nproc` real ranks with torch.distributed.run; kill them all after `timeout`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", str(nproc)]
     cmd += ["-m", module] if module else [str(script)]
-    proc = subprocess.run(cmd + args, env=rank_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd + args, env={**rank_env(), **(extra_env or {})}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")

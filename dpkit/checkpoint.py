@@ -1,0 +1,242 @@
+"""Checkpoints that survive crashes: complete-or-ignored, exact resume, resume elsewhere.
+
+Layout of `<run>/checkpoints/`:
+
+    step-00000004/            one checkpoint (DeepSpeed's per-rank files live in step-00000004/ds/)
+        ds/                   engine, optimizer and ZeRO partitions, LR scheduler (DeepSpeed)
+        rng-rank{r}.pt        each rank's RNG states
+        dpkit.json            data position, world size, ZeRO stage, tokens seen
+        hf/                   config + tokenizer, so `dpkit export` needs nothing else
+        universal/            cached universal conversion (made when resuming elsewhere)
+        COMPLETE              written last, by rank 0, after every rank has finished writing
+    latest                    the newest complete checkpoint's name; moved only after COMPLETE
+
+A checkpoint without COMPLETE is never resumed from; the next save removes it.
+
+Security: DeepSpeed checkpoints are pickles, which can run code when loaded. dpkit loads them
+only from the run's own directory or from a path the user names (`resume=PATH`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dpkit import distributed
+from dpkit.errors import RecipeError
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly where it stopped."""
+    step: int                 # optimizer steps completed
+    tokens_seen: int
+    world_size: int
+    zero_stage: int
+    seed: int
+    steps_per_epoch: int
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / MARKER).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_complete(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | None) -> Path:
+    """Write a checkpoint on every rank; it counts only once COMPLETE is written (rank 0, last)."""
+    ckpt = checkpoints_dir(run_dir) / step_name(state.step)
+    if env.is_main and ckpt.exists():  # an incomplete leftover of a crashed save
+        shutil.rmtree(ckpt)
+    distributed.barrier()
+    engine.save_checkpoint(str(ckpt), tag="ds", save_latest=False)
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               ckpt / f"rng-rank{env.rank}.pt")
+    if env.is_main:
+        (ckpt / "dpkit.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        engine.module.config.save_pretrained(ckpt / "hf")
+        tokenizer.save_pretrained(ckpt / "hf")
+    fault_point("save", state.step, env.rank)
+    distributed.barrier()  # every rank has written everything
+    if env.is_main:
+        _atomic_write(ckpt / MARKER, f"{state.step}\n")
+        _atomic_write(checkpoints_dir(run_dir) / "latest", ckpt.name + "\n")
+        prune(run_dir, keep)
+    distributed.barrier()
+    return ckpt
+
+
+def prune(run_dir: Path, keep: int | None) -> None:
+    """Remove incomplete checkpoints and all but the newest `keep` complete ones."""
+    root = checkpoints_dir(run_dir)
+    complete = complete_checkpoints(run_dir)
+    newest = complete[-1] if complete else None
+    for p in root.iterdir():
+        if STEP_DIR.match(p.name) and not is_complete(p) and (newest is None or p.name < newest.name):
+            shutil.rmtree(p, ignore_errors=True)
+    if keep:
+        for p in complete[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def find_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: newest complete one for "auto", or the path given."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_complete(run_dir)
+    path = Path(resume)
+    if path.is_dir() and not STEP_DIR.match(path.name):
+        path = latest_complete(path) or path  # a run directory: its newest checkpoint
+    if not path.is_dir() or not is_complete(path):
+        raise RecipeError.one("resume", f"'{resume}' is not a complete dpkit checkpoint (no "
+                              f"{MARKER} marker)", "use resume=auto or a checkpoints/step-* path")
+    return path
+
+
+def read_state(ckpt: Path) -> TrainState:
+    return TrainState(**json.loads((ckpt / "dpkit.json").read_text()))
+
+
+def needs_universal(ckpt: Path, world_size: int, zero_stage: int) -> bool:
+    saved = read_state(ckpt)
+    return saved.world_size != world_size or saved.zero_stage != zero_stage
+
+
+def convert_to_universal(ckpt: Path, env) -> Path:
+    """DeepSpeed's universal format (any world size / stage), made once, cached in the checkpoint."""
+    target = ckpt / "universal"
+    if env.is_main and not (target / MARKER).is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"[dpkit] converting {ckpt} to a universal checkpoint (world size or ZeRO stage "
+              "changed); cached for next time", flush=True)
+        # Stage 1/2 checkpoints lack some state the converter wants: inject_missing_state.
+        ds_to_universal(Namespace(input_folder=str(ckpt / "ds"), output_folder=str(target / "ds"),
+                                  num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True))
+        _alias_model_states(target / "ds")
+        _add_stage3_optimizer_state(target / "ds" / "zero")
+        _atomic_write(target / MARKER, "universal\n")
+    distributed.barrier()
+    return target
+
+
+def _alias_model_states(folder: Path) -> None:
+    """DeepSpeed's loader looks for `mp_rank_00_model_states.pt` under ZeRO 0-2 and
+    `zero_pp_rank_0_mp_rank_00_model_states.pt` under ZeRO-3 (DeepSpeed 0.19), while the converter
+    writes whichever the source stage used. The universal loader reads the parameters from
+    `zero/`, so the same small file under both names lets any stage resume any other."""
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    present = [n for n in names if (folder / n).is_file()]
+    for name in names:
+        if present and not (folder / name).exists():
+            shutil.copyfile(folder / present[0], folder / name)
+
+
+def _add_stage3_optimizer_state(zero_dir: Path) -> None:
+    """Let ZeRO-3 resume a universal checkpoint converted from ZeRO 1/2 (DeepSpeed 0.19).
+
+    The ZeRO-3 universal loader reads the Adam step and the group hyperparameters from
+    `optimizer_state.pt["optimizer_state_dict"]`, which only the ZeRO-3 converter writes. The
+    ZeRO 1/2 file has the same facts elsewhere: the step in every parameter's step.pt, the groups
+    at the top level. Without "params" in the groups, as the ZeRO-3 loader expects (it would
+    otherwise empty the optimizer's parameter lists).
+    """
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    path = zero_dir / "optimizer_state.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)  # written by DeepSpeed's converter just now
+    if OPTIMIZER_STATE_DICT in state or "param_groups" not in state:
+        return
+    step_file = next(zero_dir.glob("*/step.pt"), None)
+    step = torch.load(step_file, weights_only=False) if step_file else torch.tensor(0.0)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": groups}
+    torch.save(state, path)
+
+
+def repair_universal_load(optimizer, reference_groups: list[dict]) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader.
+
+    It copies group 0's hyperparameters (weight decay included) onto every group: put each
+    group's own back (no decay on norms and biases). And it gives every parameter group the same
+    Adam `step` tensor object; torch's Adam increments that tensor in place once per group, so
+    from the second group on the bias correction would run ahead. Each state gets its own copy.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if len(inner.param_groups) == len(reference_groups):
+        for group, ref in zip(inner.param_groups, reference_groups):
+            group["weight_decay"] = ref["weight_decay"]
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
+    """Restore engine, optimizer, scheduler and (same world size) RNG; returns the train state."""
+    source = ckpt / "universal" if universal else ckpt
+    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
+    rng = ckpt / f"rng-rank{env.rank}.pt"
+    if rng.is_file():
+        states = torch.load(rng, weights_only=False)  # our own file, in our own run directory
+        torch.set_rng_state(states["torch"])
+        if states.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    return read_state(ckpt)
+
+
+def fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the crash tests. DPKIT_FAULT=kill@step:STEP:RANK SIGKILLs that rank as
+    it starts step STEP; kill@save:STEP:RANK after it wrote its files of the step-STEP checkpoint
+    but before the checkpoint is marked complete. Unset in normal runs: a string compare."""
+    spec = os.environ.get("DPKIT_FAULT", "")
+    if spec == f"kill@{where}:{step}:{rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+

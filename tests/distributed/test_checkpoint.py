@@ -1,0 +1,140 @@
+"""Checkpoints on real ranks: crashes (a rank SIGKILLed between steps and in the middle of a
+checkpoint write), exact resume, resume on another world size and ZeRO stage, export, the
+keep-limit, and a dead rank ending the job quickly.
+
+Everything is compared with an uninterrupted run of the same recipe ("U")."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, rank_env, tiny_recipe, torchrun, train_losses, write_recipe
+from safetensors.torch import load_file
+
+from dpkit.checkpoint import MARKER, complete_checkpoints, latest_complete
+from dpkit.export import export
+
+pytestmark = pytest.mark.distributed
+DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
+TRAIN = {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2, "weight_decay": 0.1,
+         "lr_schedule": "cosine", "warmup_ratio": 0.2}
+
+
+def recipe(tmp: Path, name: str, stage=2, save_steps=2, **extra) -> Path:
+    r = tiny_recipe(tmp / name, train={**TRAIN, **extra.pop("train", {})}, zero={"stage": stage},
+                    output={"save_steps": save_steps, "save_model": True, **extra.pop("output", {})})
+    r.update(extra)
+    return write_recipe(tmp / f"{name}.yaml", r)
+
+
+def dpkit_train(path: Path, *overrides: str, fault: str | None = None):
+    env = {**rank_env(), **({"DPKIT_FAULT": fault} if fault else {})}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dpkit.cli", "train", str(path), *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return proc, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("checkpoints")
+    # Uninterrupted references (one 2-rank launch): U is what every crash must reproduce.
+    references = [recipe(tmp, "U"),
+                  recipe(tmp, "E0", stage=0, save_steps=2, train={"max_steps": 2}),
+                  recipe(tmp, "E3", stage=3, save_steps=2, train={"max_steps": 2}),
+                  recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2})]
+    torchrun(2, [str(p) for p in references], script=DRIVER, timeout=300)
+
+    # The crash chain of one run K: killed at step 3; killed while writing the step-4
+    # checkpoint; killed at step 7; finished.
+    k = recipe(tmp, "K")
+    chain = [dpkit_train(k, fault="kill@step:3:1"),
+             dpkit_train(k, "resume=auto", fault="kill@save:4:1"),
+             dpkit_train(k, "resume=auto", fault="kill@step:7:1"),
+             dpkit_train(k, "resume=auto")]
+
+    # Another world size and stage: U's step-4 checkpoint on 1 rank and under ZeRO-3, and a
+    # 1-rank run's checkpoint on 2 ranks.
+    u4 = str(tmp / "U" / "checkpoints" / "step-00000004")
+    torchrun(1, [str(recipe(tmp, "W21", resume=u4)), str(recipe(tmp, "S1"))], script=DRIVER)
+    s1_4 = str(tmp / "S1" / "checkpoints" / "step-00000004")
+    torchrun(2, [str(recipe(tmp, "W12", resume=s1_4)),
+                 str(recipe(tmp, "S23", stage=3, resume=u4))], script=DRIVER)
+    return tmp, chain
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_killed_rank_ends_the_job_quickly_and_says_where_to_resume(runs):
+    tmp, chain = runs
+    proc, seconds = chain[0]
+    assert proc.returncode != 0
+    assert seconds < 60, seconds  # not gloo's 30-minute timeout
+    assert "rank      : 1" in proc.stderr and "SIGKILL" in proc.stderr  # launcher: who failed
+    ckpt = tmp / "K" / "checkpoints" / "step-00000002"
+    assert f"last complete checkpoint: {ckpt}" in proc.stderr
+    assert "resume=auto" in proc.stderr
+
+
+def test_crash_during_checkpoint_write_resumes_from_the_previous_one(runs):
+    tmp, chain = runs
+    proc, _ = chain[1]
+    assert proc.returncode != 0
+    # Rank 1 died after writing its files for step 4 but before COMPLETE: the next resume
+    # must take step 2.
+    assert "resumed from" in chain[2][0].stdout
+    assert f"resumed from {tmp / 'K' / 'checkpoints' / 'step-00000002'} at step 2" in \
+        chain[2][0].stdout
+
+
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(runs):
+    tmp, chain = runs
+    assert chain[3][0].returncode == 0, chain[3][0].stderr[-3000:]
+    assert train_losses(tmp / "K") == train_losses(tmp / "U")
+    a, b = weights(tmp / "K"), weights(tmp / "U")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["W21", "W12", "S23"])
+def test_resume_on_another_world_size_or_stage(runs, name):
+    tmp, _ = runs
+    expected = train_losses(tmp / "U")[4:]
+    got = train_losses(tmp / name)
+    assert len(got) == 4
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= 1e-5, (expected, got)
+
+
+def test_universal_conversion_is_cached_beside_the_checkpoint(runs):
+    tmp, _ = runs
+    assert (tmp / "U" / "checkpoints" / "step-00000004" / "universal" / MARKER).is_file()
+
+
+def test_keep_limit_keeps_the_newest_complete_checkpoints(runs):
+    tmp, _ = runs
+    kept = [p.name for p in complete_checkpoints(tmp / "L")]
+    assert kept == ["step-00000007", "step-00000008"]
+    assert sorted(p.name for p in (tmp / "L" / "checkpoints").iterdir()) == \
+        ["latest", "step-00000007", "step-00000008"]
+    assert (tmp / "L" / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+
+
+@pytest.mark.parametrize("name", ["E0", "U", "E3"])
+def test_export_matches_the_engine_weights(runs, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    tmp, _ = runs
+    run = tmp / name
+    out = export(latest_complete(run), tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    trained = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval()
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (exported(ids).logits - trained(ids).logits).abs().max().item()
+    assert diff <= 1e-6
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
