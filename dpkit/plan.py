@@ -74,7 +74,10 @@ class Plan:
 
 def variant(recipe: Recipe, stage: int, offload_optimizer: str, offload_params: str,
             micro_batch: int | None = None, global_batch: int | None = None) -> Recipe:
-    raw = recipe.model_dump(mode="json")
+    raw, z = recipe.model_dump(mode="json"), recipe.zero
+    if (stage, offload_optimizer, offload_params) != (z.stage, z.offload_optimizer,
+                                                      z.offload_params):
+        raw["zero"]["template"] = None  # a custom template belongs to the recipe's own choice
     raw["zero"].update(stage=stage, offload_optimizer=offload_optimizer,
                        offload_params=offload_params)
     if "nvme" in (offload_optimizer, offload_params) and not raw["zero"].get("nvme_path"):
@@ -323,8 +326,9 @@ def register(subparsers) -> None:
     sp.add_argument("--nodes", type=int, default=1)
     sp.add_argument("--gpu-memory", type=parse_size, default="80GB", help="per GPU, e.g. 80GB")
     sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
-    sp.add_argument("--nvme", nargs="?", const="/local_nvme", default=None, metavar="PATH",
-                    help="also plan NVMe offload (ZeRO-3), swapping to PATH (/local_nvme)")
+    sp.add_argument("--nvme", action="store_true", help="also plan NVMe offload (ZeRO-3)")
+    sp.add_argument("--nvme-path", default=None, help="NVMe directory for --write "
+                    "(default: the recipe's zero.nvme_path, else /local_nvme)")
     sp.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank")
     sp.add_argument("--lora-targets", default=None, help="comma-separated linear layer names "
                     "(default: every linear layer but the output head)")
@@ -371,7 +375,7 @@ def run_plan(args) -> int:
     hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
                   args.cpu_memory)
     is_recipe = args.target.endswith((".yaml", ".yml"))
-    nvme = [f"zero.nvme_path={args.nvme}"] if args.nvme else []
+    nvme = [f"zero.nvme_path={args.nvme_path}"] if args.nvme_path else []
     recipe = (load_recipe(args.target, nvme + args.overrides) if is_recipe
               else recipe_for_model(args.target, args, hw.world_size, nvme))
     free = not is_recipe and args.global_batch_size is None

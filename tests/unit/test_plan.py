@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from dpkit.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_
 from dpkit.plan import Hardware, check_fits, parse_size, plan, register
 from dpkit.recipe import load_recipe, recipe_from_dict
 
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "vocab_size": 128256, "tie_word_embeddings": False}
@@ -285,6 +287,18 @@ def test_check_fits(tmp_path):
         "global_batch_size": 256, "micro_batch_size": 16}})
     [p] = check_fits(too_big, 16, 8, 80 * 2**30)
     assert p.where == "train.micro_batch_size" and "train.micro_batch_size=" in p.fix
+
+
+def test_custom_template_is_used_for_its_own_choice_only(tmp_path):
+    template = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    template["zero_optimization"]["reduce_bucket_size"] = 12345
+    (tmp_path / "t.json").write_text(json.dumps(template))
+    raw = recipe(tmp_path).model_dump(mode="json")
+    raw["zero"] = {"stage": 3, "template": str(tmp_path / "t.json")}
+    p = plan(recipe_from_dict(raw), Hardware(16, 8, 80 * 2**30))
+    buckets = {(o.stage, o.offload_optimizer): o.breakdown.setup.knobs.reduce_bucket_size
+               for o in p.options}
+    assert buckets[(3, "none")] == 12345 and buckets[(2, "none")] == 4096 * 4096
 
 
 # ------------------------------------------------------------------------------------- CLI
