@@ -60,6 +60,13 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
                      "masked by the attention mask, so real eos tokens are still trained on)")
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
+    if recipe.hub is not None:
+        from dpkit.hub import check_hub
+
+        problems.extend(check_hub(recipe.hub))
+        if recipe.hub.push_checkpoints and recipe.peft is not None:
+            problems.append(Problem("hub.push_checkpoints", "is not supported for LoRA runs yet "
+                                    "(the final adapter is pushed)", "set it to false"))
     problem = output_dir_problem(recipe)
     if problem is not None:
         problems.extend(problem.problems)

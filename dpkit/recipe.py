@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dpkit.errors import Problem, RecipeError
+from dpkit.hub import HubSection
 
 
 class _Section(BaseModel):
@@ -237,6 +238,8 @@ class Recipe(_Section):
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection
+    hub: HubSection | None = None
+    """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
     is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""

@@ -283,6 +283,8 @@ def run(recipe: Recipe) -> dict:
         if save_every and ((step + 1) % save_every == 0 or step + 1 == total_steps):
             ckpt = save_checkpoint(step + 1)
             progress.write(f"[dpkit] step {step + 1}: checkpoint {ckpt}")
+            if recipe.hub is not None and recipe.hub.push_checkpoints:
+                push_checkpoint(ckpt, step + 1, recipe, env, say)
     progress.close()
     metrics.close()
 
@@ -310,8 +312,25 @@ def run(recipe: Recipe) -> dict:
         say(f"[dpkit] done: loss {last_loss:.4f}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
             + f"; run directory {out}")
+    if recipe.hub is not None and recipe.hub.push_at_end:
+        from dpkit.hub import push_on_main
+
+        # After the last collective of training: a long upload can't trip the collective timeout.
+        push_on_main(out, recipe.hub, is_main=env.is_main, barrier=distributed.barrier, say=say)
     engine.destroy() if hasattr(engine, "destroy") else None
     return summary
+
+
+def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
+    """Rank 0 exports the checkpoint to Hugging Face format and pushes it; the others wait."""
+    from dpkit.export import export
+    from dpkit.hub import push_on_main
+
+    model_dir = ckpt / "hf-export"
+    if env.is_main:
+        export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
+    push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
+                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
