@@ -37,7 +37,9 @@ class AdapterCheckError(RuntimeError):
     def __init__(self, problems: list[str], where: Path | None = None):
         self.problems = problems
         head = f"LoRA adapter check failed{f' ({where})' if where else ''}:"
-        super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
+        shown = [f"  - {p}" for p in problems[:12]]
+        more = [f"  ... and {len(problems) - 12} more"] if len(problems) > 12 else []
+        super().__init__("\n".join([head, *shown, *more]))
 
 
 # ----------------------------------------------------------------------------- which modules
