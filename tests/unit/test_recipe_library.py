@@ -5,6 +5,9 @@ predicted peak memory fits the hardware the header names and is the number the h
 recipes/README.md lists exactly the recipes on disk; every shipped config.json has the published
 parameter count of its model; and the chat templates the chat recipes rely on render the format
 the model was trained with, with only assistant turns trained.
+
+When the memory model (dpkit/memory.py) changes, refresh the predicted peaks in the recipe headers
+and recipes/README.md with:  python tests/unit/test_recipe_library.py --update-headers
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import MESSAGES, ROOT, TOKENIZER
 
 from dpkit.recipe import load_recipe
 
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
+MESSAGES = ROOT / "data" / "self_instruct_seed.messages.jsonl"
 RECIPES = ROOT / "recipes"
 HUB_CONFIGS = RECIPES / "hub_configs"
 ALL_YAML = sorted(p for p in RECIPES.rglob("*.y*ml") if HUB_CONFIGS not in p.parents)
@@ -209,8 +214,8 @@ def test_planned_peak_fits_its_hardware_and_is_the_stated_one(path):
     gpu, cpu = stated_peak(path)
     now = b.gpu_total / GiB
     assert abs(float(gpu) - now) <= max(0.05 * now, 0.1), (
-        f"{rel(path)}: header says {gpu} GiB, dpkit plan now predicts {now:.1f} GiB — update the "
-        "header and recipes/README.md")
+        f"{rel(path)}: header says {gpu} GiB, dpkit plan now predicts {now:.1f} GiB — run "
+        "`python tests/unit/test_recipe_library.py --update-headers`")
     if r.zero.offload_optimizer != "none":
         assert cpu is not None and abs(float(cpu) - b.cpu_per_node / GiB) <= 0.05 * float(cpu)
 
@@ -330,3 +335,39 @@ def test_multi_turn_chat_trains_no_user_text(hub_id, request):
     shared = next((i for i, (x, y) in enumerate(zip(so_far, text)) if x != y), len(so_far))
     assert spans[0][1] <= shared, f"trained into the next turn: {text[shared:spans[0][1]]!r}"
 
+
+
+# --------------------------------------------------------------------------- maintenance
+PEAK = re.compile(r"dpkit plan: [\d.]+ GiB peak per GPU(?:, [\d.]+ GiB CPU memory per node)?")
+
+
+def update_headers() -> None:
+    """Write dpkit plan's current predictions into every header and the README table."""
+    readme_path = RECIPES / "README.md"
+    readme = readme_path.read_text()
+    for path in LIBRARY:
+        option, r, _ = planned(path)
+        b, offload = option.breakdown, r.zero.offload_optimizer != "none"
+        gpu, cpu = f"{b.gpu_total / GiB:.1f}", f"{b.cpu_per_node / GiB:.1f}"
+        line = f"dpkit plan: {gpu} GiB peak per GPU" + (
+            f", {cpu} GiB CPU memory per node" if offload else "")
+        path.write_text(PEAK.sub(line, path.read_text(), count=1))
+        name = str(path.relative_to(RECIPES))
+        cell = gpu + (f" (+{cpu} CPU/node)" if offload else "")
+        rows = readme.splitlines()
+        for i, row in enumerate(rows):
+            if row.startswith(f"| [`{name}`]"):
+                cells = row.split(" | ")
+                cells[5] = cell
+                rows[i] = " | ".join(cells)
+        readme = "\n".join(rows) + "\n"
+        print(f"{name}: {cell} GiB")
+    readme_path.write_text(readme)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--update-headers"]:
+        raise SystemExit("usage: python tests/unit/test_recipe_library.py --update-headers")
+    update_headers()
