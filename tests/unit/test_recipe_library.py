@@ -57,7 +57,7 @@ def rel(p: Path) -> str:
 
 
 def header(path: Path) -> str:
-    """The leading comment block, one line per sentence run (wrapped lines joined)."""
+    """The leading comment block as one string, wrapped lines joined, whitespace collapsed."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -71,8 +71,8 @@ def hardware(path: Path) -> dict:
                   r"per node)?", header(path))
     assert m, f"{rel(path)}: header has no 'Hardware: N node × G GPUs × M GB' line"
     nodes, gpus, gpu_gb, cpu_gb = m.groups()
-    return dict(nodes=int(nodes), gpus=int(gpus), gpu_memory=int(gpu_gb) * GiB,
-                cpu_memory=int(cpu_gb) * GiB if cpu_gb else None)
+    return {"nodes": int(nodes), "gpus": int(gpus), "gpu_memory": int(gpu_gb) * GiB,
+            "cpu_memory": int(cpu_gb) * GiB if cpu_gb else None}
 
 
 @pytest.fixture
@@ -149,12 +149,12 @@ def test_header_gives_launch_commands_license_and_measurements(path):
     text, r, hw = header(path), load_recipe(path), hardware(path)
     p, n = rel(path), hw["gpus"]
     for command in (f"dpkit train {p}",
-                    f"accelerate launch --config_file ds_configs/accelerate/single_node.yaml "
-                    f"--num_processes {n} -m dpkit.train {p}",
+                    (f"accelerate launch --config_file ds_configs/accelerate/single_node.yaml "
+                     f"--num_processes {n} -m dpkit.train {p}"),
                     f"deepspeed --num_gpus {n} --module dpkit.train {p}",
                     f"HF_HUB_OFFLINE=1 dpkit validate {p} --nproc-per-node {n}",
-                    f"dpkit plan {p} --gpus-per-node {n} --nodes {hw['nodes']} "
-                    f"--gpu-memory {hw['gpu_memory'] // GiB}GB"):
+                    (f"dpkit plan {p} --gpus-per-node {n} --nodes {hw['nodes']} "
+                     f"--gpu-memory {hw['gpu_memory'] // GiB}GB")):
         assert command in text, f"{p}: header lacks `{command}`"
     assert "Measured: none yet" in text or re.search(r"Measured: \d{4}-\d{2}-\d{2}", text)
     gated = r.model.name_or_path.startswith(GATED)
@@ -286,11 +286,11 @@ def chat_tokenizer(hub_id: str):
 CHAT = [p for p in LIBRARY if any(s.format == "messages" for s in load_recipe(p).data.sources)]
 # What each family's chat format looks like, turn by turn (the model's trained format).
 FORMATS = {
-    "Qwen/": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-              "<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n", "{a}<|im_end|>\n"),
-    "HuggingFaceTB/": ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
-                       "by Hugging Face<|im_end|>\n<|im_start|>user\n{u}<|im_end|>\n"
-                       "<|im_start|>assistant\n", "{a}<|im_end|>\n"),
+    "Qwen/": (("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+               "<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"), "{a}<|im_end|>\n"),
+    "HuggingFaceTB/": (("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
+                        "by Hugging Face<|im_end|>\n<|im_start|>user\n{u}<|im_end|>\n"
+                        "<|im_start|>assistant\n"), "{a}<|im_end|>\n"),
     "microsoft/Phi-3.5": ("<|user|>\n{u}<|end|>\n<|assistant|>\n", "{a}<|end|>\n</s>"),
 }
 
