@@ -16,20 +16,14 @@ import math
 from dataclasses import dataclass, field
 
 GiB = 2**30
-FRAGMENTATION = 0.10
-"""Allocator fragmentation margin, as a fraction of the peak allocated bytes."""
-RUNTIME_RESERVE = 1 * GiB
-"""GPU memory no tensor accounts for: CUDA context, NCCL workspaces, cuBLAS handles."""
-CPU_PER_RANK = 2 * GiB
-"""Host memory of one rank's process itself (Python, torch, CUDA libraries, data loader)."""
-SHARD_BYTES = 5 * 10**9
-"""Checkpoint shard size: under ZeRO-3 a rank loading pretrained weights holds one shard at a time."""
-STAGE0_ALLREDUCE = 500_000_000
-"""Elements per flattened all-reduce bucket of the ZeRO-0 engine (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE)."""
-
+FRAGMENTATION = 0.10  # allocator fragmentation margin, a fraction of the peak allocated bytes
+RUNTIME_RESERVE = 1 * GiB  # GPU memory no tensor accounts for: CUDA context, NCCL, cuBLAS
+CPU_PER_RANK = 2 * GiB  # host memory of a rank's process itself (Python, torch, CUDA, data)
+SHARD_BYTES = 5 * 10**9  # under ZeRO-3 a rank loads the checkpoint one shard at a time
+STAGE0_ALLREDUCE = 500_000_000  # ZeRO-0's flattened all-reduce bucket (MEMORY_OPT_ALLREDUCE_SIZE)
+DROPOUT_MASK = 1  # bytes per element of CUDA dropout's saved mask (bool); the CPU kernel keeps 4
 BACKWARD, STEP = "backward", "step"
 ALWAYS = frozenset({BACKWARD, STEP})
-
 
 ACTIVATION_EXTRA = {"relu": 0, "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2}
 """Tensors an activation function saves beyond its input (1 for silu, gelu, gelu_pytorch_tanh:
@@ -40,12 +34,9 @@ measured; the composite tanh approximations save their intermediates)."""
 class ModelShape:
     """What the memory model needs to know about a model (counted on the meta device)."""
 
-    param_numels: tuple[int, ...]
-    """Every distinct parameter's element count (tied weights once), LoRA adapters included."""
-    trainable_numels: tuple[int, ...]
-    """The parameters the optimizer updates (all for full fine-tuning, the adapters for LoRA)."""
-    largest_layer: int
-    """Most parameter elements owned directly by one module (DeepSpeed's "largest layer")."""
+    param_numels: tuple[int, ...]  # every distinct parameter (tied once), LoRA adapters included
+    trainable_numels: tuple[int, ...]  # what the optimizer updates: all, or LoRA's adapters
+    largest_layer: int  # most elements owned directly by one module (DeepSpeed's "largest layer")
     hidden: int
     intermediate: int
     layers: int
@@ -53,17 +44,15 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
-    mlp_factor: int = 4
-    """Intermediate-size tensors an MLP saves per token (4 for SwiGLU; see ACTIVATION_EXTRA)."""
+    mlp_factor: int = 4  # intermediate-size tensors the MLP saves per token (4: SwiGLU)
     norms_per_layer: int = 2
-    norm_out_fp32: bool = False
-    """Gemma's RMSNorm returns its fp32 product: 8h bytes per token instead of (4 + b)·h."""
-    attn_softcap: bool = False
-    """Gemma-2's tanh soft-capping of attention scores: one more saved score tensor (eager)."""
-    logit_softcap: bool = False
-    """Gemma-2's soft-capping of the logits: one more saved b·V tensor per token."""
+    norm_out_fp32: bool = False  # Gemma's RMSNorm returns its fp32 product: 8h, not (4 + b)·h
+    attn_softcap: bool = False  # Gemma-2 soft-caps attention scores: one more score tensor
+    logit_softcap: bool = False  # ...and the logits: one more b·V tensor per token
     lora_rank: int = 0
     lora_targets_per_layer: int = 0
+    lora_inputs_per_layer: int = 0  # the adapted linear layers' input features, summed
+    lora_dropout: bool = False
 
     @property
     def total(self) -> int:
@@ -96,11 +85,12 @@ class ModelShape:
 
 
 def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
-                trust_remote_code: bool = False) -> ModelShape:
+                trust_remote_code: bool = False, lora_dropout: float = 0.0) -> ModelShape:
     """Count parameters on the meta device: no memory, no weights, any size.
 
-    `lora_targets`: names of linear layers to adapt (`q_proj`, ...); None adapts every linear layer
-    except the output head (PEFT's "all-linear"). With `lora_rank` 0 it is full fine-tuning.
+    `lora_targets`: module names to adapt, matched like PEFT against the end of each module path
+    (`q_proj`, `self_attn.q_proj`); None adapts every linear layer except the output head (PEFT's
+    "all-linear"). With `lora_rank` 0 it is full fine-tuning.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -118,20 +108,23 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
     h, heads = text.hidden_size, text.num_attention_heads
     layers = text.num_hidden_layers
     adapters: list[int] = []
+    inputs = 0
     if lora_rank:
         head = model.get_output_embeddings()
         for name, m in model.named_modules():
             is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-            leaf = name.rsplit(".", 1)[-1]
-            if not is_linear or m is head or (lora_targets and leaf not in lora_targets):
+            if not is_linear or m is head or (lora_targets and not any(
+                    name == t or name.endswith("." + t) for t in lora_targets)):
                 continue
-            w = m.weight.shape
-            adapters += [lora_rank * w[1], lora_rank * w[0]]  # A: r×in, B: out×r
+            w = m.weight.shape  # Conv1D stores in × out
+            fan_in, fan_out = (w[0], w[1]) if type(m).__name__ == "Conv1D" else (w[1], w[0])
+            adapters += [lora_rank * fan_in, lora_rank * fan_out]  # A: r×in, B: out×r
+            inputs += fan_in
         if not adapters:
             from dpkit.errors import RecipeError
 
-            raise RecipeError.one("--lora-targets", f"no linear layer named {lora_targets} in "
-                                  f"the model", f"choose among {sorted(names)}")
+            raise RecipeError.one("peft.target_modules", f"no linear layer named {lora_targets}"
+                                  " in the model", f"choose among {sorted(names)}")
     return ModelShape(
         param_numels=tuple(numels + adapters),
         trainable_numels=tuple(adapters or numels),
@@ -150,6 +143,7 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
         lora_rank=lora_rank if adapters else 0,
         lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
+        lora_inputs_per_layer=inputs // max(layers, 1), lora_dropout=lora_dropout > 0,
     )
 
 
@@ -252,10 +246,6 @@ class Breakdown:
         return self.cpu_per_rank * min(self.setup.gpus_per_node, self.setup.world_size)
 
     @property
-    def nvme_per_rank(self) -> int:
-        return sum(p.bytes for p in self.parts if p.device == "nvme")
-
-    @property
     def model_states(self) -> int:
         """Parameters + gradients + optimizer states, wherever they live (the ZeRO paper's sum)."""
         return sum(p.bytes for p in self.parts if p.state)
@@ -265,7 +255,7 @@ class Breakdown:
                    if p.category == category and (item is None or p.item == item))
 
 
-def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
+def _activation_terms(shape: ModelShape, setup: Setup, mask_bytes: int = 1) -> tuple[int, int]:
     """(bytes one block saves, bytes saved outside the blocks) for one micro batch."""
     b, h = setup.dtype_bytes, shape.hidden
     mlp = shape.mlp_factor * shape.intermediate
@@ -278,15 +268,23 @@ def _activation_terms(shape: ModelShape, setup: Setup) -> tuple[int, int]:
     else:  # sdpa / flash attention: memory linear in the sequence length
         per_token = b * (4 * h + 2 * q + 2 * kv + mlp) + 8 * h + 8 + 4 * shape.heads
         scores = 0
-    per_token += b * shape.lora_rank * shape.lora_targets_per_layer
     norm = 8 * h if shape.norm_out_fp32 else (4 + b) * h  # two are in the terms above
     per_token += shape.norms_per_layer * norm - 2 * (4 + b) * h
+    if shape.lora_rank:  # PEFT's adapters compute in fp32 on their own (cast) input copies
+        ins, frozen = shape.lora_inputs_per_layer, 2 * h + shape.intermediate
+        if shape.lora_dropout:
+            saved_inputs = (4 + mask_bytes) * ins  # dropout output and its mask per adapter
+        else:
+            saved_inputs = 4 * ins if b < 4 else 4 * min(ins, frozen)
+        per_token += (4 * shape.lora_rank * shape.lora_targets_per_layer + saved_inputs
+                      - b * frozen  # frozen linears no longer keep their inputs for weight grads
+                      - b * h * shape.norms_per_layer)  # nor frozen norms their outputs
     logits = (4 + (b if shape.logit_softcap else 0)) * shape.vocab
     outside = tokens * (b * (h + 2 * shape.head_dim) + norm + 16 + logits)
     return tokens * per_token + scores, outside
 
 
-def saved_activations(shape: ModelShape, setup: Setup) -> int:
+def saved_activations(shape: ModelShape, setup: Setup, mask_bytes: int = DROPOUT_MASK) -> int:
     """Bytes autograd saves for backward over one micro batch (weights excluded).
 
     Per token and block (b = dtype bytes, q = heads·head_dim, kv = kv_heads·head_dim), with
@@ -294,13 +292,15 @@ def saved_activations(shape: ModelShape, setup: Setup) -> int:
     gated or 1 plain, plus ACTIVATION_EXTRA), 8h the fp32 upcasts of two RMSNorms (each further
     norm (4 + b)·h, Gemma's 8h), 8 + 4·heads bytes of per-token statistics. Eager attention keeps
     K/V repeated to every head (4q for 2q + 2kv, no statistics) and the softmax: heads·s² per
-    sequence, fp32 plus a b-byte copy (plus b for Gemma-2's soft-capping). LoRA adds its rank-r
-    intermediate per adapted layer. Outside the blocks: b·(h + 2·head_dim) + a norm + 16 per token
+    sequence, fp32 plus a b-byte copy (plus b for Gemma-2's soft-capping). LoRA: frozen linears
+    and norms stop keeping inputs (b·(2h + I)) and outputs (b·h per norm) for weight gradients;
+    each adapter keeps an fp32 copy of its input (or, with dropout, its dropout output and mask)
+    and its fp32 rank-r intermediate. Outside the blocks: b·(h + 2·head_dim) + a norm + 16 per token
     and the loss's fp32 log-softmax (4·V). With gradient checkpointing a block keeps only its
     input (b·h). Fitted on autograd's saved tensors of HF models (tests/unit/test_plan.py
     re-measures other shapes and architectures; docs/plan.md lists the known gaps).
     """
-    block, outside = _activation_terms(shape, setup)
+    block, outside = _activation_terms(shape, setup, mask_bytes)
     if setup.gradient_checkpointing:
         tokens = setup.micro_batch * setup.seq_len
         return tokens * setup.dtype_bytes * shape.hidden * shape.layers + outside

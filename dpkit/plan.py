@@ -147,11 +147,20 @@ def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: H
     return Option(stage, opt, par, best[0], best[1])
 
 
-def recipe_shape(recipe: Recipe, lora_rank: int = 0, lora_targets: list[str] | None = None):
+def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
+                 lora_targets: list[str] | None = None, lora_dropout: float | None = None):
+    """The recipe's model; LoRA from the arguments, else from the recipe's `peft` section."""
     from dpkit.model import load_model_config
+    from dpkit.recipe import PeftSection
 
+    peft = recipe.peft or PeftSection(r=lora_rank or 1)
+    if lora_rank is None:
+        lora_rank = recipe.peft.r if recipe.peft else 0
+    if lora_targets is None and peft.target_modules != "all-linear":
+        lora_targets = peft.target_modules
     return model_shape(load_model_config(recipe.model), lora_rank, lora_targets,
-                       recipe.model.trust_remote_code)
+                       recipe.model.trust_remote_code,
+                       peft.dropout if lora_dropout is None else lora_dropout)
 
 
 def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,
@@ -183,7 +192,7 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f}"
 
 
-def count(n: int) -> str:
+def count(n: int) -> str:  # parameters
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
@@ -261,30 +270,29 @@ def write(p: Plan, directory: Path, free_global_batch: bool) -> list[Path]:
 
 # ------------------------------------------------------------------------------- train hook
 def check_fits(recipe: Recipe, world_size: int, gpus_per_node: int, gpu_memory_bytes: int,
-               lora_rank: int = 0, lora_targets: list[str] | None = None,
+               lora_rank: int | None = None, lora_targets: list[str] | None = None,
                cpu_memory_bytes: int | None = None) -> list[Problem]:
     """Problems if the recipe's own stage/offload/micro batch will not fit; [] if it does.
 
     `dpkit train` calls this before launch and skips it when `train.skip_memory_check` is set.
+    LoRA comes from the recipe's `peft` section unless `lora_rank` / `lora_targets` are given.
     """
     hw = Hardware(world_size, gpus_per_node, gpu_memory_bytes, cpu_memory_bytes)
     return _check(recipe, hw, recipe_shape(recipe, lora_rank, lora_targets))
 
 
 def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
-    world_size, gpu_memory_bytes, cpu_memory_bytes = hw.world_size, hw.gpu_memory, hw.cpu_memory
     z, mbs = recipe.zero, recipe.train.micro_batch_size
     own = (z.stage, z.offload_optimizer, z.offload_params)
-    smaller = [m for m in micro_candidates(recipe, world_size) if m < mbs]
+    smaller = [m for m in micro_candidates(recipe, hw.world_size) if m < mbs]
     mine = fit(shape, recipe, *own, hw, smaller + [mbs])
     if mine.micro_batch == mbs:
         return []
-    kn = knobs(resolved_ds_config(recipe, world_size, shape.hidden))
-    b = estimate(shape, setup_for(recipe, *own, hw, mbs, kn))
+    b = estimate(shape, setup_for(recipe, *own, hw, mbs, mine.breakdown.setup.knobs))
     need = (f"needs {gib(b.gpu_total)} GiB per GPU (parameters {gib(b.gpu('params'))}, gradients "
             f"{gib(b.gpu('grads', 'step'))}, optimizer {gib(b.gpu('optim'))}, activations "
-            f"{gib(b.gpu('activations'))}) of {gib(gpu_memory_bytes)} on {world_size} GPUs")
-    if cpu_memory_bytes is not None and b.cpu_per_node > cpu_memory_bytes:
+            f"{gib(b.gpu('activations'))}) of {gib(hw.gpu_memory)} GiB on {hw.world_size} GPUs")
+    if hw.cpu_memory is not None and b.cpu_per_node > hw.cpu_memory:
         need += f", and {gib(b.cpu_per_node)} GiB CPU memory per node"
     skip = "or set train.skip_memory_check=true to launch anyway"
     if mine.fits:  # the smallest change: a smaller micro batch
@@ -296,8 +304,7 @@ def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
         return [Problem("zero.stage", f"nothing fits: the recipe {need}",
                         "use more GPUs, LoRA, a shorter data.max_seq_len or "
                         f"model.gradient_checkpointing=true, {skip}")]
-    current = [f"zero.stage={z.stage}", f"zero.offload_optimizer={z.offload_optimizer}",
-               f"zero.offload_params={z.offload_params}"]
+    current = Option(*own, mbs, b).overrides
     changes = " ".join(c for c in o.overrides if c not in current)
     return [Problem("zero.stage", f"will not fit: ZeRO-{z.stage} (offload {z.offload_optimizer}) "
                     f"with micro batch {mbs} {need}",
@@ -319,8 +326,7 @@ def register(subparsers) -> None:
     sp = subparsers.add_parser(
         "plan", help="will it fit: memory per GPU for each ZeRO stage and offload",
         description="Per-GPU memory of every ZeRO stage × offload, and the fastest that fits.")
-    sp.add_argument("target", help="a recipe (.yaml), or a model: hub id, local directory, or "
-                    "config.json")
+    sp.add_argument("target", help="a recipe (.yaml), or a hub id, model directory, config.json")
     sp.add_argument("overrides", nargs="*", help="recipe overrides, `section.key=value`")
     sp.add_argument("--gpus-per-node", type=int, default=8)
     sp.add_argument("--nodes", type=int, default=1)
@@ -329,9 +335,12 @@ def register(subparsers) -> None:
     sp.add_argument("--nvme", action="store_true", help="also plan NVMe offload (ZeRO-3)")
     sp.add_argument("--nvme-path", default=None, help="NVMe directory for --write "
                     "(default: the recipe's zero.nvme_path, else /local_nvme)")
-    sp.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank")
-    sp.add_argument("--lora-targets", default=None, help="comma-separated linear layer names "
-                    "(default: every linear layer but the output head)")
+    sp.add_argument("--lora-rank", type=int, default=None,
+                    help="plan LoRA of this rank (default: the recipe's peft.r, else full)")
+    sp.add_argument("--lora-targets", default=None, help="comma-separated module names "
+                    "(default: the recipe's, else every linear layer but the output head)")
+    sp.add_argument("--lora-dropout", type=float, default=None,
+                    help="adapter dropout (default: the recipe's, else 0.05)")
     g = sp.add_argument_group("without a recipe")
     g.add_argument("--seq-len", type=int, default=2048)
     g.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
@@ -370,18 +379,23 @@ def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -
 
 
 def run_plan(args) -> int:
-    if args.gpus_per_node < 1 or args.nodes < 1:
+    if min(args.gpus_per_node, args.nodes) < 1:
         raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
     hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
                   args.cpu_memory)
     is_recipe = args.target.endswith((".yaml", ".yml"))
-    nvme = [f"zero.nvme_path={args.nvme_path}"] if args.nvme_path else []
-    recipe = (load_recipe(args.target, nvme + args.overrides) if is_recipe
-              else recipe_for_model(args.target, args, hw.world_size, nvme))
+    extra = [f"zero.nvme_path={args.nvme_path}"] if args.nvme_path else []
+    recipe = (load_recipe(args.target, extra + args.overrides) if is_recipe
+              else recipe_for_model(args.target, args, hw.world_size, extra))
     free = not is_recipe and args.global_batch_size is None
-    targets = args.lora_targets.split(",") if args.lora_targets else None
+    raw = recipe.model_dump(mode="json")
+    peft = {**(raw["peft"] or {}), **{k: v for k, v in (
+        ("r", args.lora_rank), ("dropout", args.lora_dropout),
+        ("target_modules", args.lora_targets and args.lora_targets.split(","))) if v is not None}}
+    if peft != (raw["peft"] or {}):  # the --lora flags become the recipe's peft section
+        recipe = recipe_from_dict({**raw, "peft": peft if peft.get("r", 1) else None})
     try:
-        shape = recipe_shape(recipe, args.lora_rank, targets)
+        shape = recipe_shape(recipe)
     except OSError as e:  # a hub id whose config is neither shipped nor reachable
         raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
                               "pass a local directory or config.json") from None
@@ -389,9 +403,7 @@ def run_plan(args) -> int:
     print(render(p, free))
     if is_recipe:
         problems = _check(recipe, hw, shape)
-        print("\nrecipe as written: " + ("fits" if not problems else
-                                         "\n  ".join(str(pr) for pr in problems)))
-    if args.write:
-        for path in write(p, args.write, free):
-            print(f"wrote {path}")
+        print("\nrecipe as written: " + ("\n  ".join(map(str, problems)) or "fits"))
+    for path in write(p, args.write, free) if args.write else []:
+        print(f"wrote {path}")
     return 0

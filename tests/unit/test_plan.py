@@ -152,9 +152,9 @@ def test_zero3_agrees_with_deepspeed_estimator_but_for_the_bf16_partition(real_m
 
 
 # ------------------------------------------------------------------------------ activations
-def saved_bytes(config, dtype, attn, ckpt, batch=2, seq=40):
+def saved_bytes(config, dtype, attn, ckpt, batch=2, seq=40, wrap=lambda m: m):
     """What autograd really keeps for backward: saved tensors' storages, weights excluded."""
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model = wrap(AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn))
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -170,7 +170,7 @@ def saved_bytes(config, dtype, attn, ckpt, batch=2, seq=40):
 
     x = torch.randint(0, config.vocab_size, (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=x, labels=x)
+        model(input_ids=x, labels=x, use_cache=False)
     return sum(seen.values())
 
 
@@ -228,6 +228,31 @@ def test_lora_count_matches_peft():
         model_shape(config, lora_rank=8, lora_targets=["nope"])
 
 
+@pytest.mark.parametrize("dtype,dropout,targets", [
+    (torch.bfloat16, 0.0, None), (torch.bfloat16, 0.05, None), (torch.float32, 0.05, None),
+    (torch.bfloat16, 0.05, ["q_proj", "v_proj"]), (torch.float32, 0.0, None)])
+def test_lora_activations_match_autograd(dtype, dropout, targets):
+    from peft import LoraConfig, get_peft_model
+
+    b = 2 if dtype == torch.bfloat16 else 4
+    cfg = dict(ACT_MODELS["llama"])
+    kind = cfg.pop("model_type")
+    got, plan_ = {}, {}
+    for layers in (2, 3):
+        config = AutoConfig.for_model(kind, **{**cfg, "num_hidden_layers": layers})
+        lora = LoraConfig(r=8, lora_dropout=dropout, target_modules=targets or "all-linear")
+        got[layers] = saved_bytes(config, dtype, "sdpa", False,  # (PEFT edits its config)
+                                  wrap=lambda m: get_peft_model(m, lora))
+        shape = model_shape(config, lora_rank=8, lora_targets=targets, lora_dropout=dropout)
+        # CPU's dropout keeps a mask of the input's dtype (4 bytes here), CUDA's a bool
+        plan_[layers] = saved_activations(shape, Setup(0, "none", "none", 1, 1, b, 2, 40),
+                                          mask_bytes=4)
+    # a block: exact; the whole model: a little over, because the first block's input needs no
+    # gradient under LoRA (frozen embeddings), so it keeps less than the others
+    assert plan_[3] - plan_[2] == pytest.approx(got[3] - got[2], rel=0.01)
+    assert got[3] <= plan_[3] <= 1.12 * got[3]
+
+
 def test_lora_shrinks_optimizer_state():
     config = AutoConfig.for_model(**LLAMA_8B)
     full = estimate(model_shape(config), setup(0, world=8))
@@ -267,6 +292,16 @@ def test_recommendation_is_fastest_that_fits(tmp_path):
         same = [o for o in again.options if (o.stage, o.offload_optimizer) ==
                 (rec.stage, rec.offload_optimizer)][0]
         assert same.micro_batch < bigger[0]
+
+
+def test_lora_comes_from_the_recipe_peft_section(tmp_path):
+    raw = recipe(tmp_path).model_dump(mode="json")
+    raw["zero"] = {"stage": 2}
+    full = recipe_from_dict(raw)
+    lora = recipe_from_dict({**raw, "peft": {"r": 16, "target_modules": ["q_proj", "v_proj"]}})
+    hw = (1, 1, 40 * 2**30)
+    assert check_fits(full, *hw) and not check_fits(lora, *hw)  # 8B: full no, LoRA yes
+    assert check_fits(lora, *hw, lora_rank=0)  # explicit arguments win
 
 
 def test_small_gpus_need_offload_and_tiny_ones_nothing(tmp_path):
