@@ -102,7 +102,7 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
                         for m in model.modules())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    block = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    block = next((m[0] for m in model.modules() if isinstance(m, torch.nn.ModuleList)), model)
     act = next((getattr(text, k) for k in ("hidden_activation", "hidden_act",
                                            "activation_function") if getattr(text, k, None)), "")
     h, heads = text.hidden_size, text.num_attention_heads
