@@ -230,10 +230,15 @@ def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
     return read_state(ckpt)
 
 
+def fault_requested(what: str, step: int, rank: int) -> bool:
+    return os.environ.get("DPKIT_FAULT", "") == f"{what}@step:{step}:{rank}"
+
+
 def fault_point(where: str, step: int, rank: int) -> None:
     """Fault injection for the crash tests. DPKIT_FAULT=kill@step:STEP:RANK SIGKILLs that rank as
     it starts step STEP; kill@save:STEP:RANK after it wrote its files of the step-STEP checkpoint
-    but before the checkpoint is marked complete. Unset in normal runs: a string compare."""
+    but before the checkpoint is marked complete; nan@step:STEP:RANK (see fault_requested) makes
+    that rank's loss NaN. Unset in normal runs: a string compare."""
     spec = os.environ.get("DPKIT_FAULT", "")
     if spec == f"kill@{where}:{step}:{rank}":
         import signal

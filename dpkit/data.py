@@ -15,6 +15,7 @@ up feeds an all-masked micro-batch so that the collectives stay in step and it a
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,10 @@ def render(row: dict, source: DataSource, tokenizer, completion_only: bool):
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False,
                                                   add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # Some templates end the last turn differently (Phi-3.5 adds eos only after it): the
+        # turn ends where this rendering stops agreeing with the whole conversation's.
+        end = len(os.path.commonprefix([upto, text]))
         spans.append((start, end))
     return text, spans, False
 

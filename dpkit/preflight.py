@@ -60,6 +60,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
                      "masked by the attention mask, so real eos tokens are still trained on)")
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
+    problems.extend(_observability_problems(recipe))
+    if config is not None:
+        problems.extend(_build_problems(recipe, config, model_key))
     if recipe.hub is not None:
         from dpkit.hub import check_hub
 
@@ -71,6 +74,43 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if problem is not None:
         problems.extend(problem.problems)
     return PreflightReport(problems, notes)
+
+
+def _observability_problems(recipe: Recipe) -> list[Problem]:
+    out = []
+    if recipe.train.nan_policy == "skip" and recipe.model.dtype == "float32" and \
+            recipe.zero.stage in (0, 3):
+        out.append(Problem("train.nan_policy", f"skip needs DeepSpeed to discard the update, "
+                           f"which it does in fp32 only under ZeRO 1-2 (this is stage "
+                           f"{recipe.zero.stage})", "use zero.stage 1 or 2, bfloat16, or stop"))
+    if "wandb" in recipe.output.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            out.append(Problem("output.report_to", "wandb is not installed",
+                               "pip install wandb (WANDB_MODE=offline works without network)"))
+    return out
+
+
+def _build_problems(recipe: Recipe, config, key: str) -> list[Problem]:
+    """Build the model on the meta device (no memory, no weights): catches an attention kernel
+    or architecture this transformers can't build, before any rank starts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config,
+                                             attn_implementation=recipe.model.attn_implementation,
+                                             trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, ImportError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "attention" in str(e).lower():
+            return [Problem("model.attn_implementation", f"'{recipe.model.attn_implementation}' "
+                            f"can't be used here: {first}", "use eager or sdpa (or install "
+                            "flash-attn on GPU machines)")]
+        return [Problem(key, f"can't be built: {first}", "check the model's config")]
+    return []
 
 
 def hub_offline() -> bool:

@@ -151,6 +151,9 @@ class TrainSection(_Section):
     """Clip the global gradient norm to this (0 turns clipping off)."""
     seed: int = 42
     """Seeds model init (inline configs), data order, eval split and dropout."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A NaN or infinite loss: `stop` the run (naming the last good checkpoint), or `skip` the
+    step (DeepSpeed discards the update; needs bf16/fp16, or ZeRO 1-2 in fp32)."""
     collective_timeout_s: int = Field(default=600, gt=0)
     """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
     hanging: a dead rank or node ends the job within this time."""
@@ -221,6 +224,9 @@ class OutputSection(_Section):
     """Write a metrics line and a log line every this many steps."""
     eval_steps: int | None = Field(default=None, gt=0)
     """Compute eval loss every this many steps (and always at the end, if there is eval data)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Trackers that also receive the metrics (rank 0): TensorBoard under `<dir>/tensorboard`,
+    W&B (`pip install wandb`; WANDB_MODE=offline works without network)."""
     save_model: bool = True
     """Write the trained model in Hugging Face format to `<dir>/model` at the end."""
     save_steps: int | None = Field(default=None, gt=0)

@@ -4,10 +4,8 @@
     accelerate launch --config_file ds_configs/accelerate/<x>.yaml -m dpkit.train RECIPE
     deepspeed --num_gpus N --module dpkit.train RECIPE
 
-The loss of a step is the sum of per-token losses over the whole global batch divided by its
-number of target tokens — counted over all ranks and accumulation micro-batches before the
-backward passes. So the step is the same whatever the world size and accumulation split: exactly
-what one process would compute on the same rows.
+`run(recipe)` reads top to bottom: data, DeepSpeed config, model, resume, the loop (one step is
+in step.py), final save, summary, push.
 """
 
 from __future__ import annotations
@@ -22,14 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dpkit import checkpoint as C
 from dpkit import data as D
 from dpkit import distributed
 from dpkit import lora
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
-from dpkit.metrics import MetricsLog, Progress, memory_mb
+from dpkit import logs
+from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
+                           model_flops, peak_flops, per_rank)
+from dpkit.step import evaluate, to_device, train_step
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.zero import batch_arithmetic, resolve_ds_config
@@ -93,34 +93,6 @@ def build_optimizer(model, recipe: Recipe):
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
 
 
-def loss_sum(engine, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token losses over the batch's target tokens, in fp32."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=D.IGNORE, reduction="sum")
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def evaluate(engine, examples, env, micro: int, pad_id: int) -> tuple[float, int]:
-    """Token-weighted eval loss over all ranks' shards of the eval set."""
-    engine.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for idx in D.eval_micro_batches(len(examples), env.rank, env.world_size, micro):
-            batch = to_device(D.collate([examples[i] for i in idx], pad_id), env.device)
-            total += float(loss_sum(engine, batch))
-            count += D.target_tokens(batch)
-    engine.train()
-    total, count = distributed.all_reduce_sum([total, count], env.device)
-    return total / max(count, 1), int(count)
-
-
 def save_model(engine, tokenizer, out_dir: Path, env, stage: int) -> None:
     """Hugging Face format (safetensors), written to a temporary name and renamed when complete."""
     state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
@@ -164,7 +136,12 @@ def run(recipe: Recipe) -> dict:
     started = time.time()
     env = distributed.setup(recipe.train.collective_timeout_s)
     out = prepare_output_dir(recipe, env)
-    say = print if env.is_main else (lambda *a, **k: None)
+    log = logs.setup(out, env.rank, env.is_main)
+
+    def say(message: str) -> None:
+        log.info(message)
+        if env.is_main:
+            print(message, flush=True)
 
     # Load data -------------------------------------------------------------------------------
     tokenizer = load_tokenizer(recipe.model)
@@ -232,9 +209,14 @@ def run(recipe: Recipe) -> dict:
 
     # Train -----------------------------------------------------------------------------------
     metrics = MetricsLog(out / "metrics.jsonl" if env.is_main else None)
+    trackers = Trackers(recipe.output.report_to, out, out.name,
+                        recipe.model_dump(mode="json"), env.is_main)
     progress = Progress(total_steps, start_step, env.is_main)
     pad_id = tokenizer.pad_token_id
-    last_loss, last_eval = float("nan"), None
+    peak = peak_flops(env.device, recipe.model.dtype)
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    flop_params = matmul_parameters(engine.module)
+    last_loss, last_eval, skipped = float("nan"), None, 0
     for step in range(start_step, total_steps):
         C.fault_point("step", step + 1, env.rank)
         epoch, step_in_epoch = divmod(step, per_epoch)
@@ -243,41 +225,41 @@ def run(recipe: Recipe) -> dict:
                          for idx in D.step_micro_batches(
                              len(train_rows), recipe.train.seed, epoch, step_in_epoch, env.rank,
                              env.world_size, batch.micro_batch_size, batch.grad_accum)]
-        local = [sum(D.target_tokens(b) for b in micro_batches),
-                 sum(int(b["attention_mask"].sum()) for b in micro_batches if
-                     (b["labels"] != D.IGNORE).any()),
-                 sum(b["input_ids"].size(0) for b in micro_batches if (b["labels"] != D.IGNORE).any())]
-        targets, tokens, samples = distributed.all_reduce_sum(local, env.device)
-        # engine.backward divides by accumulation steps and the gradient all-reduce averages over
-        # ranks; multiplying by both turns the sum into "sum over the global batch / targets".
-        scale = batch.grad_accum * env.world_size / targets
-        lr = scheduler.get_last_lr()[0]
-        step_loss = 0.0
-        for micro in micro_batches:
-            loss = loss_sum(engine, micro)
-            engine.backward(loss * scale)
-            engine.step()
-            step_loss += float(loss.detach())
-        (loss_total,) = distributed.all_reduce_sum([step_loss], env.device)
-        last_loss = loss_total / targets
-        elapsed = time.perf_counter() - t0
-        tokens_seen += int(tokens)
+        collate_s = time.perf_counter() - t0
+        result = train_step(engine, micro_batches, env, batch.grad_accum,
+                            poison_loss=C.fault_requested("nan", step + 1, env.rank))
+        result.times["data_s"] += collate_s
+        result.times["step_time_s"] += collate_s
+        last_loss, elapsed = result.loss, result.times["step_time_s"]
+        tokens_seen += result.tokens
         if not math.isfinite(last_loss):
-            raise RuntimeError(f"loss is {last_loss} at step {step + 1}")
-        progress.update(last_loss, tokens / elapsed)
+            skipped += 1
+            handle_non_finite(recipe, result, step + 1, out, say)
+        flops = model_flops(*flop_params, layers, hidden or 0, result.row_lengths)
+        (flops,) = distributed.all_reduce_sum([flops], env.device)
+        progress.update(last_loss, result.tokens / elapsed)
         if (step + 1) % recipe.output.log_steps == 0 or step + 1 == total_steps:
             grad_norm = engine.get_global_grad_norm()
-            metrics.write(step=step + 1, epoch=epoch, loss=last_loss, lr=lr,
-                          grad_norm=float(grad_norm) if grad_norm is not None else None,
-                          tokens=int(tokens), target_tokens=int(targets),
-                          tokens_seen=tokens_seen, samples=int(samples), step_time_s=elapsed,
-                          tokens_per_s=tokens / elapsed, **memory_mb(env.device))
+            record = dict(
+                step=step + 1, epoch=epoch, loss=last_loss, lr=lr_now(scheduler),
+                grad_norm=float(grad_norm) if grad_norm is not None else None,
+                tokens=result.tokens, target_tokens=result.targets, tokens_seen=tokens_seen,
+                samples=result.samples, tokens_per_s=result.tokens / elapsed,
+                samples_per_s=result.samples / elapsed, flops=flops,
+                mfu=flops / (elapsed * env.world_size * peak) if peak else None,
+                skipped=not result.applied, skipped_steps=skipped, **result.times)
+            record.update(per_rank(memory_mb(env.device), env))
+            metrics.write(**record)
+            trackers.log(record, step + 1)
+            log.info(f"step {step + 1}: loss {last_loss:.4f}, {result.tokens / elapsed:,.0f} "
+                     f"tokens/s, {elapsed:.3f} s")
         eval_due = recipe.output.eval_steps and (step + 1) % recipe.output.eval_steps == 0
         if eval_rows and (eval_due or step + 1 == total_steps):
             last_eval, eval_tokens = evaluate(engine, eval_rows, env, batch.micro_batch_size,
                                               pad_id)
             metrics.write(step=step + 1, eval_loss=last_eval, eval_tokens=eval_tokens,
                           tokens_seen=tokens_seen)
+            trackers.log({"eval_loss": last_eval}, step + 1)
             progress.write(f"[dpkit] step {step + 1}: eval loss {last_eval:.4f}")
         save_every = recipe.output.save_steps
         if save_every and ((step + 1) % save_every == 0 or step + 1 == total_steps):
@@ -287,6 +269,7 @@ def run(recipe: Recipe) -> dict:
                 push_checkpoint(ckpt, step + 1, recipe, env, say)
     progress.close()
     metrics.close()
+    trackers.finish()
 
     # Save ------------------------------------------------------------------------------------
     if recipe.output.save_model and recipe.peft is not None:  # gathered, written, verified
@@ -318,6 +301,7 @@ def run(recipe: Recipe) -> dict:
         # After the last collective of training: a long upload can't trip the collective timeout.
         push_on_main(out, recipe.hub, is_main=env.is_main, barrier=distributed.barrier, say=say)
     engine.destroy() if hasattr(engine, "destroy") else None
+    logs.teardown()
     return summary
 
 
@@ -331,6 +315,27 @@ def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
         export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
     push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
                  barrier=distributed.barrier, say=say, model_dir=model_dir, step=step)
+
+
+def lr_now(scheduler) -> float:
+    return scheduler.get_last_lr()[0]
+
+
+def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None:
+    """A NaN/inf loss: stop naming the last good checkpoint, or (skip) confirm DeepSpeed
+    discarded the update — if it applied it anyway, the weights are poisoned: stop too."""
+    latest = C.latest_complete(out)
+    where = f"last complete checkpoint: {latest}" if latest else "no complete checkpoint yet"
+    if recipe.train.nan_policy == "skip" and not result.applied:
+        say(f"[dpkit] step {step}: loss is {result.loss}; update skipped (train.nan_policy=skip)")
+        return
+    reason = ("DeepSpeed applied the update anyway, so the weights are no longer finite"
+              if recipe.train.nan_policy == "skip" else "train.nan_policy is stop")
+    raise NonFiniteLoss(f"loss is {result.loss} at step {step} ({reason}); {where}")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -353,9 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)
         return EXIT_USER_ERROR
+    except NonFiniteLoss as e:  # every rank sees the same global loss: rank 0 speaks
+        if distributed.is_main_process():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except distributed.RendezvousError as e:  # one line per node, not a traceback per rank
         if distributed.launcher_info().local_rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # the launcher stops a node's ranks when the first one exits: let rank 0 speak
+            time.sleep(15)
         return 1
     return 0
 

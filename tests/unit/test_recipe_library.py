@@ -316,15 +316,10 @@ MULTI_TURN = {"messages": [{"role": "user", "content": "Hi there"},
 
 
 @pytest.mark.parametrize("hub_id", sorted({load_recipe(p).model.tokenizer_path for p in CHAT}))
-def test_multi_turn_chat_trains_no_user_text(hub_id, request):
+def test_multi_turn_chat_trains_no_user_text(hub_id):
     from dpkit.data import render
     from dpkit.recipe import DataSource
 
-    if hub_id.startswith("microsoft/Phi-3.5"):  # see the xfail's reason
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "dpkit.data.render ends an assistant span at len(render(messages[:i+1])); Phi-3.5's "
-            "template appends eos_token after the last turn only, so an earlier turn's span runs "
-            "len(eos) characters into the next user turn")))
     tok, _ = chat_tokenizer(hub_id)
     messages = MULTI_TURN["messages"]
     text, spans, _ = render(MULTI_TURN, DataSource(path="x.jsonl", format="messages"), tok, True)

@@ -1,0 +1,103 @@
+"""One optimizer step, and eval: the hot path, kept apart from run orchestration (train.py).
+
+The loss of a step is the sum of per-token losses over the whole global batch divided by its
+number of target tokens — counted over all ranks and accumulation micro-batches before the
+backward passes. So the step is the same whatever the world size and accumulation split: exactly
+what one process would compute on the same rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dpkit import data as D
+from dpkit import distributed
+
+
+@dataclass
+class StepResult:
+    loss: float               # global: sum of token losses / target tokens
+    targets: int              # tokens the loss was computed on, all ranks
+    tokens: int               # non-padding input tokens, all ranks
+    samples: int              # rows, all ranks
+    row_lengths: list[int]    # this rank's row lengths (attention FLOPs grow with their squares)
+    applied: bool             # False when DeepSpeed skipped the update (non-finite gradients)
+    times: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+def loss_sum(engine, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token losses over the batch's target tokens, in fp32."""
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=D.IGNORE, reduction="sum")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
+               poison_loss: bool = False) -> StepResult:
+    """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
+
+    `poison_loss` turns this rank's loss into NaN (fault injection for the NaN tests).
+    """
+    t0 = time.perf_counter()
+    real = [b for b in micro_batches if (b["labels"] != D.IGNORE).any()]
+    local = [sum(D.target_tokens(b) for b in micro_batches),
+             sum(int(b["attention_mask"].sum()) for b in real),
+             sum(b["input_ids"].size(0) for b in real)]
+    lengths = [int(n) for b in real for n in b["attention_mask"].sum(dim=1).tolist()]
+    targets, tokens, samples = distributed.all_reduce_sum(local, env.device)
+    # engine.backward divides by the accumulation steps and the gradient all-reduce averages
+    # over ranks; multiplying by both turns the sum into "sum over the global batch / targets".
+    scale = grad_accum * env.world_size / max(targets, 1)
+    t1 = time.perf_counter()
+    step_loss, optimizer_s = 0.0, 0.0
+    for i, micro in enumerate(micro_batches):
+        loss = loss_sum(engine, micro)
+        if poison_loss:
+            loss = loss * float("nan")
+        engine.backward(loss * scale)
+        if i == len(micro_batches) - 1:  # the boundary: gradient reduction + optimizer update
+            _sync(env.device)
+            t_opt = time.perf_counter()
+            engine.step()
+            _sync(env.device)
+            optimizer_s = time.perf_counter() - t_opt
+        else:
+            engine.step()
+        step_loss += float(loss.detach())
+    (loss_total,) = distributed.all_reduce_sum([step_loss], env.device)
+    t2 = time.perf_counter()
+    applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
+    times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
+             "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
+    return StepResult(loss_total / max(targets, 1), int(targets), int(tokens), int(samples),
+                      lengths, applied, times)
+
+
+def evaluate(engine, examples, env, micro: int, pad_id: int) -> tuple[float, int]:
+    """Token-weighted eval loss over all ranks' shards of the eval set."""
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for idx in D.eval_micro_batches(len(examples), env.rank, env.world_size, micro):
+            batch = to_device(D.collate([examples[i] for i in idx], pad_id), env.device)
+            total += float(loss_sum(engine, batch))
+            count += D.target_tokens(batch)
+    engine.train()
+    total, count = distributed.all_reduce_sum([total, count], env.device)
+    return total / max(count, 1), int(count)
