@@ -45,7 +45,11 @@ def _preflight(args):
     recipe = load_recipe(args.recipe, args.overrides)
     plan = _plan_from_args(args)
     plan.rendezvous_timeout_s = recipe.train.collective_timeout_s
-    report = check_recipe(recipe, plan.world_size(), on_cpu=not torch.cuda.is_available())
+    on_gpu = torch.cuda.is_available()
+    report = check_recipe(recipe, plan.world_size(), on_cpu=not on_gpu,
+                          gpus_per_node=plan.ranks_per_node(),
+                          gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory
+                          if on_gpu else None)
     raise_if_problems(report)
     return recipe, plan, report
 

@@ -198,6 +198,10 @@ def load_datasets(section: DataSection, tokenizer, seed: int):
                 problems.extend(e.problems)
                 continue
             found = column_problems(ds, source, where)
+            if source.format == "messages" and not getattr(tokenizer, "chat_template", None):
+                found.append(Problem(f"{where}.format", "`messages` needs a chat template and "
+                                     "the tokenizer has none", "set model.chat_template (e.g. "
+                                     "chatml) or use a tokenizer with one"))
             problems.extend(found)
             if not found:
                 raw.append((kind, source, ds))

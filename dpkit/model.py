@@ -87,6 +87,8 @@ def load_tokenizer(section: ModelSection):
         name = str(shipped)  # offline validation of a hub recipe: the copy that ships with it
     tok = AutoTokenizer.from_pretrained(name, revision=section.revision,
                                         trust_remote_code=section.trust_remote_code)
+    if section.chat_template is not None:
+        tok.chat_template = read_chat_template(section.chat_template)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise RecipeError.one("model.tokenizer", f"tokenizer '{name}' has neither a pad nor an "
@@ -94,6 +96,21 @@ def load_tokenizer(section: ModelSection):
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+CHAT_TEMPLATES = REPO_ROOT / "data" / "chat_templates"
+
+
+def read_chat_template(value: str) -> str:
+    shipped = CHAT_TEMPLATES / f"{value}.jinja"
+    if shipped.is_file():
+        return shipped.read_text()
+    path = Path(value).expanduser()
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text()
+    names = sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja"))
+    raise RecipeError.one("model.chat_template", f"'{value}' is neither a shipped template nor a "
+                          ".jinja file", f"use one of {names} or a path to a .jinja file")
 
 
 def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: dict | None = None,

@@ -26,8 +26,11 @@ def _collect(problems: list[Problem], fn, *args):
     return None
 
 
-def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool = True
+def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool = True,
+                 gpus_per_node: int | None = None, gpu_memory_bytes: int | None = None
                  ) -> PreflightReport:
+    """Every problem with the recipe for this world size. With `gpu_memory_bytes` (the
+    launching machine's GPUs), also whether it fits them, by dpkit plan's memory model."""
     from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
     from dpkit.train import output_dir_problem
     from dpkit.zero import batch_arithmetic, resolve_ds_config
@@ -61,6 +64,11 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
     problems.extend(_observability_problems(recipe))
+    if config is not None and gpu_memory_bytes and not recipe.train.skip_memory_check:
+        from dpkit.plan import check_fits
+
+        problems.extend(check_fits(recipe, world_size, gpus_per_node or world_size,
+                                   gpu_memory_bytes))
     if config is not None:
         problems.extend(_build_problems(recipe, config, model_key))
     if recipe.hub is not None:

@@ -34,6 +34,9 @@ class ModelSection(_Section):
     """Hub id or local directory of the tokenizer; defaults to `name_or_path`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model and tokenizer."""
+    chat_template: str | None = None
+    """Chat template for `messages` data when the tokenizer has none (base models) or to replace
+    its own: a shipped name (`chatml`, from data/chat_templates/) or a path to a .jinja file."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Training precision. bfloat16/float16 turn on DeepSpeed's mixed precision (fp32 master
     weights in the optimizer); float16 is refused on CPU."""
@@ -151,6 +154,8 @@ class TrainSection(_Section):
     """Clip the global gradient norm to this (0 turns clipping off)."""
     seed: int = 42
     """Seeds model init (inline configs), data order, eval split and dropout."""
+    skip_memory_check: bool = False
+    """Launch even when `dpkit plan`'s memory model says the recipe will not fit the GPUs."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """A NaN or infinite loss: `stop` the run (naming the last good checkpoint), or `skip` the
     step (DeepSpeed discards the update; needs bf16/fp16, or ZeRO 1-2 in fp32)."""

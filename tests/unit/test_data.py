@@ -144,3 +144,26 @@ def test_collate_pads_and_masks():
     assert target_tokens(batch) == 3
     empty = collate([], pad_id=0)
     assert target_tokens(empty) == 0 and (empty["labels"] == IGNORE).all()
+
+
+def test_chat_template_from_the_recipe(tmp_path):
+    section = ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
+                           chat_template="chatml")
+    tok = load_tokenizer(section)
+    ex = tokenize_row({"messages": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Yo."}]},
+                      DataSource(path="x", format="messages"), tok, True)
+    assert tok.decode(ex.input_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" \
+                                       "Yo.<|im_end|>\n"
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "Yo.<|im_end|>\n"
+    with pytest.raises(RecipeError, match="model.chat_template: 'nope' is neither"):
+        load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
+                                    chat_template="nope"))
+
+
+def test_messages_without_a_chat_template_is_refused(tmp_path, tok):
+    bare = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER)))
+    bare.chat_template = None
+    section = DataSection(sources=[{"path": str(MESSAGES), "format": "messages"}])
+    with pytest.raises(RecipeError, match=r"data.sources\[0\].format: `messages` needs a chat"):
+        load_datasets(section, bare, seed=0)
