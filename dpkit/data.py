@@ -41,6 +41,8 @@ ALPACA_NO_INPUT = (
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set for packed sequences (restarting at 0 for every row); None for a plain row."""
 
 
 @dataclass
@@ -243,12 +245,24 @@ def steps_per_epoch(n: int, global_batch_size: int) -> int:
 
 
 def step_micro_batches(n: int, seed: int, epoch: int, step_in_epoch: int, rank: int,
-                       world_size: int, micro: int, accum: int) -> list[list[int]]:
-    """Row indices of this rank's `accum` micro-batches for one optimizer step (some may be [])."""
-    rows = shard(epoch_order(n, seed, epoch), rank, world_size)
-    per_step = micro * accum
-    mine = rows[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
-    return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+                       world_size: int, micro: int, accum: int,
+                       lengths: list[int] | None = None) -> list[list[int]]:
+    """Row indices of this rank's `accum` micro-batches for one optimizer step (some may be []).
+
+    With `lengths` (group_by_length), the step's global batch — the same rows — is sorted by
+    length and cut into micro-batches of similar rows, dealt round-robin to the ranks so each
+    gets a mix: less padding, same step.
+    """
+    if lengths is None:
+        rows = shard(epoch_order(n, seed, epoch), rank, world_size)
+        per_step = micro * accum
+        mine = rows[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+        return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+    per_step = micro * accum * world_size
+    rows = epoch_order(n, seed, epoch)[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+    rows.sort(key=lambda i: lengths[i])
+    chunks = [rows[i * micro:(i + 1) * micro] for i in range(accum * world_size)]
+    return chunks[rank::world_size]
 
 
 def eval_micro_batches(n: int, rank: int, world_size: int, micro: int) -> list[list[int]]:
@@ -270,12 +284,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:  # padding gets its own segment of positions: no real row attends to it
+            positions[i, :n] = torch.tensor(ex.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    return batch
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -111,6 +111,12 @@ class DataSection(_Section):
     overflow: Literal["truncate", "drop"] = "truncate"
     """What happens to longer rows: cut at `max_seq_len`, or left out. Either is counted and
     reported at start."""
+    packing: bool = False
+    """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
+    that restart per row (see dpkit/packing.py); the global batch then counts sequences."""
+    group_by_length: bool = False
+    """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
+    same rows per step)."""
     completion_only_loss: bool = True
     """Train only on responses (alpaca output, assistant turns): prompt tokens get label -100."""
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -120,6 +126,9 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _one_eval(self) -> "DataSection":
+        if self.packing and self.group_by_length:
+            raise ValueError("`data.packing` and `data.group_by_length` both fight padding; "
+                             "packing leaves none. Choose one.")
         if self.eval_fraction > 0 and self.eval_sources:
             raise ValueError(
                 "can't use both `data.eval_fraction` and `data.eval_sources`. Choose one."

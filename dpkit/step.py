@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dpkit import data as D
 from dpkit import distributed
+from dpkit.packing import row_lengths
 
 
 @dataclass
@@ -31,8 +32,13 @@ class StepResult:
 
 def loss_sum(engine, batch: dict) -> torch.Tensor:
     """Sum (not mean) of next-token losses over the batch's target tokens, in fp32."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False).logits
+    if "position_ids" in batch:  # packed: the mask comes from the restarting position ids
+        inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    # use_cache=False is load-bearing for packing: with the cache on, transformers 5 ignores
+    # the restarting positions and rows attend to each other (see dpkit/packing.py).
+    logits = engine(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
     logits = logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -59,7 +65,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     local = [sum(D.target_tokens(b) for b in micro_batches),
              sum(int(b["attention_mask"].sum()) for b in real),
              sum(b["input_ids"].size(0) for b in real)]
-    lengths = [int(n) for b in real for n in b["attention_mask"].sum(dim=1).tolist()]
+    lengths = [n for b in real for n in row_lengths(b)]
     targets, tokens, samples = distributed.all_reduce_sum(local, env.device)
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages
     # over ranks; multiplying by both turns the sum into "sum over the global batch / targets".

@@ -30,6 +30,7 @@ from dpkit import logs
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
 from dpkit.step import evaluate, to_device, train_step
+from dpkit.packing import fill_ratio, pack
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.zero import batch_arithmetic, resolve_ds_config
@@ -147,6 +148,12 @@ def run(recipe: Recipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     train_rows, eval_rows, stats = D.load_datasets(recipe.data, tokenizer, recipe.train.seed)
     say(f"[dpkit] data: {stats.describe()}; eval rows: {len(eval_rows)}")
+    if recipe.data.packing:
+        rows_before = len(train_rows)
+        train_rows = pack(train_rows, recipe.data.max_seq_len, recipe.train.seed)
+        say(f"[dpkit] packing: {rows_before} rows into {len(train_rows)} sequences of up to "
+            f"{recipe.data.max_seq_len} tokens, {100 * fill_ratio(train_rows, recipe.data.max_seq_len):.1f}% full")
+    lengths = [len(r.input_ids) for r in train_rows] if recipe.data.group_by_length else None
 
     # Resolve DeepSpeed config ----------------------------------------------------------------
     model_config = load_model_config(recipe.model)
@@ -224,7 +231,8 @@ def run(recipe: Recipe) -> dict:
         micro_batches = [to_device(D.collate([train_rows[i] for i in idx], pad_id), env.device)
                          for idx in D.step_micro_batches(
                              len(train_rows), recipe.train.seed, epoch, step_in_epoch, env.rank,
-                             env.world_size, batch.micro_batch_size, batch.grad_accum)]
+                             env.world_size, batch.micro_batch_size, batch.grad_accum,
+                             lengths)]
         collate_s = time.perf_counter() - t0
         result = train_step(engine, micro_batches, env, batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank))

@@ -25,11 +25,19 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                   train={**train, "global_batch_size": 4, "micro_batch_size": 4}),
         "micro1_ga4": tiny_recipe(tmp / "micro1_ga4", zero={"stage": 2},
                                   train={**train, "global_batch_size": 4, "micro_batch_size": 1}),
+        "packed_reference": tiny_recipe(tmp / "packed_reference", zero={"stage": 0},
+                                        data={"packing": True, "max_seq_len": 256},
+                                        train={**train, "global_batch_size": 4,
+                                               "micro_batch_size": 4}),
     }
     # Two ranks, micro 2 × accumulation 2 × world 2 = 8, each ZeRO stage.
     double = {f"zero{s}": tiny_recipe(tmp / f"zero{s}", zero={"stage": s},
                                       train={**train, "micro_batch_size": 2})
               for s in (0, 1, 2, 3)}
+    double["packed_zero2"] = tiny_recipe(tmp / "packed_zero2", zero={"stage": 2},
+                                         data={"packing": True, "max_seq_len": 256},
+                                         train={**train, "global_batch_size": 4,
+                                                "micro_batch_size": 1})
     for group, nproc in ((single, 1), (double, 2)):
         paths = [str(write_recipe(tmp / f"{name}.yaml", r)) for name, r in group.items()]
         torchrun(nproc, paths, script=DRIVER, timeout=300)
@@ -50,3 +58,9 @@ def test_gradient_accumulation_split_does_not_matter(runs):
     a, b = train_losses(runs["micro4_ga1"]), train_losses(runs["micro1_ga4"])
     assert len(a) == len(b) == STEPS
     assert max(abs(x - y) for x, y in zip(a, b)) <= TOL, (a, b)
+
+
+def test_packed_two_ranks_match_one_process(runs):
+    reference, got = train_losses(runs["packed_reference"]), train_losses(runs["packed_zero2"])
+    assert len(reference) == len(got) == STEPS
+    assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
