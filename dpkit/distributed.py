@@ -1,15 +1,23 @@
 """Rank, world size, process group, and main-process helpers.
 
 The only module that reads launcher environment variables. torchrun, `accelerate launch` and the
-`deepspeed` CLI all export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain
-`python -m dpkit.train` (no launcher) runs as a single process on a free local port.
+`deepspeed` CLI all export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (plus their
+own names for the node: GROUP_RANK under torchrun and accelerate, CROSS_RANK under deepspeed);
+`srun` starting the ranks itself exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead. A
+plain `python -m dpkit.train` (no launcher) runs as a single process on a free local port.
+
+Before the process group starts, every rank checks in at MASTER_ADDR:MASTER_PORT and waits (the
+recipe's `train.collective_timeout_s`) for all the others: a node that never arrives, or an address
+nobody answers at, ends the run with a `RendezvousError` naming the node, address and wait.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +42,188 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RendezvousError(RuntimeError):
+    """The ranks of a job did not all meet: a node never started, or nothing answered at the
+    master address and port within the timeout."""
+
+
+@dataclass(frozen=True)
+class LauncherInfo:
+    """Where this process sits in the job, as its launcher said."""
+    launcher: str
+    """torchrun (also accelerate), deepspeed, slurm (srun started the ranks), env, or none."""
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    nodes: int
+    master_addr: str
+    master_port: int
+
+
+def _int(env, *names: str, default: int) -> int:
+    for name in names:
+        if env.get(name, "").strip().lstrip("-").isdigit():
+            return int(env[name])
+    return default
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list (`gpu[01-03,7],login1`) as names, in order."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*),?", hostlist):
+        if not ranges:
+            if prefix + suffix:
+                hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+    return hosts
+
+
+def launcher_info(env=None) -> LauncherInfo:
+    """Read the launcher's environment (torchrun/accelerate, deepspeed, srun, or none)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int(env, "RANK", default=0), _int(env, "WORLD_SIZE", default=1)
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher, node, nodes, local_world = "torchrun", "GROUP_RANK", "GROUP_WORLD_SIZE", \
+                "LOCAL_WORLD_SIZE"
+        elif "CROSS_RANK" in env:
+            launcher, node, nodes, local_world = "deepspeed", "CROSS_RANK", "CROSS_SIZE", \
+                "LOCAL_SIZE"
+        else:
+            launcher, node, nodes, local_world = "env", "NODE_RANK", "NNODES", "LOCAL_WORLD_SIZE"
+        per_node = _int(env, local_world, default=world)
+        return LauncherInfo(launcher, rank, _int(env, "LOCAL_RANK", default=0), world, per_node,
+                            _int(env, node, default=rank // max(per_node, 1)),
+                            _int(env, nodes, default=max(1, world // max(per_node, 1))),
+                            env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=0))
+    if "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS", default=1) > 1:
+        # srun started every rank itself (no torchrun in between).
+        world = _int(env, "SLURM_NTASKS", default=1)
+        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
+        hosts = expand_hostlist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+        port = _int(env, "MASTER_PORT", default=20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000)
+        return LauncherInfo("slurm", _int(env, "SLURM_PROCID", default=0),
+                            _int(env, "SLURM_LOCALID", default=0), world, max(1, world // nodes),
+                            _int(env, "SLURM_NODEID", default=0), nodes,
+                            env.get("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1"), port)
+    return LauncherInfo("none", 0, 0, 1, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
+                        _int(env, "MASTER_PORT", default=0))
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher; (0, 0, 1) when started directly."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return rank, local_rank, world_size
+    info = launcher_info()
+    return info.rank, info.local_rank, info.world_size
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed CLI passes `--local_rank=N` to the script unless told `--no_local_rank`; the
+    rank is read from LOCAL_RANK, so the argument is dropped."""
+    return [a for a in argv if not re.fullmatch(r"--local[_-]rank(=\d+)?", a)]
+
+
+def _span(ranks: list[int]) -> str:
+    parts, start = [], None
+    for i, r in enumerate(ranks):
+        start = r if start is None else start
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            parts.append(str(r) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(parts)
+
+
+def never_joined(missing_nodes: list[int] | None, nodes: int, where: str, timeout_s: float,
+                 detail: str = "") -> str:
+    """The one message for a rendezvous that some nodes never reached (ranks and launchers)."""
+    if missing_nodes:
+        who = (f"node {missing_nodes[0]} of {nodes}" if len(missing_nodes) == 1 else
+               f"nodes {_span(missing_nodes)} of {nodes}")
+    else:
+        who = "some ranks"
+    return (f"{who} never joined the rendezvous at {where} within {timeout_s:g} s"
+            + (f" ({detail})" if detail else "")
+            + " — start every node with the same master address and port, check that they can "
+              "reach it, or raise train.collective_timeout_s if nodes start slowly")
+
+
+def could_not_reach(node_rank: int | None, where: str, timeout_s: float) -> str:
+    who = f"node {node_rank}" if node_rank is not None else "this node"
+    return (f"{who} could not reach the rendezvous at {where} within {timeout_s:g} s: nothing "
+            "answered there — check the master address and port, that node 0 is started, and "
+            "that no firewall is in between")
+
+
+def _missing_nodes(missing: list[int], info: LauncherInfo) -> tuple[list[int] | None, str]:
+    per_node = info.local_world_size
+    uniform = per_node * info.nodes == info.world_size
+    arrived = info.world_size - len(missing)
+    detail = f"ranks {_span(missing)} missing, {arrived} of {info.world_size} arrived"
+    if not uniform:
+        return None, detail
+    nodes = sorted({r // per_node for r in missing})
+    partial = [n for n in nodes if sum(r // per_node == n for r in missing) < per_node]
+    if partial:  # the node arrived but some of its ranks did not: say ranks, not nodes
+        return None, detail
+    return nodes, detail
+
+
+def _wait_for_listener(addr: str, port: int, timeout_s: float, node_rank: int) -> None:
+    """Until something accepts connections at addr:port (quietly, unlike a TCPStore client, which
+    logs a C++ stack per attempt and retries past its timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=5):
+                return
+        except socket.gaierror as e:
+            raise RendezvousError(f"the master address '{addr}' does not resolve ({e}) — use "
+                                  "node 0's IP address or a name every node can resolve") from e
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise RendezvousError(could_not_reach(node_rank, f"{addr}:{port}", timeout_s)
+                                      ) from None
+            time.sleep(0.5)
+
+
+def _meet(info: LauncherInfo, timeout_s: int):
+    """Every rank checks in on a TCP store at MASTER_ADDR:MASTER_PORT and waits for all the
+    others, so a node that never arrives is named instead of a bare store timeout. Under torchrun
+    and accelerate the launcher's own store already listens there; otherwise rank 0 hosts it."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    where = f"{info.master_addr}:{info.master_port}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    server = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if not server:
+        _wait_for_listener(info.master_addr, info.master_port, timeout_s, info.node_rank)
+    try:
+        store = TCPStore(info.master_addr, info.master_port, None, server, timeout,
+                         wait_for_workers=False, multi_tenant=True)
+    except Exception as e:  # DistNetworkError, DistStoreError, RuntimeError: torch's wording
+        if server:
+            raise RendezvousError(
+                f"rank 0 could not listen at {where}: {e} — pick a free --master-port (or "
+                "MASTER_PORT)") from e
+        raise RendezvousError(could_not_reach(info.node_rank, where, timeout_s)) from e
+    meet = PrefixStore(f"dpkit_meet/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    meet.set(str(info.rank), f"{info.node_rank} {socket.gethostname()}")
+    keys = [str(r) for r in range(info.world_size)]
+    try:  # the store's host waits a little longer, so the others can still ask it who is missing
+        meet.wait(keys, timeout + datetime.timedelta(seconds=5 if server else 0))
+    except Exception as e:
+        try:
+            missing = [r for r in range(info.world_size) if not meet.check([str(r)])]
+        except Exception:  # the store's host went away while we waited
+            raise RendezvousError(could_not_reach(info.node_rank, where, timeout_s)) from e
+        nodes, detail = _missing_nodes(missing, info)
+        raise RendezvousError(never_joined(nodes, info.nodes, where, timeout_s, detail)) from e
+    return store
 
 
 def is_main_process() -> bool:
@@ -61,8 +245,12 @@ def setup(timeout_s: int) -> DistEnv:
         return _ENV
     import deepspeed
 
-    rank, local_rank, world_size = launcher_env()
-    if "MASTER_ADDR" not in os.environ:  # started without a launcher: one process
+    info = launcher_info()
+    rank, local_rank, world_size = info.rank, info.local_rank, info.world_size
+    if info.launcher == "slurm":  # DeepSpeed (and torch) read the torchrun names
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    elif "MASTER_ADDR" not in os.environ:  # started without a launcher: one process
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                           LOCAL_RANK="0", WORLD_SIZE="1")
     backend = backend_for_device()
@@ -71,8 +259,14 @@ def setup(timeout_s: int) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                               verbose=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        store = _meet(info, timeout_s)
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.PrefixStore("default_pg", store), rank=rank,
+            world_size=world_size, timeout=timeout,
+            **({"device_id": device} if backend == "nccl" else {}))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     _ENV = DistEnv(rank, local_rank, world_size, backend, device)
     return _ENV
 

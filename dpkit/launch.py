@@ -1,81 +1,249 @@
-"""How `dpkit train` starts the ranks: torchrun (default), accelerate, or the deepspeed CLI.
+"""How `dpkit train` starts the ranks: torchrun (default), accelerate, or the deepspeed CLI, on one
+node or many. `--dry-run` prints the command (one per node where every node runs its own).
 
 Each launcher starts `python -m dpkit.train RECIPE [overrides]` on every rank; the recipe is the
-same file the parent already validated. `--dry-run` prints the command instead of running it.
+same file the parent already validated. Across nodes:
+
+- torchrun and accelerate run once per node (`--node-rank R`) and meet at node 0's address and
+  port (static rendezvous: node R's ranks are R×n … R×n+n-1);
+- the deepspeed CLI either runs once, on node 0, and ssh-starts (pdsh) every host of the hostfile,
+  or, with `--node-rank R`, once per node without ssh (`--no_ssh`; dpkit writes a hostfile when
+  none is given: the deepspeed launcher needs one to count the ranks).
+
+A hostfile (`host slots=N` per line, deepspeed's format) gives the node count, the ranks per node
+and node 0's address for every launcher. A node that never arrives ends the run after the recipe's
+`train.collective_timeout_s` with a message naming it (the launcher's rendezvous is given the same
+timeout; the ranks check in again in `dpkit.distributed`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
-import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpkit.distributed import free_port
+from dpkit.distributed import could_not_reach, free_port, never_joined
+from dpkit.errors import Problem, RecipeError
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs" / "accelerate"
+DEFAULT_PORT = 29500
+"""Node 0's port across nodes (every node must use the same one); one node picks a free port."""
 
 
+# ------------------------------------------------------------------------------------ hostfile
+def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """`host slots=N` lines (deepspeed's format; `#` comments and blank lines ignored)."""
+    hosts: list[tuple[str, int]] = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not m:
+            raise ValueError(f"line {n}: '{line}' is not `host slots=N`")
+        if any(h == m[1] for h, _ in hosts):
+            raise ValueError(f"line {n}: host '{m[1]}' is listed twice")
+        hosts.append((m[1], int(m[2])))
+    if not hosts:
+        raise ValueError("no hosts in it")
+    return hosts
+
+
+def write_hostfile(path: str | Path, hosts: list[tuple[str, int]]) -> Path:
+    path = Path(path)
+    path.write_text("".join(f"{host} slots={slots}\n" for host, slots in hosts))
+    return path
+
+
+def local_names() -> set[str]:
+    """Names and addresses this machine answers to (to find its line in a hostfile)."""
+    names = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn(),
+             socket.gethostname().split(".")[0]}
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return names
+
+
+# ---------------------------------------------------------------------------------------- plan
 @dataclass
 class LaunchPlan:
     launcher: str = "torchrun"
     nproc_per_node: int = 0
-    """0: one rank per GPU, or 2 ranks on a machine without GPUs."""
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    """0: the hostfile's slots, else one rank per GPU, or 2 ranks on a machine without GPUs."""
+    nodes: int = 0
+    """0: the hostfile's host count, else 1."""
+    node_rank: int | None = None
+    """This node's rank; None: detected from the hostfile where this machine has one line, and
+    for the deepspeed CLI, start every node from here over ssh."""
+    master_addr: str | None = None
+    """Node 0's address; None: the hostfile's first host, else 127.0.0.1."""
     master_port: int = 0
-    """0: pick a free port (single node only; every node of a multi-node job must agree)."""
+    """0: a free port on one node, 29500 across nodes (every node must agree)."""
     hostfile: str | None = None
+    rendezvous_timeout_s: int = 600
+    """How long nodes wait for each other (the recipe's train.collective_timeout_s)."""
     extra_env: dict[str, str] = field(default_factory=dict)
+    _port: int = field(default=0, repr=False)
+
+    def hosts(self) -> list[tuple[str, int]]:
+        return read_hostfile(self.hostfile) if self.hostfile else []
+
+    def num_nodes(self) -> int:
+        return self.nodes or len(self.hosts()) or 1
 
     def ranks_per_node(self) -> int:
         if self.nproc_per_node:
             return self.nproc_per_node
+        if self.hostfile:
+            return self.hosts()[0][1]
         return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
+    def node_slots(self) -> list[int]:
+        """Ranks on each node."""
+        if self.hostfile and not self.nproc_per_node:
+            return [slots for _, slots in self.hosts()[:self.num_nodes()]]
+        return [self.ranks_per_node()] * self.num_nodes()
+
     def world_size(self) -> int:
-        return self.ranks_per_node() * self.nnodes
+        return sum(self.node_slots())
+
+    def addr(self) -> str:
+        if self.master_addr:
+            return self.master_addr
+        return self.hosts()[0][0] if self.hostfile else "127.0.0.1"
+
+    def port(self) -> int:
+        if not self._port:
+            self._port = self.master_port or (DEFAULT_PORT if self.num_nodes() > 1 else free_port())
+        return self._port
+
+    def per_node(self) -> bool:
+        """Every node runs its own launcher (all but the deepspeed CLI over ssh)."""
+        return self.launcher != "deepspeed" or self.node_rank is not None
+
+    def this_node(self) -> int | None:
+        if self.node_rank is not None or self.num_nodes() == 1:
+            return self.node_rank or 0
+        if self.hostfile:
+            mine = [i for i, (h, _) in enumerate(self.hosts()[:self.num_nodes()])
+                    if h in local_names()]
+            if len(mine) == 1:
+                return mine[0]
+        return None
+
+    def problems(self, launching: bool = True) -> list[Problem]:
+        """Mistakes in the launch flags, named by flag, before anything starts. Which node this
+        is matters only when launching (a dry run prints every node's command)."""
+        out: list[Problem] = []
+        if self.launcher not in LAUNCHERS:
+            return [Problem("--launcher", f"unknown launcher '{self.launcher}'",
+                            f"choose one of {', '.join(LAUNCHERS)}")]
+        if self.hostfile:
+            try:
+                hosts = self.hosts()
+            except (OSError, ValueError) as e:
+                return [Problem("--hostfile", f"{self.hostfile}: {e}",
+                                "write one `host slots=N` line per node")]
+            if self.nodes > len(hosts):
+                out.append(Problem("--nodes", f"{self.nodes} nodes but the hostfile lists "
+                                   f"{len(hosts)}", "add hosts or lower --nodes"))
+            if self.launcher != "deepspeed" and not self.nproc_per_node and \
+                    len({s for _, s in hosts[:self.num_nodes()]}) > 1:
+                out.append(Problem("--hostfile", f"{self.launcher} starts the same number of "
+                                   "ranks on every node, the hostfile's slots differ",
+                                   "give every host the same slots, or use --launcher deepspeed"))
+        if self.nodes < 0 or self.nproc_per_node < 0:
+            out.append(Problem("--nodes", "must be positive"))
+        nodes = self.num_nodes()
+        if self.node_rank is not None and not 0 <= self.node_rank < nodes:
+            out.append(Problem("--node-rank", f"{self.node_rank} is not in 0..{nodes - 1}",
+                               f"number the {nodes} nodes 0..{nodes - 1}"))
+        if nodes > 1 and self.launcher == "deepspeed" and not self.per_node() and \
+                not self.hostfile:
+            out.append(Problem("--hostfile", f"the deepspeed CLI needs a hostfile to start {nodes} "
+                               "nodes over ssh", "give --hostfile, or run it on each node with "
+                               f"--node-rank 0..{nodes - 1} (no ssh)"))
+        if launching and nodes > 1 and self.this_node() is None and self.per_node():
+            where = ("this machine is not exactly one host of the hostfile" if self.hostfile
+                     else f"{self.launcher} runs once on every node")
+            out.append(Problem("--node-rank", f"required with {nodes} nodes: {where}",
+                               f"run the command on each node with --node-rank 0..{nodes - 1}"
+                               + (" (or give --hostfile to start every node from node 0 over "
+                                  "ssh)" if self.launcher == "deepspeed" else "")))
+        return out
+
+    def check(self, launching: bool = False) -> "LaunchPlan":
+        problems = self.problems(launching)
+        if problems:
+            raise RecipeError(problems)
+        return self
 
 
-def command(plan: LaunchPlan, recipe: str, overrides: list[str]) -> list[str]:
-    n = plan.ranks_per_node()
-    port = plan.master_port or free_port()
+# ------------------------------------------------------------------------------------ commands
+def generated_hostfile(plan: LaunchPlan) -> Path:
+    """For the deepspeed CLI without ssh and without --hostfile: it needs one to count ranks. The
+    names only label nodes (nothing connects to them); node 0's address comes from --master-addr."""
+    hosts = [(f"node{i}", s) for i, s in enumerate(plan.node_slots())]
+    name = "dpkit-hostfile-" + "-".join(str(s) for _, s in hosts)
+    return write_hostfile(Path(tempfile.gettempdir()) / name, hosts)
+
+
+def command(plan: LaunchPlan, recipe: str, overrides: list[str],
+            node_rank: int | None = None) -> list[str]:
+    """The launcher command for one node (`node_rank`, default this node)."""
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
+    rank = plan.this_node() if node_rank is None else node_rank
+    rank = rank or 0
     target = [recipe, *overrides]
+    timeout = f"timeout={plan.rendezvous_timeout_s}"
     if plan.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-        if plan.nnodes == 1:
+        if nodes == 1:
             cmd += ["--standalone"] if not plan.master_port else [
-                "--master_addr", plan.master_addr, "--master_port", str(port)]
+                "--master_addr", addr, "--master_port", str(port)]
         else:
-            cmd += ["--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank),
-                    "--master_addr", plan.master_addr, "--master_port", str(port)]
+            cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
+                    "--rdzv_endpoint", f"{addr}:{port}", "--rdzv_conf", timeout]
         return cmd + ["-m", "dpkit.train", *target]
     if plan.launcher == "accelerate":
-        config = ACCELERATE_CONFIGS / ("multi_node.yaml" if plan.nnodes > 1 else
+        config = ACCELERATE_CONFIGS / ("multi_node.yaml" if nodes > 1 else
                                        "single_node.yaml" if torch.cuda.is_available() else
                                        "cpu.yaml")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", str(n * plan.nnodes), "--num_machines", str(plan.nnodes),
-               "--machine_rank", str(plan.node_rank), "--main_process_ip", plan.master_addr,
+               "--num_processes", str(n * nodes), "--num_machines", str(nodes),
+               "--machine_rank", str(rank), "--main_process_ip", addr,
                "--main_process_port", str(port)]
+        if nodes > 1:
+            cmd += ["--rdzv_conf", timeout]
         return cmd + ["-m", "dpkit.train", *target]
-    # deepspeed CLI: --num_gpus is needed on CPU too (it would count NUMA nodes otherwise).
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--master_port", str(port)]
-    if plan.hostfile:
-        cmd += ["--hostfile", plan.hostfile]
-        if plan.nnodes > 1:
-            cmd += ["--no_ssh", "--node_rank", str(plan.node_rank), "--master_addr",
-                    plan.master_addr]
+    # The deepspeed CLI: `--module`, not `-m` (its parser refuses `-m`); `--no_local_rank` so the
+    # script gets the rank from LOCAL_RANK only; --num_gpus on CPU too (it counts NUMA nodes).
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_addr", addr,
+           "--master_port", str(port)]
+    if nodes > 1 or plan.hostfile:
+        hostfile = plan.hostfile or str(generated_hostfile(plan))
+        cmd += ["--hostfile", hostfile]
+        if plan.nodes and plan.hostfile:
+            cmd += ["--num_nodes", str(nodes)]
+        if plan.nproc_per_node:
+            cmd += ["--num_gpus", str(n)]
+        if nodes > 1 and (plan.per_node() or node_rank is not None):
+            cmd += ["--no_ssh", "--node_rank", str(rank)]
     else:
         cmd += ["--num_gpus", str(n)]
-    return cmd + ["--module", "dpkit.train", *target]
+    return cmd + ["--no_local_rank", "--module", "dpkit.train", *target]
 
 
 def rank_environment(plan: LaunchPlan) -> dict[str, str]:
@@ -88,11 +256,82 @@ def rank_environment(plan: LaunchPlan) -> dict[str, str]:
     return env
 
 
+def render(plan: LaunchPlan, recipe: str, overrides: list[str]) -> str:
+    """What `--dry-run` prints: the command for this node, or for every node when each runs its
+    own and no --node-rank says which one this is."""
+    env = "" if torch.cuda.is_available() else "OMP_NUM_THREADS=1 "
+    nodes = plan.num_nodes()
+    if nodes == 1 or not plan.per_node() or plan.this_node() is not None:
+        lines = [env + shlex.join(command(plan, recipe, overrides))]
+    else:
+        hosts = [h for h, _ in plan.hosts()] or [""] * nodes
+        lines = []
+        for r in range(nodes):
+            on = f" ({hosts[r]})" if hosts[r] else ""
+            lines += [f"# node {r}{on}:", env + shlex.join(command(plan, recipe, overrides, r))]
+    if plan.launcher == "deepspeed" and nodes > 1 and not plan.hostfile:
+        path = generated_hostfile(plan)
+        lines.insert(0, f"# {path} (written by dpkit): "
+                     + "; ".join(path.read_text().strip().splitlines()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ running
+def diagnose(plan: LaunchPlan, output: str) -> str | None:
+    """A launcher that failed in its own rendezvous (before any rank ran dpkit) says so in torch's
+    words; say it in dpkit's: which node, which address, how long."""
+    where = f"{plan.addr()}:{plan.port()}"
+    t = plan.rendezvous_timeout_s
+    if "never joined the rendezvous" in output or "could not reach the rendezvous" in output:
+        return None  # the ranks already said it
+    m = re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", output)
+    if m:
+        joined, nodes = int(m[1]), int(m[2])
+        missing = list(range(joined, nodes)) if joined == 1 else None
+        return never_joined(missing, nodes, where, t, f"{joined} of {nodes} nodes arrived")
+    if re.search(r"timed out .*while trying to connect to", output):
+        return could_not_reach(plan.this_node(), where, t)
+    if "RendezvousTimeoutError" in output:
+        return never_joined(None, plan.num_nodes(), where, t)
+    if re.search(r"EADDRINUSE|[Aa]ddress already in use", output):
+        return f"port {plan.port()} is already in use on node 0 — pick another --master-port"
+    return None
+
+
+def _pump(src, dst, keep: list[bytes], limit: int = 1 << 16) -> None:
+    """Copy the launcher's stderr through as it comes (progress bars too), keeping its tail."""
+    while True:
+        chunk = os.read(src.fileno(), 4096)
+        if not chunk:
+            return
+        if hasattr(dst, "buffer"):
+            dst.buffer.write(chunk)
+        else:  # a captured stream (tests) takes text
+            dst.write(chunk.decode(errors="replace"))
+        dst.flush()
+        keep.append(chunk)
+        while sum(map(len, keep)) > limit and len(keep) > 1:
+            keep.pop(0)
+
+
 def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool) -> int:
-    cmd = command(plan, recipe, overrides)
+    plan.check(launching=not dry_run)
     if dry_run:
-        threads = "" if torch.cuda.is_available() else "OMP_NUM_THREADS=1 "
-        print(threads + shlex.join(cmd))
+        print(render(plan, recipe, overrides))
         return 0
+    cmd = command(plan, recipe, overrides)
     print(f"[dpkit] launching {plan.world_size()} ranks: {shlex.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env=rank_environment(plan))
+    proc = subprocess.Popen(cmd, env=rank_environment(plan), stderr=subprocess.PIPE)
+    tail: list[bytes] = []
+    pump = threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, tail), daemon=True)
+    pump.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the launcher got the same Ctrl-C: let it stop its ranks
+        code = proc.wait()
+    pump.join(timeout=5)
+    if code != 0:
+        message = diagnose(plan, b"".join(tail).decode(errors="replace"))
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+    return code

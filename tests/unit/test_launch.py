@@ -1,0 +1,288 @@
+"""Launch commands, hostfiles and `--dry-run` output, read back by the launchers' own argument
+parsers (torch.distributed.run, `accelerate launch`, the deepspeed runner) — never compared as
+strings — plus the launcher environments dpkit reads, rendezvous messages, and `dpkit doctor`.
+(The SLURM script and scripts/launch_multinode.sh run in tests/distributed/test_launchers.py.)"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_recipe, write_recipe
+
+from dpkit import distributed
+from dpkit.distributed import expand_hostlist, free_port, launcher_info, strip_launcher_args
+from dpkit.launch import LaunchPlan, command, diagnose, read_hostfile, write_hostfile
+
+from distributed.launch_parsers import (accelerate_to_torchrun, commands_of, deepspeed_args, split,
+                                        torchrun_config)
+
+RECIPE = "recipes/some.yaml"
+OVERRIDES = ["train.lr=1e-4", "output.dir=runs/x"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch.distributed.run would set it (and warn)
+
+
+# ------------------------------------------------------------------------------------- torchrun
+def test_torchrun_one_node_is_standalone():
+    plan = LaunchPlan("torchrun", nproc_per_node=2)
+    args, config, cmd_args = torchrun_config(split(command(plan, RECIPE, OVERRIDES),
+                                                   "torch.distributed.run"))
+    assert args.standalone and config.min_nodes == config.max_nodes == 1
+    assert config.nproc_per_node == 2 and plan.world_size() == 2
+    assert cmd_args[-4:] == ["-m", "dpkit.train", RECIPE, *OVERRIDES][-4:]
+    assert args.module and args.training_script == "dpkit.train"
+    assert args.training_script_args == [RECIPE, *OVERRIDES]
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_torchrun_across_nodes(node):
+    plan = LaunchPlan("torchrun", nproc_per_node=4, nodes=2, node_rank=node,
+                      master_addr="10.0.0.1", rendezvous_timeout_s=33)
+    args, config, _ = torchrun_config(split(command(plan, RECIPE, OVERRIDES),
+                                            "torch.distributed.run"))
+    assert config.min_nodes == config.max_nodes == 2 and config.nproc_per_node == 4
+    assert config.rdzv_backend == "static" and config.rdzv_endpoint == "10.0.0.1:29500"
+    assert int(config.rdzv_configs["rank"]) == node
+    assert int(config.rdzv_configs["timeout"]) == 33  # the recipe's timeout reaches the launcher
+    assert args.training_script_args == [RECIPE, *OVERRIDES] and plan.world_size() == 8
+
+
+# ------------------------------------------------------------------------------------ accelerate
+@pytest.mark.parametrize("node", [0, 1])
+def test_accelerate_across_nodes(node):
+    port = free_port()  # accelerate checks on node 0 that the port is free
+    plan = LaunchPlan("accelerate", nproc_per_node=2, nodes=2, node_rank=node,
+                      master_addr="127.0.0.1", master_port=port, rendezvous_timeout_s=21)
+    cmd = command(plan, RECIPE, OVERRIDES)
+    argv = split(cmd, "accelerate.commands.launch")
+    assert Path(argv[argv.index("--config_file") + 1]).name == "multi_node.yaml"
+    args, config, _ = accelerate_to_torchrun(argv)
+    assert config.min_nodes == config.max_nodes == 2 and config.nproc_per_node == 2
+    assert config.rdzv_backend == "static" and config.rdzv_endpoint == f"127.0.0.1:{port}"
+    assert int(config.rdzv_configs["rank"]) == node
+    assert int(config.rdzv_configs["timeout"]) == 21
+    assert args.module and args.training_script == "dpkit.train"
+    assert args.training_script_args == [RECIPE, *OVERRIDES]
+
+
+def test_accelerate_multi_node_yaml_as_documented():
+    """The spelling in the docs: only --machine_rank and --main_process_ip on the command line."""
+    config = ROOT / "ds_configs" / "accelerate" / "multi_node.yaml"
+    args, cfg, _ = accelerate_to_torchrun(
+        ["--config_file", str(config), "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
+         "-m", "dpkit.train", RECIPE])
+    assert cfg.min_nodes == cfg.max_nodes == 2 and cfg.nproc_per_node == 8
+    assert cfg.rdzv_endpoint == "10.0.0.1:29500" and int(cfg.rdzv_configs["rank"]) == 1
+
+
+def test_accelerate_one_node_on_cpu():
+    plan = LaunchPlan("accelerate", nproc_per_node=2)
+    args, config, _ = accelerate_to_torchrun(split(command(plan, RECIPE, []),
+                                                   "accelerate.commands.launch"))
+    assert config.min_nodes == config.max_nodes == 1 and config.nproc_per_node == 2
+
+
+# ------------------------------------------------------------------------------------- deepspeed
+def test_deepspeed_cli_takes_module_not_m():
+    """`deepspeed -m dpkit.train` is refused by deepspeed 0.19's parser: the spelling is
+    `--module` (which is what dpkit generates and the docs say)."""
+    with pytest.raises(SystemExit):
+        deepspeed_args(["-m", "dpkit.train", RECIPE])
+    assert deepspeed_args(["--module", "dpkit.train", RECIPE]).module
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_deepspeed_without_ssh_writes_a_hostfile(node):
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    plan = LaunchPlan("deepspeed", nproc_per_node=2, nodes=2, node_rank=node,
+                      master_addr="10.0.0.1", master_port=29600)
+    args = deepspeed_args(split(command(plan, RECIPE, OVERRIDES), "deepspeed.launcher.runner"))
+    assert args.no_ssh and args.node_rank == node and args.no_local_rank and args.module
+    assert args.master_addr == "10.0.0.1" and args.master_port == 29600
+    assert args.user_script == "dpkit.train" and args.user_args == [RECIPE, *OVERRIDES]
+    pool = fetch_hostfile(args.hostfile)  # deepspeed's own hostfile reader
+    assert list(pool.values()) == [2, 2] and sum(pool.values()) == plan.world_size() == 4
+
+
+def test_deepspeed_over_ssh_from_a_hostfile(tmp_path):
+    from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
+
+    hostfile = write_hostfile(tmp_path / "hosts", [("gpu-a", 8), ("gpu-b", 8), ("gpu-c", 8)])
+    plan = LaunchPlan("deepspeed", hostfile=str(hostfile))
+    args = deepspeed_args(split(command(plan, RECIPE, []), "deepspeed.launcher.runner"))
+    assert not args.no_ssh and args.hostfile == str(hostfile)  # node 0 pdsh-starts the others
+    assert args.master_addr == "gpu-a" and args.master_port == 29500
+    active = parse_inclusion_exclusion(fetch_hostfile(args.hostfile), args.include, args.exclude)
+    assert dict(active) == {h: list(range(8)) for h in ("gpu-a", "gpu-b", "gpu-c")}
+    assert plan.world_size() == 24 and plan.num_nodes() == 3
+
+
+def test_deepspeed_one_node_counts_ranks_itself_on_cpu():
+    args = deepspeed_args(split(command(LaunchPlan("deepspeed", nproc_per_node=2), RECIPE, []),
+                                "deepspeed.launcher.runner"))
+    assert args.num_gpus == 2 and args.hostfile != "" and not args.no_ssh
+
+
+# -------------------------------------------------------------------------------------- hostfile
+def test_hostfile_reader_agrees_with_deepspeeds(tmp_path):
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    path = tmp_path / "hosts"
+    path.write_text("# the cluster\nworker-0 slots=4\n\nworker-1 slots=2  # smaller\n")
+    assert read_hostfile(path) == list(fetch_hostfile(str(path)).items())
+    again = write_hostfile(tmp_path / "again", read_hostfile(path))
+    assert list(fetch_hostfile(str(again)).items()) == [("worker-0", 4), ("worker-1", 2)]
+    for bad in ("worker-0 slots=4\nworker-0 slots=4\n", "worker-0 4\n"):
+        path.write_text(bad)
+        with pytest.raises(ValueError):
+            read_hostfile(path)
+        with pytest.raises(ValueError):
+            fetch_hostfile(str(path))
+
+
+def test_hostfile_gives_nodes_ranks_and_master_to_every_launcher(tmp_path):
+    hostfile = write_hostfile(tmp_path / "hosts", [("10.0.0.5", 4), ("10.0.0.6", 4)])
+    plan = LaunchPlan("torchrun", hostfile=str(hostfile), node_rank=1)
+    _, config, _ = torchrun_config(split(command(plan, RECIPE, []), "torch.distributed.run"))
+    assert config.max_nodes == 2 and config.nproc_per_node == 4
+    assert config.rdzv_endpoint == "10.0.0.5:29500" and plan.world_size() == 8
+
+
+# ---------------------------------------------------------------------------- flags and dry run
+def test_flag_problems_are_named():
+    def where(plan):
+        return {p.where for p in plan.problems(launching=True)}
+
+    assert where(LaunchPlan("torchrun", nodes=2)) == {"--node-rank"}  # which node is this?
+    assert where(LaunchPlan("torchrun", nodes=2, node_rank=2)) == {"--node-rank"}
+    assert where(LaunchPlan("deepspeed", nodes=2)) == {"--hostfile"}  # ssh needs the hosts
+    assert where(LaunchPlan("deepspeed", nodes=2, node_rank=1)) == set()
+    assert where(LaunchPlan("torchrun", nodes=2, node_rank=0)) == set()
+    assert LaunchPlan("torchrun", nodes=2).problems(launching=False) == []  # a dry run: all nodes
+    assert where(LaunchPlan("torchrun", hostfile="/nonexistent")) == {"--hostfile"}
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("launch")
+    return write_recipe(tmp / "r.yaml", tiny_recipe(tmp / "run", train={"collective_timeout_s": 45}))
+
+
+def test_dry_run_prints_every_nodes_command(recipe_file, capsys):
+    from dpkit.cli import main
+
+    assert main(["train", str(recipe_file), "--launcher", "torchrun", "--nnodes", "2",
+                 "--nproc-per-node", "2", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
+    cmds = commands_of(capsys.readouterr().out)
+    assert len(cmds) == 2
+    for node, cmd in enumerate(cmds):
+        _, config, _ = torchrun_config(split(cmd, "torch.distributed.run"))
+        assert int(config.rdzv_configs["rank"]) == node and config.max_nodes == 2
+        assert int(config.rdzv_configs["timeout"]) == 45  # train.collective_timeout_s
+        assert config.rdzv_endpoint == "10.0.0.9:29500"
+    assert main(["train", str(recipe_file), "--launcher", "deepspeed", "--nodes", "2",
+                 "--node-rank", "1", "--dry-run"]) == 0
+    (cmd,) = commands_of(capsys.readouterr().out)
+    args = deepspeed_args(split(cmd, "deepspeed.launcher.runner"))
+    assert args.no_ssh and args.node_rank == 1 and args.user_args == [str(recipe_file)]
+
+
+# ----------------------------------------------------------------- the launchers' environments
+def test_each_launchers_environment_is_read():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x",
+                "MASTER_ADDR": "h", "MASTER_PORT": "5"}
+    deepspeed = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+                 "CROSS_RANK": "1", "CROSS_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
+    slurm = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "h,g",
+             "MASTER_PORT": "5"}
+    for env, name in ((torchrun, "torchrun"), (deepspeed, "deepspeed"), (slurm, "slurm")):
+        info = launcher_info(env)
+        assert info.launcher == name
+        assert (info.rank, info.local_rank, info.world_size, info.local_world_size,
+                info.node_rank, info.nodes, info.master_addr, info.master_port) == \
+            (3, 1, 4, 2, 1, 2, "h", 5), name
+    # srun inside a batch script started nothing itself; a launcher's RANK wins over SLURM's
+    assert launcher_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
+    assert launcher_info({**slurm, **torchrun, "RANK": "2"}).rank == 2
+    assert launcher_info({}).launcher == "none"
+
+
+def test_slurm_host_lists_and_deepspeed_local_rank_argument():
+    assert expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]
+    assert strip_launcher_args(["--local_rank=3", RECIPE, "a=1"]) == [RECIPE, "a=1"]
+
+
+# -------------------------------------------------------------------------- rendezvous messages
+def test_launcher_rendezvous_failures_are_said_in_dpkits_words():
+    plan = LaunchPlan("torchrun", nodes=2, node_rank=0, master_port=4567, rendezvous_timeout_s=20)
+    node0 = ("torch.distributed.DistStoreError: Timed out after 21 seconds waiting for clients. "
+             "1/2 clients joined.")
+    assert diagnose(plan, node0).startswith(
+        "node 1 of 2 never joined the rendezvous at 127.0.0.1:4567 within 20 s")
+    node1 = ("torch.distributed.DistNetworkError: The client socket has timed out after 20000ms "
+             "while trying to connect to (127.0.0.1, 4567).")
+    plan.node_rank = 1
+    assert diagnose(plan, node1).startswith(
+        "node 1 could not reach the rendezvous at 127.0.0.1:4567 within 20 s")
+    assert diagnose(plan, "error: node 1 of 2 never joined the rendezvous at ...") is None
+    assert diagnose(plan, "ZeroDivisionError") is None
+
+
+def test_rank_level_rendezvous_names_the_missing_node():
+    info = distributed.LauncherInfo("deepspeed", 0, 0, 8, 2, 0, 4, "h", 1)
+    nodes, detail = distributed._missing_nodes([4, 5, 6, 7], info)
+    assert nodes == [2, 3] and "4 of 8 arrived" in detail
+    assert distributed.never_joined(nodes, 4, "h:1", 20).startswith(
+        "nodes 2-3 of 4 never joined the rendezvous at h:1 within 20 s")
+    assert distributed._missing_nodes([5], info)[0] is None  # node 2 came, one rank did not
+
+
+# ------------------------------------------------------------------------------------- doctor
+def _fake_ssh(tmp_path: Path, body: str) -> str:
+    ssh = tmp_path / "fake_ssh"
+    ssh.write_text("#!/bin/bash\n" + body)
+    ssh.chmod(0o755)
+    return str(ssh)
+
+
+def test_doctor_compares_versions_across_nodes(tmp_path, monkeypatch, capsys):
+    from dpkit.doctor import report, run_checks
+
+    hostfile = write_hostfile(tmp_path / "hosts", [("localhost", 2), ("node-b", 2)])
+    # A node with the same install: ssh runs the remote command here.
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, 'shift; bash -c "$1"\n'))
+    assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 0
+    assert "node-b: reached over ssh" in capsys.readouterr().out
+    # A node with another torch.
+    here = report()["versions"]["torch"]
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(
+        tmp_path, f'shift; bash -c "$1" | sed "s/\\"torch\\": \\"{here}\\"/\\"torch\\": \\"2.4.0\\"/"\n'))
+    assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  torch differs between nodes: {here} on localhost; 2.4.0 on node-b" in out
+    # A node ssh cannot reach.
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, "echo 'ssh: connect: No route' >&2; "
+                                                        "exit 255\n"))
+    assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 1
+    assert "FAIL  node-b: could not run dpkit there over ssh" in capsys.readouterr().out
+
+
+def test_doctor_reports_a_busy_port(capsys):
+    from dpkit.doctor import run_checks
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert run_checks(None, port, "gloo", 60, allreduce_check=False) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  port {port} is in use on this machine" in out and "1 problem found" in out
