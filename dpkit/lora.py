@@ -125,8 +125,12 @@ def quantization_kwargs(recipe: Recipe, local_rank: int) -> dict:
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
                                # ZeRO-3 partitions all parameters alike: store the 4-bit data in
                                # the training dtype so they can be flattened with the rest.
-                               bnb_4bit_quant_storage=dtype if recipe.zero.stage == 3 else torch.uint8)
-    return {"quantization_config": quant, "device_map": {"": local_rank}}
+                               bnb_4bit_quant_storage=dtype if recipe.zero.stage == 3
+                               else torch.uint8)
+    # Under ZeRO-3 transformers refuses a device_map and bitsandbytes quantizes on the current
+    # device; otherwise place the whole 4-bit model on this rank's GPU.
+    return {"quantization_config": quant,
+            **({"device_map": {"": local_rank}} if recipe.zero.stage != 3 else {})}
 
 
 def save_base(model, tokenizer, base_dir: Path) -> None:
@@ -154,8 +158,8 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
         distributed.barrier()
         if qlora:  # bitsandbytes quantizes while loading: reload the saved base in 4-bit
             del model
-            model = build_model(msec.model_copy(update={"config": None, "name_or_path": str(base_dir)}),
-                                seed, recipe.zero.stage, ds_config, **quant)
+            saved = msec.model_copy(update={"config": None, "name_or_path": str(base_dir)})
+            model = build_model(saved, seed, recipe.zero.stage, ds_config, **quant)
     else:
         model = build_model(msec, seed, recipe.zero.stage, ds_config, **quant)
     if qlora:
@@ -254,7 +258,7 @@ def verify_adapter(adapter_dir: Path, model_config, section: PeftSection, traine
 
     adapter_dir = Path(adapter_dir)
     expected = expected_adapter_shapes(model_config, section, trust_remote_code)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_CONFIG).is_file():
+    if not all((adapter_dir / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)):
         return [f"{adapter_dir} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG}"]
     saved = load_file(adapter_dir / ADAPTER_WEIGHTS)
     problems = [f"{k}: missing (expected shape {tuple(v)})" for k, v in expected.items()

@@ -65,7 +65,8 @@ if __name__ == "__main__":
     _drive(sys.argv[1:])
     sys.exit(0)
 
-from conftest import ROOT, TINY_LLAMA, tiny_recipe, torchrun, train_losses, write_recipe  # noqa: E402
+from conftest import (ROOT, TINY_LLAMA, tiny_recipe, torchrun, train_losses,  # noqa: E402
+                      write_recipe)
 
 pytestmark = pytest.mark.distributed
 DRIVER = ROOT / "tests" / "distributed" / "test_lora.py"
@@ -85,15 +86,23 @@ def runs(tmp_path_factory) -> dict:
     double = {
         "zero2": tiny_recipe(tmp / "zero2", train=TRAIN, zero={"stage": 2}, peft=PEFT),
         "zero3": tiny_recipe(tmp / "zero3", train=TRAIN, zero={"stage": 3},
-                             peft={**PEFT, "merge": True}, output=save),
+                             peft={**PEFT, "merge": True}, output={**save, "save_steps": 4}),
+        # continues zero3 from its step-4 checkpoint (engine state, LoRA weights and moments)
+        "zero3_resumed": {**tiny_recipe(tmp / "zero3_resumed", train=TRAIN, zero={"stage": 3},
+                                        peft=PEFT, output=save),
+                          "resume": str(tmp / "zero3" / "checkpoints" / "step-00000004")},
         "zero3_pretrained": pretrained,  # loaded partitioned (HfDeepSpeedConfig), then LoRA
         "broken": tiny_recipe(tmp / "broken", train={**TRAIN, "max_steps": 2}, zero={"stage": 3},
                               peft=PEFT, output=save),
     }
+    # the step-4 checkpoint of 2-rank zero3, continued on 1 rank (a universal checkpoint)
+    resumed_1 = {**tiny_recipe(tmp / "zero3_resumed_1rank", train=TRAIN, zero={"stage": 3},
+                               peft=PEFT), "resume": str(tmp / "zero3/checkpoints/step-00000004")}
     out = {}
-    for group, nproc in (({"reference": reference}, 1), (double, 2)):
+    for group, nproc in (({"reference": reference}, 1), (double, 2),
+                         ({"zero3_resumed_1rank": resumed_1}, 1)):
         paths = [str(write_recipe(tmp / f"{name}.yaml", r)) for name, r in group.items()]
-        out[nproc] = torchrun(nproc, paths, script=DRIVER, timeout=240).stdout
+        out[len(out)] = torchrun(nproc, paths, script=DRIVER, timeout=240).stdout
     return {"dir": tmp, "stdout": out}
 
 
@@ -106,17 +115,33 @@ def test_two_ranks_match_one_process(runs, name):
     assert got[-1] < got[0] - 0.05  # the adapters learn, or equal losses would prove nothing
 
 
+def test_resume_from_a_lora_checkpoint_continues_exactly(runs):
+    from safetensors.torch import load_file
+
+    whole = train_losses(runs["dir"] / "zero3")
+    resumed = train_losses(runs["dir"] / "zero3_resumed")
+    assert len(resumed) == STEPS - 4  # steps 5..8, from the checkpoint taken after step 4
+    assert max(abs(a - b) for a, b in zip(whole[4:], resumed)) <= 1e-6, (whole, resumed)
+    a, b = (load_file(runs["dir"] / r / "model" / "adapter_model.safetensors")
+            for r in ("zero3", "zero3_resumed"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    # and on another world size, through DeepSpeed's universal checkpoint (frozen base included)
+    other = train_losses(runs["dir"] / "zero3_resumed_1rank")
+    assert len(other) == STEPS - 4
+    assert max(abs(a - b) for a, b in zip(whole[4:], other)) <= 1e-5, (whole, other)
+
+
 def test_counts_are_printed(runs):
     # TINY_LLAMA, r = 16 on all 7 linear layers of 2 layers: 16,384 adapter parameters (by hand
     # in tests/unit/test_lora.py); the ZeRO-3 runs count partitioned parameters in full.
     total = 149_664 + 16_384
     for stdout in runs["stdout"].values():
         assert f"model: {total:,} parameters, 16,384 trainable" in stdout, stdout[-2000:]
-    assert runs["stdout"][2].count("16,384 trainable") == 4
+    assert runs["stdout"][1].count("16,384 trainable") == 5
 
 
 def test_optimizer_state_is_for_the_adapters_only(runs):
-    for name in ("reference", "zero3", "broken"):  # ZeRO 0 on 1 process, ZeRO-3 on 2 ranks
+    for name in ("reference", "zero3", "zero3_resumed", "broken"):  # ZeRO 0 / 1 rank, 3 / 2
         held = torch.load(runs["dir"] / name / "probe.pt")["optimizer_state_numel"]
         assert 16_384 <= held <= 16_384 + 64, (name, held)  # + ZeRO's alignment padding
 

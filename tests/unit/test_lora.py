@@ -131,7 +131,8 @@ def test_build_is_seeded_counts_are_right_and_optimizer_holds_adapters_only(tmp_
         assert na == nb and torch.equal(pa, pb), na
     trainable, total = lora.count_parameters(a)
     # Hand count for TINY_LLAMA (hidden 32, intermediate 64, kv 2 × head 8 = 16), r = 16:
-    # q, o: 16·32 + 32·16; k, v: 16·32 + 16·16; gate, up: 16·32 + 64·16; down: 16·64 + 32·16.
+    # q, o: 16·32 + 32·16; k, v: 16·32 + 16·16; gate, up: 16·32 + 64·16;
+    # down: 16·64 + 32·16.
     per_layer = 2 * 1024 + 2 * 768 + 2 * 1536 + 1536
     assert trainable == 2 * per_layer == 16384
     assert total == sum(p.numel() for p in plain_model(TINY_LLAMA).parameters()) + trainable
