@@ -30,6 +30,9 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--no-pack", action="store_true",
+                   help="rows of exactly 2048 tokens instead (no packing, no padding, no mask): "
+                        "the attention kernels' best case, to see what packing's mask costs")
     args = p.parse_args()
 
     import torch
@@ -44,12 +47,19 @@ def main() -> int:
         needed = args.steps * args.micro * 2048 // 150 + 1  # rows, at ~200 tokens each
         copies = needed // 175 + 2
         (tmp / "rows.jsonl").write_text(rows * copies)
+        if args.no_pack:  # long text rows, each truncated to exactly 2048 tokens
+            words = " ".join(json.loads(r)["output"] for r in rows.splitlines())[:24000]
+            (tmp / "rows.jsonl").write_text("".join(
+                json.dumps({"text": words[i % 1000:] + words}) + "\n"
+                for i in range(args.steps * args.micro)))
         recipe = recipe_from_dict({
             "model": {"config": MODEL, "tokenizer": str(ROOT / "data/tokenizers/tiny-bpe"),
                       "dtype": "bfloat16", "attn_implementation": args.attn,
                       "gradient_checkpointing": args.checkpointing},
-            "data": {"sources": [{"path": str(tmp / "rows.jsonl"), "format": "alpaca"}],
-                     "max_seq_len": 2048, "packing": True, "completion_only_loss": False},
+            "data": {"sources": [{"path": str(tmp / "rows.jsonl"),
+                                  "format": "text" if args.no_pack else "alpaca"}],
+                     "max_seq_len": 2048, "packing": not args.no_pack,
+                     "completion_only_loss": False},
             "train": {"global_batch_size": args.micro, "micro_batch_size": args.micro,
                       "max_steps": args.steps, "lr": 1e-4, "skip_memory_check": True},
             "zero": {"stage": 2},
@@ -62,9 +72,12 @@ def main() -> int:
         "check": "mfu_dpkit", "gpu": torch.cuda.get_device_name(0),
         "parameters": summary["parameters"], "seq_len": 2048, "micro_batch": args.micro,
         "gradient_checkpointing": args.checkpointing, "attn": args.attn,
+        "packed": not args.no_pack,
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps),
         "mfu": statistics.median(m["mfu"] for m in steps),
         "step_time_s": statistics.median(m["step_time_s"] for m in steps),
+        **{k: statistics.median(m[k] for m in steps)
+           for k in ("data_s", "forward_backward_s", "optimizer_s")},
         "peak_memory_gib": max(max(m["memory_peak_mb"]) for m in steps) / 1024,
         "final_loss": summary["final_loss"],
     }
