@@ -40,8 +40,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Training precision. bfloat16/float16 turn on DeepSpeed's mixed precision (fp32 master
     weights in the optimizer); float16 is refused on CPU."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel passed to transformers. With packing on GPU, flash_attention_2 (varlen)
+    or flex_attention (block mask) keep rows apart without sdpa's dense mask."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     trust_remote_code: bool = False
