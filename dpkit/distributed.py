@@ -101,13 +101,15 @@ def launcher_info(env=None) -> LauncherInfo:
         return LauncherInfo(launcher, rank, _int(env, "LOCAL_RANK", default=0), world, per_node,
                             _int(env, node, default=rank // max(per_node, 1)),
                             _int(env, nodes, default=max(1, world // max(per_node, 1))),
-                            env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=0))
+                            env.get("MASTER_ADDR", "127.0.0.1"),
+                            _int(env, "MASTER_PORT", default=0))
     if "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS", default=1) > 1:
         # srun started every rank itself (no torchrun in between).
         world = _int(env, "SLURM_NTASKS", default=1)
         nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
         hosts = expand_hostlist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
-        port = _int(env, "MASTER_PORT", default=20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000)
+        job = _int(env, "SLURM_JOB_ID", default=0)
+        port = _int(env, "MASTER_PORT", default=20000 + job % 20000)
         return LauncherInfo("slurm", _int(env, "SLURM_PROCID", default=0),
                             _int(env, "SLURM_LOCALID", default=0), world, max(1, world // nodes),
                             _int(env, "SLURM_NODEID", default=0), nodes,

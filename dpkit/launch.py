@@ -184,7 +184,7 @@ class LaunchPlan:
                                   "ssh)" if self.launcher == "deepspeed" else "")))
         return out
 
-    def check(self, launching: bool = False) -> "LaunchPlan":
+    def check(self, launching: bool = False) -> LaunchPlan:
         problems = self.problems(launching)
         if problems:
             raise RecipeError(problems)

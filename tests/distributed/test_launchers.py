@@ -1,8 +1,9 @@
 """One recipe under every launcher and across nodes, on real ranks (gloo, 127.0.0.1):
 
 - the same 4-rank recipe as 2 "nodes" × 2 ranks (two launcher processes on this machine) under
-  torchrun, `accelerate launch` and the deepspeed CLI without ssh gives exactly the per-step
-  losses of ONE 1-node × 4-rank torchrun run;
+  torchrun, `accelerate launch` and the deepspeed CLI without ssh — and as the 4 ranks srun would
+  start itself (SLURM variables only) — gives exactly the per-step losses of ONE 1-node × 4-rank
+  torchrun run;
 - a node that never joins, or an address nobody answers at: the others exit within the recipe's
   timeout (20 s here) with a message naming the node, the address and the wait — not a hang;
 - the SLURM script and scripts/launch_multinode.sh, run with bash (srun/scontrol faked), start
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, rank_env, tiny_recipe, torchrun, train_losses, write_recipe
-from distributed.launch_parsers import accelerate_to_torchrun, commands_of, split, torchrun_config
 
+from distributed.launch_parsers import accelerate_to_torchrun, commands_of, split, torchrun_config
 from dpkit.distributed import free_port
 from dpkit.launch import LAUNCHERS, LaunchPlan, command
 
@@ -79,19 +80,41 @@ def reference(tmp_path_factory) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+def srun_ranks(path: Path, port: int, tmp: Path) -> tuple[dict, dict]:
+    """What `srun --nodes 2 --ntasks-per-node 2 python -m dpkit.train RECIPE` starts: four ranks
+    with only SLURM's variables (no RANK/WORLD_SIZE): dpkit.distributed reads those."""
+    started, logs = {}, {}
+    for rank in range(4):
+        env = {k: v for k, v in rank_env().items() if not k.startswith(
+            ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC_"))}
+        env.update(SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_NTASKS="4", SLURM_NNODES="2",
+                   SLURM_JOB_NODELIST="localhost", SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(rank % 2), SLURM_NODEID=str(rank // 2),
+                   MASTER_PORT=str(port))
+        logs[rank] = tmp / f"rank{rank}.log"
+        started[rank] = (subprocess.Popen([sys.executable, "-m", "dpkit.train", str(path)], env=env,
+                                          cwd=ROOT, stdout=logs[rank].open("w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True),
+                         time.monotonic())
+    return started, logs
+
+
+@pytest.mark.parametrize("launcher", [*LAUNCHERS, "srun"])
 def test_two_nodes_give_the_losses_of_one(launcher, reference, tmp_path):
     path = recipe(tmp_path, "run")
     port = free_port()
     started, logs = {}, {}
-    for node in (0, 1):  # two launcher processes = two "nodes", meeting at 127.0.0.1:port
+    if launcher == "srun":
+        started, logs = srun_ranks(path, port, tmp_path)
+    for node in (0, 1) if launcher != "srun" else ():
+        # two launcher processes = two "nodes", meeting at 127.0.0.1:port
         plan = LaunchPlan(launcher, nproc_per_node=2, nodes=2, node_rank=node,
                           master_addr="127.0.0.1", master_port=port, rendezvous_timeout_s=120)
         logs[node] = tmp_path / f"node{node}.log"
         started[node] = start(command(plan, str(path), []), logs[node])
     done = finish(started, 240, logs)
-    for node, (code, _, out) in done.items():
-        assert code == 0, f"node {node}:\n{out[-5000:]}"
+    for who, (code, _, out) in done.items():
+        assert code == 0, f"{who}:\n{out[-5000:]}"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 4
     # Bit-identical: the same 4 ranks reduce in the same order whichever launcher placed them.
@@ -101,10 +124,10 @@ def test_two_nodes_give_the_losses_of_one(launcher, reference, tmp_path):
 # --------------------------------------------------------------------- a node that never joins
 @pytest.fixture(scope="module")
 def never_joined(tmp_path_factory) -> dict[str, tuple[int, float, str, int]]:
-    """Half of a 2-node job, every scenario at once (they mostly wait). torchrun and accelerate
-    fail in their own rendezvous, before any rank runs: `dpkit train` starts them and says what
-    happened. The deepspeed CLI starts the ranks at once: its command is run as a user would, and
-    the ranks (dpkit.distributed) say it."""
+    """Half of a 2-node × 1-rank job, every scenario at once (they mostly wait). torchrun and
+    accelerate fail in their own rendezvous, before any rank runs: `dpkit train` starts them and
+    says what happened. The deepspeed CLI starts the ranks at once: its command is run as a user
+    would, and the ranks (dpkit.distributed) say it."""
     tmp = tmp_path_factory.mktemp("never_joined")
     scenarios = {"torchrun node 0": ("torchrun", 0), "accelerate node 0": ("accelerate", 0),
                  "deepspeed node 0": ("deepspeed", 0), "torchrun node 1": ("torchrun", 1),
@@ -114,11 +137,11 @@ def never_joined(tmp_path_factory) -> dict[str, tuple[int, float, str, int]]:
         slug = name.replace(" ", "_")
         path, port = recipe(tmp, slug, TIMEOUT_S), free_port()
         if launcher == "deepspeed":
-            cmd = command(LaunchPlan(launcher, nproc_per_node=2, nodes=2, node_rank=node,
+            cmd = command(LaunchPlan(launcher, nproc_per_node=1, nodes=2, node_rank=node,
                                      master_port=port), str(path), [])
         else:
             cmd = [sys.executable, "-m", "dpkit.cli", "train", str(path), "--launcher", launcher,
-                   "--nodes", "2", "--node-rank", str(node), "--nproc-per-node", "2",
+                   "--nodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
                    "--master-addr", "127.0.0.1", "--master-port", str(port)]
         ports[name], logs[name] = port, tmp / f"{slug}.log"
         started[name] = start(cmd, logs[name])

@@ -5,19 +5,24 @@ strings — plus the launcher environments dpkit reads, rendezvous messages, and
 
 from __future__ import annotations
 
+import re
+import shlex
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_recipe, write_recipe
+from distributed.launch_parsers import (
+    accelerate_to_torchrun,
+    commands_of,
+    deepspeed_args,
+    split,
+    torchrun_config,
+)
 
 from dpkit import distributed
 from dpkit.distributed import expand_hostlist, free_port, launcher_info, strip_launcher_args
 from dpkit.launch import LaunchPlan, command, diagnose, read_hostfile, write_hostfile
-
-from distributed.launch_parsers import (accelerate_to_torchrun, commands_of, deepspeed_args, split,
-                                        torchrun_config)
 
 RECIPE = "recipes/some.yaml"
 OVERRIDES = ["train.lr=1e-4", "output.dir=runs/x"]
@@ -172,7 +177,8 @@ def test_flag_problems_are_named():
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("launch")
-    return write_recipe(tmp / "r.yaml", tiny_recipe(tmp / "run", train={"collective_timeout_s": 45}))
+    recipe = tiny_recipe(tmp / "run", train={"collective_timeout_s": 45})
+    return write_recipe(tmp / "r.yaml", recipe)
 
 
 def test_dry_run_prints_every_nodes_command(recipe_file, capsys):
@@ -264,8 +270,8 @@ def test_doctor_compares_versions_across_nodes(tmp_path, monkeypatch, capsys):
     assert "node-b: reached over ssh" in capsys.readouterr().out
     # A node with another torch.
     here = report()["versions"]["torch"]
-    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(
-        tmp_path, f'shift; bash -c "$1" | sed "s/\\"torch\\": \\"{here}\\"/\\"torch\\": \\"2.4.0\\"/"\n'))
+    swap = f's/\\"torch\\": \\"{here}\\"/\\"torch\\": \\"2.4.0\\"/'
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, f'shift; bash -c "$1" | sed "{swap}"\n'))
     assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 1
     out = capsys.readouterr().out
     assert f"FAIL  torch differs between nodes: {here} on localhost; 2.4.0 on node-b" in out
@@ -286,3 +292,47 @@ def test_doctor_reports_a_busy_port(capsys):
         assert run_checks(None, port, "gloo", 60, allreduce_check=False) == 1
     out = capsys.readouterr().out
     assert f"FAIL  port {port} is in use on this machine" in out and "1 problem found" in out
+
+
+# ------------------------------------------------------------------- the documented commands
+def documented_commands() -> list[list[str]]:
+    """Every torchrun / accelerate / deepspeed line in docs/launching.md and README's Launching
+    section, placeholders filled in."""
+    readme = (ROOT / "README.md").read_text()
+    launching = readme.split("## Launching", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for text in ((ROOT / "docs" / "launching.md").read_text(), launching):
+        for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*", "", line).replace("[key=value ...]", "")
+                for word, value in (("NODE0", "10.0.0.1"), (" R ", " 1 "), ("RECIPE", RECIPE),
+                                    ("HOSTFILE", "hosts")):
+                    line = line.replace(word, value)
+                words = shlex.split(line)
+                while words and "=" in words[0]:
+                    words.pop(0)  # OMP_NUM_THREADS=1 ...
+                if words and words[0] in ("torchrun", "accelerate", "deepspeed"):
+                    out.append(words)
+    return out
+
+
+def test_documented_commands_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the accelerate configs are named relative to the repository
+    seen = set()
+    for words in documented_commands():
+        if words[0] == "torchrun":
+            args, config, _ = torchrun_config(words[1:])
+        elif words[0] == "accelerate":
+            assert words[1] == "launch", words
+            args, config, _ = accelerate_to_torchrun(words[2:])
+        else:
+            args = deepspeed_args(words[1:])
+            assert args.module and args.user_script == "dpkit.train", words
+            seen.add(words[0])
+            continue
+        assert args.module and args.training_script == "dpkit.train", words
+        assert args.training_script_args[0] == RECIPE, words
+        if "--node_rank" in words or "--machine_rank" in words:
+            assert config.max_nodes == 2 and int(config.rdzv_configs["rank"]) == 1, words
+        seen.add(words[0])
+    assert seen == {"torchrun", "accelerate", "deepspeed"}
