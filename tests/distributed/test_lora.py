@@ -198,3 +198,20 @@ def test_an_ungathered_zero3_save_is_caught(runs):
     assert "q_proj.lora_A.weight: shape (256,), expected (16, 32) — a ZeRO-3 partition" in error
     assert "k_proj.lora_B.weight: shape (128,), expected (16, 16)" in error, error
     assert not (run / "model").exists() and (run / "model.partial").is_dir()
+
+
+def test_export_merge_equals_base_plus_adapter(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpkit.cli import main
+
+    run = runs["dir"] / "zero3"
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 0
+    ids = torch.load(run / "probe.pt")["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"),
+                                        run / "model")
+    assert (_logits(merged, ids) - _logits(adapted, ids)).abs().max() <= TOL
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 2  # not overwritten
