@@ -71,6 +71,8 @@ def load_source(source: DataSource, where: str):
     import datasets
 
     path = Path(source.path).expanduser()
+    if path.is_dir():  # a dataset repository cloned or saved locally: the hub code path
+        return _hub_or_dir(source, where)
     if is_local_source(source):
         if not path.is_file():
             raise RecipeError.one(f"{where}.path", f"file '{source.path}' not found (relative paths "
@@ -87,13 +89,22 @@ def load_source(source: DataSource, where: str):
         except Exception as e:  # datasets raises many types for a malformed file
             raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
                                   f"{builder}: {_first_line(e)}", "check the file's format") from e
-    else:
-        try:
-            ds = datasets.load_dataset(source.path, source.name, split=source.split)
-        except Exception as e:  # unknown name, no network, wrong split or config name
-            raise RecipeError.one(f"{where}.path", f"could not load hub dataset '{source.path}': "
-                                  f"{_first_line(e)}", "check the name, `name` and `split` (a "
-                                  "local file needs a .json/.jsonl/.parquet/.csv suffix)") from e
+        if source.max_rows is not None:
+            ds = ds.select(range(min(source.max_rows, len(ds))))
+        return ds
+    return _hub_or_dir(source, where)
+
+
+def _hub_or_dir(source: DataSource, where: str):
+    """`datasets.load_dataset(name)`: a hub dataset, or a local directory laid out like one."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.path, source.name, split=source.split)
+    except Exception as e:  # unknown name, no network, wrong split or config name
+        raise RecipeError.one(f"{where}.path", f"could not load dataset '{source.path}': "
+                              f"{_first_line(e)}", "check the name, `name` and `split` (a "
+                              "local file needs a .json/.jsonl/.parquet/.csv suffix)") from e
     if source.max_rows is not None:
         ds = ds.select(range(min(source.max_rows, len(ds))))
     return ds

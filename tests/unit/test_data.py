@@ -167,3 +167,30 @@ def test_messages_without_a_chat_template_is_refused(tmp_path, tok):
     section = DataSection(sources=[{"path": str(MESSAGES), "format": "messages"}])
     with pytest.raises(RecipeError, match=r"data.sources\[0\].format: `messages` needs a chat"):
         load_datasets(section, bare, seed=0)
+
+
+def test_every_local_layout_gives_the_same_rows(tmp_path, tok):
+    """jsonl, json, parquet, csv files, and a directory laid out like a hub dataset repository
+    (read through `datasets.load_dataset(name)`, the hub code path), with a split and max_rows."""
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files=str(ALPACA), split="train").select(range(20))
+    rows.to_json(tmp_path / "a.json", lines=False)
+    rows.to_parquet(tmp_path / "a.parquet")
+    rows.to_csv(tmp_path / "a.csv", index=False)
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    rows.to_json(repo / "train.jsonl")
+    rows.select(range(5)).to_json(repo / "test.jsonl")
+
+    def texts(**source):
+        section = DataSection(sources=[{"format": "alpaca", **source}], max_seq_len=512)
+        train, _, _ = load_datasets(section, tok, seed=0)
+        return [tuple(ex.input_ids) for ex in train]
+
+    expected = texts(path=str(ALPACA), max_rows=20)
+    assert len(expected) > 10
+    for name in ("a.json", "a.parquet", "a.csv"):
+        assert texts(path=str(tmp_path / name)) == expected, name
+    assert texts(path=str(tmp_path / "repo")) == expected
+    assert texts(path=str(tmp_path / "repo"), split="test") == expected[:5]
