@@ -84,3 +84,17 @@ def test_dump_round_trips(tmp_path):
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "out"))
     assert recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe))) == recipe
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "quickstart").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_quickstart_recipes_validate(path: Path, tmp_path, monkeypatch):
+    """Everything `dpkit validate` checks, on the offline recipes (the library's hub recipes are
+    validated offline in test_recipe_library.py)."""
+    from dpkit.preflight import check_recipe
+
+    monkeypatch.chdir(ROOT)  # recipe paths are relative to the repository root
+    recipe = load_recipe(path, [f"output.dir={tmp_path / 'run'}"])
+    report = check_recipe(recipe, world_size=2, on_cpu=True)
+    assert report.problems == []
+    assert any(note.startswith("data:") for note in report.notes)
