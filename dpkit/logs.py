@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 LOGGER = logging.getLogger("dpkit")
@@ -20,6 +21,9 @@ def setup(run_dir: Path, rank: int, is_main: bool) -> logging.Logger:
     file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger
+    # DeepSpeed's own use of a renamed torch collective: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     for name in ("dpkit", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not getattr(h, "_dpkit", False)]
