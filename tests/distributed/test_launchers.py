@@ -7,13 +7,15 @@
 - a node that never joins, or an address nobody answers at: the others exit within the recipe's
   timeout (20 s here) with a message naming the node, the address and the wait — not a hang;
 - the SLURM script and scripts/launch_multinode.sh, run with bash (srun/scontrol faked), start
-  what the launchers' own parsers read as the right job; `dpkit doctor` on this machine.
+  what the launchers' own parsers read as the right job (and, with DPKIT_TEST_SLURM=1 and a
+  one-machine SLURM from launch_slurm.py, the SLURM script runs for real); `dpkit doctor` here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +229,27 @@ def test_slurm_script_runs_one_torchrun_per_node(recipe_file, tmp_path):
     assert config.run_id == "4242" and int(config.rdzv_configs["join_timeout"]) == 45
     assert args.training_script == "dpkit.train"
     assert args.training_script_args == [str(recipe_file), "train.lr=1e-3"]
+
+
+@pytest.mark.skipif(os.environ.get("DPKIT_TEST_SLURM") != "1" or not shutil.which("sbatch"),
+                    reason="a real SLURM job: set DPKIT_TEST_SLURM=1 with 2 nodes up "
+                           "(tests/distributed/launch_slurm.py up)")
+def test_sbatch_for_real(reference, tmp_path):
+    """scripts/slurm/train.sbatch under real SLURM (2 slurmd on this machine): 2 nodes × 2 ranks
+    give the 1-node reference losses."""
+    path = recipe(tmp_path, "run")
+    env = dict(rank_env(), PYTHON=sys.executable, GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PATH=f"{Path(sys.executable).parent}:"
+                                                  f"{os.environ['PATH']}")
+    proc = subprocess.run(["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0",
+                           "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={tmp_path}/%j.out",
+                           "--export=ALL", str(ROOT / "scripts" / "slurm" / "train.sbatch"),
+                           str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert proc.returncode == 0, proc.stderr + logs[-5000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 4
+    assert train_losses(tmp_path / "run") == reference
 
 
 # ------------------------------------------------------------------------------------- doctor
