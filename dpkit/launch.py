@@ -143,9 +143,10 @@ class LaunchPlan:
                 return mine[0]
         return None
 
-    def problems(self, launching: bool = True) -> list[Problem]:
+    def problems(self, launching: bool = True, commands: bool = True) -> list[Problem]:
         """Mistakes in the launch flags, named by flag, before anything starts. Which node this
-        is matters only when launching (a dry run prints every node's command)."""
+        is matters only when launching (a dry run prints every node's command); node 0's address
+        only for commands (not to validate a recipe for a world size)."""
         out: list[Problem] = []
         if self.launcher not in LAUNCHERS:
             return [Problem("--launcher", f"unknown launcher '{self.launcher}'",
@@ -175,6 +176,9 @@ class LaunchPlan:
             out.append(Problem("--hostfile", f"the deepspeed CLI needs a hostfile to start {nodes} "
                                "nodes over ssh", "give --hostfile, or run it on each node with "
                                f"--node-rank 0..{nodes - 1} (no ssh)"))
+        if commands and nodes > 1 and not self.master_addr and not self.hostfile:
+            out.append(Problem("--master-addr", f"required with {nodes} nodes: node 0's address, "
+                               "the same on every node", "give --master-addr (or --hostfile)"))
         if launching and nodes > 1 and self.this_node() is None and self.per_node():
             where = ("this machine is not exactly one host of the hostfile" if self.hostfile
                      else f"{self.launcher} runs once on every node")
@@ -184,8 +188,8 @@ class LaunchPlan:
                                   "ssh)" if self.launcher == "deepspeed" else "")))
         return out
 
-    def check(self, launching: bool = False) -> LaunchPlan:
-        problems = self.problems(launching)
+    def check(self, launching: bool = False, commands: bool = False) -> LaunchPlan:
+        problems = self.problems(launching, commands)
         if problems:
             raise RecipeError(problems)
         return self
@@ -315,7 +319,7 @@ def _pump(src, dst, keep: list[bytes], limit: int = 1 << 16) -> None:
 
 
 def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool) -> int:
-    plan.check(launching=not dry_run)
+    plan.check(launching=not dry_run, commands=True)
     if dry_run:
         print(render(plan, recipe, overrides))
         return 0

@@ -165,12 +165,16 @@ def test_flag_problems_are_named():
     def where(plan):
         return {p.where for p in plan.problems(launching=True)}
 
-    assert where(LaunchPlan("torchrun", nodes=2)) == {"--node-rank"}  # which node is this?
-    assert where(LaunchPlan("torchrun", nodes=2, node_rank=2)) == {"--node-rank"}
-    assert where(LaunchPlan("deepspeed", nodes=2)) == {"--hostfile"}  # ssh needs the hosts
-    assert where(LaunchPlan("deepspeed", nodes=2, node_rank=1)) == set()
-    assert where(LaunchPlan("torchrun", nodes=2, node_rank=0)) == set()
-    assert LaunchPlan("torchrun", nodes=2).problems(launching=False) == []  # a dry run: all nodes
+    node0 = "10.0.0.1"
+    assert where(LaunchPlan("torchrun", nodes=2, master_addr=node0)) == {"--node-rank"}
+    assert where(LaunchPlan("torchrun", nodes=2, node_rank=2, master_addr=node0)) == {"--node-rank"}
+    assert where(LaunchPlan("torchrun", nodes=2, node_rank=1)) == {"--master-addr"}
+    assert where(LaunchPlan("deepspeed", nodes=2, master_addr=node0)) == {"--hostfile"}  # for ssh
+    assert where(LaunchPlan("deepspeed", nodes=2, node_rank=1, master_addr=node0)) == set()
+    assert where(LaunchPlan("torchrun", nodes=2, node_rank=0, master_addr=node0)) == set()
+    # a dry run prints every node's command; validating a world size needs no address either
+    assert LaunchPlan("torchrun", nodes=2, master_addr=node0).problems(launching=False) == []
+    assert LaunchPlan("torchrun", nodes=2).problems(launching=False, commands=False) == []
     assert where(LaunchPlan("torchrun", hostfile="/nonexistent")) == {"--hostfile"}
 
 
@@ -194,10 +198,11 @@ def test_dry_run_prints_every_nodes_command(recipe_file, capsys):
         assert int(config.rdzv_configs["timeout"]) == 45  # train.collective_timeout_s
         assert config.rdzv_endpoint == "10.0.0.9:29500"
     assert main(["train", str(recipe_file), "--launcher", "deepspeed", "--nodes", "2",
-                 "--node-rank", "1", "--dry-run"]) == 0
+                 "--node-rank", "1", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
     (cmd,) = commands_of(capsys.readouterr().out)
     args = deepspeed_args(split(cmd, "deepspeed.launcher.runner"))
     assert args.no_ssh and args.node_rank == 1 and args.user_args == [str(recipe_file)]
+    assert args.master_addr == "10.0.0.9"
 
 
 # ----------------------------------------------------------------- the launchers' environments
