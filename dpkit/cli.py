@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's rank, 0..nodes-1 (multi-node: run the command on every "
                         "node; with the deepspeed CLI it means no ssh)")
     p.add_argument("--master-addr", default=None,
-                   help="address of node 0 (default: the hostfile's first host, else 127.0.0.1)")
+                   help="address of node 0, the same on every node (default: the hostfile's "
+                        "first host; 127.0.0.1 on one node; required across nodes otherwise)")
     p.add_argument("--master-port", type=int, default=0,
                    help="port on node 0 (default: a free one; 29500 across nodes)")
     p.add_argument("--hostfile", help="`host slots=N` per line (deepspeed's format): nodes, ranks "
