@@ -135,7 +135,7 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
         if zero_stage == 3 and ds_config is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
-            keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must live during loading)
+            keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (zero.Init while it lives)
         model = AutoModelForCausalLM.from_pretrained(
             section.name_or_path, revision=section.revision, dtype=dtype,
             trust_remote_code=section.trust_remote_code, **common, **load_kwargs)

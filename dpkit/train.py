@@ -23,16 +23,14 @@ import torch
 
 from dpkit import checkpoint as C
 from dpkit import data as D
-from dpkit import distributed
-from dpkit import lora
+from dpkit import distributed, logs, lora
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
-from dpkit import logs
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
-from dpkit.step import evaluate, to_device, train_step
-from dpkit.packing import fill_ratio, pack
 from dpkit.model import build_model, load_model_config, load_tokenizer
+from dpkit.packing import fill_ratio, pack
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
+from dpkit.step import evaluate, to_device, train_step
 from dpkit.zero import batch_arithmetic, resolve_ds_config
 
 
@@ -249,10 +247,10 @@ def run(recipe: Recipe) -> dict:
         if not math.isfinite(last_loss):
             skipped += 1
             handle_non_finite(recipe, result, step + 1, out, say)
-        flops = model_flops(*flop_params, layers, hidden or 0, result.row_lengths)
-        (flops,) = distributed.all_reduce_sum([flops], env.device)
         progress.update(last_loss, result.tokens / elapsed)
         if (step + 1) % recipe.output.log_steps == 0 or step + 1 == total_steps:
+            flops = model_flops(*flop_params, layers, hidden or 0, result.row_lengths)
+            (flops,) = distributed.all_reduce_sum([flops], env.device)
             grad_norm = engine.get_global_grad_norm()
             record = dict(
                 step=step + 1, epoch=epoch, loss=last_loss, lr=lr_now(scheduler),

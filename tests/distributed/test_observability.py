@@ -1,7 +1,6 @@
 """What a run shows on real ranks: metrics against independent counts, per-rank memory and logs,
 TensorBoard read back with tensorboard's own reader, and NaN losses caught at their step."""
 
-import json
 import math
 
 import pytest

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT, rank_env, tiny_recipe, write_recipe
 
 from dpkit.cli import main
