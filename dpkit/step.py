@@ -71,7 +71,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     # over ranks; multiplying by both turns the sum into "sum over the global batch / targets".
     scale = grad_accum * env.world_size / max(targets, 1)
     t1 = time.perf_counter()
-    step_loss, optimizer_s = 0.0, 0.0
+    step_loss, optimizer_s = torch.zeros((), device=env.device, dtype=torch.float64), 0.0
     for i, micro in enumerate(micro_batches):
         loss = loss_sum(engine, micro)
         if poison_loss:
@@ -85,8 +85,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
             optimizer_s = time.perf_counter() - t_opt
         else:
             engine.step()
-        step_loss += float(loss.detach())
-    (loss_total,) = distributed.all_reduce_sum([step_loss], env.device)
+        step_loss += loss.detach()  # stays on the device: no sync between micro-batches
+    (loss_total,) = distributed.all_reduce_sum([float(step_loss)], env.device)
     t2 = time.perf_counter()
     applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
     times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
