@@ -3,7 +3,8 @@ on the same model, rows, global batches, sequence limit, ZeRO stage and steps. P
 tokens/s (non-padding input tokens of the rows trained on, counted from the rows themselves, the
 same way for every variant) and the ratios; medians of --reps repetitions, warm-up steps excluded.
 
-    python scripts/bench_throughput.py                  # 4 variants × 3 repetitions, 2 CPU ranks
+    python scripts/bench_throughput.py                  # a b c d × 3 repetitions, 2 CPU ranks
+    python scripts/bench_throughput.py --variants a,e   # the per-row attention prototype
     python scripts/bench_throughput.py --eval-curve     # packed vs unpacked eval loss per token
 
 Variants (each one torchrun launch of 2 ranks per repetition, interleaved a b c d a b c d …):
@@ -16,6 +17,8 @@ Variants (each one torchrun launch of 2 ranks per repetition, interleaved a b c 
      flattened into one sequence with position ids restarting per row)
   d  a bare loop: deepspeed.initialize + dpkit's own packed micro-batches (collated before timing),
      dpkit.step.loss_sum, engine.backward/step — no metrics, logging or per-step collectives
+  e  (not run by default) dpkit with the per-row attention prototype `sdpa_rows` below: causal
+     sdpa on each packed row instead of sdpa over the whole sequence with a dense block mask
 
 Same rows: dpkit packs the shuffled rows into sequences of max_seq_len and the global batch counts
 sequences; the schedule of every step (which rows on which rank in which micro-batch) is derived
@@ -154,15 +157,29 @@ def sdpa_rows(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     batch, heads, length, _ = query.shape
     gqa = heads != key.shape[1]
     outs = []
-    for b in range(batch):
-        pos = position_ids[b if position_ids.shape[0] > 1 else 0]
-        starts = torch.nonzero(pos == 0).flatten().tolist() + [length]
+    for b, starts in enumerate(_row_starts(position_ids, batch, length)):
         outs.append(torch.cat([
             F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
                                            value[b:b + 1, :, s:e], is_causal=True,
                                            scale=scaling, enable_gqa=gqa)
             for s, e in zip(starts[:-1], starts[1:])], dim=2))
     return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
+
+
+_STARTS: list = [None, None]  # (weak reference to the position ids, their row starts)
+
+
+def _row_starts(position_ids, batch: int, length: int) -> list[list[int]]:
+    """Row boundaries of each packed sequence, read once per forward (every layer gets the same
+    position-ids tensor): one device->host copy per forward, not one per layer."""
+    import weakref
+
+    if _STARTS[0] is not None and _STARTS[0]() is position_ids:
+        return _STARTS[1]
+    pos = position_ids.expand(batch, -1).tolist()
+    starts = [[i for i, p in enumerate(row) if p == 0] + [length] for row in pos]
+    _STARTS[:] = [weakref.ref(position_ids), starts]
+    return starts
 
 
 def register_row_attention() -> None:

@@ -3,7 +3,12 @@ ZeRO-2, one GPU) through dpkit, and the same rows through transformers' Trainer 
 padding-free DataCollatorWithFlattening. Prints ONE JSON line. Started by scripts/gpu_check.sh.
 
     python scripts/gpu_mfu.py [--steps 30] [--warmup 5] [--out DIR]
-    python scripts/gpu_mfu.py --smoke          # tiny sizes, 2 steps: runs on a CPU machine
+    python scripts/gpu_mfu.py --variants dpkit,trainer_flattening,dpkit_rows   # + ~1 min
+    python scripts/gpu_mfu.py --smoke          # tiny sizes, 2 steps, all variants: runs on CPU
+
+Variants: dpkit (the recipe's sdpa), trainer_flattening (Trainer + DataCollatorWithFlattening),
+dpkit_rows (dpkit with the per-row attention prototype from scripts/bench_throughput.py: causal
+sdpa per packed row instead of sdpa over the whole sequence with a dense block-diagonal mask).
 
 Model: built from an inline config (random weights) — hidden 1024, 24 layers, 16 heads,
 intermediate 4096, vocab 32000: 0.47B parameters. Data: the bundled instruction rows (alpaca +
@@ -46,7 +51,8 @@ SMOKE_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 12
                "vocab_size": 2048, "max_position_embeddings": 512}
 SOURCES = [(ROOT / "data" / "self_instruct_seed.alpaca.jsonl", "alpaca", 40_375),
            (ROOT / "data" / "self_instruct_seed.messages.jsonl", "messages", 29_100)]
-VARIANTS = {"dpkit": "a", "trainer_flattening": "c"}  # bench_throughput's worker names
+# bench_throughput's worker names; dpkit_rows = dpkit with the per-row attention prototype
+VARIANTS = {"dpkit": "a", "trainer_flattening": "c", "dpkit_rows": "e"}
 
 
 def recipe(args, out: Path, dtype: str) -> dict:
@@ -76,7 +82,10 @@ def worker(args) -> None:
 
     rec = load_recipe(args.recipe)
     ns = argparse.Namespace(worker=VARIANTS[args.worker], plan=args.plan)
-    result = (B.run_dpkit if args.worker == "dpkit" else B.run_trainer)(rec, ns)
+    if args.worker == "dpkit_rows":
+        B.register_row_attention()
+        rec.model = rec.model.model_copy(update={"attn_implementation": "sdpa_rows"})
+    result = (B.run_trainer if args.worker == "trainer_flattening" else B.run_dpkit)(rec, ns)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     config = load_model_config(rec.model)
@@ -137,6 +146,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=1,
                    help="packed sequences per forward (1: the Trainer's flattened micro-batch "
                    "has exactly dpkit's layout, so the ratio compares the loops)")
+    p.add_argument("--variants", default="dpkit,trainer_flattening",
+                   help=f"some of {','.join(VARIANTS)} (--smoke runs all)")
     p.add_argument("--timeout", type=int, default=170, help="per variant, seconds")
     p.add_argument("--out", help="work directory (default: a new temporary one)")
     args = p.parse_args()
@@ -146,6 +157,11 @@ def main() -> int:
     if args.smoke:
         args.steps, args.warmup, args.seq_len = 2, 1, 256
         args.global_batch, args.micro_batch = 2, 1
+        args.variants = ",".join(VARIANTS)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     work = Path(args.out or tempfile.mkdtemp(prefix="dpkit-gpu-mfu-"))
     work.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -163,7 +179,7 @@ def main() -> int:
                   "steps": args.steps, "warmup_steps": args.warmup, "zero_stage": 2,
                   "dtype": dtype, "model": dict(SMOKE_MODEL if args.smoke else MODEL)}
     ok = True
-    for name in VARIANTS:
+    for name in variants:
         res, log = work / f"{name}.json", work / f"{name}.log"
         t0 = time.time()
         try:
@@ -178,12 +194,15 @@ def main() -> int:
             ok = False
             line[name] = {"error": last_error(log) or str(e).strip().splitlines()[0][:300],
                           "log": str(log)}
-    if ok:
-        line["dpkit_over_trainer"] = round(line["dpkit"]["tokens_per_s"] /
-                                           line["trainer_flattening"]["tokens_per_s"], 3)
-        loss_a = line["dpkit"]["step1_loss"]
-        loss_c = line["trainer_flattening"]["step1_loss"]
-        line["same_step1_loss"] = abs(loss_a - loss_c) <= 2e-2 * abs(loss_a)  # bf16 kernels
+    if ok and "trainer_flattening" in variants:
+        base = line["trainer_flattening"]
+        for name in variants:
+            if name != "trainer_flattening":
+                line[f"{name}_over_trainer"] = round(line[name]["tokens_per_s"] /
+                                                     base["tokens_per_s"], 3)
+    if ok and len(variants) > 1:  # same rows and weights: same first loss (bf16 kernels differ)
+        first = [line[v]["step1_loss"] for v in variants]
+        line["same_step1_loss"] = max(first) - min(first) <= 2e-2 * abs(first[0])
         ok = line["same_step1_loss"]
     line["ok"] = ok
     line["work_dir"] = str(work)
