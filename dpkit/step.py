@@ -24,7 +24,7 @@ class StepResult:
     loss: float               # global: sum of token losses / target tokens
     targets: int              # tokens the loss was computed on, all ranks
     tokens: int               # non-padding input tokens, all ranks
-    samples: int              # rows, all ranks
+    samples: int              # rows (not packed sequences), all ranks
     row_lengths: list[int]    # this rank's row lengths (attention FLOPs grow with their squares)
     applied: bool             # False when DeepSpeed skipped the update (non-finite gradients)
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase
@@ -62,10 +62,9 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     """
     t0 = time.perf_counter()
     real = [b for b in micro_batches if (b["labels"] != D.IGNORE).any()]
+    lengths = [n for b in real for n in row_lengths(b)]  # rows, also inside packed sequences
     local = [sum(D.target_tokens(b) for b in micro_batches),
-             sum(int(b["attention_mask"].sum()) for b in real),
-             sum(b["input_ids"].size(0) for b in real)]
-    lengths = [n for b in real for n in row_lengths(b)]
+             sum(int(b["attention_mask"].sum()) for b in real), len(lengths)]
     targets, tokens, samples = distributed.all_reduce_sum(local, env.device)
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages
     # over ranks; multiplying by both turns the sum into "sum over the global batch / targets".
