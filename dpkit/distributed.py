@@ -273,6 +273,17 @@ def setup(timeout_s: int) -> DistEnv:
     return _ENV
 
 
+def shutdown() -> None:
+    """End the process group cleanly once the work is done. Leaving it to interpreter exit can
+    abort a rank ("terminate called without an active exception") as the collective backend's
+    threads are torn down, turning a finished run into a failed launch."""
+    global _ENV
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _ENV = None
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_USER_ERROR
     try:
         run(load_recipe(argv[0], argv[1:]))
+        distributed.shutdown()
     except RecipeError as e:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)

@@ -3,9 +3,11 @@ training run of a tiny model ~1 s), sharing the process group. Usage: run_recipe
 
 import sys
 
+from dpkit import distributed
 from dpkit.recipe import load_recipe
 from dpkit.train import run
 
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         run(load_recipe(path))
+    distributed.shutdown()
