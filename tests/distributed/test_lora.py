@@ -63,6 +63,9 @@ def _drive(paths: list[str]) -> None:
 
 if __name__ == "__main__":
     _drive(sys.argv[1:])
+    from dpkit import distributed
+
+    distributed.shutdown()  # a clean end, not the backend's threads torn down at exit
     sys.exit(0)
 
 from conftest import (ROOT, TINY_LLAMA, tiny_recipe, torchrun, train_losses,  # noqa: E402
