@@ -35,6 +35,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     from dpkit.train import output_dir_problem
     from dpkit.zero import batch_arithmetic, resolve_ds_config
 
+    import datasets
+
+    datasets.disable_progress_bars()  # the parent prints problems and notes, not load bars
     problems: list[Problem] = []
     notes: list[str] = []
     offline = hub_offline()
