@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dpkit.attention import row_boundaries
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSection, DataSource
 
@@ -285,8 +286,10 @@ def eval_micro_batches(n: int, rank: int, world_size: int, micro: int) -> list[l
 
 
 # --------------------------------------------------------------------------------- collation
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. An empty list gives one fully masked row (adds nothing)."""
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-pad to the longest row. An empty list gives one fully masked row (adds nothing).
+    Packed sequences also get their position ids and row boundaries (`cu_seq_lens`, int32
+    offsets in the flattened batch, and `max_length`, the longest row, an int)."""
     if not examples:
         return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
                 "attention_mask": torch.ones((1, 2), dtype=torch.long),
@@ -306,8 +309,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             positions[i, :n] = torch.tensor(ex.position_ids)
             positions[i, n:] = torch.arange(width - n)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if packed:
+    if packed:  # row boundaries computed here, on the CPU, so no layer reads them off the GPU
         batch["position_ids"] = positions
+        batch["cu_seq_lens"], batch["max_length"] = row_boundaries(positions)
     return batch
 
 

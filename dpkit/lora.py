@@ -148,10 +148,11 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     section, msec, seed = recipe.peft, recipe.model, recipe.train.seed
+    packed_len = recipe.data.max_seq_len if recipe.data.packing else None
     qlora = section.method == "qlora"
     quant = quantization_kwargs(recipe, env.local_rank) if qlora else {}
     if msec.config is not None:
-        model = build_model(msec, seed, recipe.zero.stage, ds_config)
+        model = build_model(msec, seed, recipe.zero.stage, ds_config, packed_len)
         base_dir = run_dir / "base"
         if env.is_main and (recipe.output.save_model or qlora):
             save_base(model, tokenizer, base_dir)
@@ -159,9 +160,9 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
         if qlora:  # bitsandbytes quantizes while loading: reload the saved base in 4-bit
             del model
             saved = msec.model_copy(update={"config": None, "name_or_path": str(base_dir)})
-            model = build_model(saved, seed, recipe.zero.stage, ds_config, **quant)
+            model = build_model(saved, seed, recipe.zero.stage, ds_config, packed_len, **quant)
     else:
-        model = build_model(msec, seed, recipe.zero.stage, ds_config, **quant)
+        model = build_model(msec, seed, recipe.zero.stage, ds_config, packed_len, **quant)
     if qlora:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=msec.gradient_checkpointing,

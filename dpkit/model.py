@@ -114,8 +114,11 @@ def read_chat_template(value: str) -> str:
 
 
 def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: dict | None = None,
-                **load_kwargs):
+                packed_len: int | None = None, **load_kwargs):
     """The causal LM, in the training dtype.
+
+    `packed_len` (data.max_seq_len when data.packing is on) lets packed sdpa run row by row
+    (dpkit/attention.py) instead of under a dense block mask.
 
     An inline config is built with the plain constructor under `seed`, so every rank and a
     single-process reference start from identical weights. A pretrained model under ZeRO-3 is
@@ -140,6 +143,12 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
             section.name_or_path, revision=section.revision, dtype=dtype,
             trust_remote_code=section.trust_remote_code, **common, **load_kwargs)
         del keep_alive
+    if packed_len is not None:
+        from dpkit.attention import implementation_for
+
+        chosen = implementation_for(section.attn_implementation, True, model.config, packed_len)
+        if chosen != section.attn_implementation:
+            model.set_attn_implementation(chosen)  # not saved: config.json keeps the recipe's
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -67,6 +67,10 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
     problems.extend(_observability_problems(recipe))
+    if recipe.train.compile and recipe.zero.stage == 3:
+        problems.append(Problem("train.compile", "is not supported with ZeRO-3: torch.compile "
+                                "traces DeepSpeed's parameter-gathering hooks and recompiles "
+                                "around every module", "use zero.stage 0-2, or set it to false"))
     if config is not None and gpu_memory_bytes and not recipe.train.skip_memory_check:
         from dpkit.plan import check_fits
 
@@ -109,11 +113,18 @@ def _build_problems(recipe: Recipe, config, key: str) -> list[Problem]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from dpkit.attention import implementation_for
+
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config,
-                                             attn_implementation=recipe.model.attn_implementation,
-                                             trust_remote_code=recipe.model.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation=recipe.model.attn_implementation,
+                trust_remote_code=recipe.model.trust_remote_code)
+            if recipe.data.packing:  # the per-row attention train would switch to
+                chosen = implementation_for(recipe.model.attn_implementation, True, model.config,
+                                            recipe.data.max_seq_len)
+                if chosen != recipe.model.attn_implementation:
+                    model.set_attn_implementation(chosen)
     except (ValueError, ImportError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attention" in str(e).lower():

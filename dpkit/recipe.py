@@ -164,6 +164,10 @@ class TrainSection(_Section):
     """Clip the global gradient norm to this (0 turns clipping off)."""
     seed: int = 42
     """Seeds model init (inline configs), data order, eval split and dropout."""
+    compile: bool = False
+    """torch.compile each repeated decoder layer once (regional compilation, as accelerate does
+    for DeepSpeed): fuses the elementwise work between the matmuls. The first steps pay the
+    compile time (about a minute); worth it for long runs on GPUs."""
     skip_memory_check: bool = False
     """Launch even when `dpkit plan`'s memory model says the recipe will not fit the GPUs."""
     nan_policy: Literal["stop", "skip"] = "stop"

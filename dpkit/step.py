@@ -32,8 +32,12 @@ class StepResult:
 
 def loss_sum(engine, batch: dict) -> torch.Tensor:
     """Sum (not mean) of next-token losses over the batch's target tokens, in fp32."""
-    if "position_ids" in batch:  # packed: the mask comes from the restarting position ids
-        inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
+    if "position_ids" in batch:  # packed: rows from the restarting position ids, no mask
+        # The boundaries also go as flash-attention keywords: dpkit's per-row attention and
+        # flash_attention_2 use them directly; sdpa/eager build their mask from the positions.
+        inputs = {"position_ids": batch["position_ids"], "attention_mask": None,
+                  "cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
+                  "max_length_q": batch["max_length"], "max_length_k": batch["max_length"]}
     else:
         inputs = {"attention_mask": batch["attention_mask"]}
     # use_cache=False is load-bearing for packing: with the cache on, transformers 5 ignores
@@ -46,7 +50,8 @@ def loss_sum(engine, batch: dict) -> torch.Tensor:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def _sync(device) -> None:
@@ -58,7 +63,9 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
                poison_loss: bool = False) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
-    `poison_loss` turns this rank's loss into NaN (fault injection for the NaN tests).
+    `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
+    queue is never drained to read a number back. `poison_loss` turns this rank's loss into NaN
+    (fault injection for the NaN tests).
     """
     t0 = time.perf_counter()
     real = [b for b in micro_batches if (b["labels"] != D.IGNORE).any()]
@@ -69,6 +76,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages
     # over ranks; multiplying by both turns the sum into "sum over the global batch / targets".
     scale = grad_accum * env.world_size / max(targets, 1)
+    micro_batches = [to_device(b, env.device) for b in micro_batches]
     t1 = time.perf_counter()
     step_loss, optimizer_s = torch.zeros((), device=env.device, dtype=torch.float64), 0.0
     for i, micro in enumerate(micro_batches):
@@ -97,12 +105,12 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
 def evaluate(engine, examples, env, micro: int, pad_id: int) -> tuple[float, int]:
     """Token-weighted eval loss over all ranks' shards of the eval set."""
     engine.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=env.device, dtype=torch.float64), 0
     with torch.no_grad():
         for idx in D.eval_micro_batches(len(examples), env.rank, env.world_size, micro):
-            batch = to_device(D.collate([examples[i] for i in idx], pad_id), env.device)
-            total += float(loss_sum(engine, batch))
-            count += D.target_tokens(batch)
+            batch = D.collate([examples[i] for i in idx], pad_id)
+            count += D.target_tokens(batch)  # on the CPU copy: no device readback per batch
+            total += loss_sum(engine, to_device(batch, env.device))
     engine.train()
-    total, count = distributed.all_reduce_sum([total, count], env.device)
+    total, count = distributed.all_reduce_sum([float(total), count], env.device)
     return total / max(count, 1), int(count)

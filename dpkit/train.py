@@ -30,7 +30,7 @@ from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, me
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.packing import fill_ratio, pack
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
-from dpkit.step import evaluate, to_device, train_step
+from dpkit.step import evaluate, train_step
 from dpkit.zero import batch_arithmetic, resolve_ds_config
 
 
@@ -184,7 +184,8 @@ def run(recipe: Recipe) -> dict:
         model = lora.build_peft_model(recipe, tokenizer, ds_config, out, env)
         say(f"[dpkit] {lora.describe(model, recipe.peft)}")
     else:
-        model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config)
+        model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config,
+                            packed_len=recipe.data.max_seq_len if recipe.data.packing else None)
     n_train, n_params = lora.count_parameters(model)
     say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
         f"({100 * n_train / max(n_params, 1):.2f}%)")
@@ -194,6 +195,14 @@ def run(recipe: Recipe) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if recipe.train.compile:  # after initialize, in place: DeepSpeed's hooks stay on the path
+        from accelerate.utils import compile_regions_deepspeed
+
+        compile_regions_deepspeed(engine.module)
+        compiled = sum(getattr(m, "_compiled_call_impl", None) is not None
+                       for m in engine.module.modules())
+        say(f"[dpkit] compile: {compiled} modules (each decoder layer, then the rest) compiled "
+            "by torch.compile on first use; the first steps are slower")
 
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
@@ -232,7 +241,7 @@ def run(recipe: Recipe) -> dict:
         C.fault_point("step", step + 1, env.rank)
         epoch, step_in_epoch = divmod(step, per_epoch)
         t0 = time.perf_counter()
-        micro_batches = [to_device(D.collate([train_rows[i] for i in idx], pad_id), env.device)
+        micro_batches = [D.collate([train_rows[i] for i in idx], pad_id)
                          for idx in D.step_micro_batches(
                              len(train_rows), recipe.train.seed, epoch, step_in_epoch, env.rank,
                              env.world_size, batch.micro_batch_size, batch.grad_accum,

@@ -4,7 +4,7 @@ tokens/s (non-padding input tokens of the rows trained on, counted from the rows
 same way for every variant) and the ratios; medians of --reps repetitions, warm-up steps excluded.
 
     python scripts/bench_throughput.py                  # a b c d × 3 repetitions, 2 CPU ranks
-    python scripts/bench_throughput.py --variants a,e   # the per-row attention prototype
+    python scripts/bench_throughput.py --variants a,e   # what per-row attention gains
     python scripts/bench_throughput.py --eval-curve     # packed vs unpacked eval loss per token
 
 Variants (each one torchrun launch of 2 ranks per repetition, interleaved a b c d a b c d …):
@@ -17,8 +17,9 @@ Variants (each one torchrun launch of 2 ranks per repetition, interleaved a b c 
      flattened into one sequence with position ids restarting per row)
   d  a bare loop: deepspeed.initialize + dpkit's own packed micro-batches (collated before timing),
      dpkit.step.loss_sum, engine.backward/step — no metrics, logging or per-step collectives
-  e  (not run by default) dpkit with the per-row attention prototype `sdpa_rows` below: causal
-     sdpa on each packed row instead of sdpa over the whole sequence with a dense block mask
+  e  (not run by default) dpkit with transformers' own packed sdpa (a dense block-diagonal mask
+     over the whole sequence) instead of its per-row attention (dpkit/attention.py): what
+     per-row attention gains
 
 Same rows: dpkit packs the shuffled rows into sequences of max_seq_len and the global batch counts
 sequences; the schedule of every step (which rows on which rank in which micro-batch) is derived
@@ -58,7 +59,7 @@ SOURCES = [(ROOT / "data" / "self_instruct_seed.alpaca.jsonl", "alpaca"),
 TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
 VARIANTS = {"a": "dpkit (packed)", "b": "Trainer + DataCollatorForSeq2Seq (padding)",
             "c": "Trainer + DataCollatorWithFlattening", "d": "bare deepspeed loop, dpkit batches",
-            "e": "dpkit (packed), per-row attention prototype"}
+            "e": "dpkit (packed), sdpa under a dense block mask"}
 
 
 def base_recipe(out: Path, args, packing: bool = True) -> dict:
@@ -143,61 +144,15 @@ def useful_tokens(rows, schedule) -> list[int]:
             for step in schedule]
 
 
-# ================================================================ prototype: per-row attention
-def sdpa_rows(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-              position_ids=None, **kwargs):
-    """Attention for packed sequences, row by row: causal sdpa on each segment of restarting
-    position ids, no mask. sdpa with the block-diagonal mask transformers builds from the
-    position ids computes every (query, key) pair of the whole packed sequence and throws most
-    away; per row, the work is sum(len²) instead of max_seq_len², and the causal fast path runs.
-    Same loss and gradients (checked to fp32 rounding). Variant e of this benchmark."""
-    import torch
-    import torch.nn.functional as F
-
-    batch, heads, length, _ = query.shape
-    gqa = heads != key.shape[1]
-    outs = []
-    for b, starts in enumerate(_row_starts(position_ids, batch, length)):
-        outs.append(torch.cat([
-            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                           value[b:b + 1, :, s:e], is_causal=True,
-                                           scale=scaling, enable_gqa=gqa)
-            for s, e in zip(starts[:-1], starts[1:])], dim=2))
-    return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
-
-
-_STARTS: list = [None, None]  # (weak reference to the position ids, their row starts)
-
-
-def _row_starts(position_ids, batch: int, length: int) -> list[list[int]]:
-    """Row boundaries of each packed sequence, read once per forward (every layer gets the same
-    position-ids tensor): one device->host copy per forward, not one per layer."""
-    import weakref
-
-    if _STARTS[0] is not None and _STARTS[0]() is position_ids:
-        return _STARTS[1]
-    pos = position_ids.expand(batch, -1).tolist()
-    starts = [[i for i, p in enumerate(row) if p == 0] + [length] for row in pos]
-    _STARTS[:] = [weakref.ref(position_ids), starts]
-    return starts
-
-
-def register_row_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register("sdpa_rows", sdpa_rows)
-    AttentionMaskInterface.register("sdpa_rows", lambda *a, **k: None)  # no mask is built
-
-
 # ================================================================================= the workers
 def worker(args) -> None:
     from dpkit.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.worker == "e":  # dpkit, its model using the per-row attention prototype below
-        register_row_attention()
-        recipe.model = recipe.model.model_copy(update={"attn_implementation": "sdpa_rows"})
+    if args.worker == "e":  # dpkit as it was before per-row attention: sdpa under a dense mask
+        import dpkit.attention
+
+        dpkit.attention.implementation_for = lambda requested, *rest: requested
     result = {"a": run_dpkit, "b": run_trainer, "c": run_trainer, "d": run_bare,
               "e": run_dpkit, "curve": run_curve}[args.worker](recipe, args)
     if int(os.environ.get("RANK", "0")) == 0 and result is not None:
@@ -241,7 +196,8 @@ def run_bare(recipe, args):
     tokenizer = load_tokenizer(recipe.model)
     hidden = load_model_config(recipe.model).hidden_size
     ds_config = resolve_ds_config(recipe, env.world_size, hidden, on_cpu=env.backend == "gloo")
-    model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config)
+    model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config,
+                        packed_len=recipe.data.max_seq_len)  # the attention dpkit trains with
     optimizer = build_optimizer(model, recipe)
     steps = recipe.train.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))

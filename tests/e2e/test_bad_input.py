@@ -69,6 +69,12 @@ def test_empty_dataset(tmp_path, capsys):
     expect_error(tmp_path, capsys, r, "data.sources[0].path:", "is empty")
 
 
+def test_compile_with_zero3(tmp_path, capsys):
+    r = tiny_recipe(tmp_path / "run", train={"compile": True}, zero={"stage": 3})
+    expect_error(tmp_path, capsys, r, "train.compile: is not supported with ZeRO-3",
+                 "use zero.stage 0-2")
+
+
 def test_nonexistent_model_path(tmp_path, capsys):
     r = tiny_recipe(tmp_path / "run")
     r["model"] = {"name_or_path": str(tmp_path / "no-such-model"), "dtype": "float32"}

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import MESSAGES, TINY_LLAMA, TOKENIZER
 
+from dpkit.attention import NAME, implementation_for, register
 from dpkit.data import IGNORE, collate, epoch_order, load_datasets, step_micro_batches
 from dpkit.model import load_tokenizer
 from dpkit.packing import pack, row_lengths
@@ -23,13 +24,15 @@ def rows():
 def model(attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if attn == NAME:
+        register()
     cfg = dict(TINY_LLAMA)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", NAME])
 def test_packed_loss_equals_unpacked(rows, attn):
     examples, pad = rows
     m = model(attn)
@@ -44,6 +47,70 @@ def test_packed_loss_equals_unpacked(rows, attn):
         crossed = float(loss_sum(m, leaky))
     assert packed == pytest.approx(unpacked, rel=1e-5)
     assert abs(crossed - unpacked) > 1e-3
+
+
+def test_row_attention_gradients_equal_masked_sdpa(rows):
+    """dpkit's per-row attention computes what sdpa under transformers' block mask computes:
+    same loss and same gradient for every parameter, on real packed rows."""
+    examples, pad = rows
+    batch = collate(pack(examples, max_len=400, seed=0), pad)
+    grads = {}
+    for attn in ("sdpa", NAME):
+        m = model(attn).train()
+        loss = loss_sum(m, batch)
+        loss.backward()
+        grads[attn] = (float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[NAME][0] == pytest.approx(grads["sdpa"][0], rel=1e-6)
+    for name, g in grads["sdpa"][1].items():
+        torch.testing.assert_close(grads[NAME][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_row_attention_without_boundaries_keywords(rows):
+    """A model that passes only position ids to its attention (not the forward's flash keywords)
+    still gets rows apart; unpacked right-padded rows (eval) need no mask at all."""
+    examples, pad = rows
+    m, ref = model(NAME), model("sdpa")
+    packed = collate(pack(examples, max_len=400, seed=0), pad)
+    unpacked = collate(examples[:4], pad)
+    with torch.no_grad():
+        by_positions = m(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                         use_cache=False).logits
+        by_mask = ref(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                      use_cache=False).logits
+        real = packed["attention_mask"].bool()
+        torch.testing.assert_close(by_positions[real], by_mask[real], rtol=1e-4, atol=1e-5)
+        padded = m(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
+                   use_cache=False).logits
+        masked = ref(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
+                     use_cache=False).logits
+        real = unpacked["attention_mask"].bool()
+        torch.testing.assert_close(padded[real], masked[real], rtol=1e-4, atol=1e-5)
+
+
+def test_row_attention_only_where_rows_need_nothing_but_causality():
+    from transformers import AutoConfig
+
+    llama = AutoConfig.for_model("llama")
+    assert implementation_for("sdpa", True, llama, 2048) == NAME
+    assert implementation_for("sdpa", False, llama, 2048) == "sdpa"        # not packed
+    assert implementation_for("eager", True, llama, 2048) == "eager"       # what was asked
+    windowed = AutoConfig.for_model("mistral", sliding_window=1024)
+    assert implementation_for("sdpa", True, windowed, 2048) == "sdpa"      # window would bite
+    assert implementation_for("sdpa", True, windowed, 1024) == NAME        # window never bites
+
+
+def test_build_model_switches_packed_sdpa_to_rows_and_saves_sdpa(tmp_path):
+    import json
+
+    from dpkit.model import build_model
+
+    section = ModelSection(config=dict(TINY_LLAMA), tokenizer=str(TOKENIZER), dtype="float32")
+    assert build_model(section, 0, 2).config._attn_implementation == "sdpa"
+    m = build_model(section, 0, 2, packed_len=256)
+    assert m.config._attn_implementation == NAME
+    m.save_pretrained(tmp_path)  # a saved model must load anywhere, without dpkit
+    assert NAME not in (tmp_path / "config.json").read_text()
+    assert json.loads((tmp_path / "config.json").read_text()).get("_attn_implementation") != NAME
 
 
 def test_pack_keeps_every_row_once_and_masks_row_starts(rows):
