@@ -31,6 +31,14 @@ import torch.nn.functional as F
 
 NAME = "dpkit_rows"
 
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMETERS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, _VARLEN_PARAMETERS = None, frozenset()
+_FLASH_GPU = [False]  # set by register(): a CUDA GPU of compute capability 8.0 or newer
+
 
 def row_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Offsets of the rows in the flattened batch (int32, ending with its size) and the longest
@@ -64,6 +72,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _FLASH_GPU[0] = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
     AttentionInterface.register(NAME, rows_attention)
     # No mask is built: rows come from cu_seq_lens, causality from the kernel.
     AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
@@ -104,53 +113,33 @@ def _row_by_row(query, key, value, cu_seq_lens, dropout, scaling):
 
 
 def _varlen(query, key, value, cu_seq_lens, max_length, scaling):
-    from torch.nn.attention.varlen import varlen_attn
-
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    params = _varlen_parameters()
     extra = {}
     if kv_heads != heads:
-        if "enable_gqa" in params:
+        if "enable_gqa" in _VARLEN_PARAMETERS:
             extra["enable_gqa"] = True
         else:  # older torch: repeat the shared key/value heads
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
     # torch 2.10 spells causality is_causal=True; later versions window_size=(-1, 0)
-    extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    extra.update({"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMETERS
+                 else {"is_causal": True})
     cu = cu_seq_lens.to(query.device, non_blocking=True)
     max_length = int(max_length) if max_length is not None else length
-    out = varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, **extra)
+    out = _varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, **extra)
     return out.reshape(batch, length, heads, dim)
 
 
-_VARLEN_PARAMETERS: list = []
-
-
-def _varlen_parameters() -> set[str]:
-    if not _VARLEN_PARAMETERS:
-        from torch.nn.attention.varlen import varlen_attn
-
-        _VARLEN_PARAMETERS.append(set(inspect.signature(varlen_attn).parameters))
-    return _VARLEN_PARAMETERS[0]
-
-
 def _varlen_supported(query) -> bool:
-    """Flash-attention's conditions: CUDA (Ampere or newer), half precision, head dim <= 256."""
-    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if query.shape[-1] > 256 or query.shape[-1] % 8:
-        return False
-    if torch.cuda.get_device_capability(query.device)[0] < 8:
-        return False
-    try:
-        _varlen_parameters()
-    except ImportError:  # torch < 2.10
-        return False
-    return True
+    """Flash-attention's conditions: CUDA (Ampere or newer), half precision, head dim <= 256.
+    Only plain attribute reads here: this runs inside torch.compile'd layers."""
+    return (_varlen_attn is not None and query.is_cuda and _FLASH_GPU[0]
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0)
 
 
 # (weak reference to the tensor every layer of one forward receives, what was read from it)

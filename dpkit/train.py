@@ -186,6 +186,12 @@ def run(recipe: Recipe) -> dict:
     else:
         model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config,
                             packed_len=recipe.data.max_seq_len if recipe.data.packing else None)
+    attention = getattr(model.config, "_attn_implementation", recipe.model.attn_implementation)
+    if recipe.data.packing:
+        say(f"[dpkit] packing: attention {attention}" + (
+            " (rows apart by per-row attention: flash varlen on CUDA, causal sdpa per row "
+            "elsewhere)" if attention == "dpkit_rows" else " (rows kept apart by transformers "
+            "from the restarting position ids)"))
     n_train, n_params = lora.count_parameters(model)
     say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
         f"({100 * n_train / max(n_params, 1):.2f}%)")
@@ -302,7 +308,7 @@ def run(recipe: Recipe) -> dict:
         "final_eval_loss": last_eval, "world_size": env.world_size,
         "global_batch_size": batch.global_batch_size, "micro_batch_size": batch.micro_batch_size,
         "grad_accum": batch.grad_accum, "zero_stage": recipe.zero.stage,
-        "dtype": recipe.model.dtype,
+        "dtype": recipe.model.dtype, "attention": attention,
         "base_model": recipe.model.name_or_path or "inline config",
         "datasets": [s.path for s in recipe.data.sources],
         "parameters": n_params, "trainable_parameters": n_train,

@@ -326,8 +326,10 @@ def run_curve(recipe, args):
 # ================================================================================== the driver
 def rank_env() -> dict[str, str]:
     env = dict(os.environ)
+    # the repository first, then what the caller had (a GPU machine's carried wheels)
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+               PYTHONUNBUFFERED="1", PYTHONPATH=path)
     import torch
 
     if not torch.cuda.is_available():

@@ -4,7 +4,9 @@
 # docs/benchmarks.md. What the GPU image lacks (deepspeed, pydantic, datasets, bitsandbytes …)
 # travels as wheels in .whl/ (see docs/benchmarks.md, "GPU checks", for the download commands).
 #
-#   bash scripts/gpu_all.sh [quick|zero3|plan|qlora|mfu ...]   # default: all of them
+#   bash scripts/gpu_all.sh [quick|zero3|plan|qlora|rows|mfu|mfu_compile|mfu_ga4|mfu_dense|
+#                            trainer_mfu ...]
+#   (default: quick zero3 plan rows mfu qlora)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dpkit_gpu}; mkdir -p "$OUT"
@@ -15,7 +17,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" TORCH_EXTENSIONS_DIR=/tmp/torch_ext HF_HUB_OFFLINE=1 \
        PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-CHECKS=${*:-quick zero3 plan mfu qlora}
+CHECKS=${*:-quick zero3 plan rows mfu qlora}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 - <<'PY' | tee -a "$OUT/gpu.txt"
@@ -52,11 +54,19 @@ for check in $CHECKS; do case $check in
     step plan 150 python3 scripts/gpu_plan_check.py --seq 512,2048 ;;
   qlora)  # issue 4: a tiny QLoRA run, adapters verified and reloaded on the 4-bit base
     step qlora 150 python3 scripts/gpu_qlora_check.py --stages 2,3 --steps 8 ;;
-  mfu)    # issue 9: MFU of a ~0.5B Llama, bf16, 2048 tokens, packed, ZeRO-2 (dpkit alone;
-          # scripts/gpu_check.sh adds the same through Trainer)
+  rows)   # issue 9: per-row attention (flash varlen) vs transformers' masked sdpa: loss, grads, time
+    step rows 150 python3 scripts/gpu_rows_check.py ;;
+  mfu)    # issue 9: MFU of a ~0.5B Llama, bf16, 2048 tokens, packed, ZeRO-2 (dpkit alone)
     step mfu 150 python3 scripts/gpu_mfu_dpkit.py --steps 20 --micro 8 ;;
-  trainer_mfu)
-    step trainer_mfu 300 bash scripts/gpu_check.sh ;;
+  mfu_compile)  # the same with train.compile (regional torch.compile)
+    step mfu_compile 240 python3 scripts/gpu_mfu_dpkit.py --steps 20 --micro 8 --compile ;;
+  mfu_ga4)  # compiled, 4 micro-batches accumulated per optimizer step (global batch 32)
+    step mfu_ga4 240 python3 scripts/gpu_mfu_dpkit.py --steps 10 --warmup 3 --micro 8 \
+      --global-batch 32 --compile ;;
+  mfu_dense)  # packed sdpa under transformers' dense block mask: what per-row attention gains
+    step mfu_dense 150 python3 scripts/gpu_mfu_dpkit.py --steps 20 --micro 8 --dense-mask ;;
+  trainer_mfu)  # dpkit vs Trainer + DataCollatorWithFlattening on the same rows
+    step trainer_mfu 300 bash scripts/gpu_check.sh --variants dpkit,trainer_flattening,dpkit_dense ;;
 esac; done
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl" 2>/dev/null
 echo "results in $OUT"

@@ -3,12 +3,12 @@ ZeRO-2, one GPU) through dpkit, and the same rows through transformers' Trainer 
 padding-free DataCollatorWithFlattening. Prints ONE JSON line. Started by scripts/gpu_check.sh.
 
     python scripts/gpu_mfu.py [--steps 30] [--warmup 5] [--out DIR]
-    python scripts/gpu_mfu.py --variants dpkit,trainer_flattening,dpkit_rows   # + ~1 min
+    python scripts/gpu_mfu.py --variants dpkit,trainer_flattening,dpkit_dense  # + ~1 min
     python scripts/gpu_mfu.py --smoke          # tiny sizes, 2 steps, all variants: runs on CPU
 
-Variants: dpkit (the recipe's sdpa), trainer_flattening (Trainer + DataCollatorWithFlattening),
-dpkit_rows (dpkit with the per-row attention prototype from scripts/bench_throughput.py: causal
-sdpa per packed row instead of sdpa over the whole sequence with a dense block-diagonal mask).
+Variants: dpkit (sdpa recipe: per-row attention, flash varlen on CUDA — dpkit/attention.py),
+trainer_flattening (Trainer + DataCollatorWithFlattening, the model's sdpa), dpkit_dense (dpkit
+with transformers' packed sdpa under a dense block-diagonal mask: what per-row attention gains).
 
 Model: built from an inline config (random weights) — hidden 1024, 24 layers, 16 heads,
 intermediate 4096, vocab 32000: 0.47B parameters. Data: the bundled instruction rows (alpaca +
@@ -51,8 +51,8 @@ SMOKE_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 12
                "vocab_size": 2048, "max_position_embeddings": 512}
 SOURCES = [(ROOT / "data" / "self_instruct_seed.alpaca.jsonl", "alpaca", 40_375),
            (ROOT / "data" / "self_instruct_seed.messages.jsonl", "messages", 29_100)]
-# bench_throughput's worker names; dpkit_rows = dpkit with the per-row attention prototype
-VARIANTS = {"dpkit": "a", "trainer_flattening": "c", "dpkit_rows": "e"}
+# bench_throughput's worker names
+VARIANTS = {"dpkit": "a", "trainer_flattening": "c", "dpkit_dense": "e"}
 
 
 def recipe(args, out: Path, dtype: str) -> dict:
@@ -82,9 +82,10 @@ def worker(args) -> None:
 
     rec = load_recipe(args.recipe)
     ns = argparse.Namespace(worker=VARIANTS[args.worker], plan=args.plan)
-    if args.worker == "dpkit_rows":
-        B.register_row_attention()
-        rec.model = rec.model.model_copy(update={"attn_implementation": "sdpa_rows"})
+    if args.worker == "dpkit_dense":
+        import dpkit.attention
+
+        dpkit.attention.implementation_for = lambda requested, *rest: requested
     result = (B.run_trainer if args.worker == "trainer_flattening" else B.run_dpkit)(rec, ns)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -2,7 +2,8 @@
 2048-token sequences, ZeRO-2, one GPU. Prints one JSON line (tokens/s and MFU, median over the
 steps after warm-up, as dpkit's metrics.jsonl reports them). Goal (issue 9): MFU >= 45% on H100.
 
-    python scripts/gpu_mfu_dpkit.py [--steps 20] [--micro 8] [--checkpointing]
+    python scripts/gpu_mfu_dpkit.py [--steps 20] [--micro 8] [--global-batch 32] [--compile]
+                                    [--checkpointing] [--dense-mask] [--no-pack] [--attn NAME]
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step "
+                   "(default: one micro-batch; more = gradient accumulation)")
+    p.add_argument("--compile", action="store_true", help="train.compile: regional torch.compile")
+    p.add_argument("--dense-mask", action="store_true",
+                   help="packed sdpa under transformers' dense block mask instead of dpkit's "
+                        "per-row attention (what dpkit did before; for the ratio)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--no-pack", action="store_true",
@@ -37,6 +44,11 @@ def main() -> int:
 
     import torch
 
+    if args.dense_mask:
+        import dpkit.attention
+
+        dpkit.attention.implementation_for = lambda requested, *rest: requested
+    global_batch = args.global_batch or args.micro
     from dpkit.recipe import recipe_from_dict
     from dpkit.train import run
 
@@ -44,14 +56,14 @@ def main() -> int:
         tmp = Path(tmp)
         # The real instructions, repeated: rows of realistic lengths for packing.
         rows = (ROOT / "data" / "self_instruct_seed.alpaca.jsonl").read_text()
-        needed = args.steps * args.micro * 2048 // 150 + 1  # rows, at ~200 tokens each
+        needed = args.steps * global_batch * 2048 // 150 + 1  # rows, at ~200 tokens each
         copies = needed // 175 + 2
         (tmp / "rows.jsonl").write_text(rows * copies)
         if args.no_pack:  # long text rows, each truncated to exactly 2048 tokens
             words = " ".join(json.loads(r)["output"] for r in rows.splitlines())[:24000]
             (tmp / "rows.jsonl").write_text("".join(
                 json.dumps({"text": words[i % 1000:] + words}) + "\n"
-                for i in range(args.steps * args.micro)))
+                for i in range(args.steps * global_batch)))
         recipe = recipe_from_dict({
             "model": {"config": MODEL, "tokenizer": str(ROOT / "data/tokenizers/tiny-bpe"),
                       "dtype": "bfloat16", "attn_implementation": args.attn,
@@ -60,8 +72,9 @@ def main() -> int:
                                   "format": "text" if args.no_pack else "alpaca"}],
                      "max_seq_len": 2048, "packing": not args.no_pack,
                      "completion_only_loss": False},
-            "train": {"global_batch_size": args.micro, "micro_batch_size": args.micro,
-                      "max_steps": args.steps, "lr": 1e-4, "skip_memory_check": True},
+            "train": {"global_batch_size": global_batch, "micro_batch_size": args.micro,
+                      "max_steps": args.steps, "lr": 1e-4, "skip_memory_check": True,
+                      "compile": args.compile},
             "zero": {"stage": 2},
             "output": {"dir": str(tmp / "run"), "save_model": False},
         })
@@ -71,8 +84,9 @@ def main() -> int:
     result = {
         "check": "mfu_dpkit", "gpu": torch.cuda.get_device_name(0),
         "parameters": summary["parameters"], "seq_len": 2048, "micro_batch": args.micro,
+        "global_batch": global_batch, "compile": args.compile,
         "gradient_checkpointing": args.checkpointing, "attn": args.attn,
-        "packed": not args.no_pack,
+        "attention_used": summary.get("attention"), "packed": not args.no_pack,
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps),
         "mfu": statistics.median(m["mfu"] for m in steps),
         "step_time_s": statistics.median(m["step_time_s"] for m in steps),
