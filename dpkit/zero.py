@@ -88,6 +88,9 @@ def load_template(path: Path) -> dict:
         raise RecipeError.one(str(path), f"is not valid JSON: {e}", "fix the syntax") from None
 
 
+MIN_COMM_BUCKET = 50_000_000  # elements; see resolve_ds_config
+
+
 def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
                       on_cpu: bool = False) -> dict:
     """The DeepSpeed config for this recipe and world size, with no "auto" left.
@@ -131,8 +134,13 @@ def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
     _set_or_check(cfg, "zero_optimization.stage", recipe.zero.stage, src, "zero.stage", problems,
                   create=True)
     if hidden_size:
-        buckets = {"reduce_bucket_size": hidden_size * hidden_size,
-                   "allgather_bucket_size": hidden_size * hidden_size,
+        # transformers sizes buckets hidden² (1M elements for hidden 1024: ~470 buckets a
+        # backward for 0.5B parameters, each one a launch and a wait). Measured on one H200
+        # (docs/benchmarks.md): at least 5e7 elements (100 MB in bf16) keeps that cost off the
+        # step; DeepSpeed's own default is 5e8.
+        comm = max(hidden_size * hidden_size, MIN_COMM_BUCKET)
+        buckets = {"reduce_bucket_size": comm,
+                   "allgather_bucket_size": comm,
                    "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
                    "stage3_param_persistence_threshold": 10 * hidden_size}
         for key, value in buckets.items():

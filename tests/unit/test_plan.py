@@ -19,6 +19,7 @@ from dpkit.errors import RecipeError
 from dpkit.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
 from dpkit.plan import Hardware, check_fits, parse_size, plan, register
 from dpkit.recipe import load_recipe, recipe_from_dict
+from dpkit.zero import MIN_COMM_BUCKET
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -333,7 +334,8 @@ def test_custom_template_is_used_for_its_own_choice_only(tmp_path):
     p = plan(recipe_from_dict(raw), Hardware(16, 8, 80 * 2**30))
     buckets = {(o.stage, o.offload_optimizer): o.breakdown.setup.knobs.reduce_bucket_size
                for o in p.options}
-    assert buckets[(3, "none")] == 12345 and buckets[(2, "none")] == 4096 * 4096
+    assert buckets[(3, "none")] == 12345  # the template's own choice
+    assert buckets[(2, "none")] == max(4096 * 4096, MIN_COMM_BUCKET)  # the "auto" rule
 
 
 # ------------------------------------------------------------------------------------- CLI

@@ -7,7 +7,8 @@ from conftest import tiny_recipe
 
 from dpkit.errors import RecipeError
 from dpkit.recipe import recipe_from_dict
-from dpkit.zero import DS_CONFIGS, batch_arithmetic, resolve_ds_config, template_path
+from dpkit.zero import (DS_CONFIGS, MIN_COMM_BUCKET, batch_arithmetic, resolve_ds_config,
+                        template_path)
 
 
 def recipe(tmp_path, **sections):
@@ -25,7 +26,14 @@ def test_every_auto_is_resolved(tmp_path, stage):
     assert cfg["zero_optimization"]["stage"] == stage
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
     if stage >= 1:
-        assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+        # hidden² (transformers' rule) would be 4096 elements: one bucket a parameter
+        assert cfg["zero_optimization"]["reduce_bucket_size"] == MIN_COMM_BUCKET
+
+
+def test_wide_models_keep_hidden_squared_buckets(tmp_path):
+    cfg = resolve_ds_config(recipe(tmp_path), world_size=2, hidden_size=8192)
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 8192 * 8192 > MIN_COMM_BUCKET
+    assert cfg["zero_optimization"]["allgather_bucket_size"] == 8192 * 8192
 
 
 def test_precision_and_offload_follow_the_recipe(tmp_path):
