@@ -1,8 +1,10 @@
 """Packing: rows concatenated into sequences of up to `max_seq_len` tokens, kept apart.
 
-Each packed sequence carries position ids that restart at 0 for every row. transformers builds a
-block-diagonal causal mask from them when the forward pass gets `position_ids`, no attention
-mask and `use_cache=False` (sdpa and eager build the mask; flash-attention 2 runs varlen kernels).
+Each packed sequence carries position ids that restart at 0 for every row, and its row boundaries
+(collate's `cu_seq_lens`). With sdpa, dpkit's per-row attention uses the boundaries
+(dpkit/attention.py); other kernels get transformers' own packed path, which detects the rows
+from the position ids when the forward gets `position_ids`, no attention mask and
+`use_cache=False` (eager and sdpa build a block-diagonal mask; flash-attention 2 runs varlen).
 With the default `use_cache=True` transformers 5 does not detect the packing and rows silently
 attend to each other — dpkit always passes `use_cache=False`, and a test proves packed loss equals
 unpacked loss. The first token of every row gets label -100: it is never predicted from the

@@ -41,8 +41,8 @@ class ModelSection(_Section):
     """Training precision. bfloat16/float16 turn on DeepSpeed's mixed precision (fp32 master
     weights in the optimizer); float16 is refused on CPU."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
-    """Attention kernel passed to transformers. With packing on GPU, flash_attention_2 (varlen)
-    or flex_attention (block mask) keep rows apart without sdpa's dense mask."""
+    """Attention kernel passed to transformers. With `data.packing`, sdpa runs row by row
+    (dpkit/attention.py: flash varlen on CUDA), never under a dense mask."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     trust_remote_code: bool = False
