@@ -286,10 +286,17 @@ def eval_micro_batches(n: int, rank: int, world_size: int, micro: int) -> list[l
 
 
 # --------------------------------------------------------------------------------- collation
-def collate(examples: list[Example], pad_id: int) -> dict:
+def collate(examples: list[Example], pad_id: int, flatten: bool = False) -> dict:
     """Right-pad to the longest row. An empty list gives one fully masked row (adds nothing).
     Packed sequences also get their position ids and row boundaries (`cu_seq_lens`, int32
-    offsets in the flattened batch, and `max_length`, the longest row, an int)."""
+    offsets in the flattened batch, and `max_length`, the longest row, an int).
+
+    `flatten` (packed sequences, for attention that reads `cu_seq_lens`): the sequences are
+    laid end to end in a single row instead of padded to the longest — no padding at all."""
+    if flatten and examples and examples[0].position_ids is not None:
+        examples = [Example([t for ex in examples for t in ex.input_ids],
+                            [t for ex in examples for t in ex.labels],
+                            [p for ex in examples for p in ex.position_ids])]
     if not examples:
         return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
                 "attention_mask": torch.ones((1, 2), dtype=torch.long),

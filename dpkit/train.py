@@ -28,6 +28,7 @@ from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
 from dpkit.model import build_model, load_model_config, load_tokenizer
+from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.packing import fill_ratio, pack
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.step import evaluate, train_step
@@ -187,11 +188,12 @@ def run(recipe: Recipe) -> dict:
         model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config,
                             packed_len=recipe.data.max_seq_len if recipe.data.packing else None)
     attention = getattr(model.config, "_attn_implementation", recipe.model.attn_implementation)
+    flat = attention == ROWS_ATTENTION  # packed sequences laid end to end: no padding at all
     if recipe.data.packing:
         say(f"[dpkit] packing: attention {attention}" + (
-            " (rows apart by per-row attention: flash varlen on CUDA, causal sdpa per row "
-            "elsewhere)" if attention == "dpkit_rows" else " (rows kept apart by transformers "
-            "from the restarting position ids)"))
+            " (per row: flash varlen on CUDA, causal sdpa per row elsewhere; each micro-batch's "
+            "sequences laid end to end, no padding)" if flat else " (rows kept apart by "
+            "transformers from the restarting position ids)"))
     n_train, n_params = lora.count_parameters(model)
     say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
         f"({100 * n_train / max(n_params, 1):.2f}%)")
@@ -247,7 +249,7 @@ def run(recipe: Recipe) -> dict:
         C.fault_point("step", step + 1, env.rank)
         epoch, step_in_epoch = divmod(step, per_epoch)
         t0 = time.perf_counter()
-        micro_batches = [D.collate([train_rows[i] for i in idx], pad_id)
+        micro_batches = [D.collate([train_rows[i] for i in idx], pad_id, flatten=flat)
                          for idx in D.step_micro_batches(
                              len(train_rows), recipe.train.seed, epoch, step_in_epoch, env.rank,
                              env.world_size, batch.micro_batch_size, batch.grad_accum,

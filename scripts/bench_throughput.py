@@ -184,6 +184,7 @@ def run_bare(recipe, args):
 
     from dpkit import data as D
     from dpkit import distributed
+    from dpkit.attention import NAME as ROWS_ATTENTION
     from dpkit.model import build_model, load_model_config, load_tokenizer
     from dpkit.step import loss_sum, to_device
     from dpkit.train import build_optimizer, lr_lambda
@@ -204,10 +205,12 @@ def run_bare(recipe, args):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     pad = tokenizer.pad_token_id
+    # collated as dpkit.train collates: end to end when the model attends per row
+    flat = engine.module.config._attn_implementation == ROWS_ATTENTION
     work = []  # (this rank's collated micro-batches, loss scale) per step, built before timing
     for by_rank in seq_schedule:
-        collated = [[to_device(D.collate([seqs[i] for i in idx], pad), env.device) for idx in mbs]
-                    for mbs in by_rank]
+        collated = [[to_device(D.collate([seqs[i] for i in idx], pad, flatten=flat), env.device)
+                     for idx in mbs] for mbs in by_rank]
         targets = sum(D.target_tokens(b) for mbs in collated for b in mbs)
         work.append((collated[env.rank], batch.grad_accum * env.world_size / targets))
     times, losses = [], []

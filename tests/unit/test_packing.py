@@ -6,7 +6,8 @@ import torch
 from conftest import MESSAGES, TINY_LLAMA, TOKENIZER
 
 from dpkit.attention import NAME, implementation_for, register
-from dpkit.data import IGNORE, collate, epoch_order, load_datasets, step_micro_batches
+from dpkit.data import (IGNORE, collate, epoch_order, load_datasets, step_micro_batches,
+                        target_tokens)
 from dpkit.model import load_tokenizer
 from dpkit.packing import pack, row_lengths
 from dpkit.recipe import DataSection, ModelSection
@@ -63,6 +64,28 @@ def test_row_attention_gradients_equal_masked_sdpa(rows):
     assert grads[NAME][0] == pytest.approx(grads["sdpa"][0], rel=1e-6)
     for name, g in grads["sdpa"][1].items():
         torch.testing.assert_close(grads[NAME][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flattened_micro_batch_computes_the_padded_one(rows):
+    """A micro-batch of packed sequences laid end to end in one row (what train does with
+    per-row attention) gives the padded micro-batch's loss and gradients, with no padding."""
+    examples, pad = rows
+    seqs = pack(examples, max_len=300, seed=0)
+    assert len(seqs) >= 3
+    padded, flat = collate(seqs[:3], pad), collate(seqs[:3], pad, flatten=True)
+    assert flat["input_ids"].shape == (1, sum(len(s.input_ids) for s in seqs[:3]))
+    assert padded["input_ids"].numel() > flat["input_ids"].numel()  # there was padding
+    assert target_tokens(flat) == target_tokens(padded)
+    assert row_lengths(flat) == row_lengths(padded)
+    results = []
+    for batch in (padded, flat):
+        m = model(NAME).train()
+        loss = loss_sum(m, batch)
+        loss.backward()
+        results.append((float(loss.detach()), [p.grad.clone() for p in m.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_row_attention_without_boundaries_keywords(rows):
