@@ -68,6 +68,16 @@ def implementation_for(requested: str, packing: bool, config, max_seq_len: int) 
     return requested
 
 
+def describe_packed(chosen: str, requested: str, config, max_seq_len: int) -> str:
+    """How rows of packed sequences are kept apart, for the run's log."""
+    if chosen == NAME:
+        return ("per row: flash varlen on CUDA, causal sdpa per row elsewhere; each "
+                "micro-batch's sequences laid end to end, no padding")
+    why = why_not_rows(config, max_seq_len) if requested == "sdpa" else None
+    return ("rows kept apart by transformers from the restarting position ids"
+            + (f"; not per row: {why}" if why else ""))
+
+
 def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

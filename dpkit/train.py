@@ -29,6 +29,7 @@ from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, me
                            model_flops, peak_flops, per_rank)
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.attention import NAME as ROWS_ATTENTION
+from dpkit.attention import describe_packed
 from dpkit.packing import fill_ratio, pack
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.step import evaluate, train_step
@@ -190,10 +191,9 @@ def run(recipe: Recipe) -> dict:
     attention = getattr(model.config, "_attn_implementation", recipe.model.attn_implementation)
     flat = attention == ROWS_ATTENTION  # packed sequences laid end to end: no padding at all
     if recipe.data.packing:
-        say(f"[dpkit] packing: attention {attention}" + (
-            " (per row: flash varlen on CUDA, causal sdpa per row elsewhere; each micro-batch's "
-            "sequences laid end to end, no padding)" if flat else " (rows kept apart by "
-            "transformers from the restarting position ids)"))
+        how = describe_packed(attention, recipe.model.attn_implementation, model.config,
+                              recipe.data.max_seq_len)
+        say(f"[dpkit] packing: attention {attention} ({how})")
     n_train, n_params = lora.count_parameters(model)
     say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
         f"({100 * n_train / max(n_params, 1):.2f}%)")

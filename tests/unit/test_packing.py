@@ -95,19 +95,16 @@ def test_row_attention_without_boundaries_keywords(rows):
     m, ref = model(NAME), model("sdpa")
     packed = collate(pack(examples, max_len=400, seed=0), pad)
     unpacked = collate(examples[:4], pad)
-    with torch.no_grad():
-        by_positions = m(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                         use_cache=False).logits
-        by_mask = ref(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                      use_cache=False).logits
-        real = packed["attention_mask"].bool()
-        torch.testing.assert_close(by_positions[real], by_mask[real], rtol=1e-4, atol=1e-5)
-        padded = m(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
-                   use_cache=False).logits
-        masked = ref(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"],
-                     use_cache=False).logits
-        real = unpacked["attention_mask"].bool()
-        torch.testing.assert_close(padded[real], masked[real], rtol=1e-4, atol=1e-5)
+
+    def same_logits_on_real_tokens(batch, **inputs):
+        with torch.no_grad():
+            got = m(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+            want = ref(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+    same_logits_on_real_tokens(packed, position_ids=packed["position_ids"])
+    same_logits_on_real_tokens(unpacked, attention_mask=unpacked["attention_mask"])
 
 
 def test_row_attention_only_where_rows_need_nothing_but_causality():
