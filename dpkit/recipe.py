@@ -42,7 +42,8 @@ class ModelSection(_Section):
     weights in the optimizer); float16 is refused on CPU."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel passed to transformers. With `data.packing`, sdpa runs row by row
-    (dpkit/attention.py: flash varlen on CUDA), never under a dense mask."""
+    (dpkit/attention.py: flash varlen on CUDA) instead of under a dense block mask, unless the
+    model needs more than causality (a short sliding window, soft-capping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     trust_remote_code: bool = False
