@@ -144,6 +144,8 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
             trust_remote_code=section.trust_remote_code, **common, **load_kwargs)
         del keep_alive
     if packed_len is not None:
+        # imported here, at build time: the benchmarks swap implementation_for for their
+        # dense-mask baseline (scripts/bench_throughput.py, use_dense_mask)
         from dpkit.attention import implementation_for
 
         chosen = implementation_for(section.attn_implementation, True, model.config, packed_len)

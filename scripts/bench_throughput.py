@@ -145,14 +145,21 @@ def useful_tokens(rows, schedule) -> list[int]:
 
 
 # ================================================================================= the workers
+def use_dense_mask() -> None:
+    """Packed sdpa under transformers' dense block mask instead of dpkit's per-row attention (the
+    baseline per-row attention is measured against). dpkit.model looks `implementation_for` up
+    when it builds the model, so replacing it here, before the build, is enough."""
+    import dpkit.attention
+
+    dpkit.attention.implementation_for = lambda requested, *rest: requested
+
+
 def worker(args) -> None:
     from dpkit.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.worker == "e":  # dpkit as it was before per-row attention: sdpa under a dense mask
-        import dpkit.attention
-
-        dpkit.attention.implementation_for = lambda requested, *rest: requested
+        use_dense_mask()
     result = {"a": run_dpkit, "b": run_trainer, "c": run_trainer, "d": run_bare,
               "e": run_dpkit, "curve": run_curve}[args.worker](recipe, args)
     if int(os.environ.get("RANK", "0")) == 0 and result is not None:

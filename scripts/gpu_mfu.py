@@ -83,9 +83,7 @@ def worker(args) -> None:
     rec = load_recipe(args.recipe)
     ns = argparse.Namespace(worker=VARIANTS[args.worker], plan=args.plan)
     if args.worker == "dpkit_dense":
-        import dpkit.attention
-
-        dpkit.attention.implementation_for = lambda requested, *rest: requested
+        B.use_dense_mask()
     result = (B.run_trainer if args.worker == "trainer_flattening" else B.run_dpkit)(rec, ns)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_throughput's dense-mask baseline
 
 # ~0.5B parameters (Qwen2.5-0.5B-like widths, Llama layout); the bundled tokenizer uses ids < 2048.
 MODEL = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096,
@@ -45,9 +46,9 @@ def main() -> int:
     import torch
 
     if args.dense_mask:
-        import dpkit.attention
+        from bench_throughput import use_dense_mask
 
-        dpkit.attention.implementation_for = lambda requested, *rest: requested
+        use_dense_mask()
     global_batch = args.global_batch or args.micro
     from dpkit.recipe import recipe_from_dict
     from dpkit.train import run
