@@ -35,7 +35,7 @@ from dpkit.distributed import could_not_reach, free_port, never_joined
 from dpkit.errors import Problem, RecipeError
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs" / "accelerate"
+from dpkit.shipped import ACCELERATE_CONFIGS  # noqa: E402
 DEFAULT_PORT = 29500
 """Node 0's port across nodes (every node must use the same one); one node picks a free port."""
 

@@ -1,6 +1,6 @@
 """Model and tokenizer: from a hub id, a local directory, or an inline config for tiny models.
 
-Hub configs shipped under `recipes/hub_configs/<org>/<name>/` (config.json, no weights) let
+Hub configs shipped under `dpkit/resources/hub_configs/<org>/<name>/` (config.json, no weights) let
 `validate` and `plan` work offline; training a hub model downloads its weights as usual.
 """
 
@@ -12,9 +12,10 @@ import torch
 
 from dpkit.errors import RecipeError
 from dpkit.recipe import ModelSection
+from dpkit.shipped import CHAT_TEMPLATES as SHIPPED_CHAT_TEMPLATES
+from dpkit.shipped import HUB_CONFIGS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_HUB_CONFIGS = REPO_ROOT / "recipes" / "hub_configs"
+SHIPPED_HUB_CONFIGS = HUB_CONFIGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +63,7 @@ def load_model_config(section: ModelSection, offline_ok: bool = True):
     if constants.HF_HUB_OFFLINE:
         raise RecipeError.one("model.name_or_path", f"'{name}' has no config.json shipped under "
                               f"{SHIPPED_HUB_CONFIGS} and the hub is offline (HF_HUB_OFFLINE=1)",
-                              "add recipes/hub_configs/<org>/<name>/config.json, or go online")
+                              "add dpkit/resources/hub_configs/<org>/<name>/config.json, or go online")
     return AutoConfig.from_pretrained(name, revision=section.revision,
                                       trust_remote_code=section.trust_remote_code)
 
@@ -98,7 +99,7 @@ def load_tokenizer(section: ModelSection):
     return tok
 
 
-CHAT_TEMPLATES = REPO_ROOT / "data" / "chat_templates"
+CHAT_TEMPLATES = SHIPPED_CHAT_TEMPLATES
 
 
 def read_chat_template(value: str) -> str:

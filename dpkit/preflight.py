@@ -32,8 +32,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     """Every problem with the recipe for this world size. With `gpu_memory_bytes` (the
     launching machine's GPUs), also whether it fits them, by dpkit plan's memory model."""
     from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
-    from dpkit.train import output_dir_problem
-    from dpkit.zero import batch_arithmetic, resolve_ds_config
+    from dpkit.batch import batch_arithmetic
+    from dpkit.rundir import output_dir_problem
+    from dpkit.zero import resolve_ds_config
 
     import datasets
 
@@ -72,7 +73,7 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
                                 "traces DeepSpeed's parameter-gathering hooks and recompiles "
                                 "around every module", "use zero.stage 0-2, or set it to false"))
     if config is not None and gpu_memory_bytes and not recipe.train.skip_memory_check:
-        from dpkit.plan import check_fits
+        from dpkit.plan.recommend import check_fits
 
         problems.extend(check_fits(recipe, world_size, gpus_per_node or world_size,
                                    gpu_memory_bytes))

@@ -13,14 +13,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpkit import shipped
 from dpkit.errors import Problem, RecipeError
-from dpkit.hub import HubSection
+from dpkit.hub_schema import HubSection
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def _shipped_path(cls, value: str | None) -> str | None:
+    """`dpkit:<name>` → the file shipped in the package; any other value unchanged."""
+    if value is None or not shipped.is_shipped(value):
+        return value
+    path = shipped.resolve(value)
+    if not Path(path).exists():
+        raise ValueError(f"`{value}` is not a file shipped with dpkit; shipped: "
+                         f"{', '.join(shipped.available())}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -31,12 +43,13 @@ class ModelSection(_Section):
     """Inline config (`model_type` plus sizes) for a tiny model with random weights seeded by
     `train.seed`. Use instead of `name_or_path`, for tests and the quickstart."""
     tokenizer: str | None = None
-    """Hub id or local directory of the tokenizer; defaults to `name_or_path`."""
+    """Hub id or local directory of the tokenizer (`dpkit:tokenizers/tiny-bpe` is shipped);
+    defaults to `name_or_path`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model and tokenizer."""
     chat_template: str | None = None
     """Chat template for `messages` data when the tokenizer has none (base models) or to replace
-    its own: a shipped name (`chatml`, from data/chat_templates/) or a path to a .jinja file."""
+    its own: a shipped name (`chatml`, from dpkit/resources/chat_templates/) or a path to a .jinja file."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Training precision. bfloat16/float16 turn on DeepSpeed's mixed precision (fp32 master
     weights in the optimizer); float16 is refused on CPU."""
@@ -48,6 +61,8 @@ class ModelSection(_Section):
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run (only for repositories you trust)."""
+
+    _shipped = field_validator("name_or_path", "tokenizer")(_shipped_path)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -78,7 +93,7 @@ OPTIONAL_COLUMNS = {"input"}
 class DataSource(_Section):
     path: str
     """Hub dataset name, or a local .json/.jsonl/.parquet/.csv file (relative to the current
-    directory)."""
+    directory), or a file shipped with dpkit (`dpkit:data/self_instruct_seed.alpaca.jsonl`)."""
     name: str | None = None
     """Hub dataset configuration name, if it has several."""
     split: str = "train"
@@ -90,6 +105,8 @@ class DataSource(_Section):
     """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
     max_rows: int | None = Field(default=None, gt=0)
     """Read at most this many rows (the first ones)."""
+
+    _shipped = field_validator("path")(_shipped_path)
 
     @model_validator(mode="after")
     def _known_columns(self) -> "DataSource":
@@ -188,13 +205,15 @@ class ZeroSection(_Section):
     """ZeRO stage: 0 plain data parallel, 1 partitions optimizer state, 2 also gradients,
     3 also parameters."""
     template: str | None = None
-    """A DeepSpeed JSON template; default: the one in ds_configs/ matching stage and offload."""
+    """A DeepSpeed JSON template; default: the one in dpkit/resources/ds_configs/ matching stage and offload."""
     offload_optimizer: Offload = "none"
     """Keep optimizer state (and its step) on CPU or NVMe: stage 1–3."""
     offload_params: Offload = "none"
     """Keep parameters on CPU or NVMe between uses: stage 3 only."""
     nvme_path: str | None = None
     """Directory on a fast local disk for NVMe offload."""
+
+    _shipped = field_validator("template")(_shipped_path)
 
     @model_validator(mode="after")
     def _offload_fits_stage(self) -> "ZeroSection":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dpkit import data as D
 from dpkit import distributed
-from dpkit.packing import row_lengths
+from dpkit.data.packing import row_lengths
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The recipe is the one source of truth for batch sizes, precision and clipping; templates carry
 ZeRO knobs and "auto". A number written in both places must agree, or the run is refused.
-`batch_arithmetic` is the only place the global = micro × accumulation × world rule lives.
+The batch arithmetic itself lives in dpkit/batch.py.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpkit.batch import BatchPlan, batch_arithmetic  # noqa: F401  (re-exported)
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import Recipe
 
-DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+from dpkit.shipped import DS_CONFIGS  # noqa: E402  (re-exported for callers)
 
 # Top-level keys a template may hold. DeepSpeed silently ignores unknown top-level keys, so a
 # typo there ("gradient_clipping_" or "zero_optimisation") would change nothing and say nothing.
@@ -32,33 +32,6 @@ TEMPLATE_TOP_LEVEL = {
 # Optimizer and schedule come from the recipe's `train` section, never from a template.
 REFUSED_TOP_LEVEL = {"optimizer": "train.lr / train.adam_betas / train.weight_decay",
                      "scheduler": "train.lr_schedule / train.warmup_ratio"}
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
-
-    def describe(self) -> str:
-        return (f"global batch {self.global_batch_size} = micro {self.micro_batch_size} × "
-                f"accumulation {self.grad_accum} × world {self.world_size}")
-
-
-def batch_arithmetic(recipe: Recipe, world_size: int) -> BatchPlan:
-    """Derive gradient accumulation; refuse a global batch that doesn't split evenly."""
-    gbs, mbs = recipe.train.global_batch_size, recipe.train.micro_batch_size
-    per_step = mbs * world_size
-    if gbs % per_step:
-        lower, upper = (gbs // per_step) * per_step, (gbs // per_step + 1) * per_step
-        options = " or ".join(str(v) for v in (lower, upper) if v > 0)
-        raise RecipeError.one(
-            "train.global_batch_size",
-            f"{gbs} is not divisible by micro_batch_size × world size = {mbs} × {world_size} "
-            f"= {per_step}",
-            f"set it to {options}, or change train.micro_batch_size")
-    return BatchPlan(gbs, mbs, gbs // per_step, world_size)
 
 
 def template_path(recipe: Recipe) -> Path:

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,9 +55,9 @@ MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
          "vocab_size": 2048, "max_position_embeddings": 2048}
 # The bundled Self-Instruct seed tasks in both shipped formats: 350 real instruction rows, 69.5k
 # tokens (median 160, longest truncated to max_seq_len).
-SOURCES = [(ROOT / "data" / "self_instruct_seed.alpaca.jsonl", "alpaca"),
-           (ROOT / "data" / "self_instruct_seed.messages.jsonl", "messages")]
-TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
+SOURCES = [(SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl", "alpaca"),
+           (SHIPPED_DATA / "self_instruct_seed.messages.jsonl", "messages")]
+TOKENIZER = TOKENIZERS / "tiny-bpe"
 VARIANTS = {"a": "dpkit (packed)", "b": "Trainer + DataCollatorForSeq2Seq (padding)",
             "c": "Trainer + DataCollatorWithFlattening", "d": "bare deepspeed loop, dpkit batches",
             "e": "dpkit (packed), sdpa under a dense block mask"}
@@ -81,7 +82,7 @@ def packed_groups(rows, max_len: int, seed: int) -> list[list[int]]:
     """Which rows dpkit's packer puts into each sequence, in order: pack stand-in rows of the same
     lengths whose tokens are their own row index (pack only looks at lengths and the seed)."""
     from dpkit.data import Example
-    from dpkit.packing import pack
+    from dpkit.data.packing import pack
 
     marked = [Example([i] * len(r.input_ids), [i] * len(r.labels)) for i, r in enumerate(rows)]
     groups = []
@@ -97,7 +98,7 @@ def plan(recipe, world: int) -> dict:
     (packed sequences expanded to their rows); seq_schedule the same in packed sequences."""
     from dpkit import data as D
     from dpkit.model import load_tokenizer
-    from dpkit.packing import pack
+    from dpkit.data.packing import pack
     from dpkit.zero import batch_arithmetic
 
     tokenizer = load_tokenizer(recipe.model)
@@ -167,7 +168,7 @@ def worker(args) -> None:
 
 
 def run_dpkit(recipe, args):
-    from dpkit.train import run
+    from dpkit.run import run
 
     run(recipe)
     if int(os.environ["RANK"]) != 0:
@@ -194,7 +195,7 @@ def run_bare(recipe, args):
     from dpkit.attention import NAME as ROWS_ATTENTION
     from dpkit.model import build_model, load_model_config, load_tokenizer
     from dpkit.step import loss_sum, to_device
-    from dpkit.train import build_optimizer, lr_lambda
+    from dpkit.run import build_optimizer, lr_lambda
     from dpkit.zero import resolve_ds_config
 
     env = distributed.setup(recipe.train.collective_timeout_s)
@@ -316,7 +317,7 @@ def run_trainer(recipe, args):
 def run_curve(recipe, args):
     """dpkit packed, then unpacked, on the same rows; eval loss against tokens seen."""
     from dpkit.recipe import load_recipe
-    from dpkit.train import run
+    from dpkit.run import run
 
     out = {}
     for name, path in (("packed", args.recipe), ("unpacked", args.recipe2)):

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_throughput as B  # noqa: E402  (schedule replay, the dpkit and Trainer workers)
+from dpkit.shipped import DATA as SHIPPED_DATA
 
 MODEL = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096,
          "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
@@ -49,8 +50,8 @@ MODEL = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096,
 SMOKE_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "vocab_size": 2048, "max_position_embeddings": 512}
-SOURCES = [(ROOT / "data" / "self_instruct_seed.alpaca.jsonl", "alpaca", 40_375),
-           (ROOT / "data" / "self_instruct_seed.messages.jsonl", "messages", 29_100)]
+SOURCES = [(SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl", "alpaca", 40_375),
+           (SHIPPED_DATA / "self_instruct_seed.messages.jsonl", "messages", 29_100)]
 # bench_throughput's worker names
 VARIANTS = {"dpkit": "a", "trainer_flattening": "c", "dpkit_dense": "e"}
 

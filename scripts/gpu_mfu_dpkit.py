@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,12 +52,12 @@ def main() -> int:
         use_dense_mask()
     global_batch = args.global_batch or args.micro
     from dpkit.recipe import recipe_from_dict
-    from dpkit.train import run
+    from dpkit.run import run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # The real instructions, repeated: rows of realistic lengths for packing.
-        rows = (ROOT / "data" / "self_instruct_seed.alpaca.jsonl").read_text()
+        rows = (SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl").read_text()
         needed = args.steps * global_batch * 2048 // 150 + 1  # rows, at ~200 tokens each
         copies = needed // 175 + 2
         (tmp / "rows.jsonl").write_text(rows * copies)
@@ -66,7 +67,7 @@ def main() -> int:
                 json.dumps({"text": words[i % 1000:] + words}) + "\n"
                 for i in range(args.steps * global_batch)))
         recipe = recipe_from_dict({
-            "model": {"config": MODEL, "tokenizer": str(ROOT / "data/tokenizers/tiny-bpe"),
+            "model": {"config": MODEL, "tokenizer": str(TOKENIZERS / "tiny-bpe"),
                       "dtype": "bfloat16", "attn_implementation": args.attn,
                       "gradient_checkpointing": args.checkpointing},
             "data": {"sources": [{"path": str(tmp / "rows.jsonl"),

@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,7 +28,7 @@ MODEL = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
 def long_rows(path: Path, n: int) -> None:
     """`text` rows long enough that every one is truncated to the sequence length."""
     words = " ".join(json.loads(line)["output"] for line in
-                     (ROOT / "data" / "self_instruct_seed.alpaca.jsonl").read_text().splitlines())
+                     (SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl").read_text().splitlines())
     words = words[:24000]  # ~6k tokens: longer than any sequence length checked
     path.write_text("".join(json.dumps({"text": words[i % 1000:] + words}) + "\n"
                             for i in range(n)))
@@ -38,15 +39,15 @@ def check(seq: int, stage: int, steps: int, micro: int, tmp: Path) -> dict:
 
     import torch
 
-    from dpkit.memory import estimate
-    from dpkit.plan import Hardware, knobs, recipe_shape, resolved_ds_config, setup_for
+    from dpkit.plan.memory import estimate
+    from dpkit.plan.recommend import Hardware, knobs, recipe_shape, resolved_ds_config, setup_for
     from dpkit.recipe import recipe_from_dict
-    from dpkit.train import run
+    from dpkit.run import run
 
     data = tmp / "rows.jsonl"
     long_rows(data, micro * steps)
     recipe = recipe_from_dict({
-        "model": {"config": MODEL, "tokenizer": str(ROOT / "data/tokenizers/tiny-bpe"),
+        "model": {"config": MODEL, "tokenizer": str(TOKENIZERS / "tiny-bpe"),
                   "dtype": "bfloat16"},
         "data": {"sources": [{"path": str(data), "format": "text"}], "max_seq_len": seq},
         "train": {"global_batch_size": micro, "micro_batch_size": micro, "max_steps": steps,

@@ -23,6 +23,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,9 +36,9 @@ PROBE_TOL = 2e-2  # bf16 compute on a 4-bit base: kernels differ between engine 
 
 def recipe_for(stage: int, steps: int, out: Path) -> dict:
     return {
-        "model": {"config": dict(TINY), "tokenizer": str(ROOT / "data/tokenizers/tiny-bpe"),
+        "model": {"config": dict(TINY), "tokenizer": str(TOKENIZERS / "tiny-bpe"),
                   "dtype": "bfloat16"},
-        "data": {"sources": [{"path": str(ROOT / "data/self_instruct_seed.alpaca.jsonl"),
+        "data": {"sources": [{"path": str(SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl"),
                               "format": "alpaca"}], "max_seq_len": 256},
         "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": steps, "lr": 1e-2,
                   "lr_schedule": "constant"},
@@ -53,7 +54,7 @@ def check_stage(stage: int, steps: int, out: Path) -> dict:
     from dpkit import lora
     from dpkit.model import DTYPES
     from dpkit.recipe import recipe_from_dict
-    from dpkit.train import run
+    from dpkit.run import run
 
     recipe = recipe_from_dict(recipe_for(stage, steps, out))
     seen: dict = {}

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,12 +27,12 @@ WIDE = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096,
 def packed_batch(micro: int, seq_len: int):
     from dpkit import data as D
     from dpkit.model import load_tokenizer
-    from dpkit.packing import pack
+    from dpkit.data.packing import pack
     from dpkit.recipe import DataSection, ModelSection
 
     tok = load_tokenizer(ModelSection(config={"model_type": "llama"},
-                                      tokenizer=str(ROOT / "data/tokenizers/tiny-bpe")))
-    section = DataSection(sources=[{"path": str(ROOT / "data/self_instruct_seed.alpaca.jsonl"),
+                                      tokenizer=str(TOKENIZERS / "tiny-bpe")))
+    section = DataSection(sources=[{"path": str(SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl"),
                                     "format": "alpaca"}] * 8, max_seq_len=seq_len)
     rows, _, _ = D.load_datasets(section, tok, seed=0)
     seqs = pack(rows, seq_len, seed=0)[:micro]

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+from dpkit.shipped import TOKENIZERS
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "data" / "tokenizers" / "tiny-bpe"
+OUT = TOKENIZERS / "tiny-bpe"
 SPECIAL = ["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 # ChatML-like: each turn is "<|role|>\n{content}</s>\n"; the assistant's </s> is trained on.

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
-ALPACA = ROOT / "data" / "self_instruct_seed.alpaca.jsonl"
-MESSAGES = ROOT / "data" / "self_instruct_seed.messages.jsonl"
+TOKENIZER = TOKENIZERS / "tiny-bpe"
+ALPACA = SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl"
+MESSAGES = SHIPPED_DATA / "self_instruct_seed.messages.jsonl"
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -5,7 +5,7 @@ import sys
 
 from dpkit import distributed
 from dpkit.recipe import load_recipe
-from dpkit.train import run
+from dpkit.run import run
 
 if __name__ == "__main__":
     for path in sys.argv[1:]:

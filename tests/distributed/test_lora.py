@@ -25,7 +25,7 @@ PROBE = (torch.arange(2 * 16).reshape(2, 16) * 37 + 5) % 2048  # token ids, any 
 def _drive(paths: list[str]) -> None:
     from dpkit import distributed, lora
     from dpkit.recipe import load_recipe
-    from dpkit.train import run
+    from dpkit.run import run
 
     save, gather = lora.save_adapter, lora.gather_adapter_state
 

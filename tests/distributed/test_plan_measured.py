@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dpkit.memory import Setup, estimate, model_shape
+from dpkit.plan.memory import Setup, estimate, model_shape
 from dpkit.model import load_model_config
-from dpkit.plan import DTYPE_BYTES, knobs, resolved_ds_config, variant
+from dpkit.plan.recommend import DTYPE_BYTES, knobs, resolved_ds_config, variant
 from dpkit.recipe import recipe_from_dict
 
 pytestmark = pytest.mark.distributed

@@ -1,7 +1,7 @@
 """Every architecture family of the recipe library trains on 2 real CPU ranks.
 
 For each family one library recipe is turned into a tiny run: the model is the family's shipped
-config.json (recipes/hub_configs) with its sizes shrunk (hidden 64, 2 layers, the bundled 2048-token
+config.json (dpkit/resources/hub_configs) with its sizes shrunk (hidden 64, 2 layers, the bundled 2048-token
 tokenizer's vocabulary) but every architectural switch kept (tied or untied embeddings, GQA or MHA,
 head_dim, biases, rope scaling, Gemma-2's soft-capping and sliding window, Phi-3's longrope and
 fused projections); the data is the bundled Self-Instruct rows in the recipe's own format (with its
@@ -24,7 +24,7 @@ from dpkit.recipe import load_recipe
 pytestmark = pytest.mark.distributed
 
 DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
-HUB_CONFIGS = ROOT / "recipes" / "hub_configs"
+from dpkit.shipped import HUB_CONFIGS  # noqa: E402
 FAMILIES = {  # model_type -> the recipe it trains (a spread of ZeRO stages, formats and LoRA)
     "llama": "recipes/llama-3.2-1b/instruct-full-zero0.yaml",  # alpaca, tied, llama3 rope
     "qwen2": "recipes/qwen2.5-7b/chat-full-zero1.yaml",  # messages + ChatML, qkv bias, untied

@@ -23,6 +23,7 @@ from distributed.launch_parsers import (
 from dpkit import distributed
 from dpkit.distributed import expand_hostlist, free_port, launcher_info, strip_launcher_args
 from dpkit.launch import LaunchPlan, command, diagnose, read_hostfile, write_hostfile
+from dpkit.shipped import ACCELERATE_CONFIGS
 
 RECIPE = "recipes/some.yaml"
 OVERRIDES = ["train.lr=1e-4", "output.dir=runs/x"]
@@ -78,7 +79,7 @@ def test_accelerate_across_nodes(node):
 
 def test_accelerate_multi_node_yaml_as_documented():
     """The spelling in the docs: only --machine_rank and --main_process_ip on the command line."""
-    config = ROOT / "ds_configs" / "accelerate" / "multi_node.yaml"
+    config = ACCELERATE_CONFIGS / "multi_node.yaml"
     args, cfg, _ = accelerate_to_torchrun(
         ["--config_file", str(config), "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
          "-m", "dpkit.train", RECIPE])

@@ -9,7 +9,7 @@ from dpkit.attention import NAME, implementation_for, register
 from dpkit.data import (IGNORE, collate, epoch_order, load_datasets, step_micro_batches,
                         target_tokens)
 from dpkit.model import load_tokenizer
-from dpkit.packing import pack, row_lengths
+from dpkit.data.packing import pack, row_lengths
 from dpkit.recipe import DataSection, ModelSection
 from dpkit.step import loss_sum
 

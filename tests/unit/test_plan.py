@@ -16,10 +16,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpkit.errors import RecipeError
-from dpkit.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
-from dpkit.plan import Hardware, check_fits, parse_size, plan, register
+from dpkit.plan.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
+from dpkit.plan.recommend import Hardware, check_fits, parse_size, plan, register
 from dpkit.recipe import load_recipe, recipe_from_dict
 from dpkit.zero import MIN_COMM_BUCKET
+from dpkit.shipped import DS_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -326,7 +327,7 @@ def test_check_fits(tmp_path):
 
 
 def test_custom_template_is_used_for_its_own_choice_only(tmp_path):
-    template = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    template = json.loads((DS_CONFIGS / "zero3.json").read_text())
     template["zero_optimization"]["reduce_bucket_size"] = 12345
     (tmp_path / "t.json").write_text(json.dumps(template))
     raw = recipe(tmp_path).model_dump(mode="json")

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from dpkit.recipe import load_recipe
+from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = ROOT / "data" / "tokenizers" / "tiny-bpe"
-MESSAGES = ROOT / "data" / "self_instruct_seed.messages.jsonl"
+TOKENIZER = TOKENIZERS / "tiny-bpe"
+MESSAGES = SHIPPED_DATA / "self_instruct_seed.messages.jsonl"
 RECIPES = ROOT / "recipes"
-HUB_CONFIGS = RECIPES / "hub_configs"
+from dpkit.shipped import HUB_CONFIGS  # noqa: E402
 ALL_YAML = sorted(p for p in RECIPES.rglob("*.y*ml") if HUB_CONFIGS not in p.parents)
 LIBRARY = [p for p in ALL_YAML if p.parent.name != "quickstart"]  # quickstart: tests/e2e
 GiB = 2**30
@@ -36,7 +37,7 @@ BIG = {"llama-3.1-8b", "qwen2.5-7b", "mistral-7b"}
 GATED = ("meta-llama/", "google/gemma", "mistralai/")
 
 # Published sizes: what each model card (or the Hub's safetensors metadata) states, in
-# parameters; see recipes/hub_configs/SOURCES.md. Non-embedding counts where the card gives one.
+# parameters; see dpkit/resources/hub_configs/SOURCES.md. Non-embedding counts where the card gives one.
 PUBLISHED = {
     "meta-llama/Llama-3.2-1B": (1.23e9, None),
     "meta-llama/Llama-3.2-3B": (3.21e9, None),
@@ -172,7 +173,7 @@ def test_validates_offline_for_its_planned_world_size(path, offline):
 
     recipe, hw = load_recipe(path), hardware(path)
     assert shipped_config_dir(recipe.model.name_or_path) is not None, (
-        f"{rel(path)}: ship recipes/hub_configs/{recipe.model.name_or_path}/config.json")
+        f"{rel(path)}: ship dpkit/resources/hub_configs/{recipe.model.name_or_path}/config.json")
     report = check_recipe(recipe, hw["nodes"] * hw["gpus"], on_cpu=False)
     assert report.problems == [], "\n".join(str(p) for p in report.problems)
     notes = "\n".join(report.notes)
@@ -188,7 +189,7 @@ def stated_peak(path: Path) -> tuple[str, str | None]:
 
 
 def planned(path: Path):
-    from dpkit.plan import Hardware, fit, recipe_shape
+    from dpkit.plan.recommend import Hardware, fit, recipe_shape
 
     r, hw = load_recipe(path), hardware(path)
     lora = r.peft.r if r.peft else 0
@@ -202,7 +203,7 @@ def planned(path: Path):
 
 @pytest.mark.parametrize("path", LIBRARY, ids=rel)
 def test_planned_peak_fits_its_hardware_and_is_the_stated_one(path):
-    from dpkit.plan import check_fits
+    from dpkit.plan.recommend import check_fits
 
     option, r, hw = planned(path)
     b = option.breakdown
@@ -223,7 +224,7 @@ def test_planned_peak_fits_its_hardware_and_is_the_stated_one(path):
 @pytest.mark.parametrize("path", [p for p in LIBRARY if "-full-" in p.name
                                   and "offload" not in p.name], ids=rel)
 def test_full_recipes_use_the_lowest_stage_that_fits(path):
-    from dpkit.plan import Hardware, fit, recipe_shape
+    from dpkit.plan.recommend import Hardware, fit, recipe_shape
 
     r, hw = load_recipe(path), hardware(path)
     shape = recipe_shape(r)

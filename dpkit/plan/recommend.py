@@ -2,7 +2,7 @@
 
 From the model's config alone (parameters counted on the meta device, no weights loaded) and the
 DeepSpeed config dpkit would resolve for each choice, every ZeRO stage × offload gets a per-GPU
-memory breakdown (dpkit.memory), the largest micro batch that fits, and the fastest fitting choice
+memory breakdown (dpkit.plan.memory), the largest micro batch that fits, and the fastest fitting choice
 is recommended. `dpkit train` calls `check_fits` before launch. See docs/plan.md.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
-from dpkit.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_yaml
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -20,7 +20,7 @@ import random
 
 import torch
 
-from dpkit.data import IGNORE, Example
+from dpkit.data.load import IGNORE, Example
 
 
 def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:

@@ -1,0 +1,1 @@
+"""`dpkit plan`'s model: what fits (memory.py) and what to choose (recommend.py)."""
