@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpkit import shipped
+from dpkit.data.formats import FORMATS
 from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import HubSection
 
@@ -80,14 +81,9 @@ class ModelSection(_Section):
 
 
 # ------------------------------------------------------------------------------------------ data
-DATA_FORMATS = ("alpaca", "messages", "text")
-# The canonical column names each format reads; `columns` maps them to a dataset's own names.
-FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("instruction", "input", "output"),
-    "messages": ("messages",),
-    "text": ("text",),
-}
-OPTIONAL_COLUMNS = {"input"}
+# Formats live in one registry (dpkit/data/formats.py): names, columns, rendering.
+DATA_FORMATS = tuple(FORMATS)
+FormatName = Literal[DATA_FORMATS]  # type: ignore[valid-type]
 
 
 class DataSource(_Section):
@@ -98,9 +94,12 @@ class DataSource(_Section):
     """Hub dataset configuration name, if it has several."""
     split: str = "train"
     """Which split to read."""
-    format: Literal["alpaca", "messages", "text"] = "alpaca"
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit); part of the tokenized-data cache key."""
+    format: FormatName = "alpaca"
     """alpaca: instruction/input/output; messages: chat turns rendered with the tokenizer's chat
-    template; text: plain text, every token trained on."""
+    template; text: plain text, every token trained on; prompt_completion: TRL's prompt/completion
+    (strings or message lists) in the chat template, trained on the completion only."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
     max_rows: int | None = Field(default=None, gt=0)
@@ -110,7 +109,7 @@ class DataSource(_Section):
 
     @model_validator(mode="after")
     def _known_columns(self) -> "DataSource":
-        expected = FORMAT_COLUMNS[self.format]
+        expected = FORMATS[self.format].columns
         unknown = [k for k in self.columns if k not in expected]
         if unknown:
             raise ValueError(
@@ -142,6 +141,18 @@ class DataSection(_Section):
     """Hold out this fraction of the training rows (chosen with `train.seed`) for eval loss."""
     eval_sources: list[DataSource] = Field(default_factory=list)
     """Separate eval datasets; use instead of `eval_fraction`."""
+    cache_dir: str | None = None
+    """Where tokenized data is kept, keyed by everything that changes the tokens (default
+    `$DPKIT_CACHE`, else ~/.cache/dpkit/data). Local rank 0 of each node tokenizes once; the
+    next run with the same data starts at once. Build it ahead with `dpkit prepare RECIPE`."""
+    num_proc: int | None = Field(default=None, gt=0)
+    """Processes that tokenize (default: the CPU count, at most 8)."""
+    streaming: bool = False
+    """Read the sources as streams (corpora larger than memory): each rank reads its own rows,
+    shuffled in a window of `shuffle_buffer` rows, packed on the fly; the position is saved in
+    checkpoints. Needs `train.max_steps`."""
+    shuffle_buffer: int = Field(default=1000, gt=0)
+    """Streaming: rows shuffled together (and packed together) at a time, per rank."""
 
     @model_validator(mode="after")
     def _one_eval(self) -> "DataSection":
@@ -152,6 +163,10 @@ class DataSection(_Section):
             raise ValueError(
                 "can't use both `data.eval_fraction` and `data.eval_sources`. Choose one."
             )
+        if self.streaming and (self.eval_fraction > 0 or self.group_by_length):
+            raise ValueError("`data.streaming` reads each row once in stream order: it can't hold "
+                             "out `data.eval_fraction` or `group_by_length`; use "
+                             "`data.eval_sources` for eval data")
         return self
 
 

@@ -1,13 +1,18 @@
 """Data: formats, tokenization with prompt masking, packing, per-rank sharding, collate.
 
-    load.py      sources (hub or local), rendering of each format, tokenization, sharding, collate
+    formats.py   the format registry: name -> columns, rendering (alpaca, messages, text, ...)
+    tokenize.py  batched tokenization with masking; tokenized rows read lazily from Arrow
+    load.py      sources (hub or local), column checks, sharding, collate
+    cache.py     tokenize once per node into an on-disk cache keyed by what changes the tokens
+    stream.py    `StreamFeed`: corpora larger than memory, read as streams with a saved position
     packing.py   rows concatenated into sequences of max_seq_len, kept apart by position ids
+    feed.py      `RowFeed`: a rank's micro-batches for a step
 
 The names most callers need are re-exported here (`from dpkit import data as D`).
 """
 
-from dpkit.data.load import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE, LOCAL_SUFFIXES,  # noqa: F401
-                             DataStats, Example, collate, column_problems, epoch_order,
+from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
+from dpkit.data.load import (LOCAL_SUFFIXES, collate, column_problems, epoch_order,  # noqa: F401
                              eval_micro_batches, is_local_source, load_datasets, load_source,
-                             render, shard, step_micro_batches, steps_per_epoch, target_tokens,
-                             tokenize_row, tokenize_source)
+                             shard, step_micro_batches, steps_per_epoch, target_tokens)
+from dpkit.data.tokenize import IGNORE, DataStats, Example, tokenize_row  # noqa: F401

@@ -21,14 +21,21 @@ class RowFeed:
         self.rows, self.seed, self.micro, self.accum = rows, seed, micro, accum
         self.dp_rank, self.dp_world, self.collate = dp_rank, dp_world, collate
         self.pad_id, self.flatten = pad_id, flatten
-        self.lengths = [len(r.input_ids) for r in rows] if group_by_length else None
+        self.lengths = None
+        if group_by_length:  # lazily read rows carry their lengths
+            lengths = getattr(rows, "lengths", None)
+            self.lengths = [len(r.input_ids) for r in rows] if lengths is None else lengths
         self.steps_per_epoch = D.steps_per_epoch(len(rows), global_batch)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order): shuffled once
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's collated CPU micro-batches for optimizer step `step` (0-based)."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, D.epoch_order(len(self.rows), self.seed, epoch))
         picks = D.step_micro_batches(len(self.rows), self.seed, epoch, in_epoch, self.dp_rank,
-                                     self.dp_world, self.micro, self.accum, self.lengths)
+                                     self.dp_world, self.micro, self.accum, self.lengths,
+                                     order=self._order[1])
         return [self.collate([self.rows[i] for i in idx], self.pad_id, flatten=self.flatten)
                 for idx in picks]
 

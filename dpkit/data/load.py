@@ -1,9 +1,6 @@
-"""Data: load (hub or local file), format, tokenize with prompt masking, shard per rank, collate.
-
-Masking works on the rendered text: each row becomes text plus the character spans that are
-trained on (the alpaca response, each assistant turn). The whole text is tokenized at once — so
-the model sees exactly what it will see at inference — and a token is trained on when it starts
-inside a trained span. Labels are -100 everywhere else (prompt, template markup, padding).
+"""Data: load sources (hub or local), check their columns, tokenize them into rows, shard per
+rank, collate. Formats are in formats.py, tokenization in tokenize.py, the tokenize-once cache in
+cache.py, streams in stream.py.
 
 Sharding: each epoch has one global order (a permutation seeded by `train.seed + epoch`); rank r
 reads rows r, r+W, r+2W, … of it. Step s of the epoch takes the next micro × accumulation rows of
@@ -15,51 +12,25 @@ up feeds an all-masked micro-batch so that the collectives stay in step and it a
 
 from __future__ import annotations
 
-import os
 import random
-from dataclasses import dataclass, field
+import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from dpkit.attention import row_boundaries
+from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
+from dpkit.data.tokenize import (IGNORE, TRUNCATED, ArrowRows, DataStats, Example,  # noqa: F401
+                                 status_and_lengths, tokenize_dataset, tokenize_row)
 from dpkit.errors import Problem, RecipeError
-from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSection, DataSource
 
-IGNORE = -100
+if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import back
+    from dpkit.recipe import DataSection, DataSource
+
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int] | None = None
-    """Set for packed sequences (restarting at 0 for every row); None for a plain row."""
-
-
-@dataclass
-class DataStats:
-    rows: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    dropped_no_target: int = 0
-    tokens: int = 0
-    per_source: dict[str, int] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        return (f"{self.rows} rows, {self.tokens} tokens; longer than max_seq_len: "
-                f"{self.truncated} truncated, {self.dropped_too_long} dropped; "
-                f"{self.dropped_no_target} dropped with no trained token")
-
 
 # ------------------------------------------------------------------------------------ loading
 def is_local_source(source: DataSource) -> bool:
@@ -101,7 +72,8 @@ def _hub_or_dir(source: DataSource, where: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.name, split=source.split)
+        ds = datasets.load_dataset(source.path, source.name, split=source.split,
+                                  revision=source.revision)
     except Exception as e:  # unknown name, no network, wrong split or config name
         raise RecipeError.one(f"{where}.path", f"could not load dataset '{source.path}': "
                               f"{_first_line(e)}", "check the name, `name` and `split` (a "
@@ -118,9 +90,10 @@ def _first_line(error: Exception) -> str:
 
 def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     problems = []
-    for canonical in FORMAT_COLUMNS[source.format]:
+    fmt = FORMATS[source.format]
+    for canonical in fmt.columns:
         col = source.column(canonical)
-        if col not in ds.column_names and canonical not in OPTIONAL_COLUMNS:
+        if col not in ds.column_names and canonical not in fmt.optional:
             mapped = f" (mapped from `{canonical}`)" if col != canonical else ""
             problems.append(Problem(
                 f"{where}", f"dataset '{source.path}' has no column '{col}'{mapped} for format "
@@ -132,111 +105,83 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     return problems
 
 
-# --------------------------------------------------------------------------------- formatting
-def render(row: dict, source: DataSource, tokenizer, completion_only: bool):
-    """(text, trained character spans) for one row. Specials like bos come from the template."""
-    if source.format == "text":
-        text = row[source.column("text")]
-        return text, [(0, len(text))], True
-    if source.format == "alpaca":
-        inp = row.get(source.column("input")) or ""
-        template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
-        prompt = template.format(instruction=row[source.column("instruction")], input=inp)
-        text = prompt + row[source.column("output")]
-        span = (len(prompt) if completion_only else 0, len(text))
-        return text, [span], True
-    messages = row[source.column("messages")]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not completion_only:
-        return text, [(0, len(text))], False
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                                  add_generation_prompt=True))
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        # Some templates end the last turn differently (Phi-3.5 adds eos only after it): the
-        # turn ends where this rendering stops agreeing with the whole conversation's.
-        end = len(os.path.commonprefix([upto, text]))
-        spans.append((start, end))
-    return text, spans, False
-
-
-def tokenize_row(row: dict, source: DataSource, tokenizer, completion_only: bool) -> Example:
-    text, spans, plain_text = render(row, source, tokenizer, completion_only)
-    # alpaca/text: the tokenizer adds bos as for any prompt, and we append eos (trained) so the
-    # model learns to stop. messages: the chat template already holds every special token.
-    enc = tokenizer(text, add_special_tokens=plain_text, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    labels = []
-    for tok, (start, end) in zip(ids, offsets):
-        trained = end > start and any(a <= start < b for a, b in spans)
-        labels.append(tok if trained else IGNORE)
-    if plain_text:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return Example(ids, labels)
-
-
-def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, stats: DataStats):
-    examples = []
-    for row in ds:
-        ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
-        too_long = len(ex.input_ids) > section.max_seq_len
-        if too_long and section.overflow == "drop":
-            stats.dropped_too_long += 1
-            continue
-        if too_long:
-            ex = Example(ex.input_ids[: section.max_seq_len], ex.labels[: section.max_seq_len])
-        if all(label == IGNORE for label in ex.labels[1:]):
-            stats.dropped_no_target += 1  # e.g. a prompt so long that truncation cut the answer
-            continue
-        stats.truncated += too_long
-        examples.append(ex)
-        stats.tokens += len(ex.input_ids)
-    stats.rows += len(examples)
-    stats.per_source[source.path] = stats.per_source.get(source.path, 0) + len(examples)
-    return examples
-
-
-def load_datasets(section: DataSection, tokenizer, seed: int):
-    """(train examples, eval examples, stats). Every problem is raised at once."""
+# ------------------------------------------------------------------------------- tokenizing
+def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources")) -> list:
+    """[(kind, source, datasets.Dataset)] for every source; every problem is raised at once."""
     raw, problems = [], []
-    for kind, sources in (("sources", section.sources), ("eval_sources", section.eval_sources)):
-        for i, source in enumerate(sources):
+    for kind in kinds:
+        for i, source in enumerate(getattr(section, kind)):
             where = f"data.{kind}[{i}]"
             try:
                 ds = load_source(source, where)
             except RecipeError as e:
                 problems.extend(e.problems)
                 continue
-            found = column_problems(ds, source, where)
-            if source.format == "messages" and not getattr(tokenizer, "chat_template", None):
-                found.append(Problem(f"{where}.format", "`messages` needs a chat template and "
-                                     "the tokenizer has none", "set model.chat_template (e.g. "
-                                     "chatml) or use a tokenizer with one"))
+            found = column_problems(ds, source, where) + row_problems(ds, source, tokenizer, where)
             problems.extend(found)
             if not found:
                 raw.append((kind, source, ds))
     if problems:
         raise RecipeError(problems)
+    return raw
+
+
+def row_problems(ds, source: DataSource, tokenizer, where: str) -> list[Problem]:
+    """The format's own check of the first row (e.g. a chat template is needed)."""
+    check = FORMATS[source.format].problem
+    if check is None or len(ds) == 0 or column_problems(ds, source, where):
+        return []
+    found = check(ds[0], source, tokenizer)
+    return [Problem(f"{where}.format", *found)] if found else []
+
+
+def assemble(parts: list, section: DataSection, seed: int, need_train: bool = True):
+    """(train rows, eval rows, stats) from tokenized sources [(kind, source, tokenized ds)]."""
+    import pyarrow as pa
+
     stats, eval_stats = DataStats(), DataStats()
-    train, evals = [], []
-    for kind, source, ds in raw:
-        target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
-        target.extend(tokenize_source(ds, source, tokenizer, section, st))
-    if section.eval_fraction > 0:
+    by_kind: dict[str, list] = {"sources": [], "eval_sources": []}
+    for kind, source, tds in parts:
+        status, lengths = status_and_lengths(tds)
+        (stats if kind == "sources" else eval_stats).add(status, lengths, source.path)
+        table = tds.data.table if hasattr(tds.data, "table") else tds.data
+        by_kind[kind].append((table, status, lengths))
+
+    def rows_of(kind):
+        found = by_kind[kind]
+        if not found:
+            return []
+        table = pa.concat_tables([t.select(["input_ids", "labels"]) for t, _, _ in found])
+        status = np.concatenate([s for _, s, _ in found])
+        lengths = np.concatenate([n for _, _, n in found])
+        kept = np.nonzero(status <= TRUNCATED)[0]
+        return ArrowRows(table, kept, lengths[kept])
+
+    train, evals = rows_of("sources"), rows_of("eval_sources")
+    if section.eval_fraction > 0 and len(train):
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(train) * section.eval_fraction))
-        held = set(order[:n_eval])
-        evals = [train[i] for i in sorted(held)]
-        train = [ex for i, ex in enumerate(train) if i not in held]
-    if not train:
+        held = np.zeros(len(train), dtype=bool)
+        held[order[:n_eval]] = True
+        evals, train = train.select(np.nonzero(held)[0]), train.select(np.nonzero(~held)[0])
+    if need_train and not len(train):
         raise RecipeError.one("data.sources", "no training rows left after tokenization "
                               f"({stats.describe()})",
                               "raise data.max_seq_len, use overflow: truncate, or check the data")
+    return train, evals, stats
+
+
+def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1):
+    """(train rows, eval rows, stats), tokenized in memory (no cache: see cache.py for that).
+    Rows are a sequence of `Example`s read on demand. Every problem is raised at once."""
+    raw = load_raw(section, tokenizer)
+    t0 = time.perf_counter()
+    parts = [(kind, source, tokenize_dataset(ds, source, tokenizer, section, num_proc,
+                                             fingerprint=uuid.uuid4().hex))
+             for kind, source, ds in raw]
+    train, evals, stats = assemble(parts, section, seed)
+    stats.seconds = time.perf_counter() - t0
     return train, evals, stats
 
 
@@ -258,20 +203,21 @@ def steps_per_epoch(n: int, global_batch_size: int) -> int:
 
 def step_micro_batches(n: int, seed: int, epoch: int, step_in_epoch: int, rank: int,
                        world_size: int, micro: int, accum: int,
-                       lengths: list[int] | None = None) -> list[list[int]]:
+                       lengths=None, order: list[int] | None = None) -> list[list[int]]:
     """Row indices of this rank's `accum` micro-batches for one optimizer step (some may be []).
 
     With `lengths` (group_by_length), the step's global batch — the same rows — is sorted by
     length and cut into micro-batches of similar rows, dealt round-robin to the ranks so each
-    gets a mix: less padding, same step.
+    gets a mix: less padding, same step. `order`: the epoch's order when already known.
     """
+    order = epoch_order(n, seed, epoch) if order is None else order
     if lengths is None:
-        rows = shard(epoch_order(n, seed, epoch), rank, world_size)
+        rows = shard(order, rank, world_size)
         per_step = micro * accum
         mine = rows[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
         return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
     per_step = micro * accum * world_size
-    rows = epoch_order(n, seed, epoch)[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+    rows = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
     rows.sort(key=lambda i: lengths[i])
     chunks = [rows[i * micro:(i + 1) * micro] for i in range(accum * world_size)]
     return chunks[rank::world_size]

@@ -17,34 +17,73 @@ much shorter than `max_seq_len` that fills ~90-98% of every sequence (reported a
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from dpkit.data.load import IGNORE, Example
+from dpkit.data.tokenize import IGNORE, Example
 
 
-def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
-    order = list(range(len(examples)))
+def pack_plan(lengths, max_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): sequence k holds rows order[starts[k]:starts[k+1]]. Only lengths are
+    read, so a million lazily read rows are planned without being materialized."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    packed: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for i in order:
-        ex = examples[i]
-        if ids and len(ids) + len(ex.input_ids) > max_len:
-            packed.append(Example(ids, labels, positions))
-            ids, labels, positions = [], [], []
+    starts, used = [], 0
+    for pos, i in enumerate(order):
+        n = int(lengths[i])
+        if not starts or used + n > max_len:
+            starts.append(pos)
+            used = 0
+        used += n
+    starts.append(len(order))
+    return np.asarray(order, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+
+
+def pack_rows(rows: list[Example]) -> Example:
+    ids, labels, positions = [], [], []
+    for ex in rows:
         ids += ex.input_ids
         labels += [IGNORE] + ex.labels[1:]
         positions += list(range(len(ex.input_ids)))
-    if ids:
-        packed.append(Example(ids, labels, positions))
-    return packed
+    return Example(ids, labels, positions)
 
 
-def fill_ratio(packed: list[Example], max_len: int) -> float:
-    return sum(len(p.input_ids) for p in packed) / max(1, len(packed) * max_len)
+class PackedRows(Sequence):
+    """Packed sequences built on demand from (lazily read) rows and a pack plan."""
+
+    def __init__(self, rows, order: np.ndarray, starts: np.ndarray, lengths):
+        self.rows, self.order, self.starts = rows, order, starts
+        sizes = np.add.reduceat(np.asarray(lengths, dtype=np.int64)[order], starts[:-1]) \
+            if len(order) else np.zeros(0, dtype=np.int64)
+        self.lengths = sizes
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        a, b = int(self.starts[k]), int(self.starts[k + 1])
+        return pack_rows([self.rows[int(i)] for i in self.order[a:b]])
+
+
+def pack(examples, max_len: int, seed: int):
+    """Greedy packing in a seeded shuffled order: a list for a list, a lazy sequence for lazily
+    read rows (dpkit/data/tokenize.py ArrowRows)."""
+    lengths = getattr(examples, "lengths", None)
+    if lengths is None:
+        lengths = [len(ex.input_ids) for ex in examples]
+    order, starts = pack_plan(lengths, max_len, seed)
+    packed = PackedRows(examples, order, starts, lengths)
+    return packed[:] if isinstance(examples, list) else packed
+
+
+def fill_ratio(packed, max_len: int) -> float:
+    lengths = getattr(packed, "lengths", None)
+    total = int(np.sum(lengths)) if lengths is not None else sum(len(p.input_ids) for p in packed)
+    return total / max(1, len(packed) * max_len)
 
 
 def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:

@@ -1,0 +1,135 @@
+"""Data formats: ONE registry, name → columns it reads and how a row is rendered.
+
+The recipe schema validates `format` and `columns` against `FORMATS`; tokenization renders with
+it; preflight names the missing columns from it. Adding a format = one `register(Format(...))`.
+
+A render function turns one row into (text, trained character spans, plain_text):
+- text: the whole sequence as the model will see it (chat markup included);
+- spans: [start, end) character ranges whose tokens are trained on (the rest gets label -100);
+- plain_text: True when the text has no special tokens of its own (alpaca, text): the
+  tokenizer then adds bos as for any prompt and dpkit appends a trained eos so the model learns
+  to stop. A chat template holds every special token itself (False).
+
+This module imports nothing from dpkit (the schema in dpkit/recipe.py imports it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    columns: tuple[str, ...]
+    """Canonical column names read (a source's `columns` maps them to its own)."""
+    render: Callable
+    """(row, source, tokenizer, completion_only) -> (text, spans, plain_text)."""
+    optional: frozenset[str] = field(default_factory=frozenset)
+    """Columns that may be absent from a dataset."""
+    problem: Callable | None = None
+    """(first row, source, tokenizer) -> one-line problem or None, checked before tokenizing."""
+    doc: str = ""
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    return FORMATS[name]
+
+
+# ------------------------------------------------------------------------------------- renders
+def render_text(row, source, tokenizer, completion_only):
+    text = row[source.column("text")]
+    return text, [(0, len(text))], True
+
+
+def render_alpaca(row, source, tokenizer, completion_only):
+    inp = row.get(source.column("input")) or ""
+    template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
+    prompt = template.format(instruction=row[source.column("instruction")], input=inp)
+    text = prompt + row[source.column("output")]
+    return text, [(len(prompt) if completion_only else 0, len(text))], True
+
+
+def render_messages(row, source, tokenizer, completion_only):
+    messages = row[source.column("messages")]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not completion_only:
+        return text, [(0, len(text))], False
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                                  add_generation_prompt=True))
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # Some templates end the last turn differently (Phi-3.5 adds eos only after it): the
+        # turn ends where this rendering stops agreeing with the whole conversation's.
+        end = len(os.path.commonprefix([upto, text]))
+        spans.append((start, end))
+    return text, spans, False
+
+
+def render_prompt_completion(row, source, tokenizer, completion_only):
+    """TRL's prompt-completion: strings, or message lists (conversational). With a chat template,
+    strings become one user turn and one assistant turn, so question/answer data trains an
+    instruct model in its own chat format; without one they are concatenated (bos … eos)."""
+    prompt, completion = row[source.column("prompt")], row[source.column("completion")]
+    if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        text = prompt + completion
+        return text, [(len(prompt) if completion_only else 0, len(text))], True
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    start = len(os.path.commonprefix([head, text]))  # == len(head) for well-behaved templates
+    return text, [(start if completion_only else 0, len(text))], False
+
+
+# ----------------------------------------------------------------------------- first-row checks
+def _needs_template(row, source, tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+        return (f"`{source.format}` needs a chat template and the tokenizer has none",
+                "set model.chat_template (e.g. chatml) or use a tokenizer with one")
+    return None
+
+
+def _pc_problem(row, source, tokenizer):
+    values = [row.get(source.column(c)) for c in ("prompt", "completion")]
+    if any(isinstance(v, list) for v in values):
+        return _needs_template(row, source, tokenizer)
+    if not all(isinstance(v, (str, list)) for v in values):
+        return ("`prompt_completion` reads strings or message lists, got "
+                f"{[type(v).__name__ for v in values]}", "check the column mapping")
+    return None
+
+
+register(Format("alpaca", ("instruction", "input", "output"), render_alpaca,
+                optional=frozenset({"input"}),
+                doc="instruction/input/output in the Alpaca prompt; trains on output"))
+register(Format("messages", ("messages",), render_messages, problem=_needs_template,
+                doc="chat turns rendered with the chat template; trains on assistant turns"))
+register(Format("text", ("text",), render_text, doc="plain text, every token trained on"))
+register(Format("prompt_completion", ("prompt", "completion"), render_prompt_completion,
+                problem=_pc_problem,
+                doc="TRL's prompt/completion (strings or message lists) in the chat template; "
+                    "trains on the completion"))

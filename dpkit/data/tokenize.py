@@ -1,0 +1,181 @@
+"""Tokenization with prompt masking, batched, and the tokenized rows as a lazy sequence.
+
+Masking works on the rendered text (dpkit/data/formats.py): each row becomes text plus the
+character spans that are trained on. The whole text is tokenized at once — so the model sees
+exactly what it will see at inference — and a token is trained on when it starts inside a trained
+span. Labels are -100 everywhere else (prompt, template markup, padding).
+
+`encode_batch` is the one tokenization function: `datasets.map` calls it (batched, in several
+processes, written to Arrow), the stream calls it per window, `tokenize_row` on one row. Rows
+that can't be trained on are kept with a status and no tokens, so the counts in the data report
+come from the Arrow column, not from state shared between processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpkit.data.formats import FORMATS
+
+IGNORE = -100
+KEPT, TRUNCATED, TOO_LONG, NO_TARGET = 0, 1, 2, 3
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+    """Set for packed sequences (restarting at 0 for every row); None for a plain row."""
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = "from the cache" if self.cached else "tokenized"
+        return (f"{self.rows} rows, {self.tokens} tokens ({where} in {self.seconds:.1f} s); "
+                f"longer than max_seq_len: {self.truncated} truncated, {self.dropped_too_long} "
+                f"dropped; {self.dropped_no_target} dropped with no trained token")
+
+    def add(self, status: np.ndarray, lengths: np.ndarray, path: str) -> None:
+        kept = status <= TRUNCATED
+        self.rows += int(kept.sum())
+        self.truncated += int((status == TRUNCATED).sum())
+        self.dropped_too_long += int((status == TOO_LONG).sum())
+        self.dropped_no_target += int((status == NO_TARGET).sum())
+        self.tokens += int(lengths[kept].sum())
+        self.per_source[path] = self.per_source.get(path, 0) + int(kept.sum())
+
+
+def _labels(ids, offsets, spans, text_len):
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= text_len:  # all trained
+        return [t if e > s else IGNORE for t, (s, e) in zip(ids, offsets)]
+    if len(spans) == 1:
+        a, b = spans[0]
+        return [t if e > s and a <= s < b else IGNORE for t, (s, e) in zip(ids, offsets)]
+    return [t if e > s and any(a <= s < b for a, b in spans) else IGNORE
+            for t, (s, e) in zip(ids, offsets)]
+
+
+def encode_batch(batch: dict[str, list], source, tokenizer, max_seq_len: int | None,
+                 overflow: str = "truncate", completion_only: bool = True) -> dict[str, list]:
+    """Columns input_ids, labels, status for a batch of raw rows (a dict of columns)."""
+    render = FORMATS[source.format].render
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    rendered = [render({k: batch[k][i] for k in keys}, source, tokenizer, completion_only)
+                for i in range(n)]
+    ids_out: list = [None] * n
+    labels_out: list = [None] * n
+    for plain in (True, False):  # alpaca/text get bos from the tokenizer; templates carry theirs
+        which = [i for i in range(n) if rendered[i][2] is plain]
+        if not which:
+            continue
+        enc = tokenizer([rendered[i][0] for i in which], add_special_tokens=plain,
+                        return_offsets_mapping=True)
+        for i, ids, offsets in zip(which, enc["input_ids"], enc["offset_mapping"]):
+            text, spans, _ = rendered[i]
+            labels = _labels(ids, offsets, spans, len(text))
+            ids = list(ids)
+            if plain:  # eos appended and trained on, so the model learns to stop
+                ids.append(tokenizer.eos_token_id)
+                labels.append(tokenizer.eos_token_id)
+            ids_out[i], labels_out[i] = ids, labels
+    status = [KEPT] * n
+    for i in range(n):
+        ids, labels = ids_out[i], labels_out[i]
+        if max_seq_len is not None and len(ids) > max_seq_len:
+            if overflow == "drop":
+                status[i], ids_out[i], labels_out[i] = TOO_LONG, [], []
+                continue
+            ids_out[i], labels_out[i] = ids[:max_seq_len], labels[:max_seq_len]
+            status[i] = TRUNCATED
+        if all(label == IGNORE for label in labels_out[i][1:]):
+            # e.g. a prompt so long that truncation cut the answer
+            status[i], ids_out[i], labels_out[i] = NO_TARGET, [], []
+    return {"input_ids": ids_out, "labels": labels_out, "status": status}
+
+
+def tokenize_row(row: dict, source, tokenizer, completion_only: bool) -> Example:
+    """One row, untruncated (for tests and tools)."""
+    out = encode_batch({k: [v] for k, v in row.items()}, source, tokenizer, None,
+                       completion_only=completion_only)
+    if out["status"][0] == NO_TARGET:
+        enc = encode_batch({k: [v] for k, v in row.items()}, source, tokenizer, None,
+                           completion_only=False)
+        return Example(enc["input_ids"][0], [IGNORE] * len(enc["input_ids"][0]))
+    return Example(out["input_ids"][0], out["labels"][0])
+
+
+FEATURES = None
+
+
+def features():
+    global FEATURES
+    if FEATURES is None:
+        from datasets import Features, Sequence as Seq, Value
+
+        FEATURES = Features({"input_ids": Seq(Value("int32")), "labels": Seq(Value("int32")),
+                             "status": Value("int8")})
+    return FEATURES
+
+
+def tokenize_dataset(ds, source, tokenizer, section, num_proc: int, fingerprint: str,
+                     cache_file: str | None = None):
+    """`datasets.map` of `encode_batch` over a whole source: in several processes and written to
+    `cache_file` (Arrow) when given, else in memory. `fingerprint` (the cache key) stands in for
+    datasets' own hash of the function, which would pickle and hash the whole tokenizer."""
+    kwargs = dict(batched=True, batch_size=1000, remove_columns=ds.column_names,
+                  features=features(), new_fingerprint=fingerprint, desc=f"tokenizing {source.path}",
+                  fn_kwargs=dict(source=source, tokenizer=tokenizer, max_seq_len=section.max_seq_len,
+                                 overflow=section.overflow,
+                                 completion_only=section.completion_only_loss))
+    procs = num_proc if len(ds) >= 20_000 * num_proc else 1  # forking costs more on small sets
+    if cache_file is None:
+        return ds.map(encode_batch, keep_in_memory=True, num_proc=procs if procs > 1 else None,
+                      **kwargs)
+    return ds.map(encode_batch, cache_file_name=cache_file, num_proc=procs if procs > 1 else None,
+                  **kwargs)
+
+
+def status_and_lengths(ds) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.compute as pc
+
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    status = table.column("status").to_numpy()
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    return status, lengths.astype(np.int64)
+
+
+class ArrowRows(Sequence):
+    """Tokenized rows read on demand from an Arrow table (memory-mapped when it comes from the
+    cache, so every rank of a node shares one copy in the page cache)."""
+
+    def __init__(self, table, index: np.ndarray, lengths: np.ndarray):
+        self.table, self.index = table, np.asarray(index, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # of the rows in `index`, in order
+        self._ids, self._labels = table.column("input_ids"), table.column("labels")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = int(self.index[i])
+        return Example(self._ids[j].as_py(), self._labels[j].as_py())
+
+    def select(self, positions: np.ndarray) -> "ArrowRows":
+        return ArrowRows(self.table, self.index[positions], self.lengths[positions])
