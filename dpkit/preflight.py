@@ -146,15 +146,20 @@ def hub_offline() -> bool:
 def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem],
                 notes: list[str]) -> None:
     """Columns of every source; with a tokenizer, the full tokenization and its statistics."""
-    from dpkit.data import column_problems, is_local_source, load_datasets, load_source
+    from dpkit.data import column_problems, is_local_source, load_source
+    from dpkit.data.cache import load_cached
 
     sources = [(f"data.{kind}[{i}]", s) for kind in ("sources", "eval_sources")
                for i, s in enumerate(getattr(recipe.data, kind))]
     skipped = [s.path for _, s in sources if offline and not is_local_source(s)]
     if skipped:
         notes.append(f"offline: hub datasets {skipped} not checked")
+    if recipe.data.streaming:
+        _check_stream(recipe, tokenizer, skipped, problems, notes)
+        return
     if tokenizer is not None and not skipped:
-        result = _collect(problems, load_datasets, recipe.data, tokenizer, recipe.train.seed)
+        # Tokenized into the cache here, once: the ranks then start at once (dpkit/data/cache.py)
+        result = _collect(problems, load_cached, recipe.data, tokenizer, recipe.train.seed)
         if result is not None:
             _, evals, stats = result
             notes.append(f"data: {stats.describe()}; eval rows: {len(evals)}")
@@ -165,6 +170,38 @@ def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem
         ds = _collect(problems, load_source, source, where)
         if ds is not None:
             problems.extend(column_problems(ds, source, where))
+
+
+def _check_stream(recipe: Recipe, tokenizer, skipped: list[str], problems: list[Problem],
+                  notes: list[str]) -> None:
+    """A stream is not read here: its length is unknown (max_steps is needed) and its columns
+    are checked on the first row of each source."""
+    from datasets import Dataset
+
+    from dpkit.data.load import column_problems, row_problems
+    from dpkit.data.stream import first_row
+
+    if recipe.train.max_steps is None:
+        problems.append(Problem("train.max_steps", "`data.streaming: true` has no known length, "
+                                "so the number of steps must be given", "set train.max_steps"))
+    for i, source in enumerate(recipe.data.sources):
+        if source.path in skipped:
+            continue
+        where = f"data.sources[{i}]"
+        try:
+            row = first_row(source)
+        except Exception as e:  # datasets raises many types for a missing or malformed source
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problems.append(Problem(f"{where}.path", f"could not stream '{source.path}': {first}",
+                                    "check the path, `name` and `split`"))
+            continue
+        ds = Dataset.from_list([row] if row is not None else [])
+        found = column_problems(ds, source, where)
+        if tokenizer is not None and not found:
+            found = row_problems(ds, source, tokenizer, where)
+        problems.extend(found)
+    notes.append(f"data: streaming {len(recipe.data.sources)} source(s); each rank reads its "
+                 "own rows")
 
 
 def _collect_model(problems: list[Problem], fn, section, key: str):

@@ -24,7 +24,9 @@ from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.attention import describe_packed
 from dpkit.batch import batch_arithmetic
 from dpkit.data import load as D
+from dpkit.data.cache import load_cached
 from dpkit.data.feed import RowFeed, eval_batches
+from dpkit.data.stream import StreamFeed
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
@@ -75,9 +77,21 @@ class Run:
         return self.env.rank // self.batch.sequence_parallel
 
     def _load_data(self) -> None:
+        """Tokenized once per node into the cache (dpkit/data/cache.py), read lazily; a stream
+        (data.streaming) is read by its feed, only eval sources go through the cache."""
         r = self.recipe
-        rows, self.eval_rows, self.data_stats = D.load_datasets(r.data, self.tokenizer,
-                                                                r.train.seed)
+        rows, self.eval_rows, self.data_stats = load_cached(
+            r.data, self.tokenizer, r.train.seed, self.env.local_rank, self.env.rank,
+            say=self.say, say_wait=self._say_wait, streaming=r.data.streaming)
+        if r.data.streaming:
+            if r.train.max_steps is None:
+                raise RecipeError.one("train.max_steps", "a stream has no known length",
+                                      "set train.max_steps with data.streaming: true")
+            self.say(f"[dpkit] data: streaming {[s.path for s in r.data.sources]} (shuffled in "
+                     f"windows of {r.data.shuffle_buffer} rows per rank); eval: "
+                     f"{self.data_stats.describe()}")
+            self.train_rows = None
+            return
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
         if r.data.packing:
             before = len(rows)
@@ -87,12 +101,19 @@ class Run:
                      f"{100 * fill_ratio(rows, r.data.max_seq_len):.1f}% full")
         self.train_rows = rows
 
+    def _say_wait(self, message: str) -> None:
+        """A rank waiting for its node's tokenization: in its log, and once per node on screen."""
+        self.log.info(message)
+        if self.env.local_rank == 1:
+            print(f"[dpkit] rank {self.env.rank}: {message}", file=sys.stderr, flush=True)
+
     def _resolve_config(self) -> None:
         r, env = self.recipe, self.env
         self.hidden = getattr(self.model_config, "hidden_size", None)
         self.ds_config = resolve_ds_config(r, env.world_size, self.hidden,
                                            on_cpu=env.backend == "gloo")
-        self.per_epoch = D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size)
+        self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
+                          D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size))
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
         self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
                  f"{self.total_steps} steps; ZeRO stage {r.zero.stage}, {r.model.dtype}; "
@@ -127,10 +148,16 @@ class Run:
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, r, self.ds_config, self.total_steps, env, self.say)
         b = self.batch
-        self.feed = RowFeed(self.train_rows, r.train.seed, b.micro_batch_size, b.grad_accum,
-                            self.dp_rank, b.data_parallel, b.global_batch_size,
-                            self.objective.collate, self.tokenizer.pad_token_id, flatten=flat,
-                            group_by_length=r.data.group_by_length)
+        if self.train_rows is None:
+            self.feed = StreamFeed(r.data, self.tokenizer, r.train.seed, b.micro_batch_size,
+                                   b.grad_accum, self.dp_rank, b.data_parallel,
+                                   self.objective.collate, self.tokenizer.pad_token_id,
+                                   flatten=flat)
+        else:
+            self.feed = RowFeed(self.train_rows, r.train.seed, b.micro_batch_size, b.grad_accum,
+                                self.dp_rank, b.data_parallel, b.global_batch_size,
+                                self.objective.collate, self.tokenizer.pad_token_id,
+                                flatten=flat, group_by_length=r.data.group_by_length)
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0

@@ -19,7 +19,8 @@ from dpkit.recipe import load_recipe
 
 # Sub-commands that live in their own modules register themselves (module, function).
 PLUGINS = [("dpkit.plan.recommend", "register"), ("dpkit.hub", "register"), ("dpkit.report", "register"),
-           ("dpkit.doctor", "register"), ("dpkit.export", "register")]
+           ("dpkit.doctor", "register"), ("dpkit.export", "register"),
+           ("dpkit.cli.prepare", "register")]
 
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,203 @@
+"""Tokenize once per node: an on-disk cache of tokenized data, keyed by what changes the tokens.
+
+The key hashes the data files (resolved path, size, mtime), hub dataset ids with their
+revision, the tokenizer (its whole fast-tokenizer JSON and special tokens), the chat template,
+each source's format and column mapping, max_seq_len, overflow, masking, and the source of the
+tokenization code itself. The eval split and the seed are not in it: they are cheap and applied
+when the cache is read.
+
+On each node local rank 0 builds an entry (`datasets.map` in several processes, Arrow files),
+in a private temporary directory that is renamed into place in one step; then it writes the
+COMPLETE marker. The other ranks wait for that FILE — not for a collective, whose timeout a long
+tokenization would trip with no hint why — and say what they are waiting for. Several nodes on a
+shared file system each build; the first rename wins and the others use it. Every build appends
+one line to `tokenize.log` in the cache directory.
+
+The cache directory may come from an untrusted recipe: dpkit only ever deletes its own
+temporary build directory, by the exact name it created, inside that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import dpkit
+from dpkit.data import load as L
+from dpkit.data.tokenize import tokenize_dataset
+from dpkit.errors import RecipeError
+
+MARKER = "COMPLETE"
+CODE = ("formats.py", "tokenize.py")  # the code whose every change changes tokens
+WAIT_SAY_EVERY_S = 60
+
+
+def cache_root(section) -> Path:
+    if section.cache_dir:
+        return Path(section.cache_dir).expanduser()
+    if os.environ.get("DPKIT_CACHE"):
+        return Path(os.environ["DPKIT_CACHE"]).expanduser()
+    return Path.home() / ".cache" / "dpkit" / "data"
+
+
+def num_proc(section) -> int:
+    return section.num_proc or max(1, min(os.cpu_count() or 1, 8))
+
+
+def _file_identity(path: Path) -> list:
+    if path.is_dir():  # a dataset repository laid out locally: every file in it
+        return [_file_identity(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def source_identity(source) -> dict:
+    ident = source.model_dump(mode="json")
+    path = Path(source.path).expanduser()
+    if path.exists():
+        ident["file"] = _file_identity(path)
+    return ident
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
+    return {"class": type(tokenizer).__name__, "tokenizer": hashlib.sha256(body.encode()).hexdigest(),
+            "specials": repr(sorted(tokenizer.special_tokens_map.items())),
+            "eos": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template,
+            "probe": tokenizer("a b", add_special_tokens=True)["input_ids"]}
+
+
+def cache_key(section, tokenizer, kinds) -> tuple[str, dict]:
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
+    material = {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
+                "max_seq_len": section.max_seq_len, "overflow": section.overflow,
+                "completion_only_loss": section.completion_only_loss,
+                **{kind: [source_identity(s) for s in getattr(section, kind)] for kind in kinds}}
+    blob = json.dumps(material, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest(), material
+
+
+def entry_dir(section, tokenizer, kinds) -> tuple[Path, dict]:
+    key, material = cache_key(section, tokenizer, kinds)
+    return cache_root(section) / f"tok-{key[:32]}", material
+
+
+def is_complete(entry: Path) -> bool:
+    return (entry / MARKER).is_file()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
+          say=print) -> None:
+    """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
+    import datasets
+
+    raw = L.load_raw(section, tokenizer, kinds)  # bad data: RecipeError before anything is written
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    datasets.enable_progress_bars()  # tokenizing a large set shows its progress
+    try:
+        files, procs = [], num_proc(section)
+        for n, (kind, source, ds) in enumerate(raw):
+            out = tokenize_dataset(ds, source, tokenizer, section, procs,
+                                   fingerprint=f"{entry.name}-{n}",
+                                   cache_file=str(tmp / f"{kind}-{n}.arrow"))
+            files.append({"kind": kind, "path": source.path, "index": n,
+                          "files": [Path(f["filename"]).name for f in out.cache_files]})
+            del out
+        seconds = time.perf_counter() - t0
+        meta = {"material": material, "parts": files, "seconds": seconds,
+                "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        try:
+            os.rename(tmp, entry)  # atomic: the entry is whole or absent
+        except OSError:  # another node (shared file system) or process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            say(f"[dpkit] data: {entry} was built meanwhile by another process; using it")
+        else:
+            with open(entry.parent / "tokenize.log", "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid "
+                          f"{os.getpid()} rank {rank} built {entry.name} in {seconds:.1f} s\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the directory made above
+        raise
+    finally:
+        if bars_were_off:
+            datasets.disable_progress_bars()
+    if (entry / "meta.json").is_file() and not is_complete(entry):
+        _write_atomic(entry / MARKER, "ok\n")
+
+
+def wait_for(entry: Path, say_wait, timeout_s: float | None = None) -> float:
+    """Wait for local rank 0's COMPLETE marker; returns the seconds waited."""
+    t0 = time.monotonic()
+    said = None
+    while not is_complete(entry):
+        waited = time.monotonic() - t0
+        if said is None or waited - said >= WAIT_SAY_EVERY_S:
+            say_wait(f"waiting for local rank 0 to tokenize the data into {entry} "
+                     f"({waited:.0f} s so far; the file {MARKER} ends the wait; `dpkit prepare` "
+                     "builds it ahead of a job)")
+            said = waited
+        if timeout_s is not None and waited > timeout_s:
+            raise RecipeError.one("data.cache_dir", f"{entry}/{MARKER} did not appear within "
+                                  f"{timeout_s:.0f} s", "check local rank 0's log, or run "
+                                  "`dpkit prepare RECIPE` first")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def read(entry: Path, section, seed: int, need_train: bool = True):
+    """(train rows, eval rows, stats) from a complete entry, memory-mapped."""
+    import datasets
+
+    meta = json.loads((entry / "meta.json").read_text())
+    sources = {kind: getattr(section, kind) for kind in ("sources", "eval_sources")}
+    counters = {"sources": 0, "eval_sources": 0}
+    parts = []
+    for part in meta["parts"]:
+        kind = part["kind"]
+        source = sources[kind][counters[kind]]
+        counters[kind] += 1
+        shards = [datasets.Dataset.from_file(str(entry / f)) for f in part["files"]]
+        parts.append((kind, source, datasets.concatenate_datasets(shards)
+                      if len(shards) > 1 else shards[0]))
+    return L.assemble(parts, section, seed, need_train=need_train)
+
+
+def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 0, say=print,
+                say_wait=print, streaming: bool = False):
+    """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
+    other ranks of the node, then read. Streaming: only the eval sources go through the cache."""
+    kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
+    if not any(getattr(section, k) for k in kinds):
+        return [], [], L.DataStats()
+    entry, material = entry_dir(section, tokenizer, kinds)
+    t0 = time.perf_counter()
+    if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
+        _write_atomic(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
+    cached = is_complete(entry)
+    if not cached and local_rank == 0:
+        say(f"[dpkit] data: tokenizing into {entry} on local rank 0 of each node (the other "
+            f"ranks wait for its {MARKER} file)")
+        build(section, tokenizer, kinds, entry, material, rank, say)
+    elif not cached:
+        wait_for(entry, say_wait)
+    train, evals, stats = read(entry, section, seed, need_train=not streaming)
+    stats.seconds, stats.cached = time.perf_counter() - t0, cached
+    return train, evals, stats
