@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import yaml
 from dpkit.shipped import TOKENIZERS, DATA as SHIPPED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tokenized-data cache of every run started by the tests (in process or as ranks): not ~/.cache.
+os.environ.setdefault("DPKIT_CACHE", str(Path(tempfile.gettempdir()) /
+                                         f"dpkit-test-cache-{os.getuid()}"))
 TOKENIZER = TOKENIZERS / "tiny-bpe"
 ALPACA = SHIPPED_DATA / "self_instruct_seed.alpaca.jsonl"
 MESSAGES = SHIPPED_DATA / "self_instruct_seed.messages.jsonl"

@@ -1,0 +1,173 @@
+"""Data at scale without ranks: the format registry, prompt/completion rendering and masking
+against hand-written expectations, the tokenized-data cache key, and a stream's per-rank sharding
+and saved position (two feeds in one process stand for two ranks)."""
+
+import json
+import os
+
+import pytest
+from conftest import MESSAGES, TOKENIZER
+
+from dpkit.data import FORMATS, IGNORE, load_datasets, tokenize_row
+from dpkit.data.cache import cache_key, load_cached
+from dpkit.data.load import collate
+from dpkit.data.stream import StreamFeed
+from dpkit.errors import RecipeError
+from dpkit.model import load_tokenizer
+from dpkit.recipe import DATA_FORMATS, DataSection, DataSource, ModelSection
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER)))
+
+
+def trained_text(tok, ex) -> str:
+    return tok.decode([t for t in ex.labels if t != IGNORE])
+
+
+def test_one_registry_feeds_the_schema():
+    assert DATA_FORMATS == tuple(FORMATS)
+    assert {"alpaca", "messages", "text", "prompt_completion"} <= set(FORMATS)
+    DataSource(path="x.jsonl", format="prompt_completion",
+               columns={"prompt": "question", "completion": "answer"})
+    with pytest.raises(ValueError, match="format `prompt_completion` reads"):
+        DataSource(path="x.jsonl", format="prompt_completion", columns={"output": "answer"})
+    with pytest.raises(ValueError):
+        DataSource(path="x.jsonl", format="nope")
+
+
+def test_prompt_completion_strings_use_the_chat_template_and_train_on_the_completion(tok):
+    source = DataSource(path="gsm8k.jsonl", format="prompt_completion",
+                        columns={"prompt": "question", "completion": "answer"})
+    row = {"question": "What is 2+3?", "answer": "2+3 = 5."}
+    ex = tokenize_row(row, source, tok, completion_only=True)
+    by_hand = "<s><|user|>\nWhat is 2+3?</s>\n<|assistant|>\n2+3 = 5.</s>\n"  # the template
+    assert tok.decode(ex.input_ids) == by_hand
+    assert ex.input_ids == tok.apply_chat_template(
+        [{"role": "user", "content": row["question"]},
+         {"role": "assistant", "content": row["answer"]}], tokenize=True, return_dict=False)
+    head = tok("<s><|user|>\nWhat is 2+3?</s>\n<|assistant|>\n", add_special_tokens=False).input_ids
+    assert ex.input_ids[:len(head)] == head
+    assert ex.labels == [IGNORE] * len(head) + ex.input_ids[len(head):]
+    assert trained_text(tok, ex) == "2+3 = 5.</s>\n"
+
+
+def test_prompt_completion_conversational(tok):
+    source = DataSource(path="x", format="prompt_completion")
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    completion = [{"role": "assistant", "content": "Hello."}]
+    ex = tokenize_row({"prompt": prompt, "completion": completion}, source, tok, True)
+    assert tok.decode(ex.input_ids) == ("<s><|system|>\nBe brief.</s>\n<|user|>\nHi?</s>\n"
+                                        "<|assistant|>\nHello.</s>\n")
+    assert trained_text(tok, ex) == "Hello.</s>\n"
+    everything = tokenize_row({"prompt": prompt, "completion": completion}, source, tok, False)
+    assert everything.input_ids == ex.input_ids and everything.labels[1:] == ex.input_ids[1:]
+
+
+def test_prompt_completion_without_a_template_is_plain_text(tok):
+    bare = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER)))
+    bare.chat_template = None
+    source = DataSource(path="x", format="prompt_completion")
+    ex = tokenize_row({"prompt": "Question: 2+3?\n", "completion": "Answer: 5"}, source, bare, True)
+    prompt_ids = bare("Question: 2+3?\n").input_ids  # <s> + prompt
+    assert ex.input_ids == bare("Question: 2+3?\nAnswer: 5").input_ids + [bare.eos_token_id]
+    assert ex.input_ids[:len(prompt_ids)] == prompt_ids
+    assert ex.labels == [IGNORE] * len(prompt_ids) + ex.input_ids[len(prompt_ids):]
+    assert trained_text(bare, ex) == "Answer: 5</s>"
+
+
+def test_conversational_prompt_completion_without_a_template_is_refused(tmp_path, tok):
+    bare = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER)))
+    bare.chat_template = None
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}],
+                                "completion": [{"role": "assistant", "content": "b"}]}) + "\n")
+    section = DataSection(sources=[{"path": str(path), "format": "prompt_completion"}])
+    with pytest.raises(RecipeError, match=r"data.sources\[0\].format: `prompt_completion` needs"):
+        load_datasets(section, bare, seed=0)
+
+
+def test_cache_key_follows_what_changes_the_tokens(tmp_path, tok):
+    data = tmp_path / "d.jsonl"
+    data.write_text(MESSAGES.read_text())
+    base = dict(sources=[{"path": str(data), "format": "messages"}], max_seq_len=128)
+    kinds = ("sources", "eval_sources")
+    key = cache_key(DataSection(**base), tok, kinds)[0]
+    assert key == cache_key(DataSection(**base, eval_fraction=0.1), tok, kinds)[0]  # applied later
+    changed = [DataSection(**{**base, "max_seq_len": 64}), DataSection(**base, overflow="drop"),
+               DataSection(**base, completion_only_loss=False),
+               DataSection(**{**base, "sources": [{"path": str(data), "format": "messages",
+                                                    "max_rows": 5}]})]
+    assert all(cache_key(s, tok, kinds)[0] != key for s in changed)
+    chatml = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
+                                         chat_template="chatml"))
+    assert cache_key(DataSection(**base), chatml, kinds)[0] != key
+    os.utime(data, ns=(1, 1))  # the file changed (its mtime)
+    assert cache_key(DataSection(**base), tok, kinds)[0] != key
+
+
+def test_cached_rows_equal_rows_tokenized_in_memory(tmp_path, tok):
+    section = DataSection(sources=[{"path": str(MESSAGES), "format": "messages"}],
+                          max_seq_len=64, eval_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    expected = load_datasets(section, tok, seed=3)
+    first = load_cached(section, tok, seed=3, say=lambda m: None)
+    again = load_cached(section, tok, seed=3, say=lambda m: None)
+    assert not first[2].cached and again[2].cached
+    for got in (first, again):
+        for rows, want in zip(got[:2], expected[:2]):
+            assert [(e.input_ids, e.labels) for e in rows] == \
+                [(e.input_ids, e.labels) for e in want]
+        assert got[2].describe().split(" (")[0] == expected[2].describe().split(" (")[0]
+    assert len(list((tmp_path / "c").glob("tok-*"))) == 1
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------------------ streams
+def stream_file(tmp_path, n: int):
+    path = tmp_path / "stream.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i} says hello"}) + "\n" for i in range(n)))
+    return path
+
+
+def feeds(tok, path, world, **data):
+    section = DataSection(sources=[{"path": str(path), "format": "text"}], max_seq_len=32,
+                          streaming=True, shuffle_buffer=7, **data)
+    return [StreamFeed(section, tok, seed=1, micro=1, accum=1, dp_rank=r, dp_world=world,
+                       collate=collate, pad_id=tok.pad_token_id) for r in range(world)]
+
+
+def row_number(tok, batch) -> int:
+    text = tok.decode(batch["input_ids"][0].tolist(), skip_special_tokens=True)
+    return int(text.split()[1])
+
+
+def test_stream_ranks_read_disjoint_rows_that_cover_the_stream(tmp_path, tok):
+    n = 103
+    path = stream_file(tmp_path, n)
+    seen = []
+    for r, feed in enumerate(feeds(tok, path, world=2)):
+        mine = [row_number(tok, feed.micro_batches(s)[0]) for s in range((n - r + 1) // 2)]
+        assert all(i % 2 == r for i in mine) and len(set(mine)) == len(mine)
+        assert mine != sorted(mine)  # shuffled within windows
+        assert feed.epoch(0) == 0
+        second = [row_number(tok, feed.micro_batches(s)[0]) for s in range(len(mine), 2 * len(mine))]
+        assert sorted(second) == sorted(mine) and second != mine  # next epoch, reshuffled
+        seen += mine
+    assert sorted(seen) == list(range(n))
+
+
+def test_stream_position_resumes_exactly(tmp_path, tok):
+    path = stream_file(tmp_path, 61)
+    for packing in (False, True):
+        a, = feeds(tok, path, world=1, packing=packing)
+        [a.micro_batches(s) for s in range(11)]
+        state = json.loads(json.dumps(a.state_dict()))  # as stored in a checkpoint
+        b, = feeds(tok, path, world=1, packing=packing)
+        b.load_state_dict(state)
+        for s in range(11, 60):
+            x, y = a.micro_batches(s)[0], b.micro_batches(s)[0]
+            assert all((x[k] == y[k]).all() for k in ("input_ids", "labels")), s
+    c, = feeds(tok, path, world=1)
+    with pytest.raises(RecipeError, match="same number of ranks"):
+        c.load_state_dict({**state, "dp_world": 2})
