@@ -83,6 +83,10 @@ class Run:
         rows, self.eval_rows, self.data_stats = load_cached(
             r.data, self.tokenizer, r.train.seed, self.env.local_rank, self.env.rank,
             say=self.say, say_wait=self._say_wait, streaming=r.data.streaming)
+        s = self.data_stats
+        how = "cache hit" if s.cached else "built or waited for"
+        self.log.info(f"data setup: {s.seconds:.2f} s ({how}), RSS {s.rss_before_mb:.0f} MB "
+                      f"before, peak {s.peak_rss_mb:.0f} MB")
         if r.data.streaming:
             if r.train.max_steps is None:
                 raise RecipeError.one("train.max_steps", "a stream has no known length",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
 import time
@@ -188,7 +189,7 @@ def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
     entry, material = entry_dir(section, tokenizer, kinds)
-    t0 = time.perf_counter()
+    t0, rss_before = time.perf_counter(), _rss_mb()
     if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
         _write_atomic(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
     cached = is_complete(entry)
@@ -200,4 +201,12 @@ def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 
         wait_for(entry, say_wait)
     train, evals, stats = read(entry, section, seed, need_train=not streaming)
     stats.seconds, stats.cached = time.perf_counter() - t0, cached
+    stats.rss_before_mb = rss_before
+    stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return train, evals, stats
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

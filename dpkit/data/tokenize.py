@@ -41,6 +41,8 @@ class DataStats:
     tokens: int = 0
     seconds: float = 0.0
     cached: bool = False
+    rss_before_mb: float = 0.0  # this process, when data setup began
+    peak_rss_mb: float = 0.0    # this process's peak resident set size after data setup
     per_source: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -59,14 +61,54 @@ class DataStats:
         self.per_source[path] = self.per_source.get(path, 0) + int(kept.sum())
 
 
-def _labels(ids, offsets, spans, text_len):
-    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= text_len:  # all trained
-        return [t if e > s else IGNORE for t, (s, e) in zip(ids, offsets)]
-    if len(spans) == 1:
-        a, b = spans[0]
-        return [t if e > s and a <= s < b else IGNORE for t, (s, e) in zip(ids, offsets)]
+def _untrain_specials(labels: list, specials: list, start: int = 0) -> None:
+    """Label -100 on the tokens the post-processor added (bos): the only ones with an empty
+    character span in plain text, found at C speed (count, index)."""
+    k = 0
+    for _ in range(specials.count(1)):
+        k = specials.index(1, k)
+        if k >= start:
+            labels[k] = IGNORE
+        k += 1
+
+
+def _labels(enc, spans, text_len):
+    """Labels for one encoding: a token is trained when it starts inside a trained span."""
+    ids = enc.ids
+    if len(spans) == 1 and spans[0][1] >= text_len:  # one span to the end: a suffix is trained
+        a = spans[0][0]
+        k = 0
+        if a > 0:
+            offsets = enc.offsets
+            while k < len(offsets) and (offsets[k][0] < a or offsets[k][1] <= offsets[k][0]):
+                k += 1
+        labels = [IGNORE] * k + ids[k:]
+        _untrain_specials(labels, enc.special_tokens_mask, k)
+        return labels
     return [t if e > s and any(a <= s < b for a, b in spans) else IGNORE
-            for t, (s, e) in zip(ids, offsets)]
+            for t, (s, e) in zip(ids, enc.offsets)]
+
+
+class _Encoding:
+    """A slow tokenizer's output in the shape of a fast one's `Encoding`."""
+
+    def __init__(self, ids, offsets):
+        self.ids, self.offsets = list(ids), offsets
+        self.special_tokens_mask = [int(e <= s) for s, e in offsets]
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list:
+    """Encodings (ids, offsets, special_tokens_mask). A fast tokenizer's Rust backend is called
+    directly, as the transformers wrapper does, without building dicts nobody reads; offsets are
+    only converted to Python where a row needs them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [_Encoding(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+    if backend.truncation is not None or backend.padding is not None:
+        backend.no_truncation()  # what the wrapper does for a call without truncation/padding
+        backend.no_padding()
+    return backend.encode_batch(texts, add_special_tokens=add_special_tokens)
 
 
 def encode_batch(batch: dict[str, list], source, tokenizer, max_seq_len: int | None,
@@ -77,21 +119,21 @@ def encode_batch(batch: dict[str, list], source, tokenizer, max_seq_len: int | N
     n = len(batch[keys[0]]) if keys else 0
     rendered = [render({k: batch[k][i] for k in keys}, source, tokenizer, completion_only)
                 for i in range(n)]
+    eos = tokenizer.eos_token_id  # a property lookup in transformers: once per batch
     ids_out: list = [None] * n
     labels_out: list = [None] * n
     for plain in (True, False):  # alpaca/text get bos from the tokenizer; templates carry theirs
         which = [i for i in range(n) if rendered[i][2] is plain]
         if not which:
             continue
-        enc = tokenizer([rendered[i][0] for i in which], add_special_tokens=plain,
-                        return_offsets_mapping=True)
-        for i, ids, offsets in zip(which, enc["input_ids"], enc["offset_mapping"]):
+        texts = [rendered[i][0] for i in which]
+        for i, enc in zip(which, _encode(tokenizer, texts, plain)):
             text, spans, _ = rendered[i]
-            labels = _labels(ids, offsets, spans, len(text))
-            ids = list(ids)
+            labels = _labels(enc, spans, len(text))
+            ids = enc.ids
             if plain:  # eos appended and trained on, so the model learns to stop
-                ids.append(tokenizer.eos_token_id)
-                labels.append(tokenizer.eos_token_id)
+                ids.append(eos)
+                labels.append(eos)
             ids_out[i], labels_out[i] = ids, labels
     status = [KEPT] * n
     for i in range(n):
