@@ -8,13 +8,17 @@ and only from a path the user names: DeepSpeed checkpoints are pickles.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dpkit import checkpoint as C
-from dpkit.errors import RecipeError
+from dpkit.errors import Problem, RecipeError
+from dpkit.rundir import mark, replace_dir, write_problem
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -50,9 +54,8 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     ckpt = resolve_checkpoint(Path(path))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RecipeError.one("--out", f"'{out}' exists and is not empty",
-                              "choose another directory or pass --overwrite")
+    out = Path(out).expanduser()
+    check_out(out, overwrite)
     config = AutoConfig.from_pretrained(ckpt / "hf")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -67,14 +70,40 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
         model.tie_weights()
     model = model.to(DTYPES[dtype])
     model.generation_config = GenerationConfig.from_model_config(config)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staging(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """--out may be new or empty; replaced (--overwrite) only if dpkit exported into it before."""
+    problem = write_problem(out, "export", "--out", overwrite, "pass --overwrite")
+    if problem is None and out.is_symlink():  # the export is renamed into place: not a link
+        problem = Problem("--out", f"'{out}' is a symbolic link", "name the directory itself")
+    if problem is not None:
+        raise RecipeError(problem)
+
+
+@contextmanager
+def staging(out: Path):
+    """A fresh directory beside `out` (a name no one else has: nothing of theirs is removed),
+    marked as an export and renamed to `out` once everything is written; removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide the model from the group
+        yield tmp
+        mark(tmp, "export")
+        if out.exists() and any(out.iterdir()):
+            replace_dir(out, "export", "--out")  # the rule again, right before deleting
+        elif out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cmd_export(args) -> int:
@@ -86,10 +115,8 @@ def _cmd_export(args) -> int:
             raise RecipeError.one("--merge", f"'{args.checkpoint}' is not a finished LoRA run "
                                   "(no model/adapter_config.json)", "pass the run directory of "
                                   "a LoRA run, or leave out --merge")
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise RecipeError.one("--out", f"'{out}' exists and is not empty",
-                                  "choose another directory or pass --overwrite")
+        out = Path(args.out).expanduser()
+        check_out(out, args.overwrite)
         merge_adapter(None, adapter, out, dtype=DTYPES[args.dtype])
         print(f"merged {adapter} into its base model: {out}")
         return 0
@@ -106,7 +133,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="directory to write the model to")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--max-shard-size", default="5GB", help="split weights above this size")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that "
+                   "dpkit export wrote (nothing else is ever deleted)")
     p.add_argument("--merge", action="store_true", help="LoRA run directory: write base + "
                    "adapter merged into one model")
     p.set_defaults(func=_cmd_export)

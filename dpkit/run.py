@@ -25,6 +25,7 @@ from dpkit import checkpoint as C
 from dpkit import data as D
 from dpkit import distributed, logs, lora
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
+from dpkit.hub_schema import UserChoice, user_choice_from_overrides
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
 from dpkit.model import build_model, load_model_config, load_tokenizer
@@ -32,7 +33,7 @@ from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.attention import describe_packed
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
-from dpkit.rundir import prepare_output_dir
+from dpkit.rundir import RunFinished, outside_warning, prepare_output_dir
 from dpkit.step import evaluate, train_step
 from dpkit.batch import batch_arithmetic
 from dpkit.zero import resolve_ds_config
@@ -113,8 +114,9 @@ def hardware(env) -> str:
     return f"{env.world_size} CPU ranks on {platform.machine()} ({os.cpu_count()} cores)"
 
 
-def run(recipe: Recipe) -> dict:
-    """Train one recipe on the ranks of this job; returns the summary (also on disk)."""
+def run(recipe: Recipe, hub_user: UserChoice | None = None) -> dict:
+    """Train one recipe on the ranks of this job; returns the summary (also on disk).
+    `hub_user`: the Hub endpoint / token variable the command line named (see hub_schema)."""
     started = time.time()
     env = distributed.setup(recipe.train.collective_timeout_s)
     out = prepare_output_dir(recipe, env)
@@ -145,11 +147,18 @@ def run(recipe: Recipe) -> dict:
     total_steps = recipe.train.max_steps or recipe.train.epochs * per_epoch
     say(f"[dpkit] {batch.describe()}; {per_epoch} steps per epoch, {total_steps} steps; "
         f"ZeRO stage {recipe.zero.stage}, {recipe.model.dtype}")
+    # Before writing anything: a broken checkpoint is named once, and the run is left as it was.
+    resume_from = C.find_resume(recipe.resume, out)
+    if resume_from is not None:
+        C.verify(resume_from)
+        warning = outside_warning(resume_from, out)
+        if warning:
+            say(f"[dpkit] {warning}")
     if env.is_main:
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-    resume_from = C.find_resume(recipe.resume, out)
+        if recipe.resume is not None and resume_from is None:  # nothing to resume: start over
+            truncate_metrics(out / "metrics.jsonl", 0)
     universal = resume_from is not None and C.needs_universal(resume_from, env.world_size,
                                                               recipe.zero.stage)
     if universal:
@@ -272,7 +281,7 @@ def run(recipe: Recipe) -> dict:
             ckpt = save_checkpoint(step + 1)
             progress.write(f"[dpkit] step {step + 1}: checkpoint {ckpt}")
             if recipe.hub is not None and recipe.hub.push_checkpoints:
-                push_checkpoint(ckpt, step + 1, recipe, env, say)
+                push_checkpoint(ckpt, step + 1, recipe, env, say, hub_user)
     progress.close()
     metrics.close()
     trackers.finish()
@@ -305,13 +314,15 @@ def run(recipe: Recipe) -> dict:
         from dpkit.hub import push_on_main
 
         # After the last collective of training: a long upload can't trip the collective timeout.
-        push_on_main(out, recipe.hub, is_main=env.is_main, barrier=distributed.barrier, say=say)
+        push_on_main(out, recipe.hub, is_main=env.is_main, barrier=distributed.barrier, say=say,
+                     user=hub_user)
     engine.destroy() if hasattr(engine, "destroy") else None
     logs.teardown()
     return summary
 
 
-def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
+def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say,
+                    hub_user: UserChoice | None = None) -> None:
     """Rank 0 exports the checkpoint to Hugging Face format and pushes it; the others wait."""
     from dpkit.export import export
     from dpkit.hub import push_on_main
@@ -320,7 +331,8 @@ def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
     if env.is_main:
         export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
     push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
-                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step)
+                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step,
+                 user=hub_user)
 
 
 def lr_now(scheduler) -> float:
@@ -359,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else EXIT_USER_ERROR
     try:
-        run(load_recipe(argv[0], argv[1:]))
+        run(load_recipe(argv[0], argv[1:]), hub_user=user_choice_from_overrides(argv[1:]))
         distributed.shutdown()
+    except RunFinished as e:  # nothing to do: every rank knows, rank 0 says it
+        if distributed.is_main_process():
+            print(e, file=sys.stderr if e.code else sys.stdout, flush=True)
+        return e.code
     except RecipeError as e:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)

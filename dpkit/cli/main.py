@@ -16,6 +16,8 @@ from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.launch import LAUNCHERS, LaunchPlan, launch
 from dpkit.preflight import check_recipe, raise_if_problems
 from dpkit.recipe import load_recipe
+from dpkit.rundir import RunFinished, finished
+from dpkit.hub_schema import user_choice_from_overrides
 
 # Sub-commands that live in their own modules register themselves (module, function).
 PLUGINS = [("dpkit.plan.recommend", "register"), ("dpkit.hub", "register"), ("dpkit.report", "register"),
@@ -43,13 +45,17 @@ def _plan_from_args(args) -> LaunchPlan:
 
 def _preflight(args):
     recipe = load_recipe(args.recipe, args.overrides)
+    done = finished(recipe)
+    if done is not None:  # a resume of a finished run: say so, change nothing, check nothing
+        raise done
     plan = _plan_from_args(args)
     plan.rendezvous_timeout_s = recipe.train.collective_timeout_s
     on_gpu = torch.cuda.is_available()
     report = check_recipe(recipe, plan.world_size(), on_cpu=not on_gpu,
                           gpus_per_node=plan.ranks_per_node(),
                           gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory
-                          if on_gpu else None)
+                          if on_gpu else None,
+                          hub_user=user_choice_from_overrides(args.overrides))
     raise_if_problems(report)
     return recipe, plan, report
 
@@ -130,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(format_errors(e), file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFinished as e:
+        print(e, file=sys.stderr if e.code else sys.stdout)
+        return e.code
 
 
 if __name__ == "__main__":
