@@ -73,10 +73,10 @@ def known_tokens(hub: HubSection | None = None) -> list[str]:
     """Every token this process could hold: the variables and the one `hf auth login` stored."""
     names = [*STANDARD_TOKEN_ENVS, *([hub.token_env] if hub is not None else [])]
     found = [os.environ.get(n, "").strip() for n in names]
-    try:
-        from huggingface_hub import get_token
+    try:  # the file `hf auth login` writes (read directly: get_token may go to the network)
+        from huggingface_hub import constants
 
-        found.append(get_token() or "")
+        found.append(Path(constants.HF_TOKEN_PATH).read_text().strip())
     except Exception:  # redaction must never be the thing that fails
         pass
     return [t for t in found if len(t) >= 8]

@@ -119,7 +119,7 @@ def run(recipe: Recipe, hub_user: UserChoice | None = None) -> dict:
     `hub_user`: the Hub endpoint / token variable the command line named (see hub_schema)."""
     started = time.time()
     env = distributed.setup(recipe.train.collective_timeout_s)
-    out = prepare_output_dir(recipe, env)
+    out, resume_from = prepare_output_dir(recipe, env)  # resume_from: checked whole
     log = logs.setup(out, env.rank, env.is_main)
 
     def say(message: str) -> None:
@@ -147,13 +147,8 @@ def run(recipe: Recipe, hub_user: UserChoice | None = None) -> dict:
     total_steps = recipe.train.max_steps or recipe.train.epochs * per_epoch
     say(f"[dpkit] {batch.describe()}; {per_epoch} steps per epoch, {total_steps} steps; "
         f"ZeRO stage {recipe.zero.stage}, {recipe.model.dtype}")
-    # Before writing anything: a broken checkpoint is named once, and the run is left as it was.
-    resume_from = C.find_resume(recipe.resume, out)
-    if resume_from is not None:
-        C.verify(resume_from)
-        warning = outside_warning(resume_from, out)
-        if warning:
-            say(f"[dpkit] {warning}")
+    if resume_from is not None and (warning := outside_warning(resume_from, out)):
+        say(f"[dpkit] {warning}")
     if env.is_main:
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")

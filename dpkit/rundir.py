@@ -232,12 +232,23 @@ def outside_warning(ckpt: Path, out: Path) -> str | None:
             "can run code when loaded; resume only from checkpoints you made")
 
 
-def prepare_output_dir(recipe: Recipe, env) -> Path:
+def prepare_output_dir(recipe: Recipe, env) -> tuple[Path, Path | None]:
+    """On every rank: the run directory (created, or replaced when allowed) and the checkpoint
+    to resume from, checked whole. Any refusal happens before anything is created."""
+    from dpkit import checkpoint as C
     from dpkit import distributed
 
     out = Path(recipe.output.dir).expanduser()
     problem = output_dir_problem(recipe)  # every rank checks before any rank creates it
     done = finished(recipe)
+    resume_from = None
+    if problem is None and done is None:
+        try:
+            resume_from = C.find_resume(recipe.resume, out)
+            if resume_from is not None:
+                C.verify(resume_from)  # a truncated shard: one line from rank 0, not N tracebacks
+        except RecipeError as e:
+            problem = e
     distributed.barrier()
     if done is not None:
         raise done
@@ -249,4 +260,4 @@ def prepare_output_dir(recipe: Recipe, env) -> Path:
             replace_dir(out, "run", "output.dir")
         make_dir(out, "run")
     distributed.barrier()
-    return out
+    return out, resume_from
