@@ -9,6 +9,7 @@ and only from a path the user names: DeepSpeed checkpoints are pickles.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -40,9 +41,15 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     stage = C.read_state(ckpt).zero_stage
     ds_dir = ckpt / "ds"
     if stage == 0:
-        # Our own run's file, written by DeepSpeed; it is a pickle, hence weights_only=False.
-        states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        # DeepSpeed's ZeRO-0 file holds tensors, numbers, strings and dicts: weights_only=True
+        # reads it without running any pickled code (ZeRO 1-3 go through DeepSpeed's loader).
+        path = ds_dir / "mp_rank_00_model_states.pt"
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = (str(e).strip().splitlines() or ["?"])[0]
+            raise RecipeError.one(str(path), f"holds more than tensors ({first}); dpkit does not "
+                                  "unpickle it", "export only checkpoints you made") from None
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -232,6 +232,32 @@ def test_rng_state_loads_without_unpickling_code(tmp_path):
     assert torch.equal(states["torch"], torch.get_rng_state())
 
 
+class Payload:
+    """What a hostile checkpoint could carry: unpickling it runs code (here: makes a file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_export_of_zero0_never_unpickles_code(tmp_path):
+    from dpkit.export import consolidated_state_dict
+
+    ckpt = fake_checkpoint(tmp_path / "run", 2)
+    state = json.loads((ckpt / "dpkit.json").read_text())
+    (ckpt / "dpkit.json").write_text(json.dumps({**state, "zero_stage": 0}))
+    weights = consolidated_state_dict(ckpt)  # DeepSpeed's layout: plain data loads
+    assert torch.equal(weights["w"], torch.ones(64, 64))
+    sentinel = tmp_path / "code-ran"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Payload(str(sentinel))},
+               ckpt / "ds" / "mp_rank_00_model_states.pt")
+    with pytest.raises(RecipeError, match="holds more than tensors"):
+        consolidated_state_dict(ckpt)
+    assert not sentinel.exists()
+
+
 def test_resume_outside_output_dir_is_warned(tmp_path, capsys):
     theirs = fake_checkpoint(tmp_path / "downloaded", 4)
     recipe = write_recipe(tmp_path / "r.yaml", {**tiny_recipe(tmp_path / "run"),
