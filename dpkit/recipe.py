@@ -132,7 +132,7 @@ class DataSection(_Section):
     reported at start."""
     packing: bool = False
     """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
-    that restart per row (see dpkit/packing.py); the global batch then counts sequences."""
+    that restart per row (see dpkit/data/packing.py); the global batch then counts sequences."""
     group_by_length: bool = False
     """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
     same rows per step)."""
