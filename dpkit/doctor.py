@@ -169,7 +169,8 @@ def remote_report(host: str, timeout_s: float) -> dict:
     remote = (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m dpkit.doctor "
               "--report-json")
     try:
-        proc = subprocess.run([*ssh, host, remote], capture_output=True, text=True,
+        # `--`: the host name ends ssh's options (hostfile names are checked too, in launch).
+        proc = subprocess.run([*ssh, "--", host, remote], capture_output=True, text=True,
                               timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(str(e)) from e
@@ -297,15 +298,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd(args) -> int:
     return run_checks(args.hostfile, args.master_port, args.backend, args.timeout,
                       not args.no_allreduce)
-
-
-def register(subparsers) -> None:
-    """Add `dpkit doctor [--hostfile H]`."""
-    p = subparsers.add_parser(
-        "doctor", help="check versions (on every node), ports and a 2-rank all-reduce",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

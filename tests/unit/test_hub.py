@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from dpkit import hub as dphub
+from dpkit.cli import push as push_cli
 from dpkit import model_card
 from dpkit.errors import RecipeError
 
@@ -38,7 +39,7 @@ REPO = "dpkit-tests/tiny-chat"
 
 HARNESS = """
 import argparse, sys
-from dpkit import hub
+from dpkit.cli import push as hub
 from dpkit.errors import RecipeError, format_errors
 parser = argparse.ArgumentParser(prog="dpkit")
 hub.register(parser.add_subparsers(dest="command"))
@@ -185,7 +186,7 @@ def test_missing_token_is_a_user_error(full_run, monkeypatch):
     run, *_ = full_run
     monkeypatch.delenv("DPKIT_NO_SUCH_TOKEN", raising=False)
     parser = argparse.ArgumentParser(prog="dpkit")
-    dphub.register(parser.add_subparsers(dest="command"))
+    push_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["push", str(run), "--token-env", "DPKIT_NO_SUCH_TOKEN"])
     with pytest.raises(RecipeError, match=r"hub\.token_env: no Hub token: \$DPKIT_NO_SUCH_TOKEN"):
         args.func(args)
@@ -397,7 +398,8 @@ def test_push_on_main_survives_a_failed_push(full_run, tmp_path, monkeypatch):
                               say=said.append) is None
     assert waited == [1] and said == []
     assert dphub.push_on_main(run, hub, is_main=True, barrier=lambda: waited.append(2),
-                              say=said.append) is None
+                              say=said.append, user=dphub.UserChoice(
+                                  endpoint=hub.endpoint, token_env=hub.token_env)) is None
     assert waited == [1, 2]
     assert any("push failed, the model is safe" in s for s in said)
     assert all(TOKEN not in s for s in said)
@@ -430,8 +432,9 @@ def test_a_file_holding_the_token_is_never_pushed(full_run, tmp_path, monkeypatc
     monkeypatch.setenv("DPKIT_TEST_TOKEN", TOKEN)
     hub = dphub.HubSection(repo_id=REPO, token_env="DPKIT_TEST_TOKEN",
                            endpoint="http://127.0.0.1:9")  # never reached: refused before
-    assert dphub.check_hub(hub) == []
+    user = dphub.UserChoice(endpoint=hub.endpoint, token_env=hub.token_env)  # as if typed
+    assert dphub.check_hub(hub, user) == []
     with pytest.raises(dphub.PushError, match="recipe.yaml contains the Hub token") as err:
-        dphub.push_run_dir(leaky, hub, say=lambda _: None)
+        dphub.push_run_dir(leaky, hub, say=lambda _: None, user=user)
     assert TOKEN not in str(err.value)
     assert not (leaky / "hub" / "push.json").exists()
