@@ -1,6 +1,6 @@
 """Data at scale, measured on real ranks (torchrun, no preflight: the ranks do the work).
 
-    python scripts/bench_data.py cache  [--rows 1000000] [--num-proc 2]
+    python scripts/bench_data.py cache  [--rows 1000000] [--num-proc 2] [--worlds 1,2]
     python scripts/bench_data.py stream [--stream-mb 300] [--steps 200]
 
 cache: a generated alpaca set of --rows rows; for 1 and then 2 ranks, a cold run (empty cache
@@ -81,13 +81,14 @@ def alpaca_file(path: Path, n: int) -> None:
                     + "\n")
 
 
-def bench_cache(tmp: Path, rows: int, num_proc: int) -> None:
-    data = tmp / "rows.jsonl"
-    t0 = time.perf_counter()
-    alpaca_file(data, rows)
-    print(f"generated {rows:,} rows ({data.stat().st_size / 2**20:.0f} MB) in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
-    for world in (1, 2):
+def bench_cache(tmp: Path, rows: int, num_proc: int, worlds: list[int], data: Path | None) -> None:
+    if data is None:
+        data = tmp / "rows.jsonl"
+        t0 = time.perf_counter()
+        alpaca_file(data, rows)
+        print(f"generated {rows:,} rows ({data.stat().st_size / 2**20:.0f} MB) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    for world in worlds:
         cache = tmp / f"cache-{world}"
         results = {}
         for run in ("cold", "warm"):
@@ -150,11 +151,14 @@ def main() -> int:
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--stream-mb", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--worlds", default="1,2", help="rank counts to run, e.g. 1,2")
+    ap.add_argument("--data", type=Path, help="an alpaca .jsonl made before (else generated)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-data-{args.what}-"))
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} tmp={tmp}", flush=True)
     if args.what == "cache":
-        bench_cache(tmp, args.rows, args.num_proc)
+        bench_cache(tmp, args.rows, args.num_proc, [int(w) for w in args.worlds.split(",")],
+                    args.data)
     else:
         bench_stream(tmp, args.stream_mb, args.steps)
     return 0

@@ -133,3 +133,8 @@ register(Format("prompt_completion", ("prompt", "completion"), render_prompt_com
                 problem=_pc_problem,
                 doc="TRL's prompt/completion (strings or message lists) in the chat template; "
                     "trains on the completion"))
+
+
+def render(row: dict, source, tokenizer, completion_only: bool):
+    """(text, trained character spans, plain_text) for one row of `source`, by its format."""
+    return FORMATS[source.format].render(row, source, tokenizer, completion_only)
