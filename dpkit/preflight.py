@@ -36,12 +36,12 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     Never runs a model repository's own code: with `model.trust_remote_code` the checks load
     what transformers can load without it, and the notes warn which repository training will
     run code from."""
-    from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
+    import datasets
+
     from dpkit.batch import batch_arithmetic
+    from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
     from dpkit.rundir import output_dir_problem, resume_checks
     from dpkit.zero import resolve_ds_config
-
-    import datasets
 
     datasets.disable_progress_bars()  # the parent prints problems and notes, not load bars
     problems: list[Problem] = []

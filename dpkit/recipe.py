@@ -66,7 +66,7 @@ class ModelSection(_Section):
     _shipped = field_validator("name_or_path", "tokenizer")(_shipped_path)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("set exactly one of `model.name_or_path` and `model.config`")
         if self.config is not None and self.tokenizer is None:
@@ -108,7 +108,7 @@ class DataSource(_Section):
     _shipped = field_validator("path")(_shipped_path)
 
     @model_validator(mode="after")
-    def _known_columns(self) -> "DataSource":
+    def _known_columns(self) -> DataSource:
         expected = FORMATS[self.format].columns
         unknown = [k for k in self.columns if k not in expected]
         if unknown:
@@ -155,7 +155,7 @@ class DataSection(_Section):
     """Streaming: rows shuffled together (and packed together) at a time, per rank."""
 
     @model_validator(mode="after")
-    def _one_eval(self) -> "DataSection":
+    def _one_eval(self) -> DataSection:
         if self.packing and self.group_by_length:
             raise ValueError("`data.packing` and `data.group_by_length` both fight padding; "
                              "packing leaves none. Choose one.")
@@ -231,7 +231,7 @@ class ZeroSection(_Section):
     _shipped = field_validator("template")(_shipped_path)
 
     @model_validator(mode="after")
-    def _offload_fits_stage(self) -> "ZeroSection":
+    def _offload_fits_stage(self) -> ZeroSection:
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
         if self.offload_params != "none" and self.stage != 3:
@@ -265,7 +265,7 @@ class PeftSection(_Section):
     `<output.dir>/merged`."""
 
     @model_validator(mode="after")
-    def _some_targets(self) -> "PeftSection":
+    def _some_targets(self) -> PeftSection:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("`peft.target_modules` is empty: list module names or use `all-linear`")
         return self

@@ -26,13 +26,21 @@ from dpkit.batch import batch_arithmetic
 from dpkit.data import load as D
 from dpkit.data.cache import load_cached
 from dpkit.data.feed import RowFeed, eval_batches
-from dpkit.data.stream import StreamFeed
 from dpkit.data.packing import fill_ratio, pack
+from dpkit.data.stream import StreamFeed
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.hub_schema import UserChoice, user_choice_from_overrides
-from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
-                           model_flops, peak_flops, per_rank)
+from dpkit.metrics import (
+    MetricsLog,
+    Progress,
+    Trackers,
+    matmul_parameters,
+    memory_mb,
+    model_flops,
+    peak_flops,
+    per_rank,
+)
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.objectives import build_objective
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -52,7 +60,7 @@ class Run:
         self.started = time.time()
 
     # ------------------------------------------------------------------------------- setup
-    def setup(self) -> "Run":
+    def setup(self) -> Run:
         r = self.recipe
         self.env = distributed.setup(r.train.collective_timeout_s)
         # Refusals (finished run, damaged checkpoint, foreign directory) before anything exists.

@@ -35,8 +35,7 @@ TOKENIZER = ROOT / "dpkit" / "resources" / "tokenizers" / "tiny-bpe"
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048,
         "max_position_embeddings": 512}
-WORDS = ("the model learns to add numbers and answer questions about the data it reads while "
-         "every rank waits for nothing").split()
+WORDS = ["the", "model", "learns", "to", "add", "numbers", "and", "answer", "questions", "about", "the", "data", "it", "reads", "while", "every", "rank", "waits", "for", "nothing"]
 
 
 def recipe(out: Path, data: dict, train: dict) -> dict:
@@ -75,10 +74,9 @@ def rank_report(log: Path) -> dict:
 def alpaca_file(path: Path, n: int) -> None:
     rng = random.Random(0)
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"instruction": " ".join(rng.choices(WORDS, k=rng.randint(6, 24))),
+        f.writelines(json.dumps({"instruction": " ".join(rng.choices(WORDS, k=rng.randint(6, 24))),
                                 "input": "", "output": f"{' '.join(rng.choices(WORDS, k=8))} {i}"})
-                    + "\n")
+                    + "\n" for i in range(n))
 
 
 def bench_cache(tmp: Path, rows: int, num_proc: int, worlds: list[int], data: Path | None) -> None:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-WORDS = ("the model learns to add numbers and answer questions about the data it reads while "
-         "every rank waits for nothing").split()
+WORDS = ["the", "model", "learns", "to", "add", "numbers", "and", "answer", "questions", "about", "the", "data", "it", "reads", "while", "every", "rank", "waits", "for", "nothing"]
 
 
 def make_rows(path: Path, n: int, fmt: str) -> None:

@@ -12,7 +12,18 @@ The names most callers need are re-exported here (`from dpkit import data as D`)
 """
 
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, render  # noqa: F401
-from dpkit.data.load import (LOCAL_SUFFIXES, collate, column_problems, epoch_order,  # noqa: F401
-                             eval_micro_batches, is_local_source, load_datasets, load_source,
-                             shard, step_micro_batches, steps_per_epoch, target_tokens)
+from dpkit.data.load import (  # noqa: F401
+                             LOCAL_SUFFIXES,
+                             collate,
+                             column_problems,
+                             epoch_order,
+                             eval_micro_batches,
+                             is_local_source,
+                             load_datasets,
+                             load_source,
+                             shard,
+                             step_micro_batches,
+                             steps_per_epoch,
+                             target_tokens,
+)
 from dpkit.data.tokenize import IGNORE, DataStats, Example, tokenize_row  # noqa: F401

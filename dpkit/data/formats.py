@@ -16,8 +16,8 @@ This module imports nothing from dpkit (the schema in dpkit/recipe.py imports it
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

@@ -23,8 +23,16 @@ import torch
 
 from dpkit.attention import row_boundaries
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
-from dpkit.data.tokenize import (IGNORE, TRUNCATED, ArrowRows, DataStats, Example,  # noqa: F401
-                                 status_and_lengths, tokenize_dataset, tokenize_row)
+from dpkit.data.tokenize import (  # noqa: F401
+    IGNORE,
+    TRUNCATED,
+    ArrowRows,
+    DataStats,
+    Example,
+    status_and_lengths,
+    tokenize_dataset,
+    tokenize_row,
+)
 from dpkit.errors import Problem, RecipeError
 
 if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import back

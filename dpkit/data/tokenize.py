@@ -167,7 +167,8 @@ FEATURES = None
 def features():
     global FEATURES
     if FEATURES is None:
-        from datasets import Features, Sequence as Seq, Value
+        from datasets import Features, Value
+        from datasets import Sequence as Seq
 
         FEATURES = Features({"input_ids": Seq(Value("int32")), "labels": Seq(Value("int32")),
                              "status": Value("int8")})
@@ -219,5 +220,5 @@ class ArrowRows(Sequence):
         j = int(self.index[i])
         return Example(self._ids[j].as_py(), self._labels[j].as_py())
 
-    def select(self, positions: np.ndarray) -> "ArrowRows":
+    def select(self, positions: np.ndarray) -> ArrowRows:
         return ArrowRows(self.table, self.index[positions], self.lengths[positions])

@@ -28,9 +28,8 @@ def dpkit_train(path: Path, *overrides: str, fault: str | None = None):
 
 def alpaca_rows(path: Path, n: int) -> Path:
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"instruction": f"Add {i} and {i % 7}.", "input": "",
-                                "output": f"{i} plus {i % 7} is {i + i % 7}."}) + "\n")
+        f.writelines(json.dumps({"instruction": f"Add {i} and {i % 7}.", "input": "",
+                                "output": f"{i} plus {i % 7} is {i + i % 7}."}) + "\n" for i in range(n))
     return path
 
 
