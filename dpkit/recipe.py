@@ -9,8 +9,9 @@ as a `RecipeError`. Checks that need the world size, the data or the model on di
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +19,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dpkit import shipped
 from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import HubSection
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user read it
+    as a number. This loader resolves such scientific notation as floats."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's message spans five)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{problem}{where}"
 
 
 class _Section(BaseModel):
@@ -36,6 +59,16 @@ def _shipped_path(cls, value: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- model
+_NUMBER = re.compile(r"[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
+
+
+def _number_or_value(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and not re.search(r"[.eE]", value) else number
+    return value
+
+
 class ModelSection(_Section):
     name_or_path: str | None = None
     """Hugging Face hub id (`Qwen/Qwen2.5-0.5B`) or local directory with config.json and weights."""
@@ -63,6 +96,14 @@ class ModelSection(_Section):
     """Allow model code from the hub repository to run (only for repositories you trust)."""
 
     _shipped = field_validator("name_or_path", "tokenizer")(_shipped_path)
+
+    @field_validator("config")
+    @classmethod
+    def _numbers_as_numbers(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`rms_norm_eps: "1e-5"` (quoted, or from a YAML 1.1 reader) means the number."""
+        if config is None:
+            return None
+        return {k: _number_or_value(v) for k, v in config.items()}
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -156,6 +197,9 @@ class DataSection(_Section):
 
 
 # ----------------------------------------------------------------------------------------- train
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # torch.optim.AdamW refuses others at step 1
+
+
 class TrainSection(_Section):
     global_batch_size: int = Field(gt=0)
     """Rows per optimizer step over all ranks (= micro_batch_size × gradient accumulation ×
@@ -174,9 +218,9 @@ class TrainSection(_Section):
     """Fraction of the steps spent warming the learning rate up linearly from 0."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     """AdamW weight decay (not applied to biases and norm weights)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    adam_eps: float = 1e-8
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
+    adam_eps: float = Field(default=1e-8, gt=0)
     """AdamW epsilon."""
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     """Clip the global gradient norm to this (0 turns clipping off)."""
@@ -296,11 +340,31 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        keys = key.split(".")
+        if not sep or not all(k.strip() for k in keys):
             raise RecipeError.one(item, "an override must look like `section.key=value`",
                                   "for example `train.lr=1e-4`")
-        parsed.append((key.split("."), yaml.safe_load(value) if value != "" else ""))
+        try:
+            parsed.append((keys, read_yaml(value) if value != "" else ""))
+        except yaml.YAMLError as e:
+            raise RecipeError.one(key, f"value `{value}` is not valid YAML: {yaml_error_line(e)}",
+                                  "quote it, or close its brackets: key=[a, b]") from None
     return parsed
+
+
+def _list_index(node: list, keys: list[str], i: int) -> int:
+    """The list position `keys[i]` names, or a RecipeError naming the override key."""
+    where = ".".join(keys[: i + 1])
+    if not keys[i].lstrip("-").isdigit():
+        raise RecipeError.one(where, f"`{keys[i]}` is not a list position",
+                              f"use a number from 0 to {len(node) - 1}" if node else
+                              "the list is empty: set the whole list, e.g. key=[...]")
+    index = int(keys[i])
+    if not -len(node) <= index < len(node):
+        raise RecipeError.one(where, f"position {index} is past the end of a list of "
+                              f"{len(node)}", f"use 0 to {len(node) - 1}, or set the whole list"
+                              if node else "the list is empty: set the whole list, e.g. key=[...]")
+    return index
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -308,14 +372,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node: Any = raw
         for i, key in enumerate(keys[:-1]):
             if isinstance(node, list):
-                node = node[int(key)]
-                continue
-            node = node.setdefault(key, {})
+                node = node[_list_index(node, keys, i)]
+            else:
+                if node.get(key) is None:  # absent, or `peft:` left empty in the file
+                    node[key] = {}
+                node = node[key]
             if not isinstance(node, (dict, list)):
                 raise RecipeError.one(".".join(keys[: i + 1]), "is a value, not a section",
                                       "override a key inside a section")
         if isinstance(node, list):
-            node[int(keys[-1])] = value
+            node[_list_index(node, keys, len(keys) - 1)] = value
         else:
             node[keys[-1]] = value
     return raw
@@ -325,13 +391,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply overrides, validate. Raises `RecipeError` listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError.one(str(path), "recipe file not found", "check the path")
+        what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
+        raise RecipeError.one(str(path), what, "pass the path of a recipe .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError.one(str(path), f"is not valid YAML: {e}", "fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise RecipeError.one(str(path), "must be a mapping of sections (model, data, train, ...)")
+        raise RecipeError.one(str(path), f"is not valid YAML: {yaml_error_line(e)}",
+                              "fix the syntax") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise RecipeError.one(str(path), f"can't be read as text: {e}",
+                              "pass a recipe .yaml file") from None
+    if not isinstance(raw, dict) or not raw:
+        what = "is empty" if not raw else "must be a mapping of sections (model, data, train, ...)"
+        raise RecipeError.one(str(path), what, "start from a recipe in recipes/")
     return recipe_from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -339,7 +411,20 @@ def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError([_problem_from_pydantic(err) for err in e.errors()]) from None
+        missing: dict[tuple, list[str]] = {}  # several missing keys of a section: one line
+        for err in e.errors():
+            if err["type"] == "missing":
+                missing.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
+        problems = []
+        for err in e.errors():
+            parent = tuple(err["loc"][:-1])
+            if err["type"] != "missing" or len(missing.get(parent, [])) < 2:
+                problems.append(_problem_from_pydantic(err))
+            elif missing[parent][0] == str(err["loc"][-1]):
+                names = ", ".join(f"`{_dotted((*parent, n))}`" for n in missing[parent])
+                problems.append(Problem(_dotted(parent), f"{names} are required",
+                                        "add them (see the recipes in recipes/)"))
+        raise RecipeError(problems) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
