@@ -105,6 +105,11 @@ def shipped_tokenizer_dir(hub_id: str) -> Path | None:
 LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling", "torch_dtype", "auto_map", "use_mrope"}
 
 
+POSITIVE_SIZES = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim",
+                  "n_embd", "n_layer", "n_head", "n_positions"}
+
+
 def inline_config(values: dict):
     """The transformers config for an inline `model.config`, every mistake named by its key.
 
@@ -136,11 +141,15 @@ def inline_config(values: dict):
         if close:
             problems.append(Problem(f"model.config.{key}", f"is not a `{model_type}` config key",
                                     f"did you mean `model.config.{close[0]}`?"))
+    for key in POSITIVE_SIZES & set(cfg):  # transformers builds a 0 or -1 size, or divides by it
+        if not isinstance(cfg[key], bool) and isinstance(cfg[key], int) and cfg[key] <= 0:
+            problems.append(Problem(f"model.config.{key}", f"must be a positive integer (got "
+                                    f"{cfg[key]})", "set a size of 1 or more"))
     if problems:
         raise RecipeError(problems)
     try:
         return AutoConfig.for_model(model_type, **cfg)
-    except (StrictDataclassError, TypeError, ValueError) as e:
+    except (StrictDataclassError, TypeError, ValueError, ArithmeticError) as e:
         text = str(e).strip()
         field = re.search(r"field '(\w+)'", text.splitlines()[0] if text else "")
         where = f"model.config.{field.group(1)}" if field else "model.config"

@@ -162,7 +162,7 @@ def _build_problems(recipe: Recipe, config, key: str) -> list[Problem]:
                                             recipe.data.max_seq_len)
                 if chosen != recipe.model.attn_implementation:
                     model.set_attn_implementation(chosen)
-    except (ValueError, ImportError, KeyError) as e:
+    except (ValueError, ImportError, KeyError, TypeError, RuntimeError, ArithmeticError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attention" in str(e).lower():
             return [Problem("model.attn_implementation", f"'{recipe.model.attn_implementation}' "

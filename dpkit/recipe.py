@@ -21,7 +21,7 @@ from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import HubSection
 
 
-class RecipeLoader(yaml.SafeLoader):
+class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when installed
     """PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user read it
     as a number. This loader resolves such scientific notation as floats."""
 
@@ -32,14 +32,14 @@ RecipeLoader.add_implicit_resolver(
 
 
 def read_yaml(text: str):
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a safe loader)
 
 
-def yaml_error_line(error: yaml.YAMLError) -> str:
+def yaml_error_line(error: yaml.YAMLError, position: bool = True) -> str:
     """A YAML error on one line: what is wrong and where (PyYAML's message spans five)."""
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark and position else ""
     return f"{problem}{where}"
 
 
@@ -347,7 +347,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         try:
             parsed.append((keys, read_yaml(value) if value != "" else ""))
         except yaml.YAMLError as e:
-            raise RecipeError.one(key, f"value `{value}` is not valid YAML: {yaml_error_line(e)}",
+            raise RecipeError.one(key, f"value `{value}` is not valid YAML: "
+                                  f"{yaml_error_line(e, position=False)}",
                                   "quote it, or close its brackets: key=[a, b]") from None
     return parsed
 
@@ -411,12 +412,13 @@ def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
+        errors = _merge_union_errors(e.errors(), raw)
         missing: dict[tuple, list[str]] = {}  # several missing keys of a section: one line
-        for err in e.errors():
+        for err in errors:
             if err["type"] == "missing":
                 missing.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
         problems = []
-        for err in e.errors():
+        for err in errors:
             parent = tuple(err["loc"][:-1])
             if err["type"] != "missing" or len(missing.get(parent, [])) < 2:
                 problems.append(_problem_from_pydantic(err))
@@ -425,6 +427,35 @@ def recipe_from_dict(raw: dict) -> Recipe:
                 problems.append(Problem(_dotted(parent), f"{names} are required",
                                         "add them (see the recipes in recipes/)"))
         raise RecipeError(problems) from None
+
+
+_UNION_TAG = re.compile(r"^(?:list|dict|tuple|set|literal|function-\w+)\[|^(?:str|int|float|bool)$")
+
+
+def _merge_union_errors(errors: list[dict], raw: dict) -> list[dict]:
+    """A value that fits none of a field's forms (`list[str] | 'all-linear'`) gives pydantic one
+    error per form, under locations like `peft.target_modules.list[str].0`: one error instead."""
+    merged: dict[tuple, dict] = {}
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        cut = next((i for i, part in enumerate(loc)
+                    if isinstance(part, str) and _UNION_TAG.match(part)), None)
+        if cut is None:
+            out.append(err)
+            continue
+        field = loc[:cut]
+        if field not in merged:
+            value: Any = raw
+            for part in field:
+                value = value[part] if isinstance(value, (dict, list)) else None
+            merged[field] = {"loc": field, "type": "union", "input": value, "msg": []}
+            out.append(merged[field])
+        if err["msg"] not in merged[field]["msg"]:
+            merged[field]["msg"].append(err["msg"])
+    for err in merged.values():
+        err["msg"] = "is none of the accepted forms: " + "; or ".join(err["msg"])
+    return out
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
