@@ -112,7 +112,9 @@ class ModelSection(_Section):
         if self.config is not None and self.tokenizer is None:
             raise ValueError("an inline `model.config` needs `model.tokenizer` (a hub id or directory)")
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("`model.config` needs a `model_type` (for example `llama`)")
+            typo = difflib.get_close_matches("model_type", [str(k) for k in self.config], n=1)
+            raise ValueError("`model.config` needs a `model_type` (for example `llama`)" +
+                             (f"; is `{typo[0]}` a misspelling of it?" if typo else ""))
         return self
 
     @property
