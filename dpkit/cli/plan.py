@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 from dpkit.errors import RecipeError
-from dpkit.plan.recommend import (DTYPE_BYTES, Hardware, _check, plan, recipe_shape, render,
-                                  write)
+from dpkit.plan.recommend import (DTYPE_BYTES, PLAN_FILES, Hardware, _check, plan, recipe_shape,
+                                  render, write)
+from dpkit.rundir import files_problem
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 
@@ -86,6 +87,8 @@ def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -
 def run_plan(args) -> int:
     if min(args.gpus_per_node, args.nodes) < 1:
         raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
+    if args.write and (problem := files_problem(args.write, PLAN_FILES, "plan", "--write")):
+        raise RecipeError(problem)  # before any planning is printed
     hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
                   args.cpu_memory)
     is_recipe = args.target.endswith((".yaml", ".yml"))
