@@ -9,7 +9,6 @@ as a `RecipeError`. Checks that need the world size, the data or the model on di
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,30 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpkit import shipped
-from dpkit.errors import Problem, RecipeError
+from dpkit.errors import RecipeError
 from dpkit.hub_schema import HubSection
-
-
-class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when installed
-    """PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user read it
-    as a number. This loader resolves such scientific notation as floats."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
-def read_yaml(text: str):
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a safe loader)
-
-
-def yaml_error_line(error: yaml.YAMLError, position: bool = True) -> str:
-    """A YAML error on one line: what is wrong and where (PyYAML's message spans five)."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark and position else ""
-    return f"{problem}{where}"
+from dpkit.overrides import (  # noqa: F401
+    _number_or_value,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+    yaml_error_line,
+)
+from dpkit.schema_errors import problems_from_pydantic
 
 
 class _Section(BaseModel):
@@ -59,16 +44,6 @@ def _shipped_path(cls, value: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- model
-_NUMBER = re.compile(r"[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
-
-
-def _number_or_value(value: Any) -> Any:
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        number = float(value)
-        return int(number) if number.is_integer() and not re.search(r"[.eE]", value) else number
-    return value
-
-
 class ModelSection(_Section):
     name_or_path: str | None = None
     """Hugging Face hub id (`Qwen/Qwen2.5-0.5B`) or local directory with config.json and weights."""
@@ -106,7 +81,7 @@ class ModelSection(_Section):
         return {k: _number_or_value(v) for k, v in config.items()}
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("set exactly one of `model.name_or_path` and `model.config`")
         if self.config is not None and self.tokenizer is None:
@@ -152,7 +127,7 @@ class DataSource(_Section):
     _shipped = field_validator("path")(_shipped_path)
 
     @model_validator(mode="after")
-    def _known_columns(self) -> "DataSource":
+    def _known_columns(self) -> DataSource:
         expected = FORMAT_COLUMNS[self.format]
         unknown = [k for k in self.columns if k not in expected]
         if unknown:
@@ -187,7 +162,7 @@ class DataSection(_Section):
     """Separate eval datasets; use instead of `eval_fraction`."""
 
     @model_validator(mode="after")
-    def _one_eval(self) -> "DataSection":
+    def _one_eval(self) -> DataSection:
         if self.packing and self.group_by_length:
             raise ValueError("`data.packing` and `data.group_by_length` both fight padding; "
                              "packing leaves none. Choose one.")
@@ -262,7 +237,7 @@ class ZeroSection(_Section):
     _shipped = field_validator("template")(_shipped_path)
 
     @model_validator(mode="after")
-    def _offload_fits_stage(self) -> "ZeroSection":
+    def _offload_fits_stage(self) -> ZeroSection:
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
         if self.offload_params != "none" and self.stage != 3:
@@ -296,7 +271,7 @@ class PeftSection(_Section):
     `<output.dir>/merged`."""
 
     @model_validator(mode="after")
-    def _some_targets(self) -> "PeftSection":
+    def _some_targets(self) -> PeftSection:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("`peft.target_modules` is empty: list module names or use `all-linear`")
         return self
@@ -343,59 +318,6 @@ class Recipe(_Section):
 
 
 # -------------------------------------------------------------------------------------- loading
-def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """`train.lr=1e-4` → (["train", "lr"], 1e-4). Values are read as YAML (numbers, lists, null)."""
-    parsed = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        keys = key.split(".")
-        if not sep or not all(k.strip() for k in keys):
-            raise RecipeError.one(item, "an override must look like `section.key=value`",
-                                  "for example `train.lr=1e-4`")
-        try:
-            parsed.append((keys, read_yaml(value) if value != "" else ""))
-        except yaml.YAMLError as e:
-            raise RecipeError.one(key, f"value `{value}` is not valid YAML: "
-                                  f"{yaml_error_line(e, position=False)}",
-                                  "quote it, or close its brackets: key=[a, b]") from None
-    return parsed
-
-
-def _list_index(node: list, keys: list[str], i: int) -> int:
-    """The list position `keys[i]` names, or a RecipeError naming the override key."""
-    where = ".".join(keys[: i + 1])
-    if not keys[i].lstrip("-").isdigit():
-        raise RecipeError.one(where, f"`{keys[i]}` is not a list position",
-                              f"use a number from 0 to {len(node) - 1}" if node else
-                              "the list is empty: set the whole list, e.g. key=[...]")
-    index = int(keys[i])
-    if not -len(node) <= index < len(node):
-        raise RecipeError.one(where, f"position {index} is past the end of a list of "
-                              f"{len(node)}", f"use 0 to {len(node) - 1}, or set the whole list"
-                              if node else "the list is empty: set the whole list, e.g. key=[...]")
-    return index
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for keys, value in parse_overrides(overrides):
-        node: Any = raw
-        for i, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = node[_list_index(node, keys, i)]
-            else:
-                if node.get(key) is None:  # absent, or `peft:` left empty in the file
-                    node[key] = {}
-                node = node[key]
-            if not isinstance(node, (dict, list)):
-                raise RecipeError.one(".".join(keys[: i + 1]), "is a value, not a section",
-                                      "override a key inside a section")
-        if isinstance(node, list):
-            node[_list_index(node, keys, len(keys) - 1)] = value
-        else:
-            node[keys[-1]] = value
-    return raw
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply overrides, validate. Raises `RecipeError` listing every problem."""
     path = Path(path)
@@ -420,95 +342,8 @@ def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        errors = _merge_union_errors(e.errors(), raw)
-        missing: dict[tuple, list[str]] = {}  # several missing keys of a section: one line
-        for err in errors:
-            if err["type"] == "missing":
-                missing.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
-        problems = []
-        for err in errors:
-            parent = tuple(err["loc"][:-1])
-            if err["type"] != "missing" or len(missing.get(parent, [])) < 2:
-                problems.append(_problem_from_pydantic(err))
-            elif missing[parent][0] == str(err["loc"][-1]):
-                names = ", ".join(f"`{_dotted((*parent, n))}`" for n in missing[parent])
-                problems.append(Problem(_dotted(parent), f"{names} are required",
-                                        "add them (see the recipes in recipes/)"))
-        raise RecipeError(problems) from None
-
-
-_UNION_TAG = re.compile(r"^(?:list|dict|tuple|set|literal|function-\w+)\[|^(?:str|int|float|bool)$")
-
-
-def _merge_union_errors(errors: list[dict], raw: dict) -> list[dict]:
-    """A value that fits none of a field's forms (`list[str] | 'all-linear'`) gives pydantic one
-    error per form, under locations like `peft.target_modules.list[str].0`: one error instead."""
-    merged: dict[tuple, dict] = {}
-    out = []
-    for err in errors:
-        loc = tuple(err["loc"])
-        cut = next((i for i, part in enumerate(loc)
-                    if isinstance(part, str) and _UNION_TAG.match(part)), None)
-        if cut is None:
-            out.append(err)
-            continue
-        field = loc[:cut]
-        if field not in merged:
-            value: Any = raw
-            for part in field:
-                value = value[part] if isinstance(value, (dict, list)) else None
-            merged[field] = {"loc": field, "type": "union", "input": value, "msg": []}
-            out.append(merged[field])
-        if err["msg"] not in merged[field]["msg"]:
-            merged[field]["msg"].append(err["msg"])
-    for err in merged.values():
-        err["msg"] = "is none of the accepted forms: " + "; or ".join(err["msg"])
-    return out
+        raise RecipeError(problems_from_pydantic(e.errors(), raw, Recipe)) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def _dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "recipe"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic section class that a location points into (for key suggestions)."""
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
-                     None)
-        if model is None:
-            return None
-    return model
-
-
-def _problem_from_pydantic(err: dict) -> Problem:
-    loc = tuple(err["loc"])
-    where = _dotted(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        fix = f"did you mean `{_dotted((*loc[:-1], close[0]))}`?" if close else (
-            f"valid keys here: {', '.join(valid)}" if valid else "remove it")
-        return Problem(where, "unknown key", fix)
-    if kind == "missing":
-        return Problem(where, "is required", "add it to the recipe")
-    if kind == "value_error":  # cross-field checks raised by our validators
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        return Problem(where, msg)
-    got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return Problem(where, f"{err['msg']}{shown}", "see the recipe reference in README.md")

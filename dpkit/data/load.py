@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dpkit.attention import row_boundaries
+from dpkit.data.checks import bad_json_line, place, row_problems
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSection, DataSource
 
@@ -99,7 +100,7 @@ def load_source(source: DataSource, where: str):
             with _quiet_datasets():  # its own log line would repeat the one error we print
                 ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
-            detail = (_bad_json_line(path) if builder == "json" else None) or _first_line(e)
+            detail = (bad_json_line(path) if builder == "json" else None) or _first_line(e)
             raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
                                   f"{builder}: {detail}", "check the file's format") from None
         if source.max_rows is not None:
@@ -135,26 +136,6 @@ def _quiet_datasets():
         ds_logging.set_verbosity(level)
 
 
-def _bad_json_line(path: Path) -> str | None:
-    """The first line of a JSON Lines file that is not a JSON object, by its line number (datasets
-    reports a byte position, or only that generation failed). Read only after a failed load."""
-    import json
-
-    if path.suffix != ".jsonl":
-        return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.strip())
-            except ValueError as e:
-                return f"line {number} is not valid JSON ({e.msg}, column {e.colno})"
-            if not isinstance(row, dict):
-                return f"line {number} is a JSON {type(row).__name__}, not an object"
-    return None
-
-
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -174,78 +155,6 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
         problems.append(Problem(f"{where}.path", f"dataset '{source.path}' is empty",
                                 "point it at a file with rows"))
     return problems or row_problems(ds, source, where)
-
-
-# The column whose text is trained on, per format (all of them when completion_only_loss is off).
-TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages"}
-
-
-def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
-    """Rows that would fail or train on nothing: a required column missing from a row (JSON
-    Lines rows are read as null there), or not text; and a trained column empty in every row."""
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")
-    problems = []
-    for canonical in FORMAT_COLUMNS[source.format]:
-        col = source.column(canonical)
-        if col not in ds.column_names:
-            continue
-        values = table[col]
-        kind = "list" if source.format == "messages" else "text"
-        wrong_type = not (pa_is_list(values.type) if kind == "list" else pa_is_text(values.type))
-        if wrong_type and not (canonical in OPTIONAL_COLUMNS and values.null_count == len(ds)):
-            problems.append(Problem(f"{where}.path", f"'{source.path}': column '{col}' holds "
-                                    f"{values.type} values, not {kind}", "fix the data, or map "
-                                    f"another column with `{where}.columns`"))
-            continue
-        if values.null_count and canonical not in OPTIONAL_COLUMNS:
-            first = pc.index(pc.is_null(values), True).as_py()
-            problems.append(Problem(f"{where}.path", f"'{source.path}' {_place(source, first)} "
-                                    f"has no '{col}'" + (f" (mapped from `{canonical}`)"
-                                                         if col != canonical else ""),
-                                    "fill it in or remove the row"))
-    if problems:
-        return problems
-    col = source.column(TRAINED_COLUMN[source.format])
-    if not any(_has_text(v, source.format) for v in ds[col]):
-        what = "assistant turn" if source.format == "messages" else f"'{col}'"
-        problems.append(Problem(f"{where}.path", f"'{source.path}': every {what} is empty, "
-                                "nothing to train on", "check the column mapping and the data"))
-    return problems
-
-
-def _has_text(value, fmt: str) -> bool:
-    if fmt != "messages":
-        return bool(value and value.strip())
-    return any(isinstance(m, dict) and m.get("role") == "assistant" and
-               str(m.get("content") or "").strip() for m in value or [])
-
-
-def pa_is_text(t) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
-
-
-def pa_is_list(t) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_null(t)
-
-
-def _place(source: DataSource, row: int) -> str:
-    """Where row `row` (0-based) is in its file, as a person would look for it."""
-    path = Path(source.path)
-    if path.suffix == ".jsonl" and path.is_file():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            rows = (n for n, line in enumerate(f, 1) if line.strip())
-            line = next((n for i, n in enumerate(rows) if i == row), None)
-        if line is not None:
-            return f"line {line}"
-    if path.suffix == ".csv" and path.is_file():
-        return f"line {row + 2}"  # after the header line
-    return f"row {row + 1}"
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -301,7 +210,7 @@ def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, sta
         try:
             ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
         except Exception as e:  # a malformed row (a turn without role, a template error)
-            raise RecipeError.one(f"'{source.path}'", f"{_place(source, i)} can't be rendered "
+            raise RecipeError.one(f"'{source.path}'", f"{place(source, i)} can't be rendered "
                                   f"as `{source.format}`: {_first_line(e)}",
                                   "fix or remove the row") from None
         too_long = len(ex.input_ids) > section.max_seq_len

@@ -8,9 +8,9 @@ text the one error line must contain (the key, file or value at fault).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from conftest import ALPACA, TINY_LLAMA, TOKENIZER, tiny_recipe
 

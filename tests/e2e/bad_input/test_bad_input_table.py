@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cases import CASES, Case, base
+
 from dpkit.cli import main
 
 
