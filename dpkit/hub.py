@@ -26,13 +26,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
-from dpkit.rundir import MARKER
-
 from dpkit.hub_schema import (STANDARD_TOKEN_ENVS, HubSection, UserChoice,  # noqa: F401
                               hub_from_dict, token_problems)
+from dpkit.rundir import MARKER
 
 
 # --------------------------------------------------------------------------------- the token
@@ -73,7 +71,7 @@ def known_tokens(hub: HubSection | None = None) -> list[str]:
         from huggingface_hub import constants
 
         found.append(Path(constants.HF_TOKEN_PATH).read_text().strip())
-    except Exception:  # redaction must never be the thing that fails
+    except (OSError, ValueError, ImportError):  # no stored token: nothing more to redact
         pass
     return [t for t in found if len(t) >= 8]
 

@@ -6,10 +6,10 @@ import argparse
 
 import torch
 
+from dpkit.hub_schema import user_choice_from_overrides
 from dpkit.launch import LaunchPlan
 from dpkit.preflight import check_recipe, raise_if_problems
 from dpkit.recipe import load_recipe
-from dpkit.hub_schema import user_choice_from_overrides
 from dpkit.rundir import finished
 
 

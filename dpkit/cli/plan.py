@@ -10,8 +10,8 @@ from pathlib import Path
 from dpkit.errors import RecipeError
 from dpkit.plan.recommend import (DTYPE_BYTES, PLAN_FILES, Hardware, _check, plan, recipe_shape,
                                   render, write)
-from dpkit.rundir import files_problem
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from dpkit.rundir import files_problem
 
 
 def parse_size(text: str) -> int:

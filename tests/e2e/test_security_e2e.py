@@ -81,8 +81,8 @@ def test_ranks_leave_a_finished_run_alone(runs):
     assert sums["before"] == sums["after"] and len(sums["before"]) > 10
     assert "CODES rank 0: [0, 2]" in proc.stdout and "CODES rank 1: [0, 2]" in proc.stdout
     said = [line for line in proc.stdout.splitlines() if "is a finished run" in line]
-    assert said == [f"[dpkit] {tmp / 'A'} is a finished run (summary.json is there); its model "
-                    f"is in {tmp / 'A' / 'model'}. Nothing to resume, nothing changed."]
+    assert said == [(f"[dpkit] {tmp / 'A'} is a finished run (summary.json is there); its model "
+                     f"is in {tmp / 'A' / 'model'}. Nothing to resume, nothing changed.")]
 
 
 def test_ranks_name_a_truncated_shard_once(runs):

@@ -94,9 +94,9 @@ def test_overwrite_refuses_a_directory_dpkit_did_not_create(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(other, output={"overwrite": True}))
     assert main(["train", str(recipe), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: output.dir: '{other}' was not created by dpkit as a run directory "
-                   f"(no {MARKER} marker), and dpkit deletes only what it created; nothing was "
-                   "changed — choose another directory (or remove it yourself if you mean to)"]
+    assert err == [(f"error: output.dir: '{other}' was not created by dpkit as a run directory "
+                    f"(no {MARKER} marker), and dpkit deletes only what it created; nothing was "
+                    "changed — choose another directory (or remove it yourself if you mean to)")]
     assert checksums(other) == before
 
 
@@ -359,8 +359,8 @@ def test_a_recipe_cannot_pick_the_secret_or_plain_http(tmp_path, listener):
         "repo_id": "me/m", "endpoint": listener.url, "token_env": "DPKIT_SECRET"}})
     report_wheres = []
     for overrides in ([], [f"hub.endpoint={listener.url}", "hub.token_env=DPKIT_SECRET"]):
-        from dpkit.preflight import check_recipe
         from dpkit.hub_schema import user_choice_from_overrides
+        from dpkit.preflight import check_recipe
         from dpkit.recipe import load_recipe
 
         r = load_recipe(str(recipe), overrides)
