@@ -25,9 +25,9 @@ from dpkit.attention import describe_packed
 from dpkit.batch import batch_arithmetic
 from dpkit.data import load as D
 from dpkit.data.cache import load_cached
-from dpkit.data.feed import RowFeed, eval_batches
+from dpkit.data.feed import eval_batches, make_feed
 from dpkit.data.packing import fill_ratio, pack
-from dpkit.data.stream import StreamFeed
+from dpkit.data.stream import check_stream
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.hub_schema import UserChoice, user_choice_from_overrides
@@ -93,19 +93,9 @@ class Run:
         r = self.recipe
         rows, self.eval_rows, self.data_stats = load_cached(
             r.data, self.tokenizer, r.train.seed, self.env.local_rank, self.env.rank,
-            say=self.say, say_wait=self._say_wait, streaming=r.data.streaming)
-        s = self.data_stats
-        how = "cache hit" if s.cached else "built or waited for"
-        self.log.info(f"data setup: {s.seconds:.2f} s ({how}), RSS {s.rss_before_mb:.0f} MB "
-                      f"before, peak {s.peak_rss_mb:.0f} MB")
+            say=self.say, say_wait=self._say_wait, streaming=r.data.streaming, log=self.log.info)
         if r.data.streaming:
-            if r.train.max_steps is None:
-                raise RecipeError.one("train.max_steps", "a stream has no known length",
-                                      "set train.max_steps with data.streaming: true")
-            self.say(f"[dpkit] data: streaming {[s.path for s in r.data.sources]} (shuffled in "
-                     f"windows of {r.data.shuffle_buffer} rows per rank); eval: "
-                     f"{self.data_stats.describe()}")
-            self.train_rows = None
+            self.train_rows = check_stream(r, self.say)  # None: the feed reads the stream
             return
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
         if r.data.packing:
@@ -167,16 +157,8 @@ class Run:
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, r, self.ds_config, self.total_steps, env, self.say)
         b = self.batch
-        if self.train_rows is None:
-            self.feed = StreamFeed(r.data, self.tokenizer, r.train.seed, b.micro_batch_size,
-                                   b.grad_accum, self.dp_rank, b.data_parallel,
-                                   self.objective.collate, self.tokenizer.pad_token_id,
-                                   flatten=flat)
-        else:
-            self.feed = RowFeed(self.train_rows, r.train.seed, b.micro_batch_size, b.grad_accum,
-                                self.dp_rank, b.data_parallel, b.global_batch_size,
-                                self.objective.collate, self.tokenizer.pad_token_id,
-                                flatten=flat, group_by_length=r.data.group_by_length)
+        self.feed = make_feed(r, self.train_rows, self.tokenizer, b, self.dp_rank,
+                              self.objective.collate, flat)
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0

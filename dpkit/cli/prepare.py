@@ -23,8 +23,8 @@ def cmd_prepare(args) -> int:
         print(f"{args.recipe}: data.streaming reads its sources as streams; nothing to prepare")
         return 0
     entry, _ = entry_dir(data, tokenizer, kinds)
-    train, evals, stats = load_cached(data, tokenizer, recipe.train.seed,
-                                      streaming=data.streaming)
+    _, evals, stats = load_cached(data, tokenizer, recipe.train.seed,
+                                  streaming=data.streaming)
     state = "already prepared" if stats.cached else "prepared"
     print(f"[dpkit] {state}: {entry}")
     print(f"[dpkit] data: {stats.describe()}; eval rows: {len(evals)}")

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import dpkit
 from dpkit.data import load as L
-from dpkit.data.tokenize import tokenize_dataset
 from dpkit.errors import RecipeError
 
 MARKER = "COMPLETE"
@@ -101,7 +100,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
-          say=print) -> None:
+          say=print, progress: bool = True) -> None:
     """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
     import datasets
 
@@ -111,11 +110,14 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     tmp.mkdir()
     t0 = time.perf_counter()
     bars_were_off = datasets.utils.are_progress_bars_disabled()
-    datasets.enable_progress_bars()  # tokenizing a large set shows its progress
+    if progress:
+        datasets.enable_progress_bars()  # tokenizing a large set shows its progress
+    else:
+        datasets.disable_progress_bars()
     try:
         files, procs = [], num_proc(section)
         for n, (kind, source, ds) in enumerate(raw):
-            out = tokenize_dataset(ds, source, tokenizer, section, procs,
+            out = L.tokenize_or_explain(ds, source, tokenizer, section, procs,
                                    fingerprint=f"{entry.name}-{n}",
                                    cache_file=str(tmp / f"{kind}-{n}.arrow"))
             files.append({"kind": kind, "path": source.path, "index": n,
@@ -138,8 +140,7 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
         shutil.rmtree(tmp, ignore_errors=True)  # only the directory made above
         raise
     finally:
-        if bars_were_off:
-            datasets.disable_progress_bars()
+        (datasets.disable_progress_bars if bars_were_off else datasets.enable_progress_bars)()
     if (entry / "meta.json").is_file() and not is_complete(entry):
         _write_atomic(entry / MARKER, "ok\n")
 
@@ -182,7 +183,7 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
 
 
 def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 0, say=print,
-                say_wait=print, streaming: bool = False):
+                say_wait=print, streaming: bool = False, log=None, progress: bool = True):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
     other ranks of the node, then read. Streaming: only the eval sources go through the cache."""
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
@@ -196,13 +197,17 @@ def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 
     if not cached and local_rank == 0:
         say(f"[dpkit] data: tokenizing into {entry} on local rank 0 of each node (the other "
             f"ranks wait for its {MARKER} file)")
-        build(section, tokenizer, kinds, entry, material, rank, say)
+        build(section, tokenizer, kinds, entry, material, rank, say, progress)
     elif not cached:
         wait_for(entry, say_wait)
     train, evals, stats = read(entry, section, seed, need_train=not streaming)
     stats.seconds, stats.cached = time.perf_counter() - t0, cached
     stats.rss_before_mb = rss_before
     stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if log is not None:  # every rank's log: how long data setup took and what it cost
+        how = "cache hit" if cached else "built or waited for"
+        log(f"data setup: {stats.seconds:.2f} s ({how}), RSS {stats.rss_before_mb:.0f} MB "
+            f"before, peak {stats.peak_rss_mb:.0f} MB")
     return train, evals, stats
 
 

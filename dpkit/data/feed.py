@@ -54,3 +54,16 @@ def eval_batches(rows: list, dp_rank: int, dp_world: int, micro: int, collate,
     """This rank's collated eval batches (every rank gets the same number)."""
     return [collate([rows[i] for i in idx], pad_id)
             for idx in D.eval_micro_batches(len(rows), dp_rank, dp_world, micro)]
+
+
+def make_feed(recipe, rows, tokenizer, batch, dp_rank: int, collate, flatten: bool):
+    """The feed of a run: rows in memory (or read lazily from the cache), or a stream (rows None)."""
+    from dpkit.data.stream import StreamFeed
+
+    seed, pad = recipe.train.seed, tokenizer.pad_token_id
+    if rows is None:
+        return StreamFeed(recipe.data, tokenizer, seed, batch.micro_batch_size, batch.grad_accum,
+                          dp_rank, batch.data_parallel, collate, pad, flatten=flatten)
+    return RowFeed(rows, seed, batch.micro_batch_size, batch.grad_accum, dp_rank,
+                   batch.data_parallel, batch.global_batch_size, collate, pad, flatten=flatten,
+                   group_by_length=recipe.data.group_by_length)

@@ -118,8 +118,9 @@ def _pc_problem(row, source, tokenizer):
     if any(isinstance(v, list) for v in values):
         return _needs_template(row, source, tokenizer)
     if not all(isinstance(v, (str, list)) for v in values):
-        return ("`prompt_completion` reads strings or message lists, got "
-                f"{[type(v).__name__ for v in values]}", "check the column mapping")
+        got = [type(v).__name__ for v in values]
+        return (f"`prompt_completion` reads strings or message lists, got {got}",
+                "check the column mapping")
     return None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from dpkit.attention import row_boundaries
+from dpkit.data.checks import bad_json_line, row_problems
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
 from dpkit.data.tokenize import (  # noqa: F401
     IGNORE,
@@ -41,9 +43,18 @@ if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import ba
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # ------------------------------------------------------------------------------------ loading
+# Suffixes of data files (read or not): a path ending in one is a file, never a hub dataset name.
+FILE_SUFFIXES = {*LOCAL_SUFFIXES, ".txt", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".zip", ".arrow",
+                 ".xlsx", ".yaml", ".yml"}
+
+
 def is_local_source(source: DataSource) -> bool:
+    """A local file or directory: it exists, or it is written like a path (a data file suffix,
+    `./`, `/`, more than one `/`) rather than a hub dataset name."""
+    from dpkit.model import looks_local
+
     path = Path(source.path).expanduser()
-    return path.suffix in LOCAL_SUFFIXES or path.exists()
+    return path.suffix in FILE_SUFFIXES or looks_local(source.path)
 
 
 def load_source(source: DataSource, where: str):
@@ -65,10 +76,12 @@ def load_source(source: DataSource, where: str):
             raise RecipeError.one(f"{where}.path", f"dataset '{source.path}' is empty",
                                   "point it at a file with rows")
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _quiet_datasets():  # its own log line would repeat the one error we print
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
+            detail = (bad_json_line(path) if builder == "json" else None) or _first_line(e)
             raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
-                                  f"{builder}: {_first_line(e)}", "check the file's format") from e
+                                  f"{builder}: {detail}", "check the file's format") from None
         if source.max_rows is not None:
             ds = ds.select(range(min(source.max_rows, len(ds))))
         return ds
@@ -91,6 +104,18 @@ def _hub_or_dir(source: DataSource, where: str):
     return ds
 
 
+@contextmanager
+def _quiet_datasets():
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -110,7 +135,7 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     if len(ds) == 0:
         problems.append(Problem(f"{where}.path", f"dataset '{source.path}' is empty",
                                 "point it at a file with rows"))
-    return problems
+    return problems or row_problems(ds, source, where)
 
 
 # ------------------------------------------------------------------------------- tokenizing
@@ -125,7 +150,8 @@ def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources"))
             except RecipeError as e:
                 problems.extend(e.problems)
                 continue
-            found = column_problems(ds, source, where) + row_problems(ds, source, tokenizer, where)
+            found = column_problems(ds, source, where)
+            found = found or format_problems(ds, source, tokenizer, where)
             problems.extend(found)
             if not found:
                 raw.append((kind, source, ds))
@@ -134,7 +160,7 @@ def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources"))
     return raw
 
 
-def row_problems(ds, source: DataSource, tokenizer, where: str) -> list[Problem]:
+def format_problems(ds, source: DataSource, tokenizer, where: str) -> list[Problem]:
     """The format's own check of the first row (e.g. a chat template is needed)."""
     check = FORMATS[source.format].problem
     if check is None or len(ds) == 0 or column_problems(ds, source, where):
@@ -180,13 +206,25 @@ def assemble(parts: list, section: DataSection, seed: int, need_train: bool = Tr
     return train, evals, stats
 
 
+def tokenize_or_explain(ds, source: DataSource, tokenizer, section: DataSection, num_proc: int,
+                        **kwargs):
+    """`tokenize_dataset`, a malformed row (a turn without role, a template error) named as one
+    line rather than a traceback from a map worker."""
+    try:
+        return tokenize_dataset(ds, source, tokenizer, section, num_proc, **kwargs)
+    except Exception as e:
+        raise RecipeError.one(f"'{source.path}'", f"a row can't be rendered as "
+                              f"`{source.format}`: {_first_line(e)}",
+                              "fix or remove the row") from None
+
+
 def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1):
     """(train rows, eval rows, stats), tokenized in memory (no cache: see cache.py for that).
     Rows are a sequence of `Example`s read on demand. Every problem is raised at once."""
     raw = load_raw(section, tokenizer)
     t0 = time.perf_counter()
-    parts = [(kind, source, tokenize_dataset(ds, source, tokenizer, section, num_proc,
-                                             fingerprint=uuid.uuid4().hex))
+    parts = [(kind, source, tokenize_or_explain(ds, source, tokenizer, section, num_proc,
+                                                fingerprint=uuid.uuid4().hex))
              for kind, source, ds in raw]
     train, evals, stats = assemble(parts, section, seed)
     stats.seconds = time.perf_counter() - t0

@@ -102,6 +102,16 @@ def first_row(source) -> dict | None:
     return got[0][1] if got else None
 
 
+def check_stream(recipe, say) -> None:
+    """On a rank, before the engine is built: a stream needs max_steps (preflight says so too,
+    but ranks may be started without it)."""
+    if recipe.train.max_steps is None:
+        raise RecipeError.one("train.max_steps", "a stream has no known length",
+                              "set train.max_steps with data.streaming: true")
+    say(f"[dpkit] data: streaming {[s.path for s in recipe.data.sources]} (shuffled in windows "
+        f"of {recipe.data.shuffle_buffer} rows per rank)")
+
+
 class StreamFeed:
     """This data-parallel rank's micro-batches, read from the stream (see the module doc)."""
 
