@@ -160,6 +160,14 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log(scalars, step=step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (sample generations): TensorBoard's text tab, a one-cell W&B table."""
+        for tracker in self.trackers:
+            if hasattr(tracker, "writer") and hasattr(tracker.writer, "add_text"):
+                tracker.writer.add_text(tag, text, global_step=step)
+            elif hasattr(tracker, "log_table"):
+                tracker.log_table(tag, columns=["text"], data=[[text]], step=step)
+
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()

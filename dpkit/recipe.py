@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dpkit import shipped
 from dpkit.errors import Problem, RecipeError
+from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
 
 
@@ -283,6 +284,8 @@ class Recipe(_Section):
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Step-0 baseline, sample generations at every eval, lm-eval benchmarks after training."""
     hub: HubSection | None = None
     """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None

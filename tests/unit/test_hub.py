@@ -111,6 +111,9 @@ def write_run_files(run: Path, hub_section: dict | None = None) -> None:
                                 "tokens_seen": 600, "time": 1e9 + 6}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 13, "lo')
     (run / "summary.json").write_text(json.dumps(FIXTURE_SUMMARY, indent=2))
+    (run / "samples.jsonl").write_text("".join(  # answers at step 0 and 12 (dpkit/eval)
+        json.dumps({"step": s, "index": 0, "prompt": "Name a cat.", "completion": answer,
+                    "completion_ids": [1, 2]}) + "\n" for s, answer in ((0, "zzz"), (12, "Tom"))))
 
 
 @pytest.fixture(scope="module")
