@@ -263,7 +263,8 @@ class OutputSection(_Section):
     log_steps: int = Field(default=1, gt=0)
     """Write a metrics line and a log line every this many steps."""
     eval_steps: int | None = Field(default=None, gt=0)
-    """Compute eval loss every this many steps (and always at the end, if there is eval data)."""
+    """Eval (loss on the eval data, generations: see `eval`) every this many steps, and always
+    at the end and before the first step (`eval.baseline`)."""
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     """Trackers that also receive the metrics (rank 0): TensorBoard under `<dir>/tensorboard`,
     W&B (`pip install wandb`; WANDB_MODE=offline works without network)."""

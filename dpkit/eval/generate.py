@@ -70,6 +70,9 @@ def full_weights(engine, stage: int):
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
+        # An eval forward just before may have left parameters prefetched for a backward pass
+        # that never comes (in flight): wait for them and release everything, then gather.
+        engine.empty_partition_cache()
         with unwrap_model_for_generation(engine):
             yield engine.module
     else:

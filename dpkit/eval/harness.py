@@ -70,9 +70,12 @@ def local_tasks(folders: list[str]) -> dict[str, Path]:
 def task_config(path: Path) -> dict:
     """A local task's config (lm-eval's own loader: `include`, `!function`), with relative
     `data_files` made absolute against the task file's folder."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    try:  # lm-eval's loader (private; 0.4.13) follows `include:` and `!function`
+        from lm_eval.tasks._yaml_loader import load_yaml
 
-    cfg = load_yaml(path, resolve_func=True)
+        cfg = load_yaml(path, resolve_func=True)
+    except ImportError:
+        cfg = yaml.load(path.read_text(), Loader=_Tolerant)
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if files is not None:
         def absolute(value):

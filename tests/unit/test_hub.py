@@ -223,6 +223,7 @@ def test_model_card_metadata_and_training_story(full_run, tmp_path):
     ds_block = re.search(r"## Resolved DeepSpeed config\n\n```json\n(.*?)\n```", text, re.DOTALL)
     assert json.loads(ds_block.group(1)) == FIXTURE_DS
     assert f"]({model_card.LOSS_PLOT})" in text and plot == tmp_path / model_card.LOSS_PLOT
+    assert "| step 0 | step 12 |" in text and "| Name a cat. | zzz | Tom |" in text  # samples
     from matplotlib.image import imread
 
     image = imread(plot)
