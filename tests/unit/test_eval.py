@@ -101,10 +101,12 @@ def test_tasks_without_lm_eval_are_refused_before_launch(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_task_dirs_must_exist(tmp_path):
+def test_task_dirs_must_exist_and_the_model_be_saved(tmp_path):
     r = recipe_from_dict(tiny_recipe(tmp_path, eval={"tasks": ["x"],
                                                       "task_dirs": [str(tmp_path / "no")]}))
-    assert [p.where for p in harness.problems(r)] == ["eval.task_dirs[0]"]
+    found = harness.problems(r)  # tiny_recipe saves no model
+    assert [p.where for p in found] == ["eval.tasks", "eval.task_dirs[0]"]
+    assert "output.save_model" in found[0].message
 
 
 def test_lm_eval_scores_the_saved_model_on_the_shipped_task(tmp_path):
@@ -117,7 +119,8 @@ def test_lm_eval_scores_the_saved_model_on_the_shipped_task(tmp_path):
     model.save_pretrained(run / "model")
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(run / "model")
     recipe = recipe_from_dict(tiny_recipe(run, eval={
-        "tasks": ["dpkit_seed_mc"], "task_dirs": ["dpkit:lm_eval_tasks"], "limit": 12}))
+        "tasks": ["dpkit_seed_mc"], "task_dirs": ["dpkit:lm_eval_tasks"], "limit": 12},
+        output={"save_model": True}))
     assert harness.problems(recipe) == []
     result = harness.run_benchmarks(run, recipe, "cpu")
     assert "error" not in result, result
