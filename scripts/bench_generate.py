@@ -9,6 +9,8 @@ One torchrun launch: each rank builds the real dpkit Run (setup only: model, dat
 engine), then, interleaved for --reps repetitions:
   dpkit  dpkit.eval.generate.generate: parameters gathered once, hooks lifted, each rank greedy-
          decodes its share of the prompts, rank 0 collects them
+  gather the same single gather, but every rank generates every prompt (no split): what the
+         gather alone gains over `plain`, without dpkit's sharing of the prompts between ranks
   plain  engine.module.generate on every rank for every prompt (ranks in lockstep, as ZeRO-3
          requires: each forward is a collective)
 Prints the wall time of one eval's generations (median), tokens generated, and the ratio; the
@@ -67,6 +69,15 @@ def worker(args) -> None:
     def dpkit_eval():
         return G.generate(engine, prompts, env, 3, args.new, kw["eos_id"], kw["pad_id"])
 
+    def gather_eval():
+        module = engine.module
+        with G.full_weights(engine, 3) as model, torch.no_grad():
+            model.eval()
+            out = [G.greedy(model, p.ids, args.new, kw["eos_id"], kw["pad_id"], env.device)
+                   for p in prompts]
+        module.train()
+        return out
+
     def plain_eval():
         module = engine.module
         module.eval()
@@ -76,19 +87,22 @@ def worker(args) -> None:
         module.train()
         return out
 
-    times = {"dpkit": [], "plain": []}
+    variants = {"dpkit": dpkit_eval, "gather": gather_eval, "plain": plain_eval}
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    times = {name: [] for name in variants}
     results = {}
     for _ in range(args.reps):
-        for name, fn in (("dpkit", dpkit_eval), ("plain", plain_eval)):
+        for name, fn in variants.items():
             distributed.barrier()
             t0 = time.perf_counter()
             results[name] = fn()
             distributed.barrier()
             times[name].append(time.perf_counter() - t0)
     if env.is_main:
-        tokens = sum(len(c) for c in results["plain"])
+        tokens = sum(len(c) for c in next(iter(results.values())))
         Path(args.result).write_text(json.dumps({
-            "times": times, "tokens": tokens, "same": results["dpkit"] == results["plain"],
+            "times": times, "tokens": tokens,
+            "same": all(r == next(iter(results.values())) for r in results.values()),
             "prompt_tokens": [len(p.ids) for p in prompts],
             "parameters": run.n_params}))
     distributed.shutdown()
@@ -99,6 +113,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new", type=int, default=32, help="max new tokens per prompt")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--variants", default="dpkit,gather,plain")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -117,12 +132,12 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", __file__, "--worker", "--out", f"{tmp}/run",
                "--result", str(result), "--prompts", str(args.prompts), "--new", str(args.new),
-               "--reps", str(args.reps)]
+               "--reps", str(args.reps), "--variants", args.variants]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         r = json.loads(result.read_text())
-    dp, pl = statistics.median(r["times"]["dpkit"]), statistics.median(r["times"]["plain"])
+    med = {name: statistics.median(t) for name, t in r["times"].items()}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
           f"{platform.python_version()}, torch {torch.__version__}, deepspeed "
           f"{deepspeed.__version__}, transformers {transformers.__version__}")
@@ -130,11 +145,14 @@ def main() -> None:
           f"{args.prompts} prompts ({min(r['prompt_tokens'])}-{max(r['prompt_tokens'])} tokens), "
           f"up to {args.new} new tokens each, {r['tokens']} generated; {args.reps} repetitions")
     print(f"identical completions, token for token: {r['same']}")
-    for name in ("dpkit", "plain"):
-        runs = ", ".join(f"{t:.2f}" for t in r["times"][name])
-        print(f"  {name:6s} median {statistics.median(r['times'][name]):7.2f} s per eval "
-              f"({r['tokens'] / statistics.median(r['times'][name]):6.1f} tokens/s)  [{runs}]")
-    print(f"dpkit is {pl / dp:.1f}x faster than plain generate on the ZeRO-3 engine")
+    for name, t in r["times"].items():
+        runs = ", ".join(f"{x:.2f}" for x in t)
+        print(f"  {name:6s} median {med[name]:7.2f} s per eval "
+              f"({r['tokens'] / med[name]:6.1f} tokens/s)  [{runs}]")
+    for name in med:
+        if name != "plain" and "plain" in med:
+            print(f"{name} is {med['plain'] / med[name]:.1f}x faster than plain generate on the "
+                  "ZeRO-3 engine")
 
 
 if __name__ == "__main__":
