@@ -26,8 +26,13 @@ class Evaluator:
         self.path = run.out / SAMPLES
         self.baseline_loss: float | None = None
         data_format = run.recipe.data.sources[0].format
+        # Sequence parallelism splits each sequence's attention between ranks (a collective per
+        # layer): generation, each rank with its own prompt, is not wired for it yet.
+        generates = self.section.generates and run.batch.sequence_parallel == 1
         self.prompts = (G.choose_prompts(self.section, data_format, run.tokenizer, run.eval_rows)
-                        if self.section.generates else [])
+                        if generates else [])
+        if self.section.generates and not generates:
+            run.say("[dpkit] eval: no generations with sequence parallelism (eval loss only)")
         if run.env.is_main:
             if run.start_step == 0:
                 self.path.unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """Benchmarks after training: EleutherAI's lm-eval harness on the saved model (optional extra).
 
 `pip install 'dpkit[eval]'` brings lm-eval; a recipe naming `eval.tasks` without it is refused
-before any rank starts. The harness runs on rank 0, on the model the run wrote (`<run>/model`;
-for LoRA the merged model, or the base with the adapter), after the last collective of training.
+before any rank starts. The harness runs on rank 0 alone, on the model the run wrote
+(`<run>/model`; for LoRA the merged model, or the base with the adapter merged in memory), after
+the last collective of training; the other ranks do not wait for it (unless the run pushes to the
+Hub: then they wait in the push's barrier, within `train.collective_timeout_s`).
 
 Tasks are looked up in `eval.task_dirs` first (lm-eval task YAML files; dpkit ships
 `dpkit:lm_eval_tasks`), then among lm-eval's own. lm-eval reads a local task's `data_files`
@@ -91,18 +93,29 @@ def task_config(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- model
-def model_args(run_dir: Path, recipe: Recipe, device) -> dict:
-    """lm-eval's `hf` model arguments for the model this run saved."""
-    args = {"dtype": recipe.model.dtype, "device": str(device),
-            "trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.peft is None:
-        return {"pretrained": str(run_dir / "model"), **args}
-    if (run_dir / "merged" / "config.json").is_file():
-        return {"pretrained": str(run_dir / "merged"), **args}
-    from dpkit.lora import adapter_base
+def load_model(run_dir: Path, recipe: Recipe, device):
+    """(model, tokenizer) this run saved, loaded here rather than by lm-eval: given a model
+    object, lm-eval stays a single process. Given a path inside a multi-rank job it would start
+    accelerate, see the job's world size and wait for ranks that are not running it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return {"pretrained": adapter_base(recipe, run_dir), "peft": str(run_dir / "model"),
-            "tokenizer": str(run_dir / "model"), **args}
+    from dpkit.model import DTYPES
+
+    options = {"dtype": DTYPES[recipe.model.dtype],
+               "trust_remote_code": recipe.model.trust_remote_code}
+    path = run_dir / "model"
+    if recipe.peft is not None and (run_dir / "merged" / "config.json").is_file():
+        path = run_dir / "merged"
+    elif recipe.peft is not None:  # base + adapter, merged in memory
+        from peft import PeftModel
+
+        from dpkit.lora import adapter_base
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(recipe, run_dir), **options)
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **options)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:
@@ -126,19 +139,21 @@ def run_benchmarks(run_dir: Path, recipe: Recipe, device) -> dict:
     section = recipe.eval
     t0 = time.perf_counter()
     try:
+        import lm_eval
         from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         local = local_tasks(section.task_dirs)
         tasks = [task_config(local[name]) if name in local else name for name in section.tasks]
         manager = TaskManager(include_path=section.task_dirs or None,
                               include_defaults=any(isinstance(t, str) for t in tasks))
+        model, tokenizer = load_model(run_dir, recipe, device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=section.batch_size)
         results = simple_evaluate(
-            model="hf", model_args=model_args(run_dir, recipe, device), tasks=tasks,
-            task_manager=manager, batch_size=section.batch_size, limit=section.limit,
+            model=lm, tasks=tasks, task_manager=manager, limit=section.limit,
             num_fewshot=section.num_fewshot, log_samples=False, bootstrap_iters=0,
             random_seed=recipe.train.seed)
-        import lm_eval
 
         return {"tasks": scores(results or {}), "n_samples": {
                     t: v.get("effective") for t, v in (results or {}).get("n-samples", {}).items()},
