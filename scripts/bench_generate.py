@@ -64,7 +64,7 @@ def worker(args) -> None:
     run = Run(recipe_from_dict(recipe(Path(args.out), args.prompts, args.new))).setup()
     env, tok, engine = run.env, run.tokenizer, run.engine
     prompts = run.evals.prompts
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    kw = {"eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id}
 
     def dpkit_eval():
         return G.generate(engine, prompts, env, 3, args.new, kw["eos_id"], kw["pad_id"])
@@ -133,7 +133,7 @@ def main() -> None:
                "--nproc_per_node", "2", __file__, "--worker", "--out", f"{tmp}/run",
                "--result", str(result), "--prompts", str(args.prompts), "--new", str(args.new),
                "--reps", str(args.reps), "--variants", args.variants]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         r = json.loads(result.read_text())
@@ -149,9 +149,9 @@ def main() -> None:
         runs = ", ".join(f"{x:.2f}" for x in t)
         print(f"  {name:6s} median {med[name]:7.2f} s per eval "
               f"({r['tokens'] / med[name]:6.1f} tokens/s)  [{runs}]")
-    for name in med:
+    for name, seconds in med.items():
         if name != "plain" and "plain" in med:
-            print(f"{name} is {med['plain'] / med[name]:.1f}x faster than plain generate on the "
+            print(f"{name} is {med['plain'] / seconds:.1f}x faster than plain generate on the "
                   "ZeRO-3 engine")
 
 

@@ -160,7 +160,7 @@ def run_benchmarks(run_dir: Path, recipe: Recipe, device) -> dict:
                 "lm_eval_version": getattr(lm_eval, "__version__", None),
                 "limit": section.limit, "num_fewshot": section.num_fewshot,
                 "wall_s": time.perf_counter() - t0}
-    except Exception as e:  # a task that needs the network, a bad task file: report, go on
+    except Exception as e:  # noqa: BLE001 — a task that needs the network, a bad task file
         text = str(e).strip().splitlines()
         return {"error": f"{type(e).__name__}: {text[0] if text else ''}",
                 "wall_s": time.perf_counter() - t0}

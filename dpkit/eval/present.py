@@ -28,7 +28,7 @@ def by_prompt(records: list[dict]) -> list[tuple[str, dict[int, str]]]:
     """[(prompt, {step: completion})] in prompt order."""
     prompts: dict[int, tuple[str, dict[int, str]]] = {}
     for r in records:
-        prompt, answers = prompts.setdefault(r["index"], (r.get("prompt", ""), {}))
+        _, answers = prompts.setdefault(r["index"], (r.get("prompt", ""), {}))
         answers[r["step"]] = r["completion"]
     return [prompts[i] for i in sorted(prompts)]
 
@@ -51,8 +51,8 @@ def samples_section(run_dir: Path, eval_losses: dict[int, float] | None = None) 
         return []
     losses = eval_losses or {}
     lines = ["#### Sample answers at each eval", "",
-             "Greedy decoding from the same prompts at every eval (samples.jsonl); step 0 is "
-             "the untouched model.", ""]
+             ("Greedy decoding from the same prompts at every eval (samples.jsonl); step 0 is "
+              "the untouched model."), ""]
     for i, (prompt, answers) in enumerate(prompts, 1):
         lines += [f"Prompt {i}:", "", *quote(prompt), "",
                   "| step | eval loss | answer |", "|---|---|---|"]
@@ -72,8 +72,8 @@ def before_after(run_dir: Path) -> list[str]:
     first = min(min(a) for _, a in prompts)
     last = max(max(a) for _, a in prompts)
     lines = ["## Sample answers", "",
-             f"Greedy answers to the same prompts at step {first} (before training when 0) and "
-             f"at step {last}, written during training to `training/samples.jsonl`.", "",
+             (f"Greedy answers to the same prompts at step {first} (before training when 0) and "
+              f"at step {last}, written during training to `training/samples.jsonl`."), "",
              f"| prompt | step {first} | step {last} |", "|---|---|---|"]
     for prompt, answers in prompts:
         lines.append(f"| {cell(prompt, 200)} | {cell(answers.get(first, ''))} | "
@@ -90,8 +90,8 @@ def benchmarks_section(summary: dict | None, heading: str = "## Benchmarks") -> 
     if bench.get("error"):
         return lines + [f"lm-eval did not finish: `{bench['error']}`", ""]
     limit = f", at most {bench['limit']} documents per task" if bench.get("limit") else ""
-    lines += [f"EleutherAI lm-eval {bench.get('lm_eval_version') or ''} on the saved model after "
-              f"training{limit} ({bench.get('wall_s', 0):.0f} s).", "",
+    lines += [(f"EleutherAI lm-eval {bench.get('lm_eval_version') or ''} on the saved model "
+               f"after training{limit} ({bench.get('wall_s', 0):.0f} s)."), "",
               "| task | metric | value | documents |", "|---|---|---|---|"]
     for task, metrics in (bench.get("tasks") or {}).items():
         n = (bench.get("n_samples") or {}).get(task)

@@ -9,8 +9,17 @@ import sys
 
 import pytest
 import torch
-from conftest import (ALPACA, ROOT, TINY_LLAMA, TOKENIZER, by_hand_accuracy, rank_env,
-                      seed_mc_docs, tiny_recipe, write_recipe)
+from conftest import (
+    ALPACA,
+    ROOT,
+    TINY_LLAMA,
+    TOKENIZER,
+    by_hand_accuracy,
+    rank_env,
+    seed_mc_docs,
+    tiny_recipe,
+    write_recipe,
+)
 
 from dpkit import report
 from dpkit.data import IGNORE, load_datasets
@@ -19,7 +28,6 @@ from dpkit.eval import generate as G
 from dpkit.eval import harness, present
 from dpkit.model import load_tokenizer
 from dpkit.recipe import recipe_from_dict
-
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +64,9 @@ def test_recipe_prompts_are_rendered_like_the_training_rows(tok, tmp_path):
 def write_samples(run, answers: dict[int, list[str]]) -> None:
     with open(run / "samples.jsonl", "w") as f:
         for step, texts in answers.items():
-            for i, text in enumerate(texts):
-                f.write(json.dumps({"step": step, "index": i, "prompt": f"Q{i}\nsecond line",
-                                    "completion": text, "completion_ids": []}) + "\n")
+            f.writelines(json.dumps({"step": step, "index": i, "prompt": f"Q{i}\nsecond line",
+                                     "completion": text, "completion_ids": []}) + "\n"
+                         for i, text in enumerate(texts))
         f.write('{"step": 99, "ind')  # a line being written
 
 
@@ -94,7 +102,7 @@ def test_tasks_without_lm_eval_are_refused_before_launch(tmp_path):
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # as if not installed
             "from dpkit.cli import main; sys.exit(main(['validate', sys.argv[1]]))")
     proc = subprocess.run([sys.executable, "-c", code, str(recipe)], env=rank_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "eval.tasks" in line]
     assert len(errors) == 1 and "pip install 'dpkit[eval]'" in errors[0]
