@@ -18,7 +18,7 @@ from dpkit.preflight import check_recipe, raise_if_problems
 from dpkit.recipe import load_recipe
 
 # Sub-commands that live in their own modules register themselves (module, function).
-PLUGINS = [("dpkit.plan.recommend", "register"), ("dpkit.hub", "register"), ("dpkit.report", "register"),
+PLUGINS = [("dpkit.plan.cli", "register"), ("dpkit.hub", "register"), ("dpkit.report", "register"),
            ("dpkit.doctor", "register"), ("dpkit.export", "register")]
 
 

@@ -9,12 +9,13 @@ is recommended. `dpkit train` calls `check_fits` before launch. See docs/plan.md
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
 from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_yaml
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -51,6 +52,8 @@ class Option:
     micro_batch: int | None  # largest that fits; None: not even the smallest
     breakdown: Breakdown  # at micro_batch, or at the smallest candidate if nothing fits
     why_not: str = ""
+    batch: BatchPlan | None = None  # when it fits
+    time: StepTime | None = None  # predicted, when it fits
 
     @property
     def fits(self) -> bool:
@@ -70,6 +73,7 @@ class Plan:
     hw: Hardware
     options: list[Option]
     recommended: Option | None
+    cluster: Cluster | None = None
 
 
 def variant(recipe: Recipe, stage: int, offload_optimizer: str, offload_params: str,
@@ -110,12 +114,19 @@ def knobs(ds_config: dict) -> Knobs:
 
 
 def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
-    gbs = recipe.train.global_batch_size
-    if gbs % world_size:
-        raise RecipeError.one("train.global_batch_size", f"{gbs} is not divisible by the world "
-                              f"size {world_size}", f"use a multiple of {world_size}")
-    per_rank = gbs // world_size
-    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    """Micro batches the recipe's global batch splits into on `world_size` ranks (dpkit.batch)."""
+    t, unit = recipe.train, "sequences" if recipe.data.packing else "rows"
+    sp = getattr(t, "sequence_parallel", 1)
+    fits = []
+    for m in range(1, t.global_batch_size + 1):
+        try:
+            plan_batch(t.global_batch_size, m, world_size, sp, unit)
+            fits.append(m)
+        except RecipeError:
+            continue
+    if not fits:  # the global batch does not split at all: plan_batch's own message
+        plan_batch(t.global_batch_size, 1, world_size, sp, unit)
+    return fits
 
 
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
@@ -164,27 +175,43 @@ def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
 
 
 def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,
-         free_global_batch: bool = False) -> Plan:
-    """Every stage × offload with its largest fitting micro batch, and the recommendation.
+         free_global_batch: bool = False, cluster: Cluster | None = None) -> Plan:
+    """Every stage × offload with its largest fitting micro batch and predicted step time; the
+    recommendation is the fitting option with the most tokens per second (dpkit.plan.time).
 
     With `free_global_batch` the micro batch is not bound by the recipe's global batch (powers of
     two up to MAX_MICRO_BATCH, no accumulation) — for planning without a recipe.
     """
     shape = shape or recipe_shape(recipe)
+    cluster = cluster or Cluster()
     if free_global_batch:
         candidates = [2**i for i in range(MAX_MICRO_BATCH.bit_length())]
     else:
         candidates = micro_candidates(recipe, hw.world_size)
-    options = [fit(shape, recipe, *choice, hw, candidates) for tier in TIERS for choice in tier
-               if nvme or "nvme" not in choice]
-    recommended = None
-    for tier in TIERS:
-        fitting = [o for o in options
-                   if o.fits and (o.stage, o.offload_optimizer, o.offload_params) in tier]
-        if fitting:  # largest micro batch, then lowest stage
-            recommended = min(fitting, key=lambda o: (-o.micro_batch, o.stage))
-            break
-    return Plan(recipe, shape, hw, options, recommended)
+    choices = [c for tier in TIERS for c in tier if nvme or "nvme" not in c]
+    options = [fit(shape, recipe, *choice, hw, candidates) for choice in choices]
+    for o in options:
+        if o.fits:
+            o.batch, o.time = timed(recipe, shape, o, hw, cluster, free_global_batch)
+    fitting = [o for o in options if o.fits]
+    # fastest first; on a tie (the model says equal) the larger micro batch, then the lower
+    # stage and the order of TIERS (less offload)
+    recommended = min(fitting, default=None, key=lambda o: (
+        -round(o.time.tokens_per_s, 6), -o.micro_batch, o.stage,
+        choices.index((o.stage, o.offload_optimizer, o.offload_params))))
+    return Plan(recipe, shape, hw, options, recommended, cluster)
+
+
+def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: Cluster,
+          free_global_batch: bool) -> tuple[BatchPlan, StepTime]:
+    t = recipe.train
+    gbs = o.micro_batch * hw.world_size if free_global_batch else t.global_batch_size
+    batch = plan_batch(gbs, o.micro_batch, hw.world_size, getattr(t, "sequence_parallel", 1))
+    job = Job(shape, o.stage, o.offload_optimizer, o.offload_params, hw.world_size,
+              hw.gpus_per_node, batch.micro_batch_size, batch.grad_accum,
+              recipe.data.max_seq_len, DTYPE_BYTES[recipe.model.dtype],
+              o.breakdown.setup.knobs.reduce_bucket_size)
+    return batch, step_time(job, cluster)
 
 
 # ----------------------------------------------------------------------------------- output
@@ -208,7 +235,9 @@ def option_name(o: Option) -> str:
     return f"ZeRO-{o.stage}, {where}"
 
 
-def render(p: Plan, free_global_batch: bool = False) -> str:
+def render(p: Plan, free_global_batch: bool = False, length=None, price: float | None = None
+           ) -> str:
+    from dpkit.plan.cost import run_length, time_lines
     from dpkit.zero import batch_arithmetic
 
     s, r, hw = p.shape, p.recipe, p.hw
@@ -238,9 +267,12 @@ def render(p: Plan, free_global_batch: bool = False) -> str:
         return "\n".join(lines + ["", "nothing fits: add GPUs, use LoRA (--lora-rank), shorten "
                                    "data.max_seq_len or set model.gradient_checkpointing=true"])
     batch = batch_arithmetic(chosen_recipe(p, o, free_global_batch), hw.world_size)
-    return "\n".join(lines + [
-        "", f"recommended: {option_name(o)}, micro batch {o.micro_batch} "
-        f"({gib(o.breakdown.gpu_total)} GiB per GPU)", f"  {batch.describe()}",
+    length = length or run_length(r, None)
+    st = o.time
+    return "\n".join(lines + [""] + time_lines(p, length, price) + [
+        "", f"recommended (fastest that fits): {option_name(o)}, micro batch {o.micro_batch} "
+        f"({gib(o.breakdown.gpu_total)} GiB per GPU), {st.step_s:.3f} s per step, "
+        f"{st.tokens_per_s:,.0f} tokens/s", f"  {batch.describe()}",
         f"  overrides: {' '.join(o.overrides)}"])
 
 
@@ -310,100 +342,3 @@ def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
                     f"with micro batch {mbs} {need}",
                     f"set {changes} ({option_name(o)}: {gib(o.breakdown.gpu_total)} GiB per GPU), "
                     f"{skip}")]
-
-
-# -------------------------------------------------------------------------------------- CLI
-def parse_size(text: str) -> int:
-    """`80GB`, `80G`, `80GiB`, `1TB`, `1.5T` → bytes (GB and GiB both mean 2**30: GPU vendors'
-    "80GB" cards hold ~80 GiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise RecipeError.one(text, "is not a memory size", "write it like 80GB or 1TB")
-    return int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
-
-
-def register(subparsers) -> None:
-    sp = subparsers.add_parser(
-        "plan", help="will it fit: memory per GPU for each ZeRO stage and offload",
-        description="Per-GPU memory of every ZeRO stage × offload, and the fastest that fits.")
-    sp.add_argument("target", help="a recipe (.yaml), or a hub id, model directory, config.json")
-    sp.add_argument("overrides", nargs="*", help="recipe overrides, `section.key=value`")
-    sp.add_argument("--gpus-per-node", type=int, default=8)
-    sp.add_argument("--nodes", type=int, default=1)
-    sp.add_argument("--gpu-memory", type=parse_size, default="80GB", help="per GPU, e.g. 80GB")
-    sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
-    sp.add_argument("--nvme", action="store_true", help="also plan NVMe offload (ZeRO-3)")
-    sp.add_argument("--nvme-path", default=None, help="NVMe directory for --write "
-                    "(default: the recipe's zero.nvme_path, else /local_nvme)")
-    sp.add_argument("--lora-rank", type=int, default=None,
-                    help="plan LoRA of this rank (default: the recipe's peft.r, else full)")
-    sp.add_argument("--lora-targets", default=None, help="comma-separated module names "
-                    "(default: the recipe's, else every linear layer but the output head)")
-    sp.add_argument("--lora-dropout", type=float, default=None,
-                    help="adapter dropout (default: the recipe's, else 0.05)")
-    g = sp.add_argument_group("without a recipe")
-    g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="default: micro batch × world size (no accumulation)")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], default="sdpa")
-    sp.add_argument("--write", type=Path, default=None, metavar="DIR",
-                    help="write the recommended recipe, DeepSpeed config and launch command")
-    sp.set_defaults(func=run_plan)
-
-
-def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -> Recipe:
-    """A stand-in recipe for planning a bare model (placeholder data and output)."""
-    from dpkit.model import looks_local
-
-    path = Path(target).expanduser()
-    if path.is_file():
-        if path.name == "config.json":
-            model = {"name_or_path": str(path.parent)}
-        else:
-            model = {"config": json.loads(path.read_text()), "tokenizer": str(path.parent)}
-    else:
-        model = {"name_or_path": target} if looks_local(target) or "/" in target else None
-        if model is None:
-            raise RecipeError.one(target, "is neither a recipe, a config.json nor a hub id",
-                                  "pass a recipe .yaml, a model directory, a config.json or "
-                                  "an org/name hub id")
-    model.update(dtype=args.dtype, attn_implementation=args.attn,
-                 gradient_checkpointing=args.gradient_checkpointing)
-    raw = {"model": model,
-           "data": {"sources": [{"path": "YOUR_DATA.jsonl"}], "max_seq_len": args.seq_len},
-           "train": {"global_batch_size": args.global_batch_size or world_size},
-           "output": {"dir": "runs/planned"}}
-    return recipe_from_dict(apply_overrides(raw, overrides + args.overrides))
-
-
-def run_plan(args) -> int:
-    if min(args.gpus_per_node, args.nodes) < 1:
-        raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
-    hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
-                  args.cpu_memory)
-    is_recipe = args.target.endswith((".yaml", ".yml"))
-    extra = [f"zero.nvme_path={args.nvme_path}"] if args.nvme_path else []
-    recipe = (load_recipe(args.target, extra + args.overrides) if is_recipe
-              else recipe_for_model(args.target, args, hw.world_size, extra))
-    free = not is_recipe and args.global_batch_size is None
-    raw = recipe.model_dump(mode="json")
-    peft = {**(raw["peft"] or {}), **{k: v for k, v in (
-        ("r", args.lora_rank), ("dropout", args.lora_dropout),
-        ("target_modules", args.lora_targets and args.lora_targets.split(","))) if v is not None}}
-    if peft != (raw["peft"] or {}):  # the --lora flags become the recipe's peft section
-        recipe = recipe_from_dict({**raw, "peft": peft if peft.get("r", 1) else None})
-    try:
-        shape = recipe_shape(recipe)
-    except OSError as e:  # a hub id whose config is neither shipped nor reachable
-        raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
-                              "pass a local directory or config.json") from None
-    p = plan(recipe, hw, bool(args.nvme), shape, free)
-    print(render(p, free))
-    if is_recipe:
-        problems = _check(recipe, hw, shape)
-        print("\nrecipe as written: " + ("\n  ".join(map(str, problems)) or "fits"))
-    for path in write(p, args.write, free) if args.write else []:
-        print(f"wrote {path}")
-    return 0
