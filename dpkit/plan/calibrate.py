@@ -32,6 +32,7 @@ WARMUP_STEPS = 2
 class Calibration:
     cluster: Cluster  # the input cluster with efficiency, optimizer rate and overhead fitted
     job: Job  # the run as the time model sees it
+    global_batch: int  # rows (packed: sequences) per step
     step_s: float  # measured medians
     forward_backward_s: float
     optimizer_s: float
@@ -86,13 +87,13 @@ def job_of_run(run_dir: Path, summary: dict, shape=None) -> Job:
                knobs(ds).reduce_bucket_size)
 
 
-def fit(job: Job, records: list[dict], cluster: Cluster, hardware: str = "") -> Calibration:
+def fit(job: Job, global_batch: int, records: list[dict], cluster: Cluster,
+        hardware: str = "") -> Calibration:
     """Fit efficiency, optimizer rate and overhead of `cluster` to the run's timed steps."""
     used = records[WARMUP_STEPS:]
     med = {k: statistics.median(r[k] for r in used)
            for k in ("step_time_s", "forward_backward_s", "optimizer_s", "tokens")}
-    capacity = job.world_size * job.micro_batch * job.grad_accum * job.seq_len
-    job = replace(job, fill=med["tokens"] / capacity)
+    job = replace(job, fill=med["tokens"] / (global_batch * job.seq_len))
     exposed = (1 - cluster.overlap) * comm_time(job, cluster)  # not hidden: in the measured time
     peak = cluster.device.peak(job.dtype_bytes)
     eff = statistics.median(r["flops"] / job.world_size
@@ -101,7 +102,7 @@ def fit(job: Job, records: list[dict], cluster: Cluster, hardware: str = "") -> 
     fitted = replace(cluster, efficiency=eff, optimizer_s_per_param=med["optimizer_s"] / shard,
                      overhead_s=max(0.0, med["step_time_s"] - med["forward_backward_s"]
                                     - med["optimizer_s"]))
-    return Calibration(fitted, job, med["step_time_s"], med["forward_backward_s"],
+    return Calibration(fitted, job, global_batch, med["step_time_s"], med["forward_backward_s"],
                        med["optimizer_s"], med["tokens"], len(used), hardware)
 
 
@@ -116,8 +117,8 @@ def calibrate(run_dir: Path, cluster: Cluster | None = None, shape=None) -> Cali
             cluster = replace(cluster, intra=LINKS["gloo-loopback"], inter=LINKS["eth25"])
     else:
         cluster = replace(cluster, device=device)
-    return fit(job_of_run(Path(run_dir), summary, shape), records, cluster,
-               summary.get("hardware", ""))
+    return fit(job_of_run(Path(run_dir), summary, shape), int(summary["global_batch_size"]),
+               records, cluster, summary.get("hardware", ""))
 
 
 def describe(c: Calibration) -> str:

@@ -234,7 +234,7 @@ def print_predictions(cal, args) -> int:
     worlds = ints(args.predict_worlds, "--predict-worlds") or sorted({job.world_size,
                                                                       2 * job.world_size})
     seqs = ints(args.predict_seq_lens, "--predict-seq-lens") or [job.seq_len]
-    gbs = job.micro_batch * job.grad_accum * job.world_size  # the run's (as summary.json says)
+    gbs = cal.global_batch
     print(f"{'stage':<6}{'world':>6}{'seq':>7}{'micro×acc':>10}{'step s':>9}{'tokens/s':>11}")
     for stage in (0, 1, 2, 3):
         for seq in seqs:

@@ -270,9 +270,9 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
     length = length or run_length(r, None)
     st = o.time
     return "\n".join(lines + [""] + time_lines(p, length, price) + [
-        "", f"recommended (fastest that fits): {option_name(o)}, micro batch {o.micro_batch} "
-        f"({gib(o.breakdown.gpu_total)} GiB per GPU), {st.step_s:.3f} s per step, "
-        f"{st.tokens_per_s:,.0f} tokens/s", f"  {batch.describe()}",
+        "", f"recommended: {option_name(o)}, micro batch {o.micro_batch} "
+        f"({gib(o.breakdown.gpu_total)} GiB per GPU): the fastest that fits, {st.step_s:.3f} s "
+        f"per step, {st.tokens_per_s:,.0f} tokens/s", f"  {batch.describe()}",
         f"  overrides: {' '.join(o.overrides)}"])
 
 

@@ -115,17 +115,21 @@ class Cluster:
     nvme_bandwidth: float = 6e9  # bytes/s per node, read or write
 
     def ring(self, world: int, gpus_per_node: int) -> tuple[float, float]:
-        """(bandwidth, latency of one pass) of a collective over `world` ranks. Bandwidth: the
-        slowest link the ring crosses bounds every step. Latency: hierarchical, as NCCL's rings
-        run over nodes — g−1 steps inside a node and nodes−1 across, per pass."""
+        """(bandwidth, latency of one pass) of a collective over `world` ranks.
+
+        Bandwidth: each rank sends its 2(N−1)/N (or (N−1)/N) share over its ring link. NCCL runs
+        one ring per NIC, each ring crossing a node boundary once, so the node's NICs together
+        carry what leaves the node: min(intra-node link, NICs × NIC bandwidth) per rank (the
+        "bus bandwidth" nccl-tests reports across nodes). Latency: hierarchical, g−1 steps inside
+        a node and nodes−1 across, per pass.
+        """
         g = min(world, gpus_per_node)
         nodes = -(-world // gpus_per_node)
         latency = (g - 1) * self.intra.latency + (nodes - 1) * self.inter.latency
         if nodes == 1:
             return self.intra.bandwidth, latency
         nics = self.nics_per_node or gpus_per_node
-        inter = self.inter.bandwidth * nics / gpus_per_node
-        return min(self.intra.bandwidth, inter), latency
+        return min(self.intra.bandwidth, self.inter.bandwidth * nics), latency
 
 
 @dataclass(frozen=True)
@@ -280,15 +284,14 @@ def step_time(job: Job, cluster: Cluster) -> StepTime:
                     job.tokens_per_rank * job.world_size)
 
 
-def with_world(job: Job, world: int, global_batch: int | None = None) -> Job:
+def with_world(job: Job, world: int, global_batch: int) -> Job:
     """The same job on another world size: the global batch kept (accumulation absorbs it) when
     it splits evenly, else the micro batch kept with no accumulation (weak scaling)."""
     from dpkit.batch import plan_batch
     from dpkit.errors import RecipeError
 
-    gbs = global_batch or job.micro_batch * job.grad_accum * job.world_size
     try:
-        b = plan_batch(gbs, job.micro_batch, world)
+        b = plan_batch(global_batch, job.micro_batch, world)
         return replace(job, world_size=world, grad_accum=b.grad_accum)
     except RecipeError:
         b = plan_batch(job.micro_batch * world, job.micro_batch, world)
