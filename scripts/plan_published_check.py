@@ -14,12 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformers import AutoConfig  # noqa: E402
+from transformers import AutoConfig
 
-from dpkit.plan.memory import model_shape  # noqa: E402
-from dpkit.plan.time import (DEFAULT_EFFICIENCY, DEVICES, LINKS, Cluster, Job,  # noqa: E402
-                             flops_per_rank, step_time)
-from dpkit.shipped import HUB_CONFIGS  # noqa: E402
+from dpkit.plan.memory import model_shape
+from dpkit.plan.time import (
+    DEFAULT_EFFICIENCY,
+    DEVICES,
+    LINKS,
+    Cluster,
+    Job,
+    flops_per_rank,
+    step_time,
+)
+from dpkit.shipped import HUB_CONFIGS
 
 
 def solve_efficiency(job: Job, cluster: Cluster, tokens_per_s_per_gpu: float) -> float:

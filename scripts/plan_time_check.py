@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -27,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
+import yaml
 
-from dpkit.shipped import DATA, TOKENIZERS  # noqa: E402
+from dpkit.shipped import DATA, TOKENIZERS
 
 # scripts/bench_throughput.py's model: a 4-layer Llama, hidden 256, vocabulary 2048 (4M params).
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
@@ -67,6 +68,7 @@ def wait(*procs: subprocess.Popen) -> None:
 
 
 def train(out: Path, stage: int, ranks: int, steps: int, twin: bool = False) -> Path:
+    print(f"  {out.name}: load average before {os.getloadavg()[0]:.1f}", flush=True)
     procs = [torchrun(ranks, "-m", "dpkit.train", str(recipe(out, stage, steps)))]
     if twin:  # an identical job next to it, on its own output directory
         procs.append(torchrun(ranks, "-m", "dpkit.train",
@@ -114,6 +116,13 @@ def measure_link():
                 f"{alpha * 1e6:.0f} µs)", 1 / slope, alpha), pts
 
 
+def torch_version() -> str:
+    import deepspeed
+    import torch
+
+    return f"{torch.__version__}, deepspeed {deepspeed.__version__}"
+
+
 def measured_step(run: Path) -> float:
     from dpkit.plan.calibrate import WARMUP_STEPS, read_run
 
@@ -135,12 +144,15 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     link, pts = measure_link()
+    print(f"{platform.node()}, {os.cpu_count()} cores, torch {torch_version()}; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print("gloo all_reduce, 2 ranks: " + ", ".join(f"{int(b)} B {t * 1e3:.2f} ms" for b, t in pts))
     print(f"link: {link.name}; named default gloo-loopback: "
           f"{LINKS['gloo-loopback'].bandwidth / 1e9:.2f} GB/s, "
           f"{LINKS['gloo-loopback'].latency * 1e6:.0f} µs")
     rows = []
     for rep in range(args.reps):
+        print(f"repetition {rep}", flush=True)
         solo = train(args.out / f"r{rep}_cal_solo", 2, 1, args.steps)
         twin = train(args.out / f"r{rep}_cal_twin", 2, 1, args.steps, twin=True)
         measured = {s: measured_step(train(args.out / f"r{rep}_z{s}", s, 2, args.steps))
@@ -148,7 +160,7 @@ def main() -> None:
         for name, run in (("solo", solo), ("twin", twin)):
             cal = calibrate(run)
             cluster = replace(cal.cluster, intra=link)
-            print(f"\n[{name}] {describe(cal)}")
+            print(f"\n[{name}] {describe(cal)}", flush=True)
             for s in (2, 3):
                 job = with_world(replace(cal.job, stage=s, gpus_per_node=2), 2,
                                  cal.global_batch)

@@ -12,8 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dpkit.errors import RecipeError
-from dpkit.plan.recommend import (DTYPE_BYTES, Hardware, _check, plan, recipe_shape, render,
-                                  write)
+from dpkit.plan.recommend import DTYPE_BYTES, Hardware, _check, plan, recipe_shape, render, write
 from dpkit.plan.time import DEVICES, LINKS, Cluster, Link
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 

@@ -2,8 +2,9 @@
 
 From the model's config alone (parameters counted on the meta device, no weights loaded) and the
 DeepSpeed config dpkit would resolve for each choice, every ZeRO stage × offload gets a per-GPU
-memory breakdown (dpkit.plan.memory), the largest micro batch that fits, and the fastest fitting choice
-is recommended. `dpkit train` calls `check_fits` before launch. See docs/plan.md.
+memory breakdown (dpkit.plan.memory), the largest micro batch that fits and a predicted step time
+(dpkit.plan.time); the fitting choice with the most tokens per second is recommended. `dpkit train`
+calls `check_fits` before launch. The command line lives in dpkit.plan.cli. See docs/plan.md.
 """
 
 from __future__ import annotations
@@ -14,25 +15,21 @@ from pathlib import Path
 
 from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
-from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.memory import Breakdown, GiB, Knobs, ModelShape, Setup, estimate, model_shape
 from dpkit.plan.time import Cluster, Job, StepTime, step_time
-from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_yaml
+from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MICRO_BATCH = 64
 """Largest micro batch tried when the global batch does not bound it."""
 
-# (stage, offload_optimizer, offload_params), fastest first within each tier. ZeRO-0 cannot
-# offload, and ZeRO-1 offload is never better than ZeRO-2's (same traffic, more GPU memory).
-TIERS: list[list[tuple[int, str, str]]] = [
-    [(0, "none", "none"), (1, "none", "none"), (2, "none", "none")],
-    [(3, "none", "none")],
-    [(2, "cpu", "none")],
-    [(3, "cpu", "none")],
-    [(3, "cpu", "cpu")],
-    [(3, "nvme", "none")],
-    [(3, "nvme", "nvme")],
-]
+# (stage, offload_optimizer, offload_params): the options planned, in the order ties are broken
+# (less offload first). ZeRO-0 cannot offload, and ZeRO-1 offload is never better than ZeRO-2's
+# (same traffic, more GPU memory).
+CHOICES: list[tuple[int, str, str]] = [
+    (0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none"),
+    (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu"), (3, "nvme", "none"),
+    (3, "nvme", "nvme")]
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -188,14 +185,14 @@ def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | N
         candidates = [2**i for i in range(MAX_MICRO_BATCH.bit_length())]
     else:
         candidates = micro_candidates(recipe, hw.world_size)
-    choices = [c for tier in TIERS for c in tier if nvme or "nvme" not in c]
+    choices = [c for c in CHOICES if nvme or "nvme" not in c]
     options = [fit(shape, recipe, *choice, hw, candidates) for choice in choices]
     for o in options:
         if o.fits:
             o.batch, o.time = timed(recipe, shape, o, hw, cluster, free_global_batch)
     fitting = [o for o in options if o.fits]
     # fastest first; on a tie (the model says equal) the larger micro batch, then the lower
-    # stage and the order of TIERS (less offload)
+    # stage and the order of CHOICES (less offload)
     recommended = min(fitting, default=None, key=lambda o: (
         -round(o.time.tokens_per_s, 6), -o.micro_batch, o.stage,
         choices.index((o.stage, o.offload_optimizer, o.offload_params))))

@@ -28,7 +28,7 @@ from dpkit.plan.memory import ModelShape
 
 DEFAULT_EFFICIENCY = 0.40
 """Assumed fraction of the dense peak a training step's model FLOPs reach (MFU) when nothing is
-calibrated: 38–43% is what torchtitan reports for Llama-3 8B on H100s (docs/plan.md)."""
+calibrated: torchtitan reports 33–39% for Llama 3.1 8B with FSDP on H100s (docs/plan.md)."""
 DEFAULT_OVERLAP = 0.5
 """Assumed fraction of communication hidden behind compute (DeepSpeed's overlap_comm buckets
 overlap the backward; the boundary all-reduce/all-gather and stage 3's first gathers do not)."""
@@ -36,8 +36,8 @@ ADAM_BYTES = 32
 """HBM bytes an Adam update moves per parameter: fp32 master, m and v read and written (24), the
 fp32 gradient read (4), the bf16/fp16 weight written (2) and its gradient read (2)."""
 CPU_ADAM_PARAMS_PER_S = 1.0e9
-"""DeepSpeedCPUAdam updates per second per node (AVX-512, all cores): an assumption, ~ZeRO-Offload's
-reported 0.5–1.5 s for a 1B-parameter partition; set --cpu-adam-rate to change it."""
+"""DeepSpeedCPUAdam updates per second per node (all cores, AVX-512): an assumption, not a
+measurement; Cluster.cpu_adam_rate changes it."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,10 @@ LINKS: dict[str, Link] = {
     "ib100": Link("InfiniBand EDR 100 Gb/s", 12.5e9, 5e-6),
     "eth100": Link("Ethernet 100 Gb/s (RoCE)", 12.5e9, 15e-6),
     "eth25": Link("Ethernet 25 Gb/s (TCP)", 3.125e9, 50e-6),
-    # gloo between processes of one CPU machine (loopback TCP): measured on the 2-core dev VM with
-    # scripts/plan_time_check.py --link-only (all_reduce, 4 B to 16 MB, 2 ranks): ~0.8 GB/s
-    # ring bandwidth, ~80 µs per ring step. Other machines: measure and pass --intra-node-gbps.
+    # gloo between processes of one CPU machine (loopback TCP), measured on the 2-core dev VM
+    # (all_reduce of 4 B to 16 MB between 2 ranks, as scripts/plan_time_check.py does on every
+    # run): ~0.8 GB/s and ~80 µs per ring step when the VM is quiet, down to 0.3 GB/s and ~0.9 ms
+    # under load. Other machines: measure, then pass --intra-node-gbps.
     "gloo-loopback": Link("gloo over loopback (one CPU machine)", 0.8e9, 80e-6),
 }
 

@@ -12,15 +12,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpkit.metrics import matmul_parameters, model_flops
 from dpkit.plan.calibrate import WARMUP_STEPS, calibrate
 from dpkit.plan.memory import ModelShape, model_shape
 from dpkit.plan.recommend import Hardware, knobs, plan, resolved_ds_config
-from dpkit.plan.time import (DEVICES, LINKS, Cluster, Job, comm_time, comm_volume,
-                             flops_per_rank, step_time, with_world)
+from dpkit.plan.time import (
+    DEVICES,
+    LINKS,
+    Cluster,
+    Job,
+    comm_time,
+    comm_volume,
+    flops_per_rank,
+    step_time,
+    with_world,
+)
 from dpkit.recipe import recipe_from_dict, recipe_to_yaml
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -174,7 +182,7 @@ def test_slow_inter_node_link_changes_the_recommendation(tmp_path):
     r, hw = eight_b(tmp_path), Hardware(32, 8, 40 * 2**30, 1024 * 2**30)
     fast = plan(r, hw, cluster=Cluster(inter=LINKS["ib400"]))
     slow = plan(r, hw, cluster=Cluster(inter=LINKS["eth25"]))
-    key = lambda o: (o.stage, o.offload_optimizer)  # noqa: E731
+    key = lambda o: (o.stage, o.offload_optimizer)
     # the same options fit either way: only time decides
     assert [key(o) for o in fast.options if o.fits] == [key(o) for o in slow.options if o.fits]
     assert key(fast.recommended) == (3, "none")  # ZeRO-3's 3Ψ is cheap over 400 Gb/s ...
