@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ class TrainState:
     zero_stage: int
     seed: int
     steps_per_epoch: int
+    data: dict = field(default_factory=dict)  # a stream's position (in-memory rows: empty)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

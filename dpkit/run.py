@@ -1,314 +1,302 @@
-"""The training entry point every launcher starts, and the loop.
+"""A training run on one rank: setup, the loop, the end. Every training method goes through here.
 
-    torchrun --nproc_per_node N -m dpkit.train RECIPE [key=value ...]
-    accelerate launch --config_file ds_configs/accelerate/<x>.yaml -m dpkit.train RECIPE
-    deepspeed --num_gpus N --module dpkit.train RECIPE
+    run = Run(recipe)          # nothing happens yet
+    run.setup()                # process group, run directory, data, DeepSpeed config, model,
+                               # engine, objective, resume
+    summary = run.train()      # the loop, then final save, summary.json, push
 
-`run(recipe)` reads top to bottom: data, DeepSpeed config, model, resume, the loop (one step is
-in step.py), final save, summary, push.
+What changes between training methods is not here: the loss is the objective's
+(dpkit/objectives/), the rows come from a feed (dpkit/data/feed.py), the batch rule from
+dpkit/batch.py. Launchers start `python -m dpkit.train`, which calls `main` below.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from dpkit import checkpoint as C
-from dpkit import data as D
 from dpkit import distributed, logs, lora
+from dpkit.attention import NAME as ROWS_ATTENTION
+from dpkit.attention import describe_packed
+from dpkit.batch import batch_arithmetic
+from dpkit.data import load as D
+from dpkit.data.feed import RowFeed, eval_batches
+from dpkit.data.packing import fill_ratio, pack
+from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
 from dpkit.model import build_model, load_model_config, load_tokenizer
-from dpkit.attention import NAME as ROWS_ATTENTION
-from dpkit.attention import describe_packed
-from dpkit.data.packing import fill_ratio, pack
+from dpkit.objectives import build_objective
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
+from dpkit.run_info import hardware, versions
 from dpkit.rundir import prepare_output_dir
 from dpkit.step import evaluate, train_step
-from dpkit.batch import batch_arithmetic
 from dpkit.zero import resolve_ds_config
 
 
-def lr_lambda(recipe: Recipe, total_steps: int):
-    warmup = int(recipe.train.warmup_ratio * total_steps)
-    schedule = recipe.train.lr_schedule
+class Run:
+    """One recipe trained on the ranks of this job. Attributes are filled by `setup`."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.objective = build_objective(recipe)
+        self.started = time.time()
 
-    return factor
+    # ------------------------------------------------------------------------------- setup
+    def setup(self) -> "Run":
+        r = self.recipe
+        self.env = distributed.setup(r.train.collective_timeout_s)
+        self.out = prepare_output_dir(r, self.env)
+        self.log = logs.setup(self.out, self.env.rank, self.env.is_main)
+        self.tokenizer = load_tokenizer(r.model)
+        self.model_config = load_model_config(r.model)
+        self.batch = batch_arithmetic(r, self.env.world_size)
+        self._load_data()
+        self._resolve_config()
+        self._build()
+        self.objective.setup(self)
+        self._resume()
+        return self
 
+    def say(self, message: str) -> None:
+        """Log on every rank; print on the main one."""
+        self.log.info(message)
+        if self.env.is_main:
+            print(message, flush=True)
 
-def build_optimizer(model, recipe: Recipe):
-    """AdamW with no decay on biases and norm weights. CPU offload needs DeepSpeed's CPU Adam."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]  # LoRA has no norms: ZeRO-3 drops empty groups
-    t = recipe.train
-    if recipe.zero.offload_optimizer != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the ranks that read different rows."""
+        return self.env.rank // self.batch.sequence_parallel
 
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
-                                adamw_mode=True)
-    # On GPU under ZeRO 0-2 the parameters are already on the device (see run): torch's fused
-    # AdamW kernel then updates the flat fp32 partitions in one launch per group.
-    fused = all(p.is_cuda for g in groups for p in g["params"]) and recipe.zero.stage < 3
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
-                             fused=fused or None)
+    def _load_data(self) -> None:
+        r = self.recipe
+        rows, self.eval_rows, self.data_stats = D.load_datasets(r.data, self.tokenizer,
+                                                                r.train.seed)
+        self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
+        if r.data.packing:
+            before = len(rows)
+            rows = pack(rows, r.data.max_seq_len, r.train.seed)
+            self.say(f"[dpkit] packing: {before} rows into {len(rows)} sequences of up to "
+                     f"{r.data.max_seq_len} tokens, "
+                     f"{100 * fill_ratio(rows, r.data.max_seq_len):.1f}% full")
+        self.train_rows = rows
 
+    def _resolve_config(self) -> None:
+        r, env = self.recipe, self.env
+        self.hidden = getattr(self.model_config, "hidden_size", None)
+        self.ds_config = resolve_ds_config(r, env.world_size, self.hidden,
+                                           on_cpu=env.backend == "gloo")
+        self.per_epoch = D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size)
+        self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
+        self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
+                 f"{self.total_steps} steps; ZeRO stage {r.zero.stage}, {r.model.dtype}; "
+                 f"objective {self.objective.describe()}")
+        if env.is_main:
+            (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
+            (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        self.resume_from = C.find_resume(r.resume, self.out)
+        self.universal = self.resume_from is not None and C.needs_universal(
+            self.resume_from, env.world_size, r.zero.stage)
+        if self.universal:
+            C.convert_to_universal(self.resume_from, env)
+            self.ds_config["checkpoint"] = {"load_universal": True}
 
-def save_model(engine, tokenizer, out_dir: Path, env, stage: int) -> None:
-    """Hugging Face format (safetensors), written to a temporary name and renamed when complete."""
-    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
-    if env.is_main:
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if state is None:
-            state = engine.module.state_dict()
-        engine.module.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    distributed.barrier()
+    def _build(self) -> None:
+        r, env = self.recipe, self.env
+        if r.peft is not None:  # frozen base + adapters, built identically on every rank
+            model = lora.build_peft_model(r, self.tokenizer, self.ds_config, self.out, env)
+            self.say(f"[dpkit] {lora.describe(model, r.peft)}")
+        else:
+            model = build_model(r.model, r.train.seed, r.zero.stage, self.ds_config,
+                                packed_len=r.data.max_seq_len if r.data.packing else None)
+        self.attention = getattr(model.config, "_attn_implementation", r.model.attn_implementation)
+        flat = self.attention == ROWS_ATTENTION  # packed sequences laid end to end: no padding
+        if r.data.packing:
+            how = describe_packed(self.attention, r.model.attn_implementation, model.config,
+                                  r.data.max_seq_len)
+            self.say(f"[dpkit] packing: attention {self.attention} ({how})")
+        self.n_train, self.n_params = lora.count_parameters(model)
+        self.say(f"[dpkit] model: {self.n_params:,} parameters, {self.n_train:,} trainable "
+                 f"({100 * self.n_train / max(self.n_params, 1):.2f}%)")
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, r, self.ds_config, self.total_steps, env, self.say)
+        b = self.batch
+        self.feed = RowFeed(self.train_rows, r.train.seed, b.micro_batch_size, b.grad_accum,
+                            self.dp_rank, b.data_parallel, b.global_batch_size,
+                            self.objective.collate, self.tokenizer.pad_token_id, flatten=flat,
+                            group_by_length=r.data.group_by_length)
 
+    def _resume(self) -> None:
+        self.start_step, self.tokens_seen = 0, 0
+        if self.resume_from is None:
+            return
+        r, ckpt = self.recipe, self.resume_from
+        groups = [{"weight_decay": g["weight_decay"]} for g in self.optimizer.param_groups]
+        state = C.load(self.engine, ckpt, self.env, self.universal)
+        if self.universal:
+            C.repair_universal_load(self.engine.optimizer, groups)
+        if state.steps_per_epoch != self.per_epoch or state.seed != r.train.seed:
+            raise RecipeError.one("resume", f"checkpoint {ckpt} was made with "
+                                  f"{state.steps_per_epoch} steps per epoch and seed {state.seed}, "
+                                  f"this run has {self.per_epoch} and {r.train.seed}",
+                                  "resume with the same data, global batch and seed")
+        self.feed.load_state_dict(state.data)
+        self.start_step, self.tokens_seen = state.step, state.tokens_seen
+        self.say(f"[dpkit] resumed from {ckpt} at step {self.start_step}"
+                 + (" (universal checkpoint: world size or ZeRO stage changed)"
+                    if self.universal else ""))
+        if self.env.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", self.start_step)
 
-def versions() -> dict[str, str]:
-    import accelerate
-    import deepspeed
-    import transformers
+    # -------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        """The loop from the start (or resumed) step to the end, then save and summarise."""
+        r, env = self.recipe, self.env
+        self.metrics = MetricsLog(self.out / "metrics.jsonl" if env.is_main else None)
+        self.trackers = Trackers(r.output.report_to, self.out, self.out.name,
+                                 r.model_dump(mode="json"), env.is_main)
+        self.progress = Progress(self.total_steps, self.start_step, env.is_main)
+        self.last_loss, self.last_eval, self.skipped = float("nan"), None, 0
+        self._flops_args = (*matmul_parameters(self.engine.module),
+                            getattr(self.model_config, "num_hidden_layers", 0), self.hidden or 0)
+        self._peak = peak_flops(env.device, r.model.dtype)
+        for step in range(self.start_step, self.total_steps):
+            self.train_one_step(step)
+            self.after_step(step + 1)
+        self.progress.close()
+        self.metrics.close()
+        self.trackers.finish()
+        return self.finish()
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-           "accelerate": accelerate.__version__}
-    try:
-        import peft
+    def train_one_step(self, step: int) -> None:
+        r, env = self.recipe, self.env
+        C.fault_point("step", step + 1, env.rank)
+        t0 = time.perf_counter()
+        micro_batches = self.feed.micro_batches(step)
+        collate_s = time.perf_counter() - t0
+        result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
+                            poison_loss=C.fault_requested("nan", step + 1, env.rank),
+                            objective=self.objective)
+        result.times["data_s"] += collate_s
+        result.times["step_time_s"] += collate_s
+        self.last_loss, elapsed = result.loss, result.times["step_time_s"]
+        self.tokens_seen += result.tokens
+        if not math.isfinite(self.last_loss):
+            self.skipped += 1
+            handle_non_finite(r, result, step + 1, self.out, self.say)
+        self.progress.update(self.last_loss, result.tokens / elapsed)
+        if (step + 1) % r.output.log_steps == 0 or step + 1 == self.total_steps:
+            self._log_step(step, result, elapsed)
 
-        out["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return out
+    def _log_step(self, step: int, result, elapsed: float) -> None:
+        env = self.env
+        flops = model_flops(*self._flops_args, result.row_lengths)
+        (flops,) = distributed.all_reduce_sum([flops], env.device)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = dict(
+            step=step + 1, epoch=self.feed.epoch(step), loss=self.last_loss,
+            lr=lr_now(self.scheduler),
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            tokens=result.tokens, target_tokens=result.targets, tokens_seen=self.tokens_seen,
+            samples=result.samples, tokens_per_s=result.tokens / elapsed,
+            samples_per_s=result.samples / elapsed, flops=flops,
+            mfu=flops / (elapsed * env.world_size * self._peak) if self._peak else None,
+            skipped=not result.applied, skipped_steps=self.skipped, **result.metrics,
+            **result.times)
+        record.update(per_rank(memory_mb(env.device), env))
+        self.metrics.write(**record)
+        self.trackers.log(record, step + 1)
+        self.log.info(f"step {step + 1}: loss {self.last_loss:.4f}, "
+                      f"{result.tokens / elapsed:,.0f} tokens/s, {elapsed:.3f} s")
 
+    def after_step(self, step: int) -> None:
+        """Eval and checkpoint at their steps (`step` counts completed steps)."""
+        out = self.recipe.output
+        last = step == self.total_steps
+        if self.eval_rows and ((out.eval_steps and step % out.eval_steps == 0) or last):
+            self.run_eval(step)
+        if out.save_steps and (step % out.save_steps == 0 or last):
+            ckpt = self.save_checkpoint(step)
+            self.progress.write(f"[dpkit] step {step}: checkpoint {ckpt}")
+            if self.recipe.hub is not None and self.recipe.hub.push_checkpoints:
+                push_checkpoint(ckpt, step, self.recipe, self.env, self.say)
 
-def hardware(env) -> str:
-    if env.device.type == "cuda":
-        return f"{env.world_size} × {torch.cuda.get_device_name(env.device)}"
-    return f"{env.world_size} CPU ranks on {platform.machine()} ({os.cpu_count()} cores)"
+    def run_eval(self, step: int) -> float:
+        batches = eval_batches(self.eval_rows, self.dp_rank, self.batch.data_parallel,
+                               self.batch.micro_batch_size, self.objective.collate,
+                               self.tokenizer.pad_token_id)
+        loss, units, metrics = evaluate(self.engine, batches, self.env, self.objective)
+        self.last_eval = loss
+        self.metrics.write(step=step, eval_loss=loss, eval_tokens=units,
+                           tokens_seen=self.tokens_seen,
+                           **{f"eval_{k}": v for k, v in metrics.items()})
+        self.trackers.log({"eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}},
+                          step)
+        self.progress.write(f"[dpkit] step {step}: eval loss {loss:.4f}")
+        return loss
+
+    def save_checkpoint(self, step_done: int) -> Path:
+        state = C.TrainState(step=step_done, tokens_seen=self.tokens_seen,
+                             world_size=self.env.world_size, zero_stage=self.recipe.zero.stage,
+                             seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
+                             data=self.feed.state_dict())
+        return C.save(self.engine, self.out, state, self.tokenizer, self.env,
+                      self.recipe.output.save_total_limit)
+
+    # --------------------------------------------------------------------------------- end
+    def finish(self) -> dict:
+        r, env, out = self.recipe, self.env, self.out
+        if r.output.save_model and r.peft is not None:  # gathered, written, verified
+            lora.save_adapter(self.engine, self.tokenizer, out, env, r,
+                              trained=self.total_steps > 0)
+        elif r.output.save_model:
+            save_model(self.engine, self.tokenizer, out / "model", env, r.zero.stage)
+        summary = self.summary()
+        if env.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.say(f"[dpkit] done: loss {self.last_loss:.4f}"
+                     + (f", eval loss {self.last_eval:.4f}" if self.last_eval is not None else "")
+                     + f"; run directory {out}")
+        if r.hub is not None and r.hub.push_at_end:
+            from dpkit.hub import push_on_main
+
+            # After the last collective of training: a long upload can't trip the timeout.
+            push_on_main(out, r.hub, is_main=env.is_main, barrier=distributed.barrier,
+                         say=self.say)
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        logs.teardown()
+        return summary
+
+    def summary(self) -> dict:
+        r, b, s = self.recipe, self.batch, self.data_stats
+        return {
+            "steps": self.total_steps, "tokens_seen": self.tokens_seen,
+            "final_loss": self.last_loss, "final_eval_loss": self.last_eval,
+            "world_size": self.env.world_size, "global_batch_size": b.global_batch_size,
+            "micro_batch_size": b.micro_batch_size, "grad_accum": b.grad_accum,
+            "sequence_parallel": b.sequence_parallel, "zero_stage": r.zero.stage,
+            "dtype": r.model.dtype, "attention": self.attention, **self.objective.card(),
+            "base_model": r.model.name_or_path or "inline config",
+            "datasets": [src.path for src in r.data.sources],
+            "parameters": self.n_params, "trainable_parameters": self.n_train,
+            "data": {"rows": s.rows, "truncated": s.truncated,
+                     "dropped_too_long": s.dropped_too_long,
+                     "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows)},
+            "wall_time_s": time.time() - self.started, "versions": versions(),
+            "hardware": hardware(self.env),
+        }
 
 
 def run(recipe: Recipe) -> dict:
     """Train one recipe on the ranks of this job; returns the summary (also on disk)."""
-    started = time.time()
-    env = distributed.setup(recipe.train.collective_timeout_s)
-    out = prepare_output_dir(recipe, env)
-    log = logs.setup(out, env.rank, env.is_main)
-
-    def say(message: str) -> None:
-        log.info(message)
-        if env.is_main:
-            print(message, flush=True)
-
-    # Load data -------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(recipe.model)
-    train_rows, eval_rows, stats = D.load_datasets(recipe.data, tokenizer, recipe.train.seed)
-    say(f"[dpkit] data: {stats.describe()}; eval rows: {len(eval_rows)}")
-    if recipe.data.packing:
-        rows_before = len(train_rows)
-        train_rows = pack(train_rows, recipe.data.max_seq_len, recipe.train.seed)
-        say(f"[dpkit] packing: {rows_before} rows into {len(train_rows)} sequences of up to "
-            f"{recipe.data.max_seq_len} tokens, {100 * fill_ratio(train_rows, recipe.data.max_seq_len):.1f}% full")
-    lengths = [len(r.input_ids) for r in train_rows] if recipe.data.group_by_length else None
-
-    # Resolve DeepSpeed config ----------------------------------------------------------------
-    model_config = load_model_config(recipe.model)
-    hidden = getattr(model_config, "hidden_size", None)
-    ds_config = resolve_ds_config(recipe, env.world_size, hidden, on_cpu=env.backend == "gloo")
-    batch = batch_arithmetic(recipe, env.world_size)
-    per_epoch = D.steps_per_epoch(len(train_rows), batch.global_batch_size)
-    total_steps = recipe.train.max_steps or recipe.train.epochs * per_epoch
-    say(f"[dpkit] {batch.describe()}; {per_epoch} steps per epoch, {total_steps} steps; "
-        f"ZeRO stage {recipe.zero.stage}, {recipe.model.dtype}")
-    if env.is_main:
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-    resume_from = C.find_resume(recipe.resume, out)
-    universal = resume_from is not None and C.needs_universal(resume_from, env.world_size,
-                                                              recipe.zero.stage)
-    if universal:
-        C.convert_to_universal(resume_from, env)
-        ds_config["checkpoint"] = {"load_universal": True}
-
-    # Load model ------------------------------------------------------------------------------
-    import deepspeed
-
-    if recipe.peft is not None:  # frozen base + adapters, built identically on every rank
-        model = lora.build_peft_model(recipe, tokenizer, ds_config, out, env)
-        say(f"[dpkit] {lora.describe(model, recipe.peft)}")
-    else:
-        model = build_model(recipe.model, recipe.train.seed, recipe.zero.stage, ds_config,
-                            packed_len=recipe.data.max_seq_len if recipe.data.packing else None)
-    attention = getattr(model.config, "_attn_implementation", recipe.model.attn_implementation)
-    flat = attention == ROWS_ATTENTION  # packed sequences laid end to end: no padding at all
-    if recipe.data.packing:
-        how = describe_packed(attention, recipe.model.attn_implementation, model.config,
-                              recipe.data.max_seq_len)
-        say(f"[dpkit] packing: attention {attention} ({how})")
-    n_train, n_params = lora.count_parameters(model)
-    say(f"[dpkit] model: {n_params:,} parameters, {n_train:,} trainable "
-        f"({100 * n_train / max(n_params, 1):.2f}%)")
-    if env.device.type == "cuda" and recipe.zero.stage < 3 and recipe.peft is None:
-        model.to(env.device)  # lets the optimizer use fused CUDA kernels
-    optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if recipe.train.compile:  # after initialize, in place: DeepSpeed's hooks stay on the path
-        from accelerate.utils import compile_regions_deepspeed
-
-        compile_regions_deepspeed(engine.module)
-        compiled = sum(getattr(m, "_compiled_call_impl", None) is not None
-                       for m in engine.module.modules())
-        say(f"[dpkit] compile: {compiled} modules (each decoder layer, then the rest) compiled "
-            "by torch.compile on first use; the first steps are slower")
-
-    start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        groups = [{"weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        state = C.load(engine, resume_from, env, universal)
-        if universal:
-            C.repair_universal_load(engine.optimizer, groups)
-        if state.steps_per_epoch != per_epoch or state.seed != recipe.train.seed:
-            raise RecipeError.one("resume", f"checkpoint {resume_from} was made with "
-                                  f"{state.steps_per_epoch} steps per epoch and seed {state.seed}, "
-                                  f"this run has {per_epoch} and {recipe.train.seed}",
-                                  "resume with the same data, global batch and seed")
-        start_step, tokens_seen = state.step, state.tokens_seen
-        say(f"[dpkit] resumed from {resume_from} at step {start_step}"
-            + (" (universal checkpoint: world size or ZeRO stage changed)" if universal else ""))
-        if env.is_main:
-            truncate_metrics(out / "metrics.jsonl", start_step)
-
-    def save_checkpoint(step_done: int) -> Path:
-        state = C.TrainState(step=step_done, tokens_seen=tokens_seen, world_size=env.world_size,
-                             zero_stage=recipe.zero.stage, seed=recipe.train.seed,
-                             steps_per_epoch=per_epoch)
-        return C.save(engine, out, state, tokenizer, env, recipe.output.save_total_limit)
-
-    # Train -----------------------------------------------------------------------------------
-    metrics = MetricsLog(out / "metrics.jsonl" if env.is_main else None)
-    trackers = Trackers(recipe.output.report_to, out, out.name,
-                        recipe.model_dump(mode="json"), env.is_main)
-    progress = Progress(total_steps, start_step, env.is_main)
-    pad_id = tokenizer.pad_token_id
-    peak = peak_flops(env.device, recipe.model.dtype)
-    layers = getattr(model_config, "num_hidden_layers", 0)
-    flop_params = matmul_parameters(engine.module)
-    last_loss, last_eval, skipped = float("nan"), None, 0
-    for step in range(start_step, total_steps):
-        C.fault_point("step", step + 1, env.rank)
-        epoch, step_in_epoch = divmod(step, per_epoch)
-        t0 = time.perf_counter()
-        micro_batches = [D.collate([train_rows[i] for i in idx], pad_id, flatten=flat)
-                         for idx in D.step_micro_batches(
-                             len(train_rows), recipe.train.seed, epoch, step_in_epoch, env.rank,
-                             env.world_size, batch.micro_batch_size, batch.grad_accum,
-                             lengths)]
-        collate_s = time.perf_counter() - t0
-        result = train_step(engine, micro_batches, env, batch.grad_accum,
-                            poison_loss=C.fault_requested("nan", step + 1, env.rank))
-        result.times["data_s"] += collate_s
-        result.times["step_time_s"] += collate_s
-        last_loss, elapsed = result.loss, result.times["step_time_s"]
-        tokens_seen += result.tokens
-        if not math.isfinite(last_loss):
-            skipped += 1
-            handle_non_finite(recipe, result, step + 1, out, say)
-        progress.update(last_loss, result.tokens / elapsed)
-        if (step + 1) % recipe.output.log_steps == 0 or step + 1 == total_steps:
-            flops = model_flops(*flop_params, layers, hidden or 0, result.row_lengths)
-            (flops,) = distributed.all_reduce_sum([flops], env.device)
-            grad_norm = engine.get_global_grad_norm()
-            record = dict(
-                step=step + 1, epoch=epoch, loss=last_loss, lr=lr_now(scheduler),
-                grad_norm=float(grad_norm) if grad_norm is not None else None,
-                tokens=result.tokens, target_tokens=result.targets, tokens_seen=tokens_seen,
-                samples=result.samples, tokens_per_s=result.tokens / elapsed,
-                samples_per_s=result.samples / elapsed, flops=flops,
-                mfu=flops / (elapsed * env.world_size * peak) if peak else None,
-                skipped=not result.applied, skipped_steps=skipped, **result.times)
-            record.update(per_rank(memory_mb(env.device), env))
-            metrics.write(**record)
-            trackers.log(record, step + 1)
-            log.info(f"step {step + 1}: loss {last_loss:.4f}, {result.tokens / elapsed:,.0f} "
-                     f"tokens/s, {elapsed:.3f} s")
-        eval_due = recipe.output.eval_steps and (step + 1) % recipe.output.eval_steps == 0
-        if eval_rows and (eval_due or step + 1 == total_steps):
-            last_eval, eval_tokens = evaluate(engine, eval_rows, env, batch.micro_batch_size,
-                                              pad_id)
-            metrics.write(step=step + 1, eval_loss=last_eval, eval_tokens=eval_tokens,
-                          tokens_seen=tokens_seen)
-            trackers.log({"eval_loss": last_eval}, step + 1)
-            progress.write(f"[dpkit] step {step + 1}: eval loss {last_eval:.4f}")
-        save_every = recipe.output.save_steps
-        if save_every and ((step + 1) % save_every == 0 or step + 1 == total_steps):
-            ckpt = save_checkpoint(step + 1)
-            progress.write(f"[dpkit] step {step + 1}: checkpoint {ckpt}")
-            if recipe.hub is not None and recipe.hub.push_checkpoints:
-                push_checkpoint(ckpt, step + 1, recipe, env, say)
-    progress.close()
-    metrics.close()
-    trackers.finish()
-
-    # Save ------------------------------------------------------------------------------------
-    if recipe.output.save_model and recipe.peft is not None:  # gathered, written, verified
-        lora.save_adapter(engine, tokenizer, out, env, recipe, trained=total_steps > 0)
-    elif recipe.output.save_model:
-        save_model(engine, tokenizer, out / "model", env, recipe.zero.stage)
-    summary = {
-        "steps": total_steps, "tokens_seen": tokens_seen, "final_loss": last_loss,
-        "final_eval_loss": last_eval, "world_size": env.world_size,
-        "global_batch_size": batch.global_batch_size, "micro_batch_size": batch.micro_batch_size,
-        "grad_accum": batch.grad_accum, "zero_stage": recipe.zero.stage,
-        "dtype": recipe.model.dtype, "attention": attention,
-        "base_model": recipe.model.name_or_path or "inline config",
-        "datasets": [s.path for s in recipe.data.sources],
-        "parameters": n_params, "trainable_parameters": n_train,
-        "data": {"rows": stats.rows, "truncated": stats.truncated,
-                 "dropped_too_long": stats.dropped_too_long,
-                 "dropped_no_target": stats.dropped_no_target, "eval_rows": len(eval_rows)},
-        "wall_time_s": time.time() - started, "versions": versions(), "hardware": hardware(env),
-    }
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        say(f"[dpkit] done: loss {last_loss:.4f}"
-            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
-            + f"; run directory {out}")
-    if recipe.hub is not None and recipe.hub.push_at_end:
-        from dpkit.hub import push_on_main
-
-        # After the last collective of training: a long upload can't trip the collective timeout.
-        push_on_main(out, recipe.hub, is_main=env.is_main, barrier=distributed.barrier, say=say)
-    engine.destroy() if hasattr(engine, "destroy") else None
-    logs.teardown()
-    return summary
+    return Run(recipe).setup().train()
 
 
 def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
@@ -321,10 +309,6 @@ def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
         export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
     push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
                  barrier=distributed.barrier, say=say, model_dir=model_dir, step=step)
-
-
-def lr_now(scheduler) -> float:
-    return scheduler.get_last_lr()[0]
 
 
 def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None:
@@ -376,7 +360,3 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(15)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ Variants (each one torchrun launch of 2 ranks per repetition, interleaved a b c 
   c  the same Trainer with the padding-free DataCollatorWithFlattening (each micro-batch's rows
      flattened into one sequence with position ids restarting per row)
   d  a bare loop: deepspeed.initialize + dpkit's own packed micro-batches (collated before timing),
-     dpkit.step.loss_sum, engine.backward/step — no metrics, logging or per-step collectives
+     dpkit.objectives.sft.loss_sum, engine.backward/step — no metrics, logging or per-step collectives
   e  (not run by default) dpkit with transformers' own packed sdpa (a dense block-diagonal mask
      over the whole sequence) instead of its per-row attention (dpkit/attention.py): what
      per-row attention gains
@@ -194,8 +194,9 @@ def run_bare(recipe, args):
     from dpkit import distributed
     from dpkit.attention import NAME as ROWS_ATTENTION
     from dpkit.model import build_model, load_model_config, load_tokenizer
-    from dpkit.step import loss_sum, to_device
-    from dpkit.run import build_optimizer, lr_lambda
+    from dpkit.objectives.sft import loss_sum
+    from dpkit.step import to_device
+    from dpkit.engine import build_optimizer, lr_lambda
     from dpkit.zero import resolve_ds_config
 
     env = distributed.setup(recipe.train.collective_timeout_s)

@@ -45,7 +45,8 @@ def check(config_kwargs: dict, batch, iters: int, device: str = "cuda") -> dict:
 
     import dpkit.attention as A
     from dpkit import data as D
-    from dpkit.step import loss_sum, to_device
+    from dpkit.objectives.sft import loss_sum
+    from dpkit.step import to_device
 
     calls = {"varlen": 0}
     varlen = A._varlen

@@ -4,7 +4,7 @@ From the model's config alone (parameters counted on the meta device, no weights
 DeepSpeed config dpkit would resolve for each choice, every ZeRO stage × offload gets a per-GPU
 memory breakdown (dpkit.plan.memory), the largest micro batch that fits and a predicted step time
 (dpkit.plan.time); the fitting choice with the most tokens per second is recommended. `dpkit train`
-calls `check_fits` before launch. The command line lives in dpkit.plan.cli. See docs/plan.md.
+calls `check_fits` before launch. The command line lives in dpkit.cli.plan. See docs/plan.md.
 """
 
 from __future__ import annotations

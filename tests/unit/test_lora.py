@@ -20,7 +20,7 @@ from dpkit.cli import main as cli_main
 from dpkit.errors import RecipeError
 from dpkit.preflight import check_recipe
 from dpkit.recipe import PeftSection, recipe_from_dict
-from dpkit.run import build_optimizer
+from dpkit.engine import build_optimizer
 
 R = 4
 LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

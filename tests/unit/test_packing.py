@@ -11,7 +11,7 @@ from dpkit.data import (IGNORE, collate, epoch_order, load_datasets, step_micro_
 from dpkit.model import load_tokenizer
 from dpkit.data.packing import pack, row_lengths
 from dpkit.recipe import DataSection, ModelSection
-from dpkit.step import loss_sum
+from dpkit.objectives.sft import loss_sum
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
-"""`dpkit plan` on the command line: flags to Hardware/Cluster, the plan, its rendering.
-
-Thin glue over dpkit.plan.recommend (what fits, what to choose), dpkit.plan.time (how long),
-dpkit.plan.calibrate (--calibrate) and dpkit.plan.cost (how much, --scaling).
-"""
+"""`dpkit plan RECIPE_OR_MODEL`: per-GPU memory of every ZeRO stage × offload, how long and how
+much each that fits takes, and the fastest (the model is dpkit/plan/: recommend for what fits
+and what to choose, time for how long, calibrate for --calibrate, cost for how much and
+--scaling). This module only turns flags into Hardware/Cluster and prints."""
 
 from __future__ import annotations
 

@@ -1,0 +1,93 @@
+"""The DeepSpeed engine of a run: optimizer, LR schedule, `deepspeed.initialize`, final save.
+
+The recipe decides the optimizer and schedule (never the DeepSpeed template); DeepSpeed wraps
+them. dpkit/run.py calls `build_engine` once per rank.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from dpkit import distributed
+from dpkit.recipe import Recipe
+
+
+def lr_lambda(recipe: Recipe, total_steps: int):
+    warmup = int(recipe.train.warmup_ratio * total_steps)
+    schedule = recipe.train.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+
+    return factor
+
+
+def build_optimizer(model, recipe: Recipe):
+    """AdamW with no decay on biases and norm weights. CPU offload needs DeepSpeed's CPU Adam."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no norms: ZeRO-3 drops empty groups
+    t = recipe.train
+    if recipe.zero.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
+                                adamw_mode=True)
+    # On GPU under ZeRO 0-2 the parameters are already on the device (see build_engine): torch's
+    # fused AdamW kernel then updates the flat fp32 partitions in one launch per group.
+    fused = all(p.is_cuda for g in groups for p in g["params"]) and recipe.zero.stage < 3
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
+                             fused=fused or None)
+
+
+def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, say):
+    """(engine, optimizer, scheduler) from DeepSpeed, with the recipe's optimizer and schedule."""
+    import deepspeed
+
+    if env.device.type == "cuda" and recipe.zero.stage < 3 and recipe.peft is None:
+        model.to(env.device)  # lets the optimizer use fused CUDA kernels
+    optimizer = build_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if recipe.train.compile:  # after initialize, in place: DeepSpeed's hooks stay on the path
+        from accelerate.utils import compile_regions_deepspeed
+
+        compile_regions_deepspeed(engine.module)
+        compiled = sum(getattr(m, "_compiled_call_impl", None) is not None
+                       for m in engine.module.modules())
+        say(f"[dpkit] compile: {compiled} modules (each decoder layer, then the rest) compiled "
+            "by torch.compile on first use; the first steps are slower")
+    return engine, optimizer, scheduler
+
+
+def lr_now(scheduler) -> float:
+    return scheduler.get_last_lr()[0]
+
+
+def save_model(engine, tokenizer, out_dir: Path, env, stage: int) -> None:
+    """Hugging Face format (safetensors), written to a temporary name and renamed when complete."""
+    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    if env.is_main:
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if state is None:
+            state = engine.module.state_dict()
+        engine.module.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    distributed.barrier()

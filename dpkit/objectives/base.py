@@ -1,0 +1,56 @@
+"""What a training method is to the loop: a batch in, a loss and its metrics out.
+
+The loop (dpkit/step.py) computes every step as one process would: each objective says how many
+*units* a batch holds (target tokens for supervised fine-tuning, pairs for preference objectives)
+and returns the SUM of its loss over them. The loop all-reduces the units over ranks and
+accumulation micro-batches before the backward passes and scales so that the gradient is
+"sum over the global batch / global units" — whatever the world size and accumulation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    """Sum of the loss over the micro-batch's units (a differentiable scalar)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Sums over the same units (detached scalars); the loop divides by the global units."""
+
+
+class Objective:
+    """Base class: supervised next-token loss is the default behaviour of every hook."""
+
+    name = "base"
+    unit = "target tokens"
+    metric_names: tuple[str, ...] = ()
+    """Keys of LossOut.metrics, in a fixed order (every rank reduces the same list)."""
+
+    def setup(self, run) -> None:
+        """Called once on every rank after the engine exists and before the first step (for
+        example: reference log-probabilities). `run` is the dpkit.run.Run."""
+
+    def collate(self, examples: list, pad_id: int, flatten: bool = False) -> dict:
+        """Examples → one CPU batch (tensors)."""
+        from dpkit.data import collate
+
+        return collate(examples, pad_id, flatten=flatten)
+
+    def count(self, batch: dict) -> int:
+        """Units in a CPU batch (counted before moving it: no device readback)."""
+        raise NotImplementedError
+
+    def loss(self, engine, batch: dict) -> LossOut:
+        """Forward the device batch through `engine`; the loss summed over the batch's units."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def card(self) -> dict:
+        """What the model card and summary.json say about the objective."""
+        return {"objective": self.name}
