@@ -2,14 +2,16 @@
 
 On this CPU machine, in one invocation:
   1. measures the gloo "network" between 2 ranks (all_reduce of 4 B to 16 MB, least squares
-     for latency α and bandwidth β of the ring model) — the link the prediction uses;
-  2. trains the recipe below on 1 rank with ZeRO-2 — alone ("solo"), and again while an identical
-     1-rank job runs next to it ("twin": the machine's other core busy, as it will be when 2 ranks
-     share the node) — and calibrates the time model on each run directory;
-  3. predicts the 2-rank step time of the same recipe for ZeRO-2 and ZeRO-3, trains both on 2
-     ranks, and prints predicted vs measured (median step_time_s after warm-up) and the error.
+     for latency α and bandwidth β of the ring model) — the link the predictions use;
+  2. trains the recipe below on 1 rank with ZeRO-2 and with ZeRO-3, each while an identical 1-rank
+     job runs next to it ("twin": the machine's other core busy, as it is when 2 ranks share the
+     node), and calibrates the time model on each run directory (with --solo, also a 1-rank
+     ZeRO-2 run alone);
+  3. predicts the 2-rank step time of the same recipe for ZeRO-2 and ZeRO-3 from every
+     calibration, trains both on 2 ranks, and prints predicted vs measured (median step_time_s
+     after warm-up) and the error.
 
-    python scripts/plan_time_check.py [--steps 20] [--reps 1] [--out /tmp/plan_time_check]
+    python scripts/plan_time_check.py [--steps 14] [--reps 1] [--solo] [--out DIR]
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def measured_step(run: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--solo", action="store_true", help="also calibrate on a 1-rank run alone")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "plan_time_check")
     ap.add_argument("--link-bench", action="store_true", help=argparse.SUPPRESS)
@@ -153,11 +156,15 @@ def main() -> None:
     rows = []
     for rep in range(args.reps):
         print(f"repetition {rep}", flush=True)
-        solo = train(args.out / f"r{rep}_cal_solo", 2, 1, args.steps)
-        twin = train(args.out / f"r{rep}_cal_twin", 2, 1, args.steps, twin=True)
+        cals = {}
+        if args.solo:
+            cals["solo ZeRO-2"] = train(args.out / f"r{rep}_cal_solo", 2, 1, args.steps)
+        for s in (2, 3):
+            cals[f"twin ZeRO-{s}"] = train(args.out / f"r{rep}_cal_z{s}", s, 1, args.steps,
+                                           twin=True)
         measured = {s: measured_step(train(args.out / f"r{rep}_z{s}", s, 2, args.steps))
                     for s in (2, 3)}
-        for name, run in (("solo", solo), ("twin", twin)):
+        for name, run in cals.items():
             cal = calibrate(run)
             cluster = replace(cal.cluster, intra=link)
             print(f"\n[{name}] {describe(cal)}", flush=True)
@@ -171,9 +178,10 @@ def main() -> None:
                       f"{st.compute_s:.3f}, optimizer {st.optimizer_s:.3f}, communication "
                       f"{st.comm_s:.3f} of which exposed {st.exposed_comm_s:.3f}, overhead "
                       f"{st.overhead_s:.3f}); measured {measured[s]:.3f} s; error {err:+.0%}")
-    print("\nrep  calibration  stage  predicted s  measured s  error")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print("rep  calibrated on   2-rank stage  predicted s  measured s  error")
     for rep, name, s, p, m, e in rows:
-        print(f"{rep:<5}{name:<13}{s:<7}{p:<13.3f}{m:<12.3f}{e:+.0%}")
+        print(f"{rep:<5}{name:<16}{s:<14}{p:<13.3f}{m:<12.3f}{e:+.0%}")
 
 
 if __name__ == "__main__":
