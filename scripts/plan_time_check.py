@@ -5,11 +5,12 @@ On this CPU machine, in one invocation:
      for latency α and bandwidth β of the ring model) — the link the predictions use;
   2. trains the recipe below on 1 rank with ZeRO-2 and with ZeRO-3, each while an identical 1-rank
      job runs next to it ("twin": the machine's other core busy, as it is when 2 ranks share the
-     node), and calibrates the time model on each run directory (with --solo, also a 1-rank
-     ZeRO-2 run alone);
-  3. predicts the 2-rank step time of the same recipe for ZeRO-2 and ZeRO-3 from every
-     calibration, trains both on 2 ranks, and prints predicted vs measured (median step_time_s
-     after warm-up) and the error.
+     node), each followed at once by the 2-rank run of the same stage (with --solo, also a
+     1-rank ZeRO-2 run alone);
+  3. calibrates the time model on each 1-rank run directory, predicts the 2-rank step time of
+     the same recipe for ZeRO-2 and ZeRO-3 from every calibration, and prints predicted vs
+     measured (median step_time_s after warm-up) and the error; with --reps, the median error
+     over repetitions too.
 
     python scripts/plan_time_check.py [--steps 14] [--reps 1] [--solo] [--out DIR]
 """
@@ -156,14 +157,15 @@ def main() -> None:
     rows = []
     for rep in range(args.reps):
         print(f"repetition {rep}", flush=True)
-        cals = {}
+        # each 1-rank calibration right before the 2-rank run of its stage: the machine's
+        # background load drifts over minutes, and this keeps a pair under the same load
+        cals, measured = {}, {}
         if args.solo:
             cals["solo ZeRO-2"] = train(args.out / f"r{rep}_cal_solo", 2, 1, args.steps)
         for s in (2, 3):
             cals[f"twin ZeRO-{s}"] = train(args.out / f"r{rep}_cal_z{s}", s, 1, args.steps,
                                            twin=True)
-        measured = {s: measured_step(train(args.out / f"r{rep}_z{s}", s, 2, args.steps))
-                    for s in (2, 3)}
+            measured[s] = measured_step(train(args.out / f"r{rep}_z{s}", s, 2, args.steps))
         for name, run in cals.items():
             cal = calibrate(run)
             cluster = replace(cal.cluster, intra=link)
@@ -182,6 +184,11 @@ def main() -> None:
     print("rep  calibrated on   2-rank stage  predicted s  measured s  error")
     for rep, name, s, p, m, e in rows:
         print(f"{rep:<5}{name:<16}{s:<14}{p:<13.3f}{m:<12.3f}{e:+.0%}")
+    for name in dict.fromkeys(r[1] for r in rows):
+        for s in (2, 3):
+            errs = [e for _, n, st, _, _, e in rows if n == name and st == s]
+            print(f"median error over {len(errs)} repetition(s), calibrated on {name}, 2-rank "
+                  f"ZeRO-{s}: {statistics.median(errs):+.0%}")
 
 
 if __name__ == "__main__":
