@@ -70,7 +70,12 @@ def wait(*procs: subprocess.Popen) -> None:
             raise SystemExit(f"a launch failed ({p.returncode}):\n{err[-3000:]}")
 
 
+REUSE = False  # --reuse: keep finished run directories, recompute the predictions only
+
+
 def train(out: Path, stage: int, ranks: int, steps: int, twin: bool = False) -> Path:
+    if REUSE and (out / "summary.json").is_file():
+        return out
     print(f"  {out.name}: load average before {os.getloadavg()[0]:.1f}", flush=True)
     procs = [torchrun(ranks, "-m", "dpkit.train", str(recipe(out, stage, steps)))]
     if twin:  # an identical job next to it, on its own output directory
@@ -139,18 +144,31 @@ def main() -> None:
     ap.add_argument("--solo", action="store_true", help="also calibrate on a 1-rank run alone")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "plan_time_check")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the run directories already in --out (predictions only)")
+    ap.add_argument("--link", default=None, metavar="GBPS,US",
+                    help="the link's bandwidth and latency instead of measuring it")
     ap.add_argument("--link-bench", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     if args.link_bench:
         return link_bench()
     from dpkit.plan.calibrate import calibrate, describe
     from dpkit.plan.time import LINKS, step_time, with_world
 
     args.out.mkdir(parents=True, exist_ok=True)
-    link, pts = measure_link()
     print(f"{platform.node()}, {os.cpu_count()} cores, torch {torch_version()}; load average "
           f"{os.getloadavg()[0]:.1f}")
-    print("gloo all_reduce, 2 ranks: " + ", ".join(f"{int(b)} B {t * 1e3:.2f} ms" for b, t in pts))
+    if args.link:
+        from dpkit.plan.time import Link
+
+        gbps, us = map(float, args.link.split(","))
+        link = Link(f"gloo over loopback, given ({gbps} GB/s, {us:.0f} µs)", gbps * 1e9, us * 1e-6)
+    else:
+        link, pts = measure_link()
+        print("gloo all_reduce, 2 ranks: "
+              + ", ".join(f"{int(b)} B {t * 1e3:.2f} ms" for b, t in pts))
     print(f"link: {link.name}; named default gloo-loopback: "
           f"{LINKS['gloo-loopback'].bandwidth / 1e9:.2f} GB/s, "
           f"{LINKS['gloo-loopback'].latency * 1e6:.0f} µs")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dpkit.errors import RecipeError
 from dpkit.plan.recommend import DTYPE_BYTES, knobs, recipe_shape
-from dpkit.plan.time import DEVICES, LINKS, Cluster, Device, Job, comm_time
+from dpkit.plan.time import DEVICES, LINKS, Cluster, Device, Job, comm_time, flops_per_rank
 
 WARMUP_STEPS = 2
 """Logged steps skipped: the first steps build buckets, warm allocators and caches."""
@@ -93,7 +93,9 @@ def fit(job: Job, global_batch: int, records: list[dict], cluster: Cluster,
     used = records[WARMUP_STEPS:]
     med = {k: statistics.median(r[k] for r in used)
            for k in ("step_time_s", "forward_backward_s", "optimizer_s", "tokens")}
-    job = replace(job, fill=med["tokens"] / (global_batch * job.seq_len))
+    flops = statistics.median(r["flops"] for r in used) / job.world_size
+    job = replace(job, fill=med["tokens"] / (global_batch * job.seq_len),
+                  flop_fill=flops / flops_per_rank(replace(job, fill=1.0)))
     exposed = (1 - cluster.overlap) * comm_time(job, cluster)  # not hidden: in the measured time
     peak = cluster.device.peak(job.dtype_bytes)
     eff = statistics.median(r["flops"] / job.world_size

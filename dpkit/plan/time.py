@@ -150,6 +150,8 @@ class Job:
     reduce_bucket: int = 500_000_000  # elements per gradient collective
     gathers_per_pass: int | None = None  # stage 3 all-gathers per forward; None: from the shape
     fill: float = 1.0  # tokens present / micro × seq_len (padding or packing leaves gaps)
+    flop_fill: float | None = None  # FLOPs done / FLOPs of full rows (None: fill); packed rows
+    # attend within each original row, so their attention costs less than the token fill says
 
     @property
     def tokens_per_rank(self) -> float:
@@ -277,7 +279,8 @@ def offload_time(job: Job, cluster: Cluster) -> float:
 
 def step_time(job: Job, cluster: Cluster) -> StepTime:
     peak = cluster.device.peak(job.dtype_bytes)
-    compute = job.fill * flops_per_rank(job) / (cluster.efficiency * peak)
+    fill = job.fill if job.flop_fill is None else job.flop_fill
+    compute = fill * flops_per_rank(job) / (cluster.efficiency * peak)
     comm = comm_time(job, cluster)
     hidden = min(cluster.overlap * comm, compute)
     return StepTime(compute, optimizer_time(job, cluster), comm, comm - hidden,

@@ -166,6 +166,11 @@ def test_calibration_recovers_a_known_efficiency(tmp_path, world, stage):
     assert cal.cluster.efficiency == pytest.approx(0.37, rel=0.02)
     assert cal.cluster.overhead_s == pytest.approx(0.004, rel=1e-6)
     assert cal.cluster.optimizer_s_per_param == pytest.approx(3e-12, rel=1e-9)
+    # predicting the run it was calibrated on gives back its median step
+    steps = sorted(json.loads(line)["step_time_s"]
+                   for line in (run / "metrics.jsonl").read_text().splitlines()[WARMUP_STEPS:])
+    assert step_time(cal.job, cal.cluster).step_s == pytest.approx(steps[len(steps) // 2],
+                                                                    rel=0.03)
 
 
 # ------------------------------------------------------------------ the recommendation
