@@ -6,7 +6,10 @@ metrics.jsonl (per step: step_time_s, forward_backward_s, optimizer_s, flops, to
 
 - `efficiency`: the model FLOPs each rank ran (the `flops` field, dpkit.metrics.model_flops over
   the real rows) over the forward/backward time less the communication the model says it did not
-  hide, over the device's peak. On a CPU the peak is nominal, so only the ratio means anything.
+  hide ((1 − overlap) × communication: right while compute outlasts the hidden part, as in any
+  run worth calibrating on), over the device's peak. On a CPU the peak is nominal, so only the
+  ratio means anything. The FLOP fill (FLOPs done / FLOPs of full rows) comes from the same
+  counts, so predicting the run itself gives its step time back.
 - `optimizer_s_per_param`: optimizer_s over the parameters this rank's optimizer updates.
 - `overhead_s`: step time not in forward/backward or the optimizer (data, collation, logging).
 
