@@ -33,14 +33,16 @@ import torch
 
 from dpkit.distributed import could_not_reach, free_port, never_joined
 from dpkit.errors import Problem, RecipeError
+from dpkit.shipped import ACCELERATE_CONFIGS
 
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
-from dpkit.shipped import ACCELERATE_CONFIGS  # noqa: E402
 DEFAULT_PORT = 29500
 """Node 0's port across nodes (every node must use the same one); one node picks a free port."""
 
 
 # ------------------------------------------------------------------------------------ hostfile
+HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
+
+
 def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """`host slots=N` lines (deepspeed's format; `#` comments and blank lines ignored)."""
     hosts: list[tuple[str, int]] = []
@@ -51,6 +53,9 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
         m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not m:
             raise ValueError(f"line {n}: '{line}' is not `host slots=N`")
+        if not HOST_NAME.fullmatch(m[1]):  # it reaches ssh/pdsh: never an option, never a shell word
+            raise ValueError(f"line {n}: '{m[1]}' is not a host name (letters, digits, `.`, `-`, "
+                             "`_`, `:`; not starting with `-`)")
         if any(h == m[1] for h, _ in hosts):
             raise ValueError(f"line {n}: host '{m[1]}' is listed twice")
         hosts.append((m[1], int(m[2])))
@@ -96,6 +101,8 @@ class LaunchPlan:
     """How long nodes wait for each other (the recipe's train.collective_timeout_s)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     _port: int = field(default=0, repr=False)
+    _generated: Path | None = field(default=None, repr=False)
+    """The hostfile dpkit wrote for this launch (deepspeed CLI without ssh), if any."""
 
     def hosts(self) -> list[tuple[str, int]]:
         return read_hostfile(self.hostfile) if self.hostfile else []
@@ -199,41 +206,57 @@ class LaunchPlan:
 def generated_hostfile(plan: LaunchPlan) -> Path:
     """For the deepspeed CLI without ssh and without --hostfile: it needs one to count ranks. The
     names only label nodes (nothing connects to them); node 0's address comes from --master-addr."""
-    hosts = [(f"node{i}", s) for i, s in enumerate(plan.node_slots())]
-    name = "dpkit-hostfile-" + "-".join(str(s) for _, s in hosts)
-    return write_hostfile(Path(tempfile.gettempdir()) / name, hosts)
+    if plan._generated is None:
+        hosts = [(f"node{i}", s) for i, s in enumerate(plan.node_slots())]
+        # mkstemp: a new file no one else could have planted (a fixed name in /tmp could be a
+        # link to someone else's file), readable by this user only.
+        fd, name = tempfile.mkstemp(prefix="dpkit-hostfile-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{host} slots={slots}\n" for host, slots in hosts))
+        plan._generated = Path(name)
+    return plan._generated
 
 
 def command(plan: LaunchPlan, recipe: str, overrides: list[str],
             node_rank: int | None = None) -> list[str]:
     """The launcher command for one node (`node_rank`, default this node)."""
-    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
     rank = plan.this_node() if node_rank is None else node_rank
-    rank = rank or 0
-    target = [recipe, *overrides]
-    timeout = f"timeout={plan.rendezvous_timeout_s}"
-    if plan.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-        if nodes == 1:
-            cmd += ["--standalone"] if not plan.master_port else [
-                "--master_addr", addr, "--master_port", str(port)]
-        else:
-            cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
-                    "--rdzv_endpoint", f"{addr}:{port}", "--rdzv_conf", timeout]
-        return cmd + ["-m", "dpkit.train", *target]
-    if plan.launcher == "accelerate":
-        config = ACCELERATE_CONFIGS / ("multi_node.yaml" if nodes > 1 else
-                                       "single_node.yaml" if torch.cuda.is_available() else
-                                       "cpu.yaml")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", str(n * nodes), "--num_machines", str(nodes),
-               "--machine_rank", str(rank), "--main_process_ip", addr,
-               "--main_process_port", str(port)]
-        if nodes > 1:
-            cmd += ["--rdzv_conf", timeout]
-        return cmd + ["-m", "dpkit.train", *target]
+    return LAUNCHER_COMMANDS[plan.launcher](plan, [recipe, *overrides], rank or 0, node_rank)
+
+
+def _torchrun(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None) -> list[str]:
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    if nodes == 1:
+        cmd += ["--standalone"] if not plan.master_port else [
+            "--master_addr", addr, "--master_port", str(port)]
+    else:
+        cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
+                "--rdzv_endpoint", f"{addr}:{port}",
+                "--rdzv_conf", f"timeout={plan.rendezvous_timeout_s}"]
+    return cmd + ["-m", "dpkit.train", *target]
+
+
+def _accelerate(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None
+                ) -> list[str]:
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
+    config = ACCELERATE_CONFIGS / ("multi_node.yaml" if nodes > 1 else
+                                   "single_node.yaml" if torch.cuda.is_available() else
+                                   "cpu.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(n * nodes), "--num_machines", str(nodes),
+           "--machine_rank", str(rank), "--main_process_ip", addr,
+           "--main_process_port", str(port)]
+    if nodes > 1:
+        cmd += ["--rdzv_conf", f"timeout={plan.rendezvous_timeout_s}"]
+    return cmd + ["-m", "dpkit.train", *target]
+
+
+def _deepspeed(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None
+               ) -> list[str]:
     # The deepspeed CLI: `--module`, not `-m` (its parser refuses `-m`); `--no_local_rank` so the
     # script gets the rank from LOCAL_RANK only; --num_gpus on CPU too (it counts NUMA nodes).
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_addr", addr,
            "--master_port", str(port)]
     if nodes > 1 or plan.hostfile:
@@ -248,6 +271,12 @@ def command(plan: LaunchPlan, recipe: str, overrides: list[str],
     else:
         cmd += ["--num_gpus", str(n)]
     return cmd + ["--no_local_rank", "--module", "dpkit.train", *target]
+
+
+# The launchers dpkit can start, by name: the one registry (LAUNCHERS and the CLI's choices
+# come from it). A new launcher is a function building its command line, plus a line here.
+LAUNCHER_COMMANDS = {"torchrun": _torchrun, "accelerate": _accelerate, "deepspeed": _deepspeed}
+LAUNCHERS = tuple(LAUNCHER_COMMANDS)
 
 
 def rank_environment(plan: LaunchPlan) -> dict[str, str]:
@@ -334,6 +363,8 @@ def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool) -
     except KeyboardInterrupt:  # the launcher got the same Ctrl-C: let it stop its ranks
         code = proc.wait()
     pump.join(timeout=5)
+    if plan._generated is not None:  # ours, for this launch only
+        plan._generated.unlink(missing_ok=True)
     if code != 0:
         message = diagnose(plan, b"".join(tail).decode(errors="replace"))
         if message:

@@ -27,13 +27,18 @@ def _collect(problems: list[Problem], fn, *args):
 
 
 def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool = True,
-                 gpus_per_node: int | None = None, gpu_memory_bytes: int | None = None
-                 ) -> PreflightReport:
+                 gpus_per_node: int | None = None, gpu_memory_bytes: int | None = None,
+                 hub_user=None) -> PreflightReport:
     """Every problem with the recipe for this world size. With `gpu_memory_bytes` (the
-    launching machine's GPUs), also whether it fits them, by dpkit plan's memory model."""
+    launching machine's GPUs), also whether it fits them, by dpkit plan's memory model.
+    `hub_user`: the Hub endpoint / token variable the command line named (dpkit.hub_schema).
+
+    Never runs a model repository's own code: with `model.trust_remote_code` the checks load
+    what transformers can load without it, and the notes warn which repository training will
+    run code from."""
     from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
     from dpkit.batch import batch_arithmetic
-    from dpkit.rundir import output_dir_problem
+    from dpkit.rundir import output_dir_problem, resume_checks
     from dpkit.zero import resolve_ds_config
 
     import datasets
@@ -41,6 +46,10 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     datasets.disable_progress_bars()  # the parent prints problems and notes, not load bars
     problems: list[Problem] = []
     notes: list[str] = []
+    if recipe.model.trust_remote_code:
+        notes.append(remote_code_warning(recipe))
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"trust_remote_code": False})})
     offline = hub_offline()
     batch = _collect(problems, batch_arithmetic, recipe, world_size)
     if batch:
@@ -82,14 +91,27 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if recipe.hub is not None:
         from dpkit.hub import check_hub
 
-        problems.extend(check_hub(recipe.hub))
+        problems.extend(check_hub(recipe.hub, hub_user))
         if recipe.hub.push_checkpoints and recipe.peft is not None:
             problems.append(Problem("hub.push_checkpoints", "is not supported for LoRA runs yet "
                                     "(the final adapter is pushed)", "set it to false"))
     problem = output_dir_problem(recipe)
     if problem is not None:
         problems.extend(problem.problems)
+    elif recipe.resume is not None:
+        resume_problems, resume_notes = resume_checks(recipe)
+        problems.extend(resume_problems)
+        notes.extend(resume_notes)
     return PreflightReport(problems, notes)
+
+
+def remote_code_warning(recipe: Recipe) -> str:
+    m = recipe.model
+    repos = sorted({r for r in (m.name_or_path, m.tokenizer_path) if r})
+    at = f" at revision {m.revision}" if m.revision else ""
+    return (f"warning: model.trust_remote_code is true: training will download and run Python "
+            f"code from {' and '.join(repos)}{at} on every rank (validate did not run it); "
+            "keep it only for a repository you trust, pinned with model.revision")
 
 
 def _observability_problems(recipe: Recipe) -> list[Problem]:
@@ -175,6 +197,8 @@ def _collect_model(problems: list[Problem], fn, section, key: str):
         problems.extend(e.problems)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) and getattr(section, "name_or_path", None):
+            return None  # needs the repository's own code, which the checks never run (noted)
         problems.append(Problem(key, f"could not be loaded: {first}",
                                 "check the hub id / directory (offline? the hub can't be reached)"))
     return None

@@ -132,7 +132,7 @@ class DataSection(_Section):
     reported at start."""
     packing: bool = False
     """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
-    that restart per row (see dpkit/packing.py); the global batch then counts sequences."""
+    that restart per row (see dpkit/data/packing.py); the global batch then counts sequences."""
     group_by_length: bool = False
     """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
     same rows per step)."""
@@ -207,7 +207,7 @@ class ZeroSection(_Section):
     template: str | None = None
     """A DeepSpeed JSON template; default: the one in dpkit/resources/ds_configs/ matching stage and offload."""
     offload_optimizer: Offload = "none"
-    """Keep optimizer state (and its step) on CPU or NVMe: stage 1–3."""
+    """Keep optimizer state (and its step) on CPU (stage 1–3) or NVMe (stage 3)."""
     offload_params: Offload = "none"
     """Keep parameters on CPU or NVMe between uses: stage 3 only."""
     nvme_path: str | None = None
@@ -221,6 +221,9 @@ class ZeroSection(_Section):
             raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
         if self.offload_params != "none" and self.stage != 3:
             raise ValueError("parameter offload needs `zero.stage: 3`")
+        if self.offload_optimizer == "nvme" and self.stage != 3:
+            raise ValueError("NVMe offload of the optimizer needs `zero.stage: 3` (ZeRO-Infinity); "
+                             "use `zero.offload_optimizer: cpu` with stage 1 or 2")
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("NVMe offload needs `zero.nvme_path` (a directory on a local NVMe disk)")
         return self
@@ -258,7 +261,9 @@ class OutputSection(_Section):
     dir: str
     """Run directory (relative to the current directory)."""
     overwrite: bool = False
-    """Replace an existing run directory. Without it an existing directory stops the run."""
+    """Replace an existing run directory, only one dpkit created as a run (its `.dpkit-run`
+    marker), never `.`, a parent of it, `$HOME` or a symbolic link (docs/security.md). Without
+    it an existing non-empty directory stops the run."""
     log_steps: int = Field(default=1, gt=0)
     """Write a metrics line and a log line every this many steps."""
     eval_steps: int | None = Field(default=None, gt=0)
@@ -287,7 +292,8 @@ class Recipe(_Section):
     """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
-    is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""
+    is none; a finished run is left as it is); or a checkpoint path (a pickle: only your own).
+    Another world size or ZeRO stage is converted automatically."""
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -16,6 +16,7 @@ import sys
 
 from dpkit.cli import doctor, export, plan, push, report, train, validate
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
+from dpkit.rundir import RunFinished
 
 # The sub-commands, in the order `dpkit --help` lists them: the one registry of commands.
 COMMANDS = [validate, train, plan, export, push, report, doctor]
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(format_errors(e), file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFinished as e:  # a resume of a finished run: nothing to do, nothing changed
+        print(e, file=sys.stderr if e.code else sys.stdout)
+        return e.code
 
 
 if __name__ == "__main__":

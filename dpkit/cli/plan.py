@@ -11,9 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from dpkit.errors import RecipeError
-from dpkit.plan.recommend import DTYPE_BYTES, Hardware, _check, plan, recipe_shape, render, write
+from dpkit.plan.recommend import (DTYPE_BYTES, PLAN_FILES, Hardware, _check, plan, recipe_shape,
+                                  render, write)
 from dpkit.plan.time import DEVICES, LINKS, Cluster, Link
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from dpkit.rundir import files_problem
 
 
 def parse_size(text: str) -> int:
@@ -157,6 +159,8 @@ def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -
 def run_plan(args) -> int:
     if min(args.gpus_per_node, args.nodes) < 1:
         raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
+    if args.write and (problem := files_problem(args.write, PLAN_FILES, "plan", "--write")):
+        raise RecipeError(problem)  # before any planning is printed
     base = None
     if args.calibrate is not None:
         from dpkit.plan.calibrate import calibrate, describe
