@@ -10,6 +10,9 @@ from dpkit.export import DTYPES, check_out, export, resolve_checkpoint
 
 
 def _cmd_export(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise RecipeError.one("--out", f"'{args.out}' is a file, not a directory",
+                              "name a directory to write the model to")
     if args.merge:  # a LoRA run: its gathered, verified adapter merged into the base
         from dpkit.lora import merge_adapter
 

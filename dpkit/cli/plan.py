@@ -21,10 +21,13 @@ from dpkit.rundir import files_problem
 def parse_size(text: str) -> int:
     """`80GB`, `80G`, `80GiB`, `1TB`, `1.5T` → bytes (GB and GiB both mean 2**30: GPU vendors'
     "80GB" cards hold ~80 GiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
         raise RecipeError.one(text, "is not a memory size", "write it like 80GB or 1TB")
-    return int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
+    size = int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
+    if size <= 0:
+        raise RecipeError.one(text, "is not a positive memory size", "write it like 80GB or 1TB")
+    return size
 
 
 def register(subparsers) -> None:
@@ -36,6 +39,8 @@ def register(subparsers) -> None:
     sp.add_argument("overrides", nargs="*", help="recipe overrides, `section.key=value`")
     sp.add_argument("--gpus-per-node", type=int, default=8)
     sp.add_argument("--nodes", type=int, default=1)
+    # `--gpu-memory -80GB` is a (bad) value, not an unknown option: parse_size names it
+    sp._negative_number_matcher = re.compile(r"^-\d*\.?\d+\s*[a-zA-Z]*$")
     sp.add_argument("--gpu-memory", type=parse_size, default=None,
                     help="per GPU, e.g. 80GB (default: the --gpu's)")
     sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
