@@ -77,6 +77,7 @@ PEAK_FLOPS = {
     "L40S": {"bf16": 362e12, "tf32": 183e12},
     "A10G": {"bf16": 70e12, "tf32": 35e12},
     "L4": {"bf16": 121e12, "tf32": 60e12},
+    "V100": {"bf16": 125e12, "tf32": 15.7e12},  # fp16 tensor cores (no bf16); fp32 without
 }
 
 
