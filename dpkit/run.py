@@ -90,15 +90,12 @@ class Run:
         return self.env.rank // self.batch.sequence_parallel
 
     def _load_data(self) -> None:
-        """Tokenized once per node into the cache (dpkit/data/cache.py), read lazily; a stream
-        (data.streaming) is read by its feed, only eval sources go through the cache."""
+        """Tokenized once per node (dpkit/data/cache.py); a stream is read by its feed."""
         r = self.recipe
         rows, self.eval_rows, self.data_stats = load_cached(
-            r.data, self.tokenizer, r.train.seed, self.env.local_rank, self.env.rank,
-            say=self.say, say_wait=self._say_wait, streaming=r.data.streaming, log=self.log.info)
-        if r.data.streaming:
-            self.train_rows = check_stream(r, self.say)  # None: the feed reads the stream
-            return
+            r.data, self.tokenizer, r.train.seed, self.env, self.say, r.data.streaming, self.log.info)
+        if r.data.streaming:  # no rows: the feed reads the stream
+            return check_stream(self)
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
         if r.data.packing:
             before = len(rows)
@@ -107,12 +104,6 @@ class Run:
                      f"{r.data.max_seq_len} tokens, "
                      f"{100 * fill_ratio(rows, r.data.max_seq_len):.1f}% full")
         self.train_rows = rows
-
-    def _say_wait(self, message: str) -> None:
-        """A rank waiting for its node's tokenization: in its log, and once per node on screen."""
-        self.log.info(message)
-        if self.env.local_rank == 1:
-            print(f"[dpkit] rank {self.env.rank}: {message}", file=sys.stderr, flush=True)
 
     def _resolve_config(self) -> None:
         r, env = self.recipe, self.env

@@ -25,7 +25,9 @@ import os
 import resource
 import shutil
 import socket
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import dpkit
@@ -182,10 +184,12 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
     return L.assemble(parts, section, seed, need_train=need_train)
 
 
-def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 0, say=print,
-                say_wait=print, streaming: bool = False, log=None, progress: bool = True):
+def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: bool = False,
+                log=None, progress: bool = True, say_wait=None):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
-    other ranks of the node, then read. Streaming: only the eval sources go through the cache."""
+    other ranks of the node (`env`: this rank; None: one process), then read. Streaming: only
+    the eval sources go through the cache. `log`: this rank's log."""
+    local_rank, rank = (env.local_rank, env.rank) if env is not None else (0, 0)
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
@@ -199,7 +203,7 @@ def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 
             f"ranks wait for its {MARKER} file)")
         build(section, tokenizer, kinds, entry, material, rank, say, progress)
     elif not cached:
-        wait_for(entry, say_wait)
+        wait_for(entry, say_wait or partial(_say_waiting, log, local_rank, rank))
     train, evals, stats = read(entry, section, seed, need_train=not streaming)
     stats.seconds, stats.cached = time.perf_counter() - t0, cached
     stats.rss_before_mb = rss_before
@@ -209,6 +213,14 @@ def load_cached(section, tokenizer, seed: int, local_rank: int = 0, rank: int = 
         log(f"data setup: {stats.seconds:.2f} s ({how}), RSS {stats.rss_before_mb:.0f} MB "
             f"before, peak {stats.peak_rss_mb:.0f} MB")
     return train, evals, stats
+
+
+def _say_waiting(log, local_rank: int, rank: int, message: str) -> None:
+    """A rank waiting for its node's tokenization: in its log, and once per node on screen."""
+    if log is not None:
+        log(message)
+    if local_rank == 1 or log is None:
+        print(f"[dpkit] rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
 def _rss_mb() -> float:

@@ -102,9 +102,11 @@ def first_row(source) -> dict | None:
     return got[0][1] if got else None
 
 
-def check_stream(recipe, say) -> None:
+def check_stream(run) -> None:
     """On a rank, before the engine is built: a stream needs max_steps (preflight says so too,
-    but ranks may be started without it)."""
+    but ranks may be started without it). The run gets no rows: its feed reads the stream."""
+    recipe, say = run.recipe, run.say
+    run.train_rows = None
     if recipe.train.max_steps is None:
         raise RecipeError.one("train.max_steps", "a stream has no known length",
                               "set train.max_steps with data.streaming: true")
