@@ -38,8 +38,10 @@ class BatchPlan:
                  f"{self.sequence_parallel})" if self.sequence_parallel > 1
                  else f"world {self.world_size}")
         unit = "" if self.unit == "rows" else f" {self.unit}"
+        from dpkit.parallel.sequence import describe
+
         return (f"global batch {self.global_batch_size}{unit} = micro {self.micro_batch_size} × "
-                f"accumulation {self.grad_accum} × {world}")
+                f"accumulation {self.grad_accum} × {world}{describe(self.sequence_parallel)}")
 
 
 def plan_batch(global_batch: int, micro: int, world_size: int, sequence_parallel: int = 1,

@@ -78,6 +78,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
         problems.extend(check_fits(recipe, world_size, gpus_per_node or world_size,
                                    gpu_memory_bytes))
     if config is not None:
+        from dpkit.parallel.sequence import problems as sequence_problems
+
+        problems.extend(sequence_problems(recipe, config))
         problems.extend(_build_problems(recipe, config, model_key))
     if recipe.hub is not None:
         from dpkit.hub import check_hub
