@@ -73,6 +73,10 @@ def problems(recipe, config) -> list[Problem]:
                            "without a mask, and this model needs one ("
                            f"{why_not_rows(text, recipe.data.max_seq_len)})",
                            "use flash_attention_2"))
+    if recipe.zero.stage == 0:
+        out.append(Problem("zero.stage", "0 is not supported with sequence parallelism (DeepSpeed "
+                           "clips ZeRO-0 gradients with tensor-parallel bookkeeping that "
+                           "sequence parallelism would skew)", "use zero.stage 1, 2 or 3"))
     if recipe.peft is not None and recipe.peft.method == "qlora":
         out.append(Problem("peft.method", "qlora is not supported with sequence parallelism",
                            "use lora, or train.sequence_parallel: 1"))
@@ -150,7 +154,7 @@ class SequenceParallel:
             register_rows()
         _register_attention(model_config, core, recipe.train.micro_batch_size,
                             mpu.get_sequence_parallel_group())
-        return cls(size, mpu.get_sequence_parallel_rank(), mpu, core)
+        return cls(size, mpu.get_sequence_parallel_rank(), _deepspeed_mpu(mpu), core)
 
     @property
     def flat(self) -> bool:
@@ -177,9 +181,25 @@ class SequenceParallel:
         """Forget this run's groups: DeepSpeed keeps them in module globals."""
         from deepspeed.utils import groups
 
-        self.mpu._release_sequence_parallel_groups()
+        self.mpu.release()
         if groups.mpu is self.mpu:
             groups.mpu = None
+
+
+def _deepspeed_mpu(state):
+    """DeepSpeed's sequence-parallel state as passed to deepspeed.initialize, saying tensor
+    parallel 1. `parallel_state_sp` aliases "model parallel" to the sequence-parallel group;
+    DeepSpeed's ZeRO treats it as model-parallel 1 (one model-states file per checkpoint), but the
+    checkpoint metadata then records tp_degree = S and ds_to_universal refuses the checkpoint
+    ("model-state file count 1 does not match pp_degree=1 * tp_degree=2",
+    deepspeed/checkpoint/reshape_3d_utils.py), and a universal load slices by tp rank."""
+    from types import SimpleNamespace
+
+    names = [n for n in dir(state) if n.startswith(("get_", "initialize_"))]
+    return SimpleNamespace(**{n: getattr(state, n) for n in names},
+                           get_tensor_model_parallel_world_size=lambda: 1,
+                           get_tensor_model_parallel_rank=lambda: 0,
+                           release=state._release_sequence_parallel_groups)
 
 
 def _register_attention(config, core: str, micro: int, group) -> None:

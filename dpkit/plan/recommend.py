@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
+from dpkit.plan.long import long_fields
 from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, recipe_to_yaml
 
@@ -114,7 +115,7 @@ def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
     if gbs % world_size:
         raise RecipeError.one("train.global_batch_size", f"{gbs} is not divisible by the world "
                               f"size {world_size}", f"use a multiple of {world_size}")
-    per_rank = gbs // world_size
+    per_rank = gbs // (world_size // recipe.train.sequence_parallel)  # data-parallel ranks
     return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
 
 
@@ -122,7 +123,8 @@ def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micr
               kn: Knobs) -> Setup:
     m = recipe.model
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], micro,
-                 recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn)
+                 recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
+                 **long_fields(recipe))
 
 
 def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,
@@ -348,6 +350,8 @@ def register(subparsers) -> None:
                    help="default: micro batch × world size (no accumulation)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], default="sdpa")
+    sp.add_argument("--find-max-seq-len", action="store_true",
+                    help="the longest sequence that fits, with and without each memory saver")
     sp.add_argument("--write", type=Path, default=None, metavar="DIR",
                     help="write the recommended recipe, DeepSpeed config and launch command")
     sp.set_defaults(func=run_plan)
@@ -399,6 +403,11 @@ def run_plan(args) -> int:
     except OSError as e:  # a hub id whose config is neither shipped nor reachable
         raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
                               "pass a local directory or config.json") from None
+    if args.find_max_seq_len:
+        from dpkit.plan.long import render_max_seq_len
+
+        print(render_max_seq_len(recipe, hw, shape))
+        return 0
     p = plan(recipe, hw, bool(args.nvme), shape, free)
     print(render(p, free))
     if is_recipe:
