@@ -13,7 +13,7 @@ DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
 STEPS = 5
 TOL = 1e-5
 # 4 heads, 2 key/value heads: sequence-parallel 2 splits both
-TRAIN = {"max_steps": STEPS, "global_batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"}
+TRAIN = {"max_steps": STEPS, "global_batch_size": 4, "lr": 5e-3, "lr_schedule": "constant"}
 PACKED = {"packing": True, "max_seq_len": 256}
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -55,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def _same(reference, got):
     assert len(reference) == len(got) == STEPS, (reference, got)
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
-    assert got[-1] < got[0] - 0.1  # it learns: equal flat losses would prove nothing
+    assert got[-1] < got[0] - 0.03  # it learns: equal flat losses would prove nothing
 
 
 @pytest.mark.parametrize("reference,name", [("reference", "sp2"), ("reference", "dp2_sp2"),
