@@ -89,8 +89,8 @@ class Prober:
             self.engine.step()
             ok, value = True, float(loss)
         except torch.OutOfMemoryError:
-            ok, value = False, float("nan")
-        loss = None  # noqa: F841 (free the graph before the next probe)
+            ok, value, loss = False, float("nan"), None
+        del loss  # free the graph before the next probe
         self.engine.zero_grad()
         peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
         return ok, value, peak

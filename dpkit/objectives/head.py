@@ -157,7 +157,7 @@ class LossHead:
         return self.head is not None
 
     @classmethod
-    def for_run(cls, recipe, model, config, liger: bool = False) -> tuple["LossHead", str]:
+    def for_run(cls, recipe, model, config, liger: bool = False) -> tuple[LossHead, str]:
         """The head for this run and a line saying which path and why. `liger`: Liger's fused
         linear cross-entropy sums SFT's loss (dpkit.kernels.liger_active)."""
         choice = recipe.compute.loss

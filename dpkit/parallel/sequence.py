@@ -35,7 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpkit.attention import NAME as ROWS, register as register_rows, row_boundaries, why_not_rows
+from dpkit.attention import NAME as ROWS
+from dpkit.attention import register as register_rows
+from dpkit.attention import row_boundaries, why_not_rows
 from dpkit.errors import Problem
 
 NAME = "dpkit_ulysses"
@@ -81,14 +83,6 @@ def problems(recipe, config) -> list[Problem]:
         out.append(Problem("peft.method", "qlora is not supported with sequence parallelism",
                            "use lora, or train.sequence_parallel: 1"))
     return out
-
-
-def describe(sp: int) -> str:
-    """The sequence-parallel half of `dpkit validate`'s batch line."""
-    if sp == 1:
-        return ""
-    return (f"; each row's sequence split over {sp} ranks (DeepSpeed Ulysses: attention heads "
-            f"exchanged all-to-all), micro-batches padded to a multiple of {sp} tokens")
 
 
 # ---------------------------------------------------------------------------- on the ranks
@@ -141,7 +135,7 @@ class SequenceParallel:
         self.size, self.rank, self.mpu, self.core = size, rank, mpu, core
 
     @classmethod
-    def start(cls, recipe, model_config) -> "SequenceParallel | None":
+    def start(cls, recipe, model_config) -> SequenceParallel | None:
         size = recipe.train.sequence_parallel
         if size == 1:
             return None

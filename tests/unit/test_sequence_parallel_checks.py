@@ -2,20 +2,16 @@
 numbers, the batch line for every data-parallel × sequence-parallel split, the slicing of a
 micro-batch (labels shifted before the split), and the plan's memory model for it."""
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe, write_recipe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_recipe, write_recipe  # noqa: E402
-
-from dpkit.cli import main  # noqa: E402
-from dpkit.data import collate  # noqa: E402
-from dpkit.data.load import Example, target_tokens  # noqa: E402
-from dpkit.parallel.sequence import shard  # noqa: E402
+from dpkit.cli import main
+from dpkit.data import collate
+from dpkit.data.load import Example, target_tokens
+from dpkit.parallel.sequence import shard
 
 
 def validate(tmp_path, capsys, nproc, sp, **sections):
@@ -45,8 +41,8 @@ def test_world_not_divisible_and_unsupported_attention(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("nproc,sp,expected", [
-    (4, 2, "global batch 8 = micro 1 × accumulation 4 × data-parallel 2 (world 4 / "
-           "sequence-parallel 2); each row's sequence split over 2 ranks"),
+    (4, 2, ("global batch 8 = micro 1 × accumulation 4 × data-parallel 2 (world 4 / "
+            "sequence-parallel 2); each row's sequence split over 2 ranks")),
     (4, 4, "micro 1 × accumulation 8 × data-parallel 1 (world 4 / sequence-parallel 4)"),
     (2, 1, "global batch 8 = micro 1 × accumulation 4 × world 2\n")])
 def test_validate_explains_the_split(tmp_path, capsys, nproc, sp, expected):
