@@ -122,7 +122,9 @@ def _call_head(head, hidden, labels, tile, softcap):
 def _call_module(module, fn, *args):
     module.forward = fn  # instance attribute: the class's forward is untouched
     try:
-        return module(*args)
+        # the module's hooks (ZeRO-3's gather/release) but not a torch.compile'd call, which
+        # would retrace for every new `fn`
+        return module._call_impl(*args)
     finally:
         del module.forward
 
