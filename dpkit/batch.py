@@ -38,8 +38,14 @@ class BatchPlan:
                  f"{self.sequence_parallel})" if self.sequence_parallel > 1
                  else f"world {self.world_size}")
         unit = "" if self.unit == "rows" else f" {self.unit}"
+        sp = self.sequence_parallel
+        # dpkit/parallel/sequence.py pads each micro-batch to a multiple of sp (rows have any
+        # length, so no recipe value could make them all divisible)
+        split = (f"; each row's sequence split over {sp} ranks (DeepSpeed Ulysses: attention heads "
+                 f"exchanged all-to-all), micro-batches padded to a multiple of {sp} tokens"
+                 if sp > 1 else "")
         return (f"global batch {self.global_batch_size}{unit} = micro {self.micro_batch_size} × "
-                f"accumulation {self.grad_accum} × {world}")
+                f"accumulation {self.grad_accum} × {world}{split}")
 
 
 def plan_batch(global_batch: int, micro: int, world_size: int, sequence_parallel: int = 1,

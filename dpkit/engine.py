@@ -53,8 +53,9 @@ def build_optimizer(model, recipe: Recipe):
                              fused=fused or None)
 
 
-def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, say):
-    """(engine, optimizer, scheduler) from DeepSpeed, with the recipe's optimizer and schedule."""
+def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, say, mpu=None):
+    """(engine, optimizer, scheduler) from DeepSpeed, with the recipe's optimizer and schedule.
+    `mpu`: DeepSpeed's sequence-parallel state (dpkit/parallel/sequence.py), or None."""
     import deepspeed
 
     if env.device.type == "cuda" and recipe.zero.stage < 3 and recipe.peft is None:
@@ -62,7 +63,7 @@ def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, 
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     if recipe.train.compile:  # after initialize, in place: DeepSpeed's hooks stay on the path
         from accelerate.utils import compile_regions_deepspeed
 

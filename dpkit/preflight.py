@@ -94,6 +94,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
         problems.extend(check_fits(recipe, world_size, gpus_per_node or world_size,
                                    gpu_memory_bytes))
     if config is not None:
+        from dpkit.parallel.sequence import problems as sequence_problems
+
+        problems.extend(sequence_problems(recipe, config))
         problems.extend(_build_problems(recipe, config, model_key))
         problems.extend(_position_problems(recipe, config))
     if recipe.model.name_or_path and Path(recipe.model.name_or_path).expanduser().is_dir() \

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpkit import shipped
+from dpkit.compute_schema import ComputeSection
 from dpkit.data.formats import FORMATS
 from dpkit.errors import RecipeError
 from dpkit.eval.schema import EvalSection
@@ -231,6 +232,9 @@ class TrainSection(_Section):
     collective_timeout_s: int = Field(default=600, gt=0)
     """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
     hanging: a dead rank or node ends the job within this time."""
+    sequence_parallel: int = Field(default=1, gt=0)
+    """Ranks that split each row's sequence between them (DeepSpeed Ulysses, dpkit/parallel/);
+    the world is data-parallel × this. 1: no sequence parallelism."""
 
 
 # ------------------------------------------------------------------------------------------ zero
@@ -323,6 +327,8 @@ class Recipe(_Section):
     data: DataSection
     train: TrainSection
     zero: ZeroSection = Field(default_factory=ZeroSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+    """Loss head, tiled MLP, activation offload, fused kernels (dpkit/compute_schema.py)."""
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from dpkit import checkpoint as C
-from dpkit import distributed, logs, lora
+from dpkit import distributed, kernels, logs, lora
 from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.attention import describe_packed
 from dpkit.batch import batch_arithmetic
@@ -44,6 +44,8 @@ from dpkit.metrics import (
 )
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.objectives import build_objective
+from dpkit.objectives.head import LossHead
+from dpkit.parallel.sequence import SequenceParallel
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.run_info import hardware, versions
 from dpkit.rundir import RunFinished, outside_warning, prepare_output_dir
@@ -70,6 +72,7 @@ class Run:
         self.tokenizer = load_tokenizer(r.model)
         self.model_config = load_model_config(r.model)
         self.batch = batch_arithmetic(r, self.env.world_size)
+        self.sp = SequenceParallel.start(r, self.model_config)  # None without it
         self._load_data()
         self._resolve_config()
         self._build()
@@ -110,6 +113,8 @@ class Run:
         self.hidden = getattr(self.model_config, "hidden_size", None)
         self.ds_config = resolve_ds_config(r, env.world_size, self.hidden,
                                            on_cpu=env.backend == "gloo")
+        if self.sp is not None:  # DeepSpeed's batch check outside initialize (zero.Init) reads it
+            self.ds_config["sequence_parallel_size"] = self.sp.size
         self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
                           D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size))
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
@@ -138,8 +143,13 @@ class Run:
         else:
             model = build_model(r.model, r.train.seed, r.zero.stage, self.ds_config,
                                 packed_len=r.data.max_seq_len if r.data.packing else None)
+        if self.sp is not None:
+            self.sp.install(model)
+            self.say(f"[dpkit] {self.sp.describe()}")
+        kernels.apply(model, r, self.env, self.say)
         self.attention = getattr(model.config, "_attn_implementation", r.model.attn_implementation)
-        flat = self.attention == ROWS_ATTENTION  # packed sequences laid end to end: no padding
+        # packed sequences laid end to end: no padding
+        flat = self.attention == ROWS_ATTENTION or (self.sp is not None and self.sp.flat)
         if r.data.packing:
             how = describe_packed(self.attention, r.model.attn_implementation, model.config,
                                   r.data.max_seq_len)
@@ -147,11 +157,17 @@ class Run:
         self.n_train, self.n_params = lora.count_parameters(model)
         self.say(f"[dpkit] model: {self.n_params:,} parameters, {self.n_train:,} trainable "
                  f"({100 * self.n_train / max(self.n_params, 1):.2f}%)")
+        self.loss_head, how = LossHead.for_run(r, model, model.config,
+                                               liger=kernels.liger_active(r, self.env.device))
+        self.say(f"[dpkit] loss: {how}")
         self.engine, self.optimizer, self.scheduler = build_engine(
-            model, r, self.ds_config, self.total_steps, env, self.say)
+            model, r, self.ds_config, self.total_steps, env, self.say,
+            mpu=self.sp.mpu if self.sp is not None else None)
         b = self.batch
         self.feed = make_feed(r, self.train_rows, self.tokenizer, b, self.dp_rank,
                               self.objective.collate, flat)
+        if self.sp is not None:  # every rank of a group reads the same rows, keeps its slice
+            self.feed = self.sp.wrap(self.feed)
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0
@@ -204,7 +220,7 @@ class Run:
         collate_s = time.perf_counter() - t0
         result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank),
-                            objective=self.objective)
+                            objective=self.objective, data_parallel=self.batch.data_parallel)
         result.times["data_s"] += collate_s
         result.times["step_time_s"] += collate_s
         self.last_loss, elapsed = result.loss, result.times["step_time_s"]
@@ -259,6 +275,8 @@ class Run:
         batches = eval_batches(self.eval_rows, self.dp_rank, self.batch.data_parallel,
                                self.batch.micro_batch_size, self.objective.collate,
                                self.tokenizer.pad_token_id)
+        if self.sp is not None:
+            batches = [self.sp.shard(b) for b in batches]
         loss, units, metrics = evaluate(self.engine, batches, self.env, self.objective)
         self.last_eval = loss
         self.metrics.write(step=step, eval_loss=loss, eval_tokens=units,
@@ -300,6 +318,8 @@ class Run:
                          say=self.say, user=self.hub_user)
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
+        if self.sp is not None:
+            self.sp.close()
         logs.teardown()
         return summary
 

@@ -44,16 +44,21 @@ def _sync(device) -> None:
 
 
 def _has_targets(batch: dict) -> bool:
+    if "real" in batch:  # a sequence-parallel slice: whether its whole micro-batch has targets
+        return batch["real"]
     return bool((batch["labels"] != IGNORE).any())
 
 
 def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
-               poison_loss: bool = False, objective: Objective | None = None) -> StepResult:
+               poison_loss: bool = False, objective: Objective | None = None,
+               data_parallel: int | None = None) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
     `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
     queue is never drained to read a number back. `poison_loss` turns this rank's loss into NaN
-    (fault injection for the NaN tests).
+    (fault injection for the NaN tests). `data_parallel`: the ranks DeepSpeed averages
+    gradients over (the world size, or world / sequence-parallel: ranks of one sequence-parallel
+    group each hold part of the same rows' gradient, which DeepSpeed sums, not averages).
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
@@ -63,8 +68,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
              sum(int(b["attention_mask"].sum()) for b in real), len(lengths)]
     units, tokens, samples = distributed.all_reduce_sum(local, env.device)
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages
-    # over ranks; multiplying by both turns the sum into "sum over the global batch / units".
-    scale = grad_accum * env.world_size / max(units, 1)
+    # over data-parallel ranks; multiplying by both turns the sum into "sum over the global batch / units".
+    scale = grad_accum * (data_parallel or env.world_size) / max(units, 1)
     micro_batches = [to_device(b, env.device) for b in micro_batches]
     t1 = time.perf_counter()
     zero = torch.zeros((), device=env.device, dtype=torch.float64)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (one H100/H200): tokens/s and MFU of a ~0.5B Llama, bf16, packed 2048-token
-# sequences, ZeRO-2, through dpkit and through transformers' Trainer with the padding-free
-# collator (same rows). Prints one JSON line (scripts/gpu_mfu.py). About 2-3 minutes on an H100.
+# GPU check (one H100/H200): first the longest trainable sequence of a ~0.5B and an 8B model
+# with and without the tiled loss (scripts/gpu_long_seq.py, JSON lines, also written to
+# docs/gpu/<date>-long-seq.jsonl; skip with GPU_CHECK_LONG_SEQ=0), then tokens/s and MFU of a
+# ~0.5B Llama, bf16, packed 2048-token sequences, ZeRO-2, through dpkit and through transformers'
+# Trainer with the padding-free collator (same rows): its JSON line is the LAST line printed
+# (scripts/gpu_mfu.py). About 2-3 minutes on an H100 for the MFU part.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine
 #   bash scripts/gpu_check.sh --smoke    # tiny sizes, 2 steps: any CPU machine
@@ -24,4 +27,8 @@ if missing:
     sys.exit(f"gpu_check: missing Python packages {missing} (bring their wheels; see "
              "/work/shared/CPU_DEEPSPEED.md, 'The GPU machines')")
 PY
+if [ "${GPU_CHECK_LONG_SEQ:-1}" = 1 ]; then
+  if [[ " $* " == *" --smoke "* ]]; then LONG=(--smoke); else LONG=(--out docs/gpu); fi
+  "$PY" scripts/gpu_long_seq.py "${LONG[@]}"
+fi
 exec "$PY" scripts/gpu_mfu.py "$@"

@@ -60,6 +60,8 @@ def register(subparsers) -> None:
                    help="default: micro batch × world size (no accumulation)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], default="sdpa")
+    sp.add_argument("--find-max-seq-len", action="store_true",
+                    help="the longest sequence that fits, with and without each memory saver")
     sp.add_argument("--write", type=Path, default=None, metavar="DIR",
                     help="write the recommended recipe, DeepSpeed config and launch command")
     add_time_arguments(sp)
@@ -197,6 +199,11 @@ def run_plan(args) -> int:
     except OSError as e:  # a hub id whose config is neither shipped nor reachable
         raise RecipeError.one(args.target, f"cannot read the model config offline ({e})",
                               "pass a local directory or config.json") from None
+    if args.find_max_seq_len:
+        from dpkit.plan.long import render_max_seq_len
+
+        print(render_max_seq_len(recipe, hw, shape))
+        return 0
     p = plan(recipe, hw, bool(args.nvme), shape, free, cluster)
     from dpkit.plan.cost import run_length
 

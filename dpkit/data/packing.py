@@ -88,7 +88,9 @@ def fill_ratio(packed, max_len: int) -> float:
 
 def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     """Lengths of the real rows in a batch: segments of restarting position ids when packed,
-    else non-padding tokens per row."""
+    else non-padding tokens per row. A sequence-parallel slice carries its micro-batch's."""
+    if "row_lengths" in batch:
+        return batch["row_lengths"]
     if "position_ids" not in batch:
         return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist() if n]
     lengths = []

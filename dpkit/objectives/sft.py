@@ -1,5 +1,10 @@
 """Supervised fine-tuning: next-token cross-entropy on the target tokens (prompt tokens and
-padding carry label -100), summed; the loop divides by the global count of target tokens."""
+padding carry label -100), summed; the loop divides by the global count of target tokens.
+
+The loss goes through the run's `LossHead` (dpkit/objectives/head.py): tiled by default, never
+holding the full logits. Batches may be sequence-parallel shards (dpkit/parallel/sequence.py),
+which carry `shift_labels` (shifted before the split) and are counted as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch.nn.functional as F
 
 from dpkit.data.load import IGNORE, target_tokens
 from dpkit.objectives.base import LossOut, Objective
+from dpkit.objectives.head import LossHead, shifted_labels
 
 
 def model_inputs(batch: dict) -> dict:
@@ -28,19 +34,33 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
 
 
 def loss_sum(engine, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token losses over the batch's target tokens, in fp32."""
-    logits = forward_logits(engine, batch)[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    """Sum (not mean) of next-token losses over the batch's target tokens, in fp32, through the
+    full logits (the reference the tiled head is tested against)."""
+    logits = forward_logits(engine, batch).float()
+    targets = shifted_labels(batch)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+def count_targets(batch: dict) -> int:
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE).sum())
+    return target_tokens(batch)
 
 
 class SFT(Objective):
     name = "sft"
     unit = "target tokens"
 
+    def __init__(self):
+        self.head = LossHead()  # full logits until setup() knows the model
+
+    def setup(self, run) -> None:
+        self.head = run.loss_head
+
     def count(self, batch: dict) -> int:
-        return target_tokens(batch)
+        return count_targets(batch)
 
     def loss(self, engine, batch: dict) -> LossOut:
-        return LossOut(loss_sum(engine, batch))
+        inputs = {"input_ids": batch["input_ids"], **model_inputs(batch)}
+        return LossOut(self.head.loss_sum(engine, inputs, shifted_labels(batch)))

@@ -178,6 +178,16 @@ class Setup:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     knobs: Knobs = field(default_factory=Knobs)
+    sequence_parallel: int = 1  # ranks splitting each sequence (DeepSpeed Ulysses)
+    loss_tile: int | None = None  # tokens per tile of the tiled loss; None: full logits
+    tiled_mlp: bool = False
+    offload_activations: bool = False  # saved activations in CPU memory
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one rank holds activations for: its slice of each sequence (Ulysses gives
+        each rank the whole sequence inside attention, but for heads/S heads: the same bytes)."""
+        return self.micro_batch * -(-self.seq_len // self.sequence_parallel)
 
     @property
     def mixed(self) -> bool:
@@ -263,7 +273,9 @@ def _activation_terms(shape: ModelShape, setup: Setup, mask_bytes: int = 1) -> t
     b, h = setup.dtype_bytes, shape.hidden
     mlp = shape.mlp_factor * shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    tokens = setup.micro_batch * setup.seq_len
+    tokens = setup.tokens
+    if setup.tiled_mlp:  # DeepSpeed's TiledMLP keeps the MLP's input, recomputes the rest
+        mlp = h
     if setup.attn_implementation == "eager":  # K and V repeated to every head, scores kept
         per_token = b * (4 * h + 4 * q + mlp) + 8 * h + 8
         per_score = 4 + (b if b < 4 else 0) + (b if shape.attn_softcap else 0)
@@ -282,7 +294,8 @@ def _activation_terms(shape: ModelShape, setup: Setup, mask_bytes: int = 1) -> t
         per_token += (4 * shape.lora_rank * shape.lora_targets_per_layer + saved_inputs
                       - b * frozen  # frozen linears no longer keep their inputs for weight grads
                       - b * h * shape.norms_per_layer)  # nor frozen norms their outputs
-    logits = (4 + (b if shape.logit_softcap else 0)) * shape.vocab
+    # the loss's fp32 log-softmax (none kept by the tiled loss: it recomputes its tiles)
+    logits = 0 if setup.loss_tile else (4 + (b if shape.logit_softcap else 0)) * shape.vocab
     outside = tokens * (b * (h + 2 * shape.head_dim) + norm + 16 + logits)
     return tokens * per_token + scores, outside
 
@@ -303,19 +316,31 @@ def saved_activations(shape: ModelShape, setup: Setup, mask_bytes: int = DROPOUT
     input (b·h). Fitted on autograd's saved tensors of HF models (tests/unit/test_plan.py
     re-measures other shapes and architectures; docs/plan.md lists the known gaps).
     """
+    return sum(_saved(shape, setup, mask_bytes))
+
+
+def _saved(shape: ModelShape, setup: Setup, mask_bytes: int = DROPOUT_MASK) -> tuple[int, int]:
+    """(saved by the blocks, saved outside them): the first is what activation offload moves."""
     block, outside = _activation_terms(shape, setup, mask_bytes)
     if setup.gradient_checkpointing:
-        tokens = setup.micro_batch * setup.seq_len
-        return tokens * setup.dtype_bytes * shape.hidden * shape.layers + outside
-    return block * shape.layers + outside
+        return setup.tokens * setup.dtype_bytes * shape.hidden * shape.layers, outside
+    return block * shape.layers, outside
 
 
 def activation_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Peak activation bytes: what autograd saves, the logits the forward returns (b·V per
-    token), d(loss)/d(logits) opening the backward ((4 + b)·V per token), and with gradient
-    checkpointing the one block being recomputed."""
-    tokens = setup.micro_batch * setup.seq_len
-    total = saved_activations(shape, setup) + tokens * (4 + 2 * setup.dtype_bytes) * shape.vocab
+    """Peak GPU activation bytes: what autograd saves (less what is offloaded), the logits the
+    forward returns (b·V per token), d(loss)/d(logits) opening the backward ((4 + b)·V per
+    token), and with gradient checkpointing the one block being recomputed. The tiled loss holds
+    one tile's logits, fp32 copy, softmax gradient and its cast ((8 + 2b)·V per token of a tile)
+    and the head's fp32 weight gradient it sums over tiles (4·V·h)."""
+    blocks, outside = _saved(shape, setup)
+    total = outside + (0 if setup.offload_activations else blocks)
+    if setup.loss_tile:
+        tile = min(setup.tokens, setup.loss_tile)
+        b = setup.dtype_bytes
+        total += tile * (8 + 2 * b) * shape.vocab + 4 * shape.vocab * shape.hidden
+    else:
+        total += setup.tokens * (4 + 2 * setup.dtype_bytes) * shape.vocab
     if setup.gradient_checkpointing:
         total += _activation_terms(shape, setup)[0]
     return total
@@ -396,6 +421,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
 
     # Activations
     add(Part("activations", "saved + loss grad", activation_bytes(shape, setup), 1, phases=bwd))
+    if setup.offload_activations:
+        add(Part("activations", "offloaded", _saved(shape, setup)[0], 1, "cpu", phases=bwd))
 
     # Communication buffers
     if s == 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
+from dpkit.plan.long import long_fields
 from dpkit.plan.memory import Breakdown, GiB, Knobs, ModelShape, Setup, estimate, model_shape
 from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
@@ -133,7 +134,8 @@ def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micr
               kn: Knobs) -> Setup:
     m = recipe.model
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], micro,
-                 recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn)
+                 recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
+                 **long_fields(recipe))
 
 
 def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,

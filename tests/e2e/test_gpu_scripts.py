@@ -22,6 +22,11 @@ def test_gpu_check_smoke_replays_the_same_rows_through_dpkit_and_trainer():
         assert line[name]["tokens_per_s"] > 0, line
     losses = [line[name]["step1_loss"] for name in ("dpkit", "trainer_flattening", "dpkit_dense")]
     assert max(losses) - min(losses) < 1e-5, losses  # fp32 on CPU: the same computation
+    # scripts/gpu_long_seq.py --smoke ran first: every probed length trained with both loss
+    # heads, and their losses agree (bf16, ZeRO-3)
+    long = [json.loads(x) for x in run.stdout.splitlines() if x.startswith('{"long_seq"')]
+    assert long and long[0]["same_losses"], run.stdout[-3000:]
+    assert long[0]["long_seq"]["tiny"] == {"full": 1024, "tiled": 1024}, long
 
 
 def test_rows_check_dry_run_on_cpu():
