@@ -154,7 +154,9 @@ def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem
     if skipped:
         notes.append(f"offline: hub datasets {skipped} not checked")
     if tokenizer is not None and not skipped:
-        result = _collect(problems, load_datasets, recipe.data, tokenizer, recipe.train.seed)
+        prompt_len = recipe.preference.max_prompt_len if recipe.preference else None
+        result = _collect(problems, load_datasets, recipe.data, tokenizer, recipe.train.seed,
+                          prompt_len)
         if result is not None:
             _, evals, stats = result
             notes.append(f"data: {stats.describe()}; eval rows: {len(evals)}")

@@ -76,8 +76,9 @@ class Run:
 
     def _load_data(self) -> None:
         r = self.recipe
+        prompt_len = r.preference.max_prompt_len if r.preference else None  # preference pairs
         rows, self.eval_rows, self.data_stats = D.load_datasets(r.data, self.tokenizer,
-                                                                r.train.seed)
+                                                                r.train.seed, prompt_len)
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
         if r.data.packing:
             before = len(rows)

@@ -54,11 +54,18 @@ class DataStats:
     dropped_no_target: int = 0
     tokens: int = 0
     per_source: dict[str, int] = field(default_factory=dict)
+    prompt_truncated: int = 0
+    """Preference pairs whose prompt was cut to `preference.max_prompt_len`."""
+    dropped_identical: int = 0
+    """Preference pairs left out because chosen and rejected are the same."""
 
     def describe(self) -> str:
+        pairs = (f"; pairs: {self.prompt_truncated} prompts cut to max_prompt_len, "
+                 f"{self.dropped_identical} dropped with chosen == rejected"
+                 if self.prompt_truncated or self.dropped_identical else "")
         return (f"{self.rows} rows, {self.tokens} tokens; longer than max_seq_len: "
                 f"{self.truncated} truncated, {self.dropped_too_long} dropped; "
-                f"{self.dropped_no_target} dropped with no trained token")
+                f"{self.dropped_no_target} dropped with no trained token{pairs}")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -120,7 +127,8 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     problems = []
     for canonical in FORMAT_COLUMNS[source.format]:
         col = source.column(canonical)
-        if col not in ds.column_names and canonical not in OPTIONAL_COLUMNS:
+        optional = OPTIONAL_COLUMNS.get(source.format, set())
+        if col not in ds.column_names and canonical not in optional:
             mapped = f" (mapped from `{canonical}`)" if col != canonical else ""
             problems.append(Problem(
                 f"{where}", f"dataset '{source.path}' has no column '{col}'{mapped} for format "
@@ -200,8 +208,9 @@ def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, sta
     return examples
 
 
-def load_datasets(section: DataSection, tokenizer, seed: int):
-    """(train examples, eval examples, stats). Every problem is raised at once."""
+def load_datasets(section: DataSection, tokenizer, seed: int, max_prompt_len: int | None = None):
+    """(train examples, eval examples, stats). Every problem is raised at once.
+    `max_prompt_len` (preference pairs): prompt tokens kept, see dpkit/data/preference.py."""
     raw, problems = [], []
     for kind, sources in (("sources", section.sources), ("eval_sources", section.eval_sources)):
         for i, source in enumerate(sources):
@@ -212,7 +221,11 @@ def load_datasets(section: DataSection, tokenizer, seed: int):
                 problems.extend(e.problems)
                 continue
             found = column_problems(ds, source, where)
-            if source.format == "messages" and not getattr(tokenizer, "chat_template", None):
+            if source.format == "preference":
+                from dpkit.data.preference import pair_problems
+
+                found.extend(pair_problems(ds, source, tokenizer, where) if not found else [])
+            elif source.format == "messages" and not getattr(tokenizer, "chat_template", None):
                 found.append(Problem(f"{where}.format", "`messages` needs a chat template and "
                                      "the tokenizer has none", "set model.chat_template (e.g. "
                                      "chatml) or use a tokenizer with one"))
@@ -225,7 +238,12 @@ def load_datasets(section: DataSection, tokenizer, seed: int):
     train, evals = [], []
     for kind, source, ds in raw:
         target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
-        target.extend(tokenize_source(ds, source, tokenizer, section, st))
+        if source.format == "preference":
+            from dpkit.data.preference import tokenize_pairs
+
+            target.extend(tokenize_pairs(ds, source, tokenizer, section, st, max_prompt_len))
+        else:
+            target.extend(tokenize_source(ds, source, tokenizer, section, st))
     if section.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
