@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dpkit import shipped
 from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import HubSection
+from dpkit.preference_schema import PreferenceSection, check_objective
 
 
 class _Section(BaseModel):
@@ -88,8 +89,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
 }
-# Columns a format reads when present: alpaca's `input`; a preference pair's `prompt` (without
-# it, conversational `chosen`/`rejected` carry the prompt turns before their last turn).
+# Read when present (without `prompt`, conversational pairs hold the prompt turns themselves).
 OPTIONAL_COLUMNS = {"alpaca": {"input"}, "preference": {"prompt"}}
 
 
@@ -103,8 +103,7 @@ class DataSource(_Section):
     """Which split to read."""
     format: Literal["alpaca", "messages", "text", "preference"] = "alpaca"
     """alpaca: instruction/input/output; messages: chat turns rendered with the tokenizer's chat
-    template; text: plain text, every token trained on; preference: prompt/chosen/rejected pairs
-    for the preference objectives (strings, or message lists rendered with the chat template)."""
+    template; text: plain text, every token trained on; preference: prompt/chosen/rejected."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
     max_rows: int | None = Field(default=None, gt=0)
@@ -279,65 +278,6 @@ class OutputSection(_Section):
     """Keep only the newest this many complete checkpoints (default: keep all)."""
 
 
-# ------------------------------------------------------------------------------------ preference
-class PreferenceSection(_Section):
-    beta: float | None = Field(default=None, gt=0)
-    """Strength of the preference: DPO/IPO's KL-penalty coefficient β (default 0.1), SimPO's
-    reward scale β (default 2.0). ORPO weighs its odds-ratio term with `orpo_lambda` instead."""
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
-    """DPO/SimPO: assumed probability that a pair's labels are flipped (conservative DPO);
-    0 is the plain sigmoid loss."""
-    simpo_gamma: float = Field(default=1.0, ge=0.0)
-    """SimPO's target reward margin γ (subtracted inside the sigmoid)."""
-    orpo_lambda: float = Field(default=0.1, gt=0)
-    """ORPO: weight λ of the odds-ratio term added to the chosen answers' NLL."""
-    reference: Literal["auto", "adapter_off", "precomputed"] = "auto"
-    """DPO/IPO's reference model. `adapter_off`: with LoRA, the base model with the adapter turned
-    off (one more forward per step, no second copy); `precomputed`: the untouched model's
-    log-probs of every pair computed once before step 1 and cached in the run directory
-    (`ref_logps.pt`). `auto`: adapter_off with LoRA, precomputed for full fine-tuning."""
-    max_prompt_len: int | None = Field(default=None, gt=0)
-    """Keep at most this many prompt tokens (the last ones); the answers are then cut to
-    `data.max_seq_len`. Cut pairs are counted and reported at start."""
-
-    def resolved_beta(self, objective: str) -> float:
-        return self.beta if self.beta is not None else (2.0 if objective == "simpo" else 0.1)
-
-    def resolved_reference(self, lora: bool) -> str:
-        if self.reference != "auto":
-            return self.reference
-        return "adapter_off" if lora else "precomputed"
-
-
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
-
-
-def preference_problems(recipe) -> list[str]:
-    """Cross-field checks between the objective, its section, the data and LoRA."""
-    name, pref = recipe.objective, recipe.preference
-    formats = {s.format for s in [*recipe.data.sources, *recipe.data.eval_sources]}
-    if name == "sft":
-        if pref is not None:
-            return ["a `preference` section needs a preference `objective` (dpo, ipo, simpo, "
-                    "orpo); remove the section or set `objective`"]
-        if "preference" in formats:
-            return ["data format `preference` needs a preference `objective` (dpo, ipo, simpo, "
-                    "orpo)"]
-        return []
-    if formats != {"preference"}:
-        return [f"`objective: {name}` trains on pairs: every data source needs "
-                f"`format: preference` (got {sorted(formats)})"]
-    if recipe.data.packing:
-        return [f"`objective: {name}` does not pack rows yet: set `data.packing: false`"]
-    pref = pref or PreferenceSection()
-    if pref.reference == "adapter_off" and recipe.peft is None:
-        return ["`preference.reference: adapter_off` needs LoRA (a `peft` section); use "
-                "`precomputed` for full fine-tuning"]
-    if pref.label_smoothing and name in ("ipo", "orpo"):
-        return [f"`preference.label_smoothing` has no meaning for `objective: {name}`; remove it"]
-    return []
-
-
 class Recipe(_Section):
     model: ModelSection
     data: DataSection
@@ -352,19 +292,12 @@ class Recipe(_Section):
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
     is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
-    """What is trained: `sft` next-token loss on the targets; on preference pairs (data format
-    `preference`, docs/preference.md): `dpo` (sigmoid loss against a reference model), `ipo`
-    (DPO's squared-loss variant), `simpo` and `orpo` (no reference model)."""
+    """`sft`: next-token loss on the targets; on pairs (data format `preference`, see
+    docs/preference.md): `dpo`, its variant `ipo`, and `simpo`, `orpo` (no reference model)."""
     preference: PreferenceSection | None = None
-    """Settings of the preference objectives (beta, reference model, prompt length); defaults
-    apply when left out."""
+    """Settings of the preference objectives (beta, reference, prompt length); optional."""
 
-    @model_validator(mode="after")
-    def _objective_fits(self) -> "Recipe":
-        problems = preference_problems(self)
-        if problems:
-            raise ValueError(problems[0])
-        return self
+    _objective_fits = model_validator(mode="after")(check_objective)
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -191,7 +191,8 @@ class Run:
         if not math.isfinite(self.last_loss):
             self.skipped += 1
             handle_non_finite(r, result, step + 1, self.out, self.say)
-        self.progress.update(self.last_loss, result.tokens / elapsed)
+        self.progress.update(self.last_loss, result.tokens / elapsed,
+                             self.objective.progress(result.metrics))
         if (step + 1) % r.output.log_steps == 0 or step + 1 == self.total_steps:
             self._log_step(step, result, elapsed)
 
@@ -289,7 +290,9 @@ class Run:
             "parameters": self.n_params, "trainable_parameters": self.n_train,
             "data": {"rows": s.rows, "truncated": s.truncated,
                      "dropped_too_long": s.dropped_too_long,
-                     "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows)},
+                     "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows),
+                     "prompt_truncated": s.prompt_truncated,
+                     "dropped_identical": s.dropped_identical},
             "wall_time_s": time.time() - self.started, "versions": versions(),
             "hardware": hardware(self.env),
         }

@@ -188,6 +188,10 @@ class Preference(Objective):
         summed = distributed.all_reduce_sum(values.flatten().tolist(), device)
         return torch.tensor(summed, dtype=torch.float64).view(-1, 2)
 
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"acc": f"{metrics['rewards/accuracies']:.2f}",
+                "margin": f"{metrics['rewards/margins']:.3f}"}
+
     def describe(self) -> str:
         ref = f", reference {self.reference}" if self.reference else ", no reference model"
         return f"{self.name} (beta {self.beta:g}{ref})"
