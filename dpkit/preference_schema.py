@@ -63,8 +63,6 @@ def preference_problems(recipe) -> list[str]:
     if formats != {"preference"}:
         return [f"`objective: {name}` trains on pairs: every data source needs "
                 f"`format: preference` (got {sorted(formats)})"]
-    if recipe.data.packing:
-        return [f"`objective: {name}` does not pack rows yet: set `data.packing: false`"]
     pref = pref or PreferenceSection()
     if pref.reference == "adapter_off" and recipe.peft is None:
         return ["`preference.reference: adapter_off` needs LoRA (a `peft` section); use "

@@ -80,7 +80,7 @@ class Run:
         rows, self.eval_rows, self.data_stats = D.load_datasets(r.data, self.tokenizer,
                                                                 r.train.seed, prompt_len)
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
-        if r.data.packing:
+        if r.data.packing and self.objective.unit != "pairs":  # pairs: flattened per batch
             before = len(rows)
             rows = pack(rows, r.data.max_seq_len, r.train.seed)
             self.say(f"[dpkit] packing: {before} rows into {len(rows)} sequences of up to "

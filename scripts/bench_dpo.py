@@ -5,7 +5,9 @@ pairs per second of each and the ratio; medians of --reps repetitions, warm-up s
     python scripts/bench_dpo.py                      # needs `trl` importable (a test-time tool)
     PYTHONPATH=/path/to/trl-target python scripts/bench_dpo.py --reps 3
 
-Both sides train full fine-tuning DPO (sigmoid loss, beta 0.1) with the reference log-probs
+dpkit lays each micro-batch's chosen and rejected rows end to end (`data.packing: true`: per-row
+attention, no padding); TRL pads them to the longest row (its default; its padding-free mode needs
+flash-attention). Both sides train full fine-tuning DPO (sigmoid loss, beta 0.1) with the reference log-probs
 computed in a first pass before step 1 (dpkit: `preference.reference: precomputed`; TRL:
 `precompute_ref_log_probs=True`), so each step is one forward of chosen + rejected and one
 backward on both. The reference pass itself is timed apart and printed for each. Pairs per
@@ -45,7 +47,7 @@ def recipe(work: Path, args) -> dict:
         "model": {"name_or_path": str(work / "init"), "tokenizer": "dpkit:tokenizers/tiny-bpe",
                   "dtype": "float32"},
         "data": {"sources": [{"path": PAIRS, "format": "preference"}],
-                 "max_seq_len": args.max_seq_len},
+                 "max_seq_len": args.max_seq_len, "packing": True},
         "train": {"global_batch_size": args.global_batch, "micro_batch_size": args.micro,
                   "epochs": 1, "lr": 1e-5, "lr_schedule": "constant", "seed": 0},
         "zero": {"stage": args.stage},
@@ -99,6 +101,10 @@ def run_trl(recipe_path: str) -> dict | None:
     tokenizer = load_tokenizer(r.model)
     model = AutoModelForCausalLM.from_pretrained(r.model.name_or_path, dtype=torch.float32)
     data = datasets.load_dataset("json", data_files=r.data.sources[0].path, split="train")
+    # TRL reads a string prompt as the standard layout: give it the conversational one with an
+    # explicit prompt (the same turns dpkit takes from chosen[:-1]).
+    data = data.map(lambda row: {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:],
+                                 "rejected": row["rejected"][-1:]})
     times = []
 
     class Clock(TrainerCallback):
@@ -113,7 +119,7 @@ def run_trl(recipe_path: str) -> dict | None:
         per_device_train_batch_size=b.micro_batch_size,
         gradient_accumulation_steps=b.grad_accum, num_train_epochs=1, learning_rate=1e-5,
         lr_scheduler_type="constant", max_grad_norm=r.train.max_grad_norm, logging_steps=1,
-        save_strategy="no", report_to=[], seed=0, deepspeed=ds_config,
+        save_strategy="no", report_to=[], seed=0, deepspeed=ds_config, bf16=False,
         accelerator_config={"use_configured_state": True}, dataloader_drop_last=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=[Clock()])
@@ -123,10 +129,7 @@ def run_trl(recipe_path: str) -> dict | None:
     if state.process_index != 0:
         return None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = len(times)
-    per_step = [b.global_batch_size] * steps
-    per_step[-1] = len(data) - b.global_batch_size * (steps - 1)
-    return {"times": times, "pairs": per_step, "loss1": losses[0] if losses else None,
+    return {"times": times, "pairs": [b.global_batch_size] * len(times), "loss1": losses[0] if losses else None,
             "total_s": total}
 
 
@@ -161,7 +164,8 @@ def launch(which: str, recipe_path: Path, result: Path, log: Path, timeout: int)
 
 
 def pairs_per_s(result: dict, warmup: int) -> float:
-    t, n = result["times"], result["pairs"]
+    """Full steps after the warm-up (an epoch's last step may be partial: left out)."""
+    t, n = result["times"][:-1], result["pairs"]
     return sum(n[warmup:len(t)]) / (t[-1] - t[warmup - 1])
 
 

@@ -149,15 +149,19 @@ def pair_problems(ds, source, tokenizer, where: str) -> list[Problem]:
     return []
 
 
-def collate_pairs(examples: list[PairExample], pad_id: int) -> dict:
-    """B pairs → one batch of 2B rows (the B chosen, then the B rejected), right-padded to one
-    width, so both sides go through the model in ONE forward. `pair_mask` marks real pairs: an
+def collate_pairs(examples: list[PairExample], pad_id: int, flatten: bool = False) -> dict:
+    """B pairs → one batch of 2B rows (the B chosen, then the B rejected), so both sides go
+    through the model in ONE forward: right-padded to one width, or (`flatten`, with per-row
+    attention) laid end to end in a single row with position ids restarting per row and
+    `row_ids` naming each token's row — no padding at all. `pair_mask` marks real pairs: an
     empty list gives one all-masked pair that adds nothing (a rank whose shard ran out)."""
     real = len(examples)
     if not examples:
         examples = [PairExample([pad_id, pad_id], [IGNORE] * 2, [pad_id, pad_id], [IGNORE] * 2)]
     rows = [(e.chosen_ids, e.chosen_labels) for e in examples] + \
            [(e.rejected_ids, e.rejected_labels) for e in examples]
+    if flatten:
+        return _flat(rows, examples, real)
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -169,6 +173,28 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
              "pair_mask": torch.tensor([1.0] * real + [0.0] * (len(examples) - real),
                                        dtype=torch.float64)}
+    return _with_ref(batch, examples, real)
+
+
+def _with_ref(batch: dict, examples: list[PairExample], real: int) -> dict:
     if all(e.ref is not None for e in examples[:real]) and real:
         batch["ref_logps"] = torch.tensor([e.ref for e in examples], dtype=torch.float64)
     return batch
+
+
+def _flat(rows: list, examples: list[PairExample], real: int) -> dict:
+    from dpkit.attention import row_boundaries
+
+    ids = torch.tensor([t for row_ids, _ in rows for t in row_ids]).unsqueeze(0)
+    # A row's first token is never predicted (nothing before it in its row): unlabelled, so the
+    # shift by one can't score it from the previous row's last token.
+    labels = torch.tensor([x if i else IGNORE for _, row_labels in rows
+                           for i, x in enumerate(row_labels)]).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(row_ids)) for row_ids, _ in rows]).unsqueeze(0)
+    row_ids = torch.cat([torch.full((len(r),), i) for i, (r, _) in enumerate(rows)]).unsqueeze(0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "position_ids": positions, "row_ids": row_ids,
+             "pair_mask": torch.tensor([1.0] * real + [0.0] * (len(examples) - real),
+                                       dtype=torch.float64)}
+    batch["cu_seq_lens"], batch["max_length"] = row_boundaries(positions)
+    return _with_ref(batch, examples, real)

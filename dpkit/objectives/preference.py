@@ -40,17 +40,24 @@ REF_FILE = "ref_logps.pt"
 
 
 # ----------------------------------------------------------------------------- the formulas
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, row_ids: torch.Tensor | None = None,
+                   n_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's target tokens, their count), in fp32 (or the logits' dtype
-    when wider); labels shifted by one as the model predicts the next token."""
+    when wider); labels shifted by one as the model predicts the next token. `row_ids`: rows laid
+    end to end in one sequence (`n_rows` of them), summed per row."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits, targets = logits[:, :-1].to(dtype), labels[:, 1:]
     mask = targets != IGNORE
     token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)),
                              targets.clamp(min=0).reshape(-1), reduction="none")
     token = token.view_as(targets) * mask
-    return token.sum(-1), mask.sum(-1)
+    if row_ids is None:
+        return token.sum(-1), mask.sum(-1)
+    rows, n = row_ids[:, 1:].reshape(-1), n_rows
+    sums = torch.zeros(n, dtype=dtype, device=token.device).index_add_(0, rows, token.reshape(-1))
+    counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add_(
+        0, rows, mask.reshape(-1).long())
+    return sums, counts
 
 
 def pair_losses(kind: str, policy: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None,
@@ -114,14 +121,15 @@ class Preference(Objective):
                    p.resolved_reference(recipe.peft is not None))
 
     def collate(self, examples: list, pad_id: int, flatten: bool = False) -> dict:
-        return collate_pairs(examples, pad_id)
+        return collate_pairs(examples, pad_id, flatten)
 
     def count(self, batch: dict) -> int:
         return int(batch["pair_mask"].sum())
 
     def pair_logps(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 2) summed log-probs and answer-token counts, chosen and rejected in one forward."""
-        sums, counts = sequence_logps(forward_logits(engine, batch), batch["labels"])
+        sums, counts = sequence_logps(forward_logits(engine, batch), batch["labels"],
+                                      batch.get("row_ids"), 2 * batch["pair_mask"].shape[0])
         return sums.view(2, -1).T, counts.view(2, -1).T
 
     def reference_logps(self, engine, batch: dict) -> torch.Tensor | None:
