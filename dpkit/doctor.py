@@ -299,15 +299,6 @@ def _cmd(args) -> int:
                       not args.no_allreduce)
 
 
-def register(subparsers) -> None:
-    """Add `dpkit doctor [--hostfile H]`."""
-    p = subparsers.add_parser(
-        "doctor", help="check versions (on every node), ports and a 2-rank all-reduce",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_cmd)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpkit.doctor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

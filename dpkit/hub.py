@@ -14,20 +14,16 @@ to huggingface_hub, and held nowhere else: not in the recipe, the card, logs or 
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
@@ -270,63 +266,5 @@ def push_on_main(run_dir: str | Path, hub: HubSection, *, is_main: bool,
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    """Add `dpkit push RUN_DIR --repo-id ID`."""
-    p = subparsers.add_parser(
-        "push", help="push a run's model and model card to the Hugging Face Hub",
-        description="Push RUN_DIR/model (weights or LoRA adapter, config, tokenizer with chat "
-                    "template, generation config), a model card and the training record. "
-                    "Defaults come from the run's recipe.yaml `hub` section; flags override.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--repo-id", help="Hub repository owner/name")
-    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                   help="create the repository private (default) or public")
-    p.add_argument("--revision", help="branch to push to (default main)")
-    p.add_argument("--license", help="license id for the card metadata")
-    p.add_argument("--tag", action="append", dest="tags", help="extra card tag (repeatable)")
-    p.add_argument("--adapter-only", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA runs: push the adapter (default) or merge it into the base model")
-    p.add_argument("--token-env", help="environment variable holding the token (default "
-                                       "HF_TOKEN)")
-    p.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
-    p.add_argument("--retries", type=int, help="retries after transient errors (default 5)")
-    p.add_argument("--message", help="commit message")
-    p.set_defaults(func=_cmd_push)
 
 
-def _hub_from_run(run_dir: Path) -> dict:
-    """The `hub` section of the run's resolved recipe, if it has one."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        section = (yaml.safe_load(path.read_text()) or {}).get("hub")
-    except yaml.YAMLError:
-        return {}
-    return dict(section) if isinstance(section, dict) else {}
-
-
-def _cmd_push(args) -> int:
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise RecipeError.one(args.run_dir, "run directory not found", "check the path")
-    raw = _hub_from_run(run_dir)
-    flags = {"repo_id": args.repo_id, "private": args.private, "revision": args.revision,
-             "license": args.license, "tags": args.tags, "adapter_only": args.adapter_only,
-             "token_env": args.token_env, "endpoint": args.endpoint, "retries": args.retries}
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    if "repo_id" not in raw:
-        raise RecipeError.one("--repo-id", "no repository to push to",
-                              "pass --repo-id owner/name (or set hub.repo_id in the recipe)")
-    hub = hub_from_dict(raw)
-    def say(text: str) -> None:  # progress to stderr: stdout carries only the commit URL
-        print(text, file=sys.stderr)
-
-    try:
-        result = push_run_dir(run_dir, hub, commit_message=args.message, say=say)
-    except PushError as e:
-        print(f"error: {e}\nThe run directory is unchanged; run the same command again to "
-              "retry.", file=sys.stderr)
-        return 1
-    print(result.url)
-    return 0

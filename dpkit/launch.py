@@ -33,9 +33,8 @@ import torch
 
 from dpkit.distributed import could_not_reach, free_port, never_joined
 from dpkit.errors import Problem, RecipeError
+from dpkit.shipped import ACCELERATE_CONFIGS
 
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
-from dpkit.shipped import ACCELERATE_CONFIGS  # noqa: E402
 DEFAULT_PORT = 29500
 """Node 0's port across nodes (every node must use the same one); one node picks a free port."""
 
@@ -207,33 +206,43 @@ def generated_hostfile(plan: LaunchPlan) -> Path:
 def command(plan: LaunchPlan, recipe: str, overrides: list[str],
             node_rank: int | None = None) -> list[str]:
     """The launcher command for one node (`node_rank`, default this node)."""
-    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
     rank = plan.this_node() if node_rank is None else node_rank
-    rank = rank or 0
-    target = [recipe, *overrides]
-    timeout = f"timeout={plan.rendezvous_timeout_s}"
-    if plan.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-        if nodes == 1:
-            cmd += ["--standalone"] if not plan.master_port else [
-                "--master_addr", addr, "--master_port", str(port)]
-        else:
-            cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
-                    "--rdzv_endpoint", f"{addr}:{port}", "--rdzv_conf", timeout]
-        return cmd + ["-m", "dpkit.train", *target]
-    if plan.launcher == "accelerate":
-        config = ACCELERATE_CONFIGS / ("multi_node.yaml" if nodes > 1 else
-                                       "single_node.yaml" if torch.cuda.is_available() else
-                                       "cpu.yaml")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", str(n * nodes), "--num_machines", str(nodes),
-               "--machine_rank", str(rank), "--main_process_ip", addr,
-               "--main_process_port", str(port)]
-        if nodes > 1:
-            cmd += ["--rdzv_conf", timeout]
-        return cmd + ["-m", "dpkit.train", *target]
+    return LAUNCHER_COMMANDS[plan.launcher](plan, [recipe, *overrides], rank or 0, node_rank)
+
+
+def _torchrun(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None) -> list[str]:
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    if nodes == 1:
+        cmd += ["--standalone"] if not plan.master_port else [
+            "--master_addr", addr, "--master_port", str(port)]
+    else:
+        cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
+                "--rdzv_endpoint", f"{addr}:{port}",
+                "--rdzv_conf", f"timeout={plan.rendezvous_timeout_s}"]
+    return cmd + ["-m", "dpkit.train", *target]
+
+
+def _accelerate(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None
+                ) -> list[str]:
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
+    config = ACCELERATE_CONFIGS / ("multi_node.yaml" if nodes > 1 else
+                                   "single_node.yaml" if torch.cuda.is_available() else
+                                   "cpu.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(n * nodes), "--num_machines", str(nodes),
+           "--machine_rank", str(rank), "--main_process_ip", addr,
+           "--main_process_port", str(port)]
+    if nodes > 1:
+        cmd += ["--rdzv_conf", f"timeout={plan.rendezvous_timeout_s}"]
+    return cmd + ["-m", "dpkit.train", *target]
+
+
+def _deepspeed(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None
+               ) -> list[str]:
     # The deepspeed CLI: `--module`, not `-m` (its parser refuses `-m`); `--no_local_rank` so the
     # script gets the rank from LOCAL_RANK only; --num_gpus on CPU too (it counts NUMA nodes).
+    n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_addr", addr,
            "--master_port", str(port)]
     if nodes > 1 or plan.hostfile:
@@ -248,6 +257,12 @@ def command(plan: LaunchPlan, recipe: str, overrides: list[str],
     else:
         cmd += ["--num_gpus", str(n)]
     return cmd + ["--no_local_rank", "--module", "dpkit.train", *target]
+
+
+# The launchers dpkit can start, by name: the one registry (LAUNCHERS and the CLI's choices
+# come from it). A new launcher is a function building its command line, plus a line here.
+LAUNCHER_COMMANDS = {"torchrun": _torchrun, "accelerate": _accelerate, "deepspeed": _deepspeed}
+LAUNCHERS = tuple(LAUNCHER_COMMANDS)
 
 
 def rank_environment(plan: LaunchPlan) -> dict[str, str]:

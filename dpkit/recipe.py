@@ -135,7 +135,7 @@ class DataSection(_Section):
     reported at start."""
     packing: bool = False
     """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
-    that restart per row (see dpkit/packing.py); the global batch then counts sequences."""
+    that restart per row (see dpkit/data/packing.py); the global batch then counts sequences."""
     group_by_length: bool = False
     """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
     same rows per step)."""
@@ -210,7 +210,7 @@ class ZeroSection(_Section):
     template: str | None = None
     """A DeepSpeed JSON template; default: the one in dpkit/resources/ds_configs/ matching stage and offload."""
     offload_optimizer: Offload = "none"
-    """Keep optimizer state (and its step) on CPU or NVMe: stage 1–3."""
+    """Keep optimizer state (and its step) on CPU (stage 1–3) or NVMe (stage 3)."""
     offload_params: Offload = "none"
     """Keep parameters on CPU or NVMe between uses: stage 3 only."""
     nvme_path: str | None = None
@@ -224,6 +224,9 @@ class ZeroSection(_Section):
             raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
         if self.offload_params != "none" and self.stage != 3:
             raise ValueError("parameter offload needs `zero.stage: 3`")
+        if self.offload_optimizer == "nvme" and self.stage != 3:
+            raise ValueError("NVMe offload of the optimizer needs `zero.stage: 3` (ZeRO-Infinity); "
+                             "use `zero.offload_optimizer: cpu` with stage 1 or 2")
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("NVMe offload needs `zero.nvme_path` (a directory on a local NVMe disk)")
         return self

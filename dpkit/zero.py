@@ -16,8 +16,8 @@ from typing import Any
 from dpkit.batch import BatchPlan, batch_arithmetic  # noqa: F401  (re-exported)
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import Recipe
+from dpkit.shipped import DS_CONFIGS
 
-from dpkit.shipped import DS_CONFIGS  # noqa: E402  (re-exported for callers)
 
 # Top-level keys a template may hold. DeepSpeed silently ignores unknown top-level keys, so a
 # typo there ("gradient_clipping_" or "zero_optimisation") would change nothing and say nothing.
@@ -34,19 +34,28 @@ REFUSED_TOP_LEVEL = {"optimizer": "train.lr / train.adam_betas / train.weight_de
                      "scheduler": "train.lr_schedule / train.warmup_ratio"}
 
 
+# The shipped template for each (stage, optimizer offload, parameter offload) the schema accepts:
+# the one registry of templates (dpkit plan and the checks before launch look here too).
+# Parameter offload and NVMe need stage 3 (refused by dpkit/recipe.py ZeroSection otherwise).
+TEMPLATES: dict[tuple[int, str, str], str] = {
+    (0, "none", "none"): "zero0",
+    (1, "none", "none"): "zero1", (1, "cpu", "none"): "zero1_offload",
+    (2, "none", "none"): "zero2", (2, "cpu", "none"): "zero2_offload",
+    **{(3, opt, par): ("zero3_nvme" if "nvme" in (opt, par) else
+                       "zero3" if (opt, par) == ("none", "none") else "zero3_offload")
+       for opt in ("none", "cpu", "nvme") for par in ("none", "cpu", "nvme")},
+}
+
+
+def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:
+    return TEMPLATES[(stage, offload_optimizer, offload_params)]
+
+
 def template_path(recipe: Recipe) -> Path:
     if recipe.zero.template:
         return Path(recipe.zero.template)
     z = recipe.zero
-    if "nvme" in (z.offload_optimizer, z.offload_params):
-        name = "zero3_nvme" if z.stage == 3 else f"zero{z.stage}_offload"
-    elif z.offload_params != "none" or (z.offload_optimizer != "none" and z.stage == 3):
-        name = "zero3_offload"
-    elif z.offload_optimizer != "none":
-        name = "zero2_offload" if z.stage == 2 else f"zero{z.stage}_offload"
-    else:
-        name = f"zero{z.stage}"
-    return DS_CONFIGS / f"{name}.json"
+    return DS_CONFIGS / f"{template_name(z.stage, z.offload_optimizer, z.offload_params)}.json"
 
 
 def load_template(path: Path) -> dict:

@@ -34,6 +34,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     double = {f"zero{s}": tiny_recipe(tmp / f"zero{s}", zero={"stage": s},
                                       train={**train, "micro_batch_size": 2})
               for s in (0, 1, 2, 3)}
+    # ZeRO-1 with the optimizer on the CPU (DeepSpeed's CPU Adam): its own template.
+    double["zero1_offload"] = tiny_recipe(tmp / "zero1_offload",
+                                          zero={"stage": 1, "offload_optimizer": "cpu"},
+                                          train={**train, "micro_batch_size": 2})
     double["packed_zero2"] = tiny_recipe(tmp / "packed_zero2", zero={"stage": 2},
                                          data={"packing": True, "max_seq_len": 256},
                                          train={**train, "global_batch_size": 4,
@@ -57,6 +61,18 @@ def test_two_ranks_match_one_process(runs, stage):
     assert len(reference) == len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
     # The run must actually learn, or equal losses would prove nothing.
+    assert got[-1] < got[0] - 0.1
+
+
+def test_zero1_with_cpu_offload_trains_like_one_process(runs):
+    """ZeRO-1 + offload_optimizer: cpu resolves to zero1_offload.json and DeepSpeedCPUAdam
+    (adamw mode) steps like torch's AdamW in the one-process reference."""
+    reference = train_losses(runs["reference"])
+    got = train_losses(runs["zero1_offload"])
+    config = (runs["zero1_offload"] / "ds_config.json").read_text()
+    assert '"device": "cpu"' in config and '"stage": 1' in config, config
+    assert len(reference) == len(got) == STEPS
+    assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
     assert got[-1] < got[0] - 0.1
 
 

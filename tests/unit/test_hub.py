@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from dpkit import hub as dphub
+from dpkit.cli import push as push_cli
 from dpkit import model_card
 from dpkit.errors import RecipeError
 
@@ -38,7 +39,7 @@ REPO = "dpkit-tests/tiny-chat"
 
 HARNESS = """
 import argparse, sys
-from dpkit import hub
+from dpkit.cli import push as hub
 from dpkit.errors import RecipeError, format_errors
 parser = argparse.ArgumentParser(prog="dpkit")
 hub.register(parser.add_subparsers(dest="command"))
@@ -185,7 +186,7 @@ def test_missing_token_is_a_user_error(full_run, monkeypatch):
     run, *_ = full_run
     monkeypatch.delenv("DPKIT_NO_SUCH_TOKEN", raising=False)
     parser = argparse.ArgumentParser(prog="dpkit")
-    dphub.register(parser.add_subparsers(dest="command"))
+    push_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["push", str(run), "--token-env", "DPKIT_NO_SUCH_TOKEN"])
     with pytest.raises(RecipeError, match=r"hub\.token_env: no Hub token: \$DPKIT_NO_SUCH_TOKEN"):
         args.func(args)

@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpkit.errors import RecipeError
 from dpkit.plan.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
-from dpkit.plan.recommend import Hardware, check_fits, parse_size, plan, register
+from dpkit.cli.plan import parse_size, register
+from dpkit.plan.recommend import Hardware, check_fits, plan
 from dpkit.recipe import load_recipe, recipe_from_dict
 from dpkit.zero import MIN_COMM_BUCKET
 from dpkit.shipped import DS_CONFIGS

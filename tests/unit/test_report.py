@@ -13,6 +13,7 @@ import pytest
 from matplotlib.image import imread
 
 from dpkit import report
+from dpkit.cli import report as report_cli
 from dpkit.errors import RecipeError
 
 
@@ -152,7 +153,7 @@ def test_same_named_runs_are_told_apart(tmp_path):
 def test_cli_subcommand(two_runs):
     tmp, *_ = two_runs
     parser = argparse.ArgumentParser(prog="dpkit")
-    report.register(parser.add_subparsers(dest="command"))
+    report_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(tmp / "run-a"), str(tmp / "run-b"),
                               "--out", str(tmp / "cli")])
     assert args.func(args) == 0

@@ -121,3 +121,31 @@ def test_fp16_refused_on_cpu(tmp_path):
     with pytest.raises(RecipeError, match="float16 is not supported by DeepSpeed on CPU"):
         resolve_ds_config(r, 2, 32, on_cpu=True)
     assert resolve_ds_config(r, 2, 32, on_cpu=False)["fp16"]["enabled"] is True
+
+
+def test_every_accepted_stage_and_offload_resolves_to_a_shipped_template(tmp_path):
+    """The product of stage × optimizer offload × parameter offload: every combination the schema
+    accepts names a template that exists and resolves with the offload devices asked for; every
+    other combination is refused by the schema (one problem naming a `zero.` key)."""
+    import itertools
+
+    accepted = 0
+    for stage, opt, par in itertools.product((0, 1, 2, 3), ("none", "cpu", "nvme"),
+                                             ("none", "cpu", "nvme")):
+        zero = {"stage": stage, "offload_optimizer": opt, "offload_params": par,
+                "nvme_path": "/nvme"}
+        try:
+            r = recipe(tmp_path, zero=zero)
+        except RecipeError as e:
+            assert all(p.where.startswith("zero") for p in e.problems), (stage, opt, par, e)
+            continue
+        accepted += 1
+        path = template_path(r)
+        assert path.is_file(), (stage, opt, par, path)
+        zo = resolve_ds_config(r, world_size=2, hidden_size=32)["zero_optimization"]
+        assert zo["stage"] == stage
+        assert zo.get("offload_optimizer", {}).get("device", "none") == opt, (stage, opt, par)
+        assert zo.get("offload_param", {}).get("device", "none") == par, (stage, opt, par)
+        assert "auto" not in json.dumps(zo)
+    # 0: 1; 1 and 2: none/cpu optimizer; 3: all nine.
+    assert accepted == 1 + 2 + 2 + 9

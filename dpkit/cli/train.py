@@ -1,0 +1,49 @@
+"""`dpkit train RECIPE [key=value ...]`: validate, then launch the ranks (each runs dpkit.train)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dpkit.checkpoint import latest_complete
+from dpkit.cli.common import add_launch_args, preflight
+from dpkit.launch import LAUNCHERS, launch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="validate, then launch training on all ranks")
+    add_launch_args(p)
+    p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
+                   help="what starts the ranks (default: torchrun)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank, 0..nodes-1 (multi-node: run the command on every "
+                        "node; with the deepspeed CLI it means no ssh)")
+    p.add_argument("--master-addr", default=None,
+                   help="address of node 0, the same on every node (default: the hostfile's "
+                        "first host; 127.0.0.1 on one node; required across nodes otherwise)")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="port on node 0 (default: a free one; 29500 across nodes)")
+    p.add_argument("--hostfile", help="`host slots=N` per line (deepspeed's format): nodes, ranks "
+                                      "per node and node 0's address, for every launcher")
+    p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    recipe, plan, report = preflight(args)
+    for note in report.notes:
+        print(f"[dpkit] {note}")
+    code = launch(plan, args.recipe, args.overrides, args.dry_run)
+    if code != 0:
+        print(failure_summary(recipe, args, code), file=sys.stderr)
+    return code
+
+
+def failure_summary(recipe, args, code: int) -> str:
+    """After a failed launch: where to pick up. (The launcher's own report above names the
+    rank that failed first.)"""
+    latest = latest_complete(Path(recipe.output.dir))
+    where = f"last complete checkpoint: {latest}" if latest else "no complete checkpoint yet"
+    resume = (f"; resume with: dpkit train {args.recipe} {' '.join(args.overrides)} resume=auto"
+              if latest else "")
+    return f"[dpkit] training failed (launcher exit code {code}); {where}{resume}".replace("  ", " ")
