@@ -89,7 +89,6 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
 }
-# Read when present (without `prompt`, conversational pairs hold the prompt turns themselves).
 OPTIONAL_COLUMNS = {"alpaca": {"input"}, "preference": {"prompt"}}
 
 
@@ -295,11 +294,9 @@ class Recipe(_Section):
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
     is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
-    """`sft`: next-token loss on the targets; on pairs (data format `preference`, see
-    docs/preference.md): `dpo`, its variant `ipo`, and `simpo`, `orpo` (no reference model)."""
+    """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
     preference: PreferenceSection | None = None
     """Settings of the preference objectives (beta, reference, prompt length); optional."""
-
     _objective_fits = model_validator(mode="after")(check_objective)
 
 
