@@ -163,7 +163,7 @@ def _objective_rows(summary: dict) -> list[str]:
     for key, label in (("beta", "beta"), ("simpo_gamma", "SimPO gamma"),
                        ("orpo_lambda", "ORPO lambda"), ("reference", "reference model")):
         if key in summary:
-            rows.append(f"| {label} | {_cell(summary[key])} |")
+            rows.append(f"| {label} | {_cell(summary[key], 'g')} |")
     return rows
 
 

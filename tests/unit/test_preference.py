@@ -290,3 +290,26 @@ def test_preference_objective_needs_preference_data(tmp_path):
     r["preference"] = {"beta": 0.2}
     with pytest.raises(RecipeError, match="needs a preference `objective`"):
         recipe_from_dict(r)
+
+
+# ---------------------------------------------------------------------- card and report
+def test_model_card_and_report_name_the_objective_and_show_rewards(tmp_path):
+    import json
+
+    from dpkit.model_card import render_card
+    from dpkit.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    card = Preference("dpo", 0.25, reference="adapter_off").card()
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "world_size": 2, **card}))
+    lines = [{"step": s, "loss": 0.69 - 0.1 * s, "tokens_seen": 100 * s, "rewards/margins": 0.1 * s,
+              "rewards/accuracies": 0.5 + 0.2 * s} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = render_card(run, repo_id="me/x", base_model=None, adapter=True, license=None, tags=[],
+                       has_plot=False)
+    assert "| objective | dpo |" in text and "| beta | 0.25 |" in text
+    assert "| reference model | adapter_off |" in text
+    report = write_report([run]).read_text()
+    assert "## Reward margin" in report and "## Reward accuracy" in report
+    assert "objective dpo, beta 0.25" in report and "last reward accuracy 0.9000" in report
