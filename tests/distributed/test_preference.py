@@ -1,6 +1,6 @@
 """Preference tuning on real ranks: 2 ranks give the per-step losses and rewards of 1 process
 (fp32) under ZeRO 0-3, full fine-tuning (precomputed reference) and LoRA (adapter-off reference,
-also under ZeRO-3), and for IPO, SimPO and ORPO; accumulation splits don't matter; a run
+also under ZeRO-3), for IPO, SimPO and ORPO, and with pairs laid end to end (no padding); accumulation splits don't matter; a run
 SIGKILLed mid-way resumes bit for bit (reading its cached reference log-probs).
 
 Four launches in all: the 1-process list, the 2-rank list, and the kill/resume pair."""
@@ -56,6 +56,8 @@ def runs(tmp_path_factory) -> Path:
     double.update(ipo1=pref(tmp, "ipo1", "ipo", stage=1),
                   simpo2=pref(tmp, "simpo2", "simpo", stage=2),
                   orpo3=pref(tmp, "orpo3", "orpo", stage=3),
+                  # pairs laid end to end (per-row attention, no padding) against padded "full"
+                  packed2=pref(tmp, "packed2", stage=2, data={"packing": True}),
                   # the uninterrupted twin of the crash chain below
                   U=pref(tmp, "U", stage=2, output={"save_steps": 2, "save_model": True}))
     for group, nproc in ((single, 1), (double, 2)):
@@ -102,6 +104,11 @@ def test_two_ranks_match_one_process(runs, kind, stage):
                                             ("orpo", "orpo3")])
 def test_other_objectives_two_ranks_match_one_process(runs, single, double):
     assert_same(runs / single, runs / double)
+
+
+def test_pairs_laid_end_to_end_match_padded_pairs(runs):
+    assert_same(runs / "full", runs / "packed2")
+    assert "packing: attention" in (runs / "packed2" / "logs" / "rank0.log").read_text()
 
 
 def test_gradient_accumulation_split_does_not_matter(runs):
