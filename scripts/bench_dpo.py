@@ -7,8 +7,8 @@ pairs per second of each and the ratio; medians of --reps repetitions, warm-up s
 
 dpkit lays each micro-batch's chosen and rejected rows end to end (`data.packing: true`: per-row
 attention, no padding); TRL pads them to the longest row (its default; its padding-free mode needs
-flash-attention). Both sides train full fine-tuning DPO (sigmoid loss, beta 0.1) with the reference log-probs
-computed in a first pass before step 1 (dpkit: `preference.reference: precomputed`; TRL:
+flash-attention). Both sides train full fine-tuning DPO (sigmoid loss, beta 0.1) with the
+reference log-probs computed in a first pass before step 1 (dpkit: `preference.reference: precomputed`; TRL:
 `precompute_ref_log_probs=True`), so each step is one forward of chosen + rejected and one
 backward on both. The reference pass itself is timed apart and printed for each. Pairs per
 second = pairs of the timed steps / their wall time (from the end of the first step to the end
@@ -129,7 +129,8 @@ def run_trl(recipe_path: str) -> dict | None:
     if state.process_index != 0:
         return None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"times": times, "pairs": [b.global_batch_size] * len(times), "loss1": losses[0] if losses else None,
+    return {"times": times, "pairs": [b.global_batch_size] * len(times),
+            "loss1": losses[0] if losses else None,
             "total_s": total}
 
 
@@ -156,7 +157,7 @@ def launch(which: str, recipe_path: Path, result: Path, log: Path, timeout: int)
            "--result", str(result)]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, env=rank_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
     if proc.returncode:
         raise SystemExit(f"{which} failed ({proc.returncode}), log {log}:\n"
                          f"{log.read_text()[-4000:]}")

@@ -112,7 +112,7 @@ class Preference(Objective):
             self.metric_names = (*Preference.metric_names, "nll_loss", "log_odds_ratio")
 
     @classmethod
-    def from_recipe(cls, recipe) -> "Preference":
+    def from_recipe(cls, recipe) -> Preference:
         from dpkit.recipe import PreferenceSection
 
         name = recipe.objective
