@@ -8,11 +8,11 @@ pairs per second of each and the ratio; medians of --reps repetitions, warm-up s
 dpkit lays each micro-batch's chosen and rejected rows end to end (`data.packing: true`: per-row
 attention, no padding); TRL pads them to the longest row (its default; its padding-free mode needs
 flash-attention). Both sides train full fine-tuning DPO (sigmoid loss, beta 0.1) with the
-reference log-probs computed in a first pass before step 1 (dpkit: `preference.reference: precomputed`; TRL:
-`precompute_ref_log_probs=True`), so each step is one forward of chosen + rejected and one
-backward on both. The reference pass itself is timed apart and printed for each. Pairs per
-second = pairs of the timed steps / their wall time (from the end of the first step to the end
-of the last), measured on rank 0 after a GPU sync where there is one.
+reference log-probs computed in a first pass before step 1 (dpkit: `reference: precomputed`;
+TRL: `precompute_ref_log_probs=True`), so each step is one forward of chosen + rejected and one
+backward on both; dpkit's reference pass is timed apart and printed. Pairs per second = pairs of
+the timed steps / their wall time (from the end of the warm-up step to the end of the last full
+step; an epoch's partial last step is left out), on rank 0 after a GPU sync where there is one.
 
 Same pairs: the bundled 60 preference pairs (dpkit/resources/data/), rendered with the tiny
 tokenizer's chat template by each library itself; same global batch, micro batch, learning rate,
