@@ -134,7 +134,7 @@ class DataSection(_Section):
     reported at start."""
     packing: bool = False
     """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
-    that restart per row (see dpkit/data/packing.py); the global batch then counts sequences."""
+    restarting per row (data/packing.py): batches count sequences (pairs: each laid end to end)."""
     group_by_length: bool = False
     """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
     same rows per step)."""
