@@ -14,7 +14,10 @@ Layout of `<run>/checkpoints/`:
 A checkpoint without COMPLETE is never resumed from; the next save removes it.
 
 Security: DeepSpeed checkpoints are pickles, which can run code when loaded. dpkit loads them
-only from the run's own directory or from a path the user names (`resume=PATH`).
+only from the run's own directory or from a path the user names (`resume=PATH`, with a warning
+when it lies outside output.dir); its own tensor-only files (rng-rank*.pt) are read with
+`weights_only=True`. Before loading, `verify` checks every file cheaply (each torch file must be
+a whole zip archive), so a truncated shard is named once, before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,6 +135,44 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def damaged_files(ckpt: Path) -> list[Path]:
+    """Files of a checkpoint that can't be whole: a torch file (*.pt) that is not a complete zip
+    archive (torch.save writes zip archives, whose directory is at the very end: a truncated file
+    has none), an empty file, or an unreadable dpkit.json. Reads only each archive's directory."""
+    ckpt = Path(ckpt)
+    parts = [ckpt / "ds", *ckpt.glob("rng-rank*.pt")]
+    if is_complete(ckpt / "universal"):  # a cached conversion is used as it is
+        parts.append(ckpt / "universal")
+    files = sorted(f for p in parts for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    bad = []
+    for f in files:
+        if f.suffix in (".pt", ".pth"):
+            try:
+                with zipfile.ZipFile(f) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError, EOFError):
+                bad.append(f)
+    try:
+        read_state(ckpt)
+    except (OSError, ValueError, TypeError):
+        bad.append(ckpt / "dpkit.json")
+    return bad
+
+
+def verify(ckpt: Path) -> None:
+    """Refuse, naming the first broken file, a checkpoint that would fail half way through
+    loading (on every rank at once)."""
+    bad = damaged_files(ckpt)
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    earlier = [p for p in complete_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    fix = (f"resume from an earlier one: resume={earlier[-1]}" if earlier else
+           "no earlier complete checkpoint: start a new run")
+    raise RecipeError.one("resume", f"checkpoint file {bad[0]} is damaged (truncated or not a "
+                          f"torch file){more}; nothing was loaded or changed", fix)
+
+
 def read_state(ckpt: Path) -> TrainState:
     return TrainState(**json.loads((ckpt / "dpkit.json").read_text()))
 
@@ -192,7 +234,7 @@ def _add_stage3_optimizer_state(zero_dir: Path) -> None:
     if OPTIMIZER_STATE_DICT in state or "param_groups" not in state:
         return
     step_file = next(zero_dir.glob("*/step.pt"), None)
-    step = torch.load(step_file, weights_only=False) if step_file else torch.tensor(0.0)
+    step = torch.load(step_file, weights_only=True) if step_file else torch.tensor(0.0)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": groups}
     torch.save(state, path)
@@ -224,7 +266,7 @@ def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
     rng = ckpt / f"rng-rank{env.rank}.pt"
     if rng.is_file():
-        states = torch.load(rng, weights_only=False)  # our own file, in our own run directory
+        states = torch.load(rng, weights_only=True)  # tensors and None only: no pickled code
         torch.set_rng_state(states["torch"])
         if states.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])

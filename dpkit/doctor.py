@@ -169,7 +169,8 @@ def remote_report(host: str, timeout_s: float) -> dict:
     remote = (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m dpkit.doctor "
               "--report-json")
     try:
-        proc = subprocess.run([*ssh, host, remote], capture_output=True, text=True,
+        # `--`: the host name ends ssh's options (hostfile names are checked too, in launch).
+        proc = subprocess.run([*ssh, "--", host, remote], capture_output=True, text=True,
                               timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(str(e)) from e

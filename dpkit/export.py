@@ -8,13 +8,18 @@ and only from a path the user names: DeepSpeed checkpoints are pickles.
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dpkit import checkpoint as C
-from dpkit.errors import RecipeError
+from dpkit.errors import Problem, RecipeError
+from dpkit.rundir import mark, replace_dir, write_problem
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -36,9 +41,15 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     stage = C.read_state(ckpt).zero_stage
     ds_dir = ckpt / "ds"
     if stage == 0:
-        # Our own run's file, written by DeepSpeed; it is a pickle, hence weights_only=False.
-        states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        # DeepSpeed's ZeRO-0 file holds tensors, numbers, strings and dicts: weights_only=True
+        # reads it without running any pickled code (ZeRO 1-3 go through DeepSpeed's loader).
+        path = ds_dir / "mp_rank_00_model_states.pt"
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = (str(e).strip().splitlines() or ["?"])[0]
+            raise RecipeError.one(str(path), f"holds more than tensors ({first}); dpkit does not "
+                                  "unpickle it", "export only checkpoints you made") from None
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -50,9 +61,8 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     ckpt = resolve_checkpoint(Path(path))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RecipeError.one("--out", f"'{out}' exists and is not empty",
-                              "choose another directory or pass --overwrite")
+    out = Path(out).expanduser()
+    check_out(out, overwrite)
     config = AutoConfig.from_pretrained(ckpt / "hf")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -67,13 +77,38 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
         model.tie_weights()
     model = model.to(DTYPES[dtype])
     model.generation_config = GenerationConfig.from_model_config(config)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staging(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out
 
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """--out may be new or empty; replaced (--overwrite) only if dpkit exported into it before."""
+    problem = write_problem(out, "export", "--out", overwrite, "pass --overwrite")
+    if problem is None and out.is_symlink():  # the export is renamed into place: not a link
+        problem = Problem("--out", f"'{out}' is a symbolic link", "name the directory itself")
+    if problem is not None:
+        raise RecipeError(problem)
+
+
+@contextmanager
+def staging(out: Path):
+    """A fresh directory beside `out` (a name no one else has: nothing of theirs is removed),
+    marked as an export and renamed to `out` once everything is written; removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide the model from the group
+        yield tmp
+        mark(tmp, "export")
+        if out.exists() and any(out.iterdir()):
+            replace_dir(out, "export", "--out")  # the rule again, right before deleting
+        elif out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,8 +8,10 @@ safe because the commit skips files the Hub already has. The card and loss plot 
 `<run>/hub/` first, and nothing in the run directory is modified or removed, so a failed push
 loses nothing and `dpkit push RUN_DIR` can be run again.
 
-The token is read from the environment variable named by `hub.token_env` at push time, handed
-to huggingface_hub, and held nowhere else: not in the recipe, the card, logs or any file we write.
+The token is read from the environment variable named by `hub.token_env` at push time (or the
+one `hf auth login` stored), handed to huggingface_hub, and held nowhere else: not in the recipe,
+the card, logs or any file we write. Where it may go is dpkit.hub_schema's rule: the default Hub,
+$HF_ENDPOINT or an endpoint given on the command line, over https (docs/security.md).
 """
 
 from __future__ import annotations
@@ -24,40 +26,60 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
-
-from dpkit.hub_schema import HubSection, hub_from_dict  # noqa: F401  (re-exported)
+from dpkit.hub_schema import (STANDARD_TOKEN_ENVS, HubSection, UserChoice,  # noqa: F401
+                              hub_from_dict, token_problems)
+from dpkit.rundir import MARKER
 
 
 # --------------------------------------------------------------------------------- the token
-def resolve_token(hub: HubSection) -> str:
+def resolve_token(hub: HubSection, user: UserChoice | None = None) -> str:
+    """The token, once `token_problems` allows sending it where `hub` says (`user`: what the
+    command line said; None: nothing, so only the standard variables and endpoints)."""
+    problems = token_problems(hub, user)
+    if problems:
+        raise RecipeError(problems)
     value = os.environ.get(hub.token_env, "").strip()
     if value:
         return value
-    if hub.token_env == "HF_TOKEN":
+    if hub.token_env in STANDARD_TOKEN_ENVS:
         from huggingface_hub import get_token
 
         if stored := get_token():  # saved by `hf auth login`
             return stored
     fix = f"export {hub.token_env}=<a write token from https://huggingface.co/settings/tokens>"
-    if hub.token_env == "HF_TOKEN":
+    if hub.token_env in STANDARD_TOKEN_ENVS:
         fix += " or run `hf auth login`"
     raise RecipeError.one("hub.token_env", f"no Hub token: ${hub.token_env} is not set", fix)
 
 
-def check_hub(hub: HubSection) -> list[Problem]:
-    """Pre-launch checks (for preflight): a token is there to push with."""
+def check_hub(hub: HubSection, user: UserChoice | None = None) -> list[Problem]:
+    """Pre-launch checks (for preflight): the token may go where the recipe says, and is there."""
     try:
-        resolve_token(hub)
+        resolve_token(hub, user)
     except RecipeError as e:
         return e.problems
     return []
 
 
-def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "<token>") if token else text
+def known_tokens(hub: HubSection | None = None) -> list[str]:
+    """Every token this process could hold: the variables and the one `hf auth login` stored."""
+    names = [*STANDARD_TOKEN_ENVS, *([hub.token_env] if hub is not None else [])]
+    found = [os.environ.get(n, "").strip() for n in names]
+    try:  # the file `hf auth login` writes (read directly: get_token may go to the network)
+        from huggingface_hub import constants
+
+        found.append(Path(constants.HF_TOKEN_PATH).read_text().strip())
+    except (OSError, ValueError, ImportError):  # no stored token: nothing more to redact
+        pass
+    return [t for t in found if len(t) >= 8]
+
+
+def _redact(text: str, *tokens: str | None) -> str:
+    for token in sorted({t for t in tokens if t} | set(known_tokens()), key=len, reverse=True):
+        text = text.replace(token, "<token>")
+    return text
 
 
 # ------------------------------------------------------------------------------ what is pushed
@@ -94,7 +116,7 @@ def _select(model_dir: Path, patterns: list[str], say: Callable[[str], None]) ->
     for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
         if any(fnmatch.fnmatch(path.name, pat) for pat in patterns):
             chosen[path.name] = path
-        elif path.name != "README.md":  # ours replaces any card a library wrote
+        elif path.name not in ("README.md", MARKER):  # ours replaces any card a library wrote
             left.append(path.name)
     if left:
         say(f"[dpkit] not pushed (not weights, config or tokenizer): {', '.join(left)}")
@@ -192,13 +214,14 @@ def _with_retries(what: str, fn: Callable, hub: HubSection, token: str,
 # -------------------------------------------------------------------------------------- push
 def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path | None = None,
                  step: int | None = None, commit_message: str | None = None,
-                 say: Callable[[str], None] = print) -> PushResult:
+                 say: Callable[[str], None] = print,
+                 user: UserChoice | None = None) -> PushResult:
     """Push a run directory's model, card and training record (main process only).
 
     `model_dir` defaults to `<run>/model`; a checkpoint push passes its export and `step`.
     Raises RecipeError for user errors (no token, no model), PushError when the Hub keeps
     failing. The card and plot are left in `<run>/hub/`, the record of the push in
-    `<run>/hub/push.json`.
+    `<run>/hub/push.json`. `user`: the endpoint and token variable the command line named.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -207,7 +230,7 @@ def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path 
     if not model_dir.is_dir():
         raise RecipeError.one(str(model_dir), "no model directory to push",
                               "push a run that saved its model (output.save_model: true)")
-    token = resolve_token(hub)
+    token = resolve_token(hub, user)
     card_dir = run_dir / "hub"
     revision = hub.revision or "main"
     base = adapter_base(model_dir, run_dir) if is_adapter(model_dir) else None
@@ -263,8 +286,3 @@ def push_on_main(run_dir: str | Path, hub: HubSection, *, is_main: bool,
     if barrier is not None:
         barrier()
     return result
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-

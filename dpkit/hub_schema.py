@@ -1,9 +1,19 @@
-"""The recipe's `hub:` section: where a run is pushed (the push itself is dpkit/hub.py).
+"""The recipe's `hub:` section: where a run is pushed (the push itself is dpkit/hub.py), and
+the rule for where the token may go.
 
 Its own module so that the recipe schema does not import the upload code.
+
+Recipes and run directories are untrusted (docs/security.md): the token goes only to the default
+Hub, $HF_ENDPOINT or an endpoint the user gave on the command line, only over https (plain http
+to this machine only, for tests), and is read only from HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the
+token `hf auth login` stored, or a variable the user named on the command line.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -35,9 +45,13 @@ class HubSection(BaseModel):
     """Extra card tags, added to dpkit's own (dpkit, deepspeed, zero-stage-N)."""
     token_env: str = "HF_TOKEN"
     """Name of the environment variable holding a write token. The token itself never goes in
-    a recipe. With the default, a token saved by `hf auth login` also works."""
+    a recipe. Only HF_TOKEN and HUGGING_FACE_HUB_TOKEN (or a token saved by `hf auth login`) are
+    read unless the command line names another (`--token-env`, or `hub.token_env=` as an
+    override)."""
     endpoint: str | None = None
-    """Hub URL for a self-hosted Hub or mirror; default: $HF_ENDPOINT, else huggingface.co."""
+    """Hub URL for a self-hosted Hub or mirror; default: $HF_ENDPOINT, else huggingface.co. The
+    token is sent only where $HF_ENDPOINT or the command line (`--endpoint`, or `hub.endpoint=`
+    as an override) agree, over https."""
     retries: int = Field(default=5, ge=0)
     """Retries after a transient error (5xx, 408, 429, connection lost) before giving up."""
     retry_wait_s: float = Field(default=2.0, gt=0)
@@ -70,3 +84,58 @@ def hub_from_dict(raw: dict, where: str = "hub") -> HubSection:
                            for err in e.errors()]) from None
 
 
+
+
+# ------------------------------------------------------------------------- where the token goes
+DEFAULT_ENDPOINT = "https://huggingface.co"
+STANDARD_TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@dataclass(frozen=True)
+class UserChoice:
+    """What the user said on the command line about the Hub. A recipe or a run directory's
+    recipe.yaml can't add to it, so neither can send the token somewhere else."""
+    endpoint: str | None = None
+    token_env: str | None = None
+
+
+def user_choice_from_overrides(overrides: list[str]) -> UserChoice:
+    """`hub.endpoint=URL` / `hub.token_env=NAME` typed on the `dpkit train` command line."""
+    found = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in ("hub.endpoint", "hub.token_env"):
+            found[key.strip().split(".")[1]] = value.strip().strip("'\"")
+    return UserChoice(**found)
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and a.strip().rstrip("/") == b.strip().rstrip("/")
+
+
+def token_problems(hub: HubSection, user: UserChoice | None) -> list[Problem]:
+    """Where the token would go and which variable it is read from, against the rule above."""
+    user = user or UserChoice()
+    out = []
+    if hub.token_env not in STANDARD_TOKEN_ENVS and hub.token_env != user.token_env:
+        out.append(Problem("hub.token_env", f"'{hub.token_env}' is neither HF_TOKEN nor "
+                           "HUGGING_FACE_HUB_TOKEN and was not named on the command line; a "
+                           "recipe can't choose which secret dpkit sends",
+                           f"pass --token-env {hub.token_env} to dpkit push (or "
+                           f"hub.token_env={hub.token_env} on the dpkit train command line)"))
+    env_endpoint = os.environ.get("HF_ENDPOINT")
+    target, where = hub.endpoint, "hub.endpoint"
+    if target is None:
+        target, where = env_endpoint or DEFAULT_ENDPOINT, "HF_ENDPOINT"
+    elif not any(_same(target, t) for t in (DEFAULT_ENDPOINT, env_endpoint, user.endpoint)):
+        return out + [Problem("hub.endpoint", f"'{target}' is named only by the recipe (or a run "
+                              "directory's recipe.yaml); the Hub token goes only to "
+                              "huggingface.co, $HF_ENDPOINT or an endpoint given on the command "
+                              "line", f"if you trust it: dpkit push --endpoint {target} (or "
+                              f"hub.endpoint={target} on the dpkit train command line)")]
+    parts = urlsplit(target.strip())
+    if not (parts.scheme == "https" or parts.scheme == "http" and parts.hostname in LOOPBACK):
+        out.append(Problem(where, f"'{target}' is not an https URL: the token would travel in "
+                           "clear text", "use https (plain http only to this machine)"))
+    return out

@@ -40,6 +40,9 @@ DEFAULT_PORT = 29500
 
 
 # ------------------------------------------------------------------------------------ hostfile
+HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
+
+
 def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """`host slots=N` lines (deepspeed's format; `#` comments and blank lines ignored)."""
     hosts: list[tuple[str, int]] = []
@@ -50,6 +53,9 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
         m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not m:
             raise ValueError(f"line {n}: '{line}' is not `host slots=N`")
+        if not HOST_NAME.fullmatch(m[1]):  # it reaches ssh/pdsh: never an option, never a shell word
+            raise ValueError(f"line {n}: '{m[1]}' is not a host name (letters, digits, `.`, `-`, "
+                             "`_`, `:`; not starting with `-`)")
         if any(h == m[1] for h, _ in hosts):
             raise ValueError(f"line {n}: host '{m[1]}' is listed twice")
         hosts.append((m[1], int(m[2])))
@@ -95,6 +101,8 @@ class LaunchPlan:
     """How long nodes wait for each other (the recipe's train.collective_timeout_s)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     _port: int = field(default=0, repr=False)
+    _generated: Path | None = field(default=None, repr=False)
+    """The hostfile dpkit wrote for this launch (deepspeed CLI without ssh), if any."""
 
     def hosts(self) -> list[tuple[str, int]]:
         return read_hostfile(self.hostfile) if self.hostfile else []
@@ -198,9 +206,15 @@ class LaunchPlan:
 def generated_hostfile(plan: LaunchPlan) -> Path:
     """For the deepspeed CLI without ssh and without --hostfile: it needs one to count ranks. The
     names only label nodes (nothing connects to them); node 0's address comes from --master-addr."""
-    hosts = [(f"node{i}", s) for i, s in enumerate(plan.node_slots())]
-    name = "dpkit-hostfile-" + "-".join(str(s) for _, s in hosts)
-    return write_hostfile(Path(tempfile.gettempdir()) / name, hosts)
+    if plan._generated is None:
+        hosts = [(f"node{i}", s) for i, s in enumerate(plan.node_slots())]
+        # mkstemp: a new file no one else could have planted (a fixed name in /tmp could be a
+        # link to someone else's file), readable by this user only.
+        fd, name = tempfile.mkstemp(prefix="dpkit-hostfile-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{host} slots={slots}\n" for host, slots in hosts))
+        plan._generated = Path(name)
+    return plan._generated
 
 
 def command(plan: LaunchPlan, recipe: str, overrides: list[str],
@@ -349,6 +363,8 @@ def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool) -
     except KeyboardInterrupt:  # the launcher got the same Ctrl-C: let it stop its ranks
         code = proc.wait()
     pump.join(timeout=5)
+    if plan._generated is not None:  # ours, for this launch only
+        plan._generated.unlink(missing_ok=True)
     if code != 0:
         message = diagnose(plan, b"".join(tail).decode(errors="replace"))
         if message:

@@ -346,17 +346,17 @@ def merge_adapter(base_model_dir_or_recipe, adapter_dir, out_dir, dtype: str = "
     base, opts = _base_and_options(base_model_dir_or_recipe, adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **opts)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    for source in (adapter_dir, base):
-        try:
-            AutoTokenizer.from_pretrained(source, **opts).save_pretrained(tmp)
-            break
-        except (OSError, ValueError):
-            continue
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    from dpkit.export import check_out, staging
+
+    check_out(out_dir, overwrite=True)  # replaces only an earlier export (dpkit.rundir's rule)
+    with staging(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        for source in (adapter_dir, base):
+            try:
+                AutoTokenizer.from_pretrained(source, **opts).save_pretrained(tmp)
+                break
+            except (OSError, ValueError):
+                continue
     return out_dir
 
 

@@ -6,11 +6,14 @@ Hub configs shipped under `dpkit/resources/hub_configs/<org>/<name>/` (config.js
 
 from __future__ import annotations
 
+import difflib
+import json
+import re
 from pathlib import Path
 
 import torch
 
-from dpkit.errors import RecipeError
+from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import ModelSection
 from dpkit.shipped import CHAT_TEMPLATES as SHIPPED_CHAT_TEMPLATES
 from dpkit.shipped import HUB_CONFIGS
@@ -21,8 +24,71 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def looks_local(name: str) -> bool:
-    """A local path if it exists or is written like one; otherwise a hub id."""
-    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+    """A local path if it exists or is written like one (a hub id is `org/name` or `name`, of
+    letters, digits and `-_.`, and `org` is not a folder here); otherwise a hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+        return True
+    if "/" in name and Path(name.split("/")[0]).is_dir():
+        return True  # `data/trian.jsonl`, `tokenizers/tiny-bpee` beside an existing folder
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True  # `data/tok/`, `my tokenizer`: a mistyped path, never a hub id
+    return False
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+
+
+def weight_problems(directory: Path) -> list[Problem]:
+    """A local model directory's weights, checked without loading them: present, every shard
+    an index names on disk, and each safetensors file as long as its header says."""
+    where = "model.name_or_path"
+    if not any(next(directory.glob(p), None) for p in WEIGHT_PATTERNS):
+        return [Problem(where, f"'{directory}' has a config.json but no weights (model.safetensors "
+                        "or pytorch_model.bin)", "point it at a directory written by "
+                        "save_pretrained, or use model.config for a randomly initialized model")]
+    problems = []
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError):
+            return [Problem(where, f"'{index}' is not a safetensors index (no weight_map)",
+                            "save the model again")]
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            problems.append(Problem(where, f"'{index}' names {len(missing)} shard(s) missing from "
+                                    f"'{directory}', first '{missing[0]}'",
+                                    "finish the download, or save the model again"))
+    for path in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            problems.append(Problem(where, problem, "download or save the model again"))
+    return problems
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (8-byte header length, JSON header, then
+    the tensors), read from its header alone; None when it is whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            return f"'{path}' is truncated or not a safetensors file ({size} bytes)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return f"'{path}' has an unreadable safetensors header"
+    if 8 + n + end > size:
+        return f"'{path}' is truncated: {size} bytes, its header describes {8 + n + end}"
+    return None
 
 
 def shipped_config_dir(hub_id: str) -> Path | None:
@@ -37,6 +103,64 @@ def shipped_tokenizer_dir(hub_id: str) -> Path | None:
         (candidate / "tokenizer.json").is_file() else None
 
 
+# Keys real config.json files carry that the config classes no longer list as attributes.
+LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling", "torch_dtype", "auto_map", "use_mrope"}
+
+
+POSITIVE_SIZES = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim",
+                  "n_embd", "n_layer", "n_head", "n_positions"}
+
+
+def inline_config(values: dict):
+    """The transformers config for an inline `model.config`, every mistake named by its key.
+
+    A key that is not an attribute of the model type's config class but is close to one is a
+    typo (`hiden_size`): transformers would keep it as an unused extra attribute, silently. Keys
+    close to nothing are kept: real configs carry extras the class does not list.
+    """
+    import dataclasses
+
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    cfg = dict(values)
+    model_type = cfg.pop("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise RecipeError.one("model.config.model_type", f"unknown model type '{model_type}'",
+                              f"did you mean {' or '.join(close)}?" if close else
+                              "use a transformers model type, e.g. llama, qwen2, mistral")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    if dataclasses.is_dataclass(cls):
+        known |= {f.name for f in dataclasses.fields(cls)}
+    problems = []
+    for key in cfg:
+        if key in known or key in LEGACY_CONFIG_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
+        if close:
+            problems.append(Problem(f"model.config.{key}", f"is not a `{model_type}` config key",
+                                    f"did you mean `model.config.{close[0]}`?"))
+    for key in POSITIVE_SIZES & set(cfg):  # transformers builds a 0 or -1 size, or divides by it
+        if not isinstance(cfg[key], bool) and isinstance(cfg[key], int) and cfg[key] <= 0:
+            problems.append(Problem(f"model.config.{key}", f"must be a positive integer (got "
+                                    f"{cfg[key]})", "set a size of 1 or more"))
+    if problems:
+        raise RecipeError(problems)
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (StrictDataclassError, TypeError, ValueError, ArithmeticError) as e:
+        text = str(e).strip()
+        field = re.search(r"field '(\w+)'", text.splitlines()[0] if text else "")
+        where = f"model.config.{field.group(1)}" if field else "model.config"
+        detail = text.splitlines()[-1].strip() if text else type(e).__name__
+        detail = re.sub(r"^\w+Error: ", "", detail)
+        raise RecipeError.one(where, f"is not valid for `{model_type}`: {detail}",
+                              "see the model's configuration class in transformers") from None
+
+
 def load_model_config(section: ModelSection, offline_ok: bool = True):
     """The transformers config of the recipe's model, without loading weights.
 
@@ -45,14 +169,15 @@ def load_model_config(section: ModelSection, offline_ok: bool = True):
     from transformers import AutoConfig
 
     if section.config is not None:
-        cfg = dict(section.config)
-        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return inline_config(section.config)
     name = section.name_or_path
     assert name is not None
     if looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
-            raise RecipeError.one("model.name_or_path", f"no config.json in local directory '{name}'",
+            gone = "" if path.is_dir() else " (it does not exist, and it is not a hub id)"
+            raise RecipeError.one("model.name_or_path",
+                                  f"no config.json in local directory '{name}'{gone}",
                                   "point it at a saved Hugging Face model directory")
         return AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
     shipped = shipped_config_dir(name) if offline_ok else None
@@ -80,7 +205,9 @@ def load_tokenizer(section: ModelSection):
     name = section.tokenizer_path
     if looks_local(name) and not Path(name).expanduser().is_dir():
         raise RecipeError.one("model.tokenizer" if section.tokenizer else "model.name_or_path",
-                              f"tokenizer directory '{name}' not found", "check the path")
+                              f"tokenizer directory '{name}' not found (and it is not a hub id)",
+                              "check the path (relative paths are read from the current "
+                              "directory), or use dpkit:tokenizers/tiny-bpe")
     shipped = None if looks_local(name) else shipped_tokenizer_dir(name)
     from huggingface_hub import constants
 

@@ -188,6 +188,7 @@ def write_card(run_dir: Path, out_dir: Path, **kwargs) -> tuple[Path, Path | Non
     """Write `out_dir/README.md` and `out_dir/training/loss_curve.png` (when there are metrics);
     returns both paths. They stay in the run directory whether or not a push succeeds."""
     plot = report.write_loss_plot([report.load_run(run_dir)], out_dir / LOSS_PLOT)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a run without metrics has no plot to make it
     readme = out_dir / "README.md"
     readme.write_text(render_card(run_dir, has_plot=plot is not None, **kwargs))
     return readme, plot

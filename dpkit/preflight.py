@@ -6,7 +6,9 @@ GPU allocation and a traceback from rank 3 of 64.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import Recipe
@@ -27,13 +29,18 @@ def _collect(problems: list[Problem], fn, *args):
 
 
 def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool = True,
-                 gpus_per_node: int | None = None, gpu_memory_bytes: int | None = None
-                 ) -> PreflightReport:
+                 gpus_per_node: int | None = None, gpu_memory_bytes: int | None = None,
+                 hub_user=None) -> PreflightReport:
     """Every problem with the recipe for this world size. With `gpu_memory_bytes` (the
-    launching machine's GPUs), also whether it fits them, by dpkit plan's memory model."""
+    launching machine's GPUs), also whether it fits them, by dpkit plan's memory model.
+    `hub_user`: the Hub endpoint / token variable the command line named (dpkit.hub_schema).
+
+    Never runs a model repository's own code: with `model.trust_remote_code` the checks load
+    what transformers can load without it, and the notes warn which repository training will
+    run code from."""
     from dpkit.model import load_model_config, load_tokenizer, looks_local, shipped_tokenizer_dir
     from dpkit.batch import batch_arithmetic
-    from dpkit.rundir import output_dir_problem
+    from dpkit.rundir import output_dir_problem, resume_checks
     from dpkit.zero import resolve_ds_config
 
     import datasets
@@ -41,6 +48,10 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     datasets.disable_progress_bars()  # the parent prints problems and notes, not load bars
     problems: list[Problem] = []
     notes: list[str] = []
+    if recipe.model.trust_remote_code:
+        notes.append(remote_code_warning(recipe))
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"trust_remote_code": False})})
     offline = hub_offline()
     batch = _collect(problems, batch_arithmetic, recipe, world_size)
     if batch:
@@ -79,17 +90,64 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
                                    gpu_memory_bytes))
     if config is not None:
         problems.extend(_build_problems(recipe, config, model_key))
+        problems.extend(_position_problems(recipe, config))
+    if recipe.model.name_or_path and Path(recipe.model.name_or_path).expanduser().is_dir() \
+            and config is not None:
+        from dpkit.model import weight_problems
+
+        problems.extend(weight_problems(Path(recipe.model.name_or_path).expanduser()))
     if recipe.hub is not None:
         from dpkit.hub import check_hub
 
-        problems.extend(check_hub(recipe.hub))
+        problems.extend(check_hub(recipe.hub, hub_user))
         if recipe.hub.push_checkpoints and recipe.peft is not None:
             problems.append(Problem("hub.push_checkpoints", "is not supported for LoRA runs yet "
                                     "(the final adapter is pushed)", "set it to false"))
-    problem = output_dir_problem(recipe)
-    if problem is not None:
-        problems.extend(problem.problems)
+    unwritable = _output_dir_unwritable(recipe.output.dir)  # before the rules for what is in it
+    problem = None if unwritable else output_dir_problem(recipe)
+    if unwritable or problem is not None:
+        problems.extend([unwritable] if unwritable else problem.problems)
+    elif recipe.resume is not None:
+        resume_problems, resume_notes = resume_checks(recipe)
+        problems.extend(resume_problems)
+        notes.extend(resume_notes)
     return PreflightReport(problems, notes)
+
+
+def remote_code_warning(recipe: Recipe) -> str:
+    m = recipe.model
+    repos = sorted({r for r in (m.name_or_path, m.tokenizer_path) if r})
+    at = f" at revision {m.revision}" if m.revision else ""
+    return (f"warning: model.trust_remote_code is true: training will download and run Python "
+            f"code from {' and '.join(repos)}{at} on every rank (validate did not run it); "
+            "keep it only for a repository you trust, pinned with model.revision")
+
+
+def _output_dir_unwritable(directory: str) -> Problem | None:
+    """`output.dir` must be a directory, or creatable: its nearest existing ancestor a directory
+    this user may write in."""
+    out = Path(directory).expanduser()
+    if out.exists() and not out.is_dir():
+        return Problem("output.dir", f"'{directory}' is a file, not a directory",
+                       "choose a directory for the run")
+    ancestor = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        return Problem("output.dir", f"'{directory}' can't be created: '{ancestor}' is a file",
+                       "choose a directory for the run")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return Problem("output.dir", f"'{directory}' can't be written: no write permission on "
+                       f"'{ancestor}'", "choose a directory you can write to")
+    return None
+
+
+def _position_problems(recipe: Recipe, config) -> list[Problem]:
+    """Rows longer than the model's position table fail inside the first forward pass."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and recipe.data.max_seq_len > limit:
+        return [Problem("data.max_seq_len", f"{recipe.data.max_seq_len} is longer than the "
+                        f"model's position limit {limit} (max_position_embeddings)",
+                        f"set data.max_seq_len to {limit} or less")]
+    return []
 
 
 def _observability_problems(recipe: Recipe) -> list[Problem]:
@@ -126,7 +184,7 @@ def _build_problems(recipe: Recipe, config, key: str) -> list[Problem]:
                                             recipe.data.max_seq_len)
                 if chosen != recipe.model.attn_implementation:
                     model.set_attn_implementation(chosen)
-    except (ValueError, ImportError, KeyError) as e:
+    except (ValueError, ImportError, KeyError, TypeError, RuntimeError, ArithmeticError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attention" in str(e).lower():
             return [Problem("model.attn_implementation", f"'{recipe.model.attn_implementation}' "
@@ -171,12 +229,16 @@ def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem
 
 def _collect_model(problems: list[Problem], fn, section, key: str):
     """Model/tokenizer loading errors from transformers become one line naming the key."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return fn(section)
     except RecipeError as e:
         problems.extend(e.problems)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) and getattr(section, "name_or_path", None):
+            return None  # needs the repository's own code, which the checks never run (noted)
         problems.append(Problem(key, f"could not be loaded: {first}",
                                 "check the hub id / directory (offline? the hub can't be reached)"))
     return None

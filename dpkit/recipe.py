@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpkit import shipped
-from dpkit.errors import Problem, RecipeError
+from dpkit.errors import RecipeError
 from dpkit.hub_schema import HubSection
+from dpkit.overrides import (  # noqa: F401
+    _number_or_value,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+    yaml_error_line,
+)
 from dpkit.preference_schema import PreferenceSection, check_objective
+from dpkit.schema_errors import problems_from_pydantic
 
 
 class _Section(BaseModel):
@@ -65,14 +73,24 @@ class ModelSection(_Section):
 
     _shipped = field_validator("name_or_path", "tokenizer")(_shipped_path)
 
+    @field_validator("config")
+    @classmethod
+    def _numbers_as_numbers(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`rms_norm_eps: "1e-5"` (quoted, or from a YAML 1.1 reader) means the number."""
+        if config is None:
+            return None
+        return {k: _number_or_value(v) for k, v in config.items()}
+
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("set exactly one of `model.name_or_path` and `model.config`")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("an inline `model.config` needs `model.tokenizer` (a hub id or directory)")
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("`model.config` needs a `model_type` (for example `llama`)")
+            typo = difflib.get_close_matches("model_type", [str(k) for k in self.config], n=1)
+            raise ValueError("`model.config` needs a `model_type` (for example `llama`)" +
+                             (f"; is `{typo[0]}` a misspelling of it?" if typo else ""))
         return self
 
     @property
@@ -111,7 +129,7 @@ class DataSource(_Section):
     _shipped = field_validator("path")(_shipped_path)
 
     @model_validator(mode="after")
-    def _known_columns(self) -> "DataSource":
+    def _known_columns(self) -> DataSource:
         expected = FORMAT_COLUMNS[self.format]
         unknown = [k for k in self.columns if k not in expected]
         if unknown:
@@ -146,7 +164,7 @@ class DataSection(_Section):
     """Separate eval datasets; use instead of `eval_fraction`."""
 
     @model_validator(mode="after")
-    def _one_eval(self) -> "DataSection":
+    def _one_eval(self) -> DataSection:
         if self.packing and self.group_by_length:
             raise ValueError("`data.packing` and `data.group_by_length` both fight padding; "
                              "packing leaves none. Choose one.")
@@ -158,6 +176,9 @@ class DataSection(_Section):
 
 
 # ----------------------------------------------------------------------------------------- train
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # torch.optim.AdamW refuses others at step 1
+
+
 class TrainSection(_Section):
     global_batch_size: int = Field(gt=0)
     """Rows per optimizer step over all ranks (= micro_batch_size × gradient accumulation ×
@@ -176,9 +197,9 @@ class TrainSection(_Section):
     """Fraction of the steps spent warming the learning rate up linearly from 0."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     """AdamW weight decay (not applied to biases and norm weights)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    adam_eps: float = 1e-8
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
+    adam_eps: float = Field(default=1e-8, gt=0)
     """AdamW epsilon."""
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     """Clip the global gradient norm to this (0 turns clipping off)."""
@@ -218,7 +239,7 @@ class ZeroSection(_Section):
     _shipped = field_validator("template")(_shipped_path)
 
     @model_validator(mode="after")
-    def _offload_fits_stage(self) -> "ZeroSection":
+    def _offload_fits_stage(self) -> ZeroSection:
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ValueError("optimizer offload needs `zero.stage` 1, 2 or 3")
         if self.offload_params != "none" and self.stage != 3:
@@ -252,7 +273,7 @@ class PeftSection(_Section):
     `<output.dir>/merged`."""
 
     @model_validator(mode="after")
-    def _some_targets(self) -> "PeftSection":
+    def _some_targets(self) -> PeftSection:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("`peft.target_modules` is empty: list module names or use `all-linear`")
         return self
@@ -263,7 +284,9 @@ class OutputSection(_Section):
     dir: str
     """Run directory (relative to the current directory)."""
     overwrite: bool = False
-    """Replace an existing run directory. Without it an existing directory stops the run."""
+    """Replace an existing run directory, only one dpkit created as a run (its `.dpkit-run`
+    marker), never `.`, a parent of it, `$HOME` or a symbolic link (docs/security.md). Without
+    it an existing non-empty directory stops the run."""
     log_steps: int = Field(default=1, gt=0)
     """Write a metrics line and a log line every this many steps."""
     eval_steps: int | None = Field(default=None, gt=0)
@@ -292,7 +315,8 @@ class Recipe(_Section):
     """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
-    is none); or a checkpoint path. Another world size or ZeRO stage is converted automatically."""
+    is none; a finished run is left as it is); or a checkpoint path (a pickle: only your own).
+    Another world size or ZeRO stage is converted automatically."""
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
     """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
     preference: PreferenceSection | None = None
@@ -301,47 +325,23 @@ class Recipe(_Section):
 
 
 # -------------------------------------------------------------------------------------- loading
-def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """`train.lr=1e-4` → (["train", "lr"], 1e-4). Values are read as YAML (numbers, lists, null)."""
-    parsed = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RecipeError.one(item, "an override must look like `section.key=value`",
-                                  "for example `train.lr=1e-4`")
-        parsed.append((key.split("."), yaml.safe_load(value) if value != "" else ""))
-    return parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for keys, value in parse_overrides(overrides):
-        node: Any = raw
-        for i, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = node[int(key)]
-                continue
-            node = node.setdefault(key, {})
-            if not isinstance(node, (dict, list)):
-                raise RecipeError.one(".".join(keys[: i + 1]), "is a value, not a section",
-                                      "override a key inside a section")
-        if isinstance(node, list):
-            node[int(keys[-1])] = value
-        else:
-            node[keys[-1]] = value
-    return raw
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply overrides, validate. Raises `RecipeError` listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError.one(str(path), "recipe file not found", "check the path")
+        what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
+        raise RecipeError.one(str(path), what, "pass the path of a recipe .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError.one(str(path), f"is not valid YAML: {e}", "fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise RecipeError.one(str(path), "must be a mapping of sections (model, data, train, ...)")
+        raise RecipeError.one(str(path), f"is not valid YAML: {yaml_error_line(e)}",
+                              "fix the syntax") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise RecipeError.one(str(path), f"can't be read as text: {e}",
+                              "pass a recipe .yaml file") from None
+    if not isinstance(raw, dict) or not raw:
+        what = "is empty" if not raw else "must be a mapping of sections (model, data, train, ...)"
+        raise RecipeError.one(str(path), what, "start from a recipe in recipes/")
     return recipe_from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -349,52 +349,8 @@ def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError([_problem_from_pydantic(err) for err in e.errors()]) from None
+        raise RecipeError(problems_from_pydantic(e.errors(), raw, Recipe)) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def _dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "recipe"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic section class that a location points into (for key suggestions)."""
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
-                     None)
-        if model is None:
-            return None
-    return model
-
-
-def _problem_from_pydantic(err: dict) -> Problem:
-    loc = tuple(err["loc"])
-    where = _dotted(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        fix = f"did you mean `{_dotted((*loc[:-1], close[0]))}`?" if close else (
-            f"valid keys here: {', '.join(valid)}" if valid else "remove it")
-        return Problem(where, "unknown key", fix)
-    if kind == "missing":
-        return Problem(where, "is required", "add it to the recipe")
-    if kind == "value_error":  # cross-field checks raised by our validators
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        return Problem(where, msg)
-    got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return Problem(where, f"{err['msg']}{shown}", "see the recipe reference in README.md")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.errors import RecipeError
+from dpkit.rundir import files_problem, make_dir
 
 PLOT_SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800×450 PNG
 PLOT_DPI = 100
@@ -276,6 +277,9 @@ def _details(run: Run) -> list[str]:
     return lines + [""]
 
 
+REPORT_FILES = ["report.md", "loss.png", "throughput.png", "memory.png", "lr.png"]
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write report.md and the plots; returns the path of report.md.
 
@@ -286,7 +290,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     runs = load_runs(list(run_dirs))
     out = Path(out_dir) if out_dir is not None else (
         runs[0].path / "report" if len(runs) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    problem = files_problem(out, REPORT_FILES, "report", "--out")
+    if problem is not None:  # another tool's report.md or plots are not ours to replace
+        raise RecipeError(problem)
+    make_dir(out, "report")
     plots = write_plots(runs, out)
 
     header = ["run", "status", "step", "tokens seen", "final train loss", "final eval loss",

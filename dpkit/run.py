@@ -28,13 +28,14 @@ from dpkit.data.feed import RowFeed, eval_batches
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
+from dpkit.hub_schema import UserChoice, user_choice_from_overrides
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.objectives import build_objective
 from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
 from dpkit.run_info import hardware, versions
-from dpkit.rundir import prepare_output_dir
+from dpkit.rundir import RunFinished, outside_warning, prepare_output_dir
 from dpkit.step import evaluate, train_step
 from dpkit.zero import resolve_ds_config
 
@@ -42,8 +43,9 @@ from dpkit.zero import resolve_ds_config
 class Run:
     """One recipe trained on the ranks of this job. Attributes are filled by `setup`."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, hub_user: UserChoice | None = None):
         self.recipe = recipe
+        self.hub_user = hub_user  # the Hub endpoint / token variable the command line named
         self.objective = build_objective(recipe)
         self.started = time.time()
 
@@ -51,7 +53,8 @@ class Run:
     def setup(self) -> "Run":
         r = self.recipe
         self.env = distributed.setup(r.train.collective_timeout_s)
-        self.out = prepare_output_dir(r, self.env)
+        # Refusals (finished run, damaged checkpoint, foreign directory) before anything exists.
+        self.out, self.resume_from = prepare_output_dir(r, self.env)
         self.log = logs.setup(self.out, self.env.rank, self.env.is_main)
         self.tokenizer = load_tokenizer(r.model)
         self.model_config = load_model_config(r.model)
@@ -98,10 +101,14 @@ class Run:
         self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
                  f"{self.total_steps} steps; ZeRO stage {r.zero.stage}, {r.model.dtype}; "
                  f"objective {self.objective.describe()}")
+        if self.resume_from is not None and (warning := outside_warning(self.resume_from,
+                                                                          self.out)):
+            self.say(f"[dpkit] {warning}")
         if env.is_main:
             (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
             (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
-        self.resume_from = C.find_resume(r.resume, self.out)
+            if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
+                truncate_metrics(self.out / "metrics.jsonl", 0)
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, env.world_size, r.zero.stage)
         if self.universal:
@@ -227,7 +234,7 @@ class Run:
             ckpt = self.save_checkpoint(step)
             self.progress.write(f"[dpkit] step {step}: checkpoint {ckpt}")
             if self.recipe.hub is not None and self.recipe.hub.push_checkpoints:
-                push_checkpoint(ckpt, step, self.recipe, self.env, self.say)
+                push_checkpoint(ckpt, step, self.recipe, self.env, self.say, self.hub_user)
 
     def run_eval(self, step: int) -> float:
         batches = eval_batches(self.eval_rows, self.dp_rank, self.batch.data_parallel,
@@ -270,7 +277,7 @@ class Run:
 
             # After the last collective of training: a long upload can't trip the timeout.
             push_on_main(out, r.hub, is_main=env.is_main, barrier=distributed.barrier,
-                         say=self.say)
+                         say=self.say, user=self.hub_user)
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
         logs.teardown()
@@ -298,12 +305,14 @@ class Run:
         }
 
 
-def run(recipe: Recipe) -> dict:
-    """Train one recipe on the ranks of this job; returns the summary (also on disk)."""
-    return Run(recipe).setup().train()
+def run(recipe: Recipe, hub_user: UserChoice | None = None) -> dict:
+    """Train one recipe on the ranks of this job; returns the summary (also on disk).
+    `hub_user`: the Hub endpoint / token variable the command line named (see hub_schema)."""
+    return Run(recipe, hub_user).setup().train()
 
 
-def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
+def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say,
+                    hub_user: UserChoice | None = None) -> None:
     """Rank 0 exports the checkpoint to Hugging Face format and pushes it; the others wait."""
     from dpkit.export import export
     from dpkit.hub import push_on_main
@@ -312,7 +321,8 @@ def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say) -> None:
     if env.is_main:
         export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
     push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
-                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step)
+                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step,
+                 user=hub_user)
 
 
 def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None:
@@ -347,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else EXIT_USER_ERROR
     try:
-        run(load_recipe(argv[0], argv[1:]))
+        run(load_recipe(argv[0], argv[1:]), hub_user=user_choice_from_overrides(argv[1:]))
         distributed.shutdown()
+    except RunFinished as e:  # nothing to do: every rank knows, rank 0 says it
+        if distributed.is_main_process():
+            print(e, file=sys.stderr if e.code else sys.stdout, flush=True)
+        return e.code
     except RecipeError as e:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)

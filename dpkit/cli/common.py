@@ -6,9 +6,11 @@ import argparse
 
 import torch
 
+from dpkit.hub_schema import user_choice_from_overrides
 from dpkit.launch import LaunchPlan
 from dpkit.preflight import check_recipe, raise_if_problems
 from dpkit.recipe import load_recipe
+from dpkit.rundir import finished
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -33,12 +35,16 @@ def plan_from_args(args) -> LaunchPlan:
 def preflight(args):
     """(recipe, launch plan, report): every check that needs no rank, raised at once."""
     recipe = load_recipe(args.recipe, args.overrides)
+    done = finished(recipe)
+    if done is not None:  # a resume of a finished run: say so, change nothing, check nothing
+        raise done
     plan = plan_from_args(args)
     plan.rendezvous_timeout_s = recipe.train.collective_timeout_s
     on_gpu = torch.cuda.is_available()
     report = check_recipe(recipe, plan.world_size(), on_cpu=not on_gpu,
                           gpus_per_node=plan.ranks_per_node(),
                           gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory
-                          if on_gpu else None)
+                          if on_gpu else None,
+                          hub_user=user_choice_from_overrides(args.overrides))
     raise_if_problems(report)
     return recipe, plan, report

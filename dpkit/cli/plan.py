@@ -8,18 +8,22 @@ import re
 from pathlib import Path
 
 from dpkit.errors import RecipeError
-from dpkit.plan.recommend import (DTYPE_BYTES, Hardware, _check, plan, recipe_shape, render,
-                                  write)
+from dpkit.plan.recommend import (DTYPE_BYTES, PLAN_FILES, Hardware, _check, plan, recipe_shape,
+                                  render, write)
 from dpkit.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from dpkit.rundir import files_problem
 
 
 def parse_size(text: str) -> int:
     """`80GB`, `80G`, `80GiB`, `1TB`, `1.5T` → bytes (GB and GiB both mean 2**30: GPU vendors'
     "80GB" cards hold ~80 GiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
         raise RecipeError.one(text, "is not a memory size", "write it like 80GB or 1TB")
-    return int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
+    size = int(float(m.group(1)) * 1024 ** (" kmgt".index(m.group(2).lower() or " ")))
+    if size <= 0:
+        raise RecipeError.one(text, "is not a positive memory size", "write it like 80GB or 1TB")
+    return size
 
 
 def register(subparsers) -> None:
@@ -30,6 +34,8 @@ def register(subparsers) -> None:
     sp.add_argument("overrides", nargs="*", help="recipe overrides, `section.key=value`")
     sp.add_argument("--gpus-per-node", type=int, default=8)
     sp.add_argument("--nodes", type=int, default=1)
+    # `--gpu-memory -80GB` is a (bad) value, not an unknown option: parse_size names it
+    sp._negative_number_matcher = re.compile(r"^-\d*\.?\d+\s*[a-zA-Z]*$")
     sp.add_argument("--gpu-memory", type=parse_size, default="80GB", help="per GPU, e.g. 80GB")
     sp.add_argument("--cpu-memory", type=parse_size, default=None, help="per node, e.g. 1TB")
     sp.add_argument("--nvme", action="store_true", help="also plan NVMe offload (ZeRO-3)")
@@ -81,6 +87,8 @@ def recipe_for_model(target: str, args, world_size: int, overrides: list[str]) -
 def run_plan(args) -> int:
     if min(args.gpus_per_node, args.nodes) < 1:
         raise RecipeError.one("--gpus-per-node/--nodes", "must be at least 1")
+    if args.write and (problem := files_problem(args.write, PLAN_FILES, "plan", "--write")):
+        raise RecipeError(problem)  # before any planning is printed
     hw = Hardware(args.gpus_per_node * args.nodes, args.gpus_per_node, args.gpu_memory,
                   args.cpu_memory)
     is_recipe = args.target.endswith((".yaml", ".yml"))

@@ -11,7 +11,7 @@ import yaml
 
 from dpkit.errors import RecipeError
 from dpkit.hub import PushError, push_run_dir
-from dpkit.hub_schema import hub_from_dict
+from dpkit.hub_schema import UserChoice, hub_from_dict
 
 
 def register(subparsers) -> None:
@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--adapter-only", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA runs: push the adapter (default) or merge it into the base model")
     p.add_argument("--token-env", help="environment variable holding the token (default "
-                                       "HF_TOKEN)")
-    p.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
+                                       "HF_TOKEN; a run's recipe can't choose another)")
+    p.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or huggingface.co); the "
+                   "token goes only here, never to an endpoint that only the run's recipe names")
     p.add_argument("--retries", type=int, help="retries after transient errors (default 5)")
     p.add_argument("--message", help="commit message")
     p.set_defaults(func=_cmd_push)
@@ -67,7 +68,8 @@ def _cmd_push(args) -> int:
         print(text, file=sys.stderr)
 
     try:
-        result = push_run_dir(run_dir, hub, commit_message=args.message, say=say)
+        result = push_run_dir(run_dir, hub, commit_message=args.message, say=say,
+                              user=UserChoice(endpoint=args.endpoint, token_env=args.token_env))
     except PushError as e:
         print(f"error: {e}\nThe run directory is unchanged; run the same command again to "
               "retry.", file=sys.stderr)

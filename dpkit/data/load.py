@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dpkit.attention import row_boundaries
+from dpkit.data.checks import bad_json_line, place, row_problems
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSection, DataSource
 
@@ -69,9 +71,18 @@ class DataStats:
 
 
 # ------------------------------------------------------------------------------------ loading
+# Suffixes of data files (read or not): a path ending in one is a file, never a hub dataset name.
+FILE_SUFFIXES = {*LOCAL_SUFFIXES, ".txt", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".zip", ".arrow",
+                 ".xlsx", ".yaml", ".yml"}
+
+
 def is_local_source(source: DataSource) -> bool:
+    """A local file or directory: it exists, or it is written like a path (a data file suffix,
+    `./`, `/`, more than one `/`) rather than a hub dataset name."""
+    from dpkit.model import looks_local
+
     path = Path(source.path).expanduser()
-    return path.suffix in LOCAL_SUFFIXES or path.exists()
+    return path.suffix in FILE_SUFFIXES or looks_local(source.path)
 
 
 def load_source(source: DataSource, where: str):
@@ -93,10 +104,12 @@ def load_source(source: DataSource, where: str):
             raise RecipeError.one(f"{where}.path", f"dataset '{source.path}' is empty",
                                   "point it at a file with rows")
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _quiet_datasets():  # its own log line would repeat the one error we print
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
+            detail = (bad_json_line(path) if builder == "json" else None) or _first_line(e)
             raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
-                                  f"{builder}: {_first_line(e)}", "check the file's format") from e
+                                  f"{builder}: {detail}", "check the file's format") from None
         if source.max_rows is not None:
             ds = ds.select(range(min(source.max_rows, len(ds))))
         return ds
@@ -118,6 +131,18 @@ def _hub_or_dir(source: DataSource, where: str):
     return ds
 
 
+@contextmanager
+def _quiet_datasets():
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -137,7 +162,7 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     if len(ds) == 0:
         problems.append(Problem(f"{where}.path", f"dataset '{source.path}' is empty",
                                 "point it at a file with rows"))
-    return problems
+    return problems or row_problems(ds, source, where)
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -189,8 +214,13 @@ def tokenize_row(row: dict, source: DataSource, tokenizer, completion_only: bool
 
 def tokenize_source(ds, source: DataSource, tokenizer, section: DataSection, stats: DataStats):
     examples = []
-    for row in ds:
-        ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
+    for i, row in enumerate(ds):
+        try:
+            ex = tokenize_row(row, source, tokenizer, section.completion_only_loss)
+        except Exception as e:  # a malformed row (a turn without role, a template error)
+            raise RecipeError.one(f"'{source.path}'", f"{place(source, i)} can't be rendered "
+                                  f"as `{source.format}`: {_first_line(e)}",
+                                  "fix or remove the row") from None
         too_long = len(ex.input_ids) > section.max_seq_len
         if too_long and section.overflow == "drop":
             stats.dropped_too_long += 1

@@ -15,6 +15,9 @@ from pathlib import Path
 from dpkit.errors import Problem, RecipeError
 from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
+from dpkit.rundir import files_problem, make_dir
+
+PLAN_FILES = ["recipe.yaml", "ds_config.json", "launch.sh"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MICRO_BATCH = 64
@@ -270,8 +273,12 @@ def write(p: Plan, directory: Path, free_global_batch: bool) -> list[Path]:
         raise RecipeError.one("--write", "nothing fits, so there is nothing to write",
                               "change the hardware or the recipe first")
     r = chosen_recipe(p, o, free_global_batch)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = [directory / name for name in ("recipe.yaml", "ds_config.json", "launch.sh")]
+    names = PLAN_FILES
+    problem = files_problem(directory, names, "plan", "--write")
+    if problem is not None:  # e.g. a run directory: its recipe.yaml records what was trained
+        raise RecipeError(problem)
+    make_dir(directory, "plan")
+    files = [directory / name for name in names]
     files[0].write_text(recipe_to_yaml(r))
     ds = resolved_ds_config(r, hw.world_size, p.shape.hidden)
     files[1].write_text(json.dumps(ds, indent=2) + "\n")
@@ -329,8 +336,3 @@ def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
                     f"with micro batch {mbs} {need}",
                     f"set {changes} ({option_name(o)}: {gib(o.breakdown.gpu_total)} GiB per GPU), "
                     f"{skip}")]
-
-
-# -------------------------------------------------------------------------------------- CLI
-
-

@@ -398,7 +398,8 @@ def test_push_on_main_survives_a_failed_push(full_run, tmp_path, monkeypatch):
                               say=said.append) is None
     assert waited == [1] and said == []
     assert dphub.push_on_main(run, hub, is_main=True, barrier=lambda: waited.append(2),
-                              say=said.append) is None
+                              say=said.append, user=dphub.UserChoice(
+                                  endpoint=hub.endpoint, token_env=hub.token_env)) is None
     assert waited == [1, 2]
     assert any("push failed, the model is safe" in s for s in said)
     assert all(TOKEN not in s for s in said)
@@ -431,8 +432,9 @@ def test_a_file_holding_the_token_is_never_pushed(full_run, tmp_path, monkeypatc
     monkeypatch.setenv("DPKIT_TEST_TOKEN", TOKEN)
     hub = dphub.HubSection(repo_id=REPO, token_env="DPKIT_TEST_TOKEN",
                            endpoint="http://127.0.0.1:9")  # never reached: refused before
-    assert dphub.check_hub(hub) == []
+    user = dphub.UserChoice(endpoint=hub.endpoint, token_env=hub.token_env)  # as if typed
+    assert dphub.check_hub(hub, user) == []
     with pytest.raises(dphub.PushError, match="recipe.yaml contains the Hub token") as err:
-        dphub.push_run_dir(leaky, hub, say=lambda _: None)
+        dphub.push_run_dir(leaky, hub, say=lambda _: None, user=user)
     assert TOKEN not in str(err.value)
     assert not (leaky / "hub" / "push.json").exists()

@@ -271,13 +271,13 @@ def test_doctor_compares_versions_across_nodes(tmp_path, monkeypatch, capsys):
 
     hostfile = write_hostfile(tmp_path / "hosts", [("localhost", 2), ("node-b", 2)])
     # A node with the same install: ssh runs the remote command here.
-    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, 'shift; bash -c "$1"\n'))
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, 'shift 2; bash -c "$1"\n'))
     assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 0
     assert "node-b: reached over ssh" in capsys.readouterr().out
     # A node with another torch.
     here = report()["versions"]["torch"]
     swap = f's/\\"torch\\": \\"{here}\\"/\\"torch\\": \\"2.4.0\\"/'
-    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, f'shift; bash -c "$1" | sed "{swap}"\n'))
+    monkeypatch.setenv("DPKIT_SSH", _fake_ssh(tmp_path, f'shift 2; bash -c "$1" | sed "{swap}"\n'))
     assert run_checks(str(hostfile), free_port(), "gloo", 60, allreduce_check=False) == 1
     out = capsys.readouterr().out
     assert f"FAIL  torch differs between nodes: {here} on localhost; 2.4.0 on node-b" in out

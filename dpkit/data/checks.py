@@ -1,0 +1,104 @@
+"""What is wrong with a dataset's rows, said by file and line: a JSON Lines line that does not
+parse, a row without a required column, a column that is not text, nothing to train on.
+
+Read only where it is needed (after a failed load, or for the row at fault), so a large, sound
+file costs no extra pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpkit.errors import Problem
+from dpkit.recipe import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSource
+
+
+def bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not a JSON object, by its line number (datasets
+    reports a byte position, or only that generation failed). Read only after a failed load."""
+    if path.suffix != ".jsonl":
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.strip())
+            except ValueError as e:
+                return f"line {number} is not valid JSON ({e.msg}, column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object"
+    return None
+
+
+# The column whose text is trained on, per format (all of them when completion_only_loss is off).
+TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages"}
+
+
+def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
+    """Rows that would fail or train on nothing: a required column missing from a row (JSON
+    Lines rows are read as null there), or not text; and a trained column empty in every row."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")
+    problems = []
+    for canonical in FORMAT_COLUMNS[source.format]:
+        col = source.column(canonical)
+        if col not in ds.column_names:
+            continue
+        values = table[col]
+        kind = "list" if source.format == "messages" else "text"
+        wrong_type = not (pa_is_list(values.type) if kind == "list" else pa_is_text(values.type))
+        if wrong_type and not (canonical in OPTIONAL_COLUMNS and values.null_count == len(ds)):
+            problems.append(Problem(f"{where}.path", f"'{source.path}': column '{col}' holds "
+                                    f"{values.type} values, not {kind}", "fix the data, or map "
+                                    f"another column with `{where}.columns`"))
+            continue
+        if values.null_count and canonical not in OPTIONAL_COLUMNS:
+            first = pc.index(pc.is_null(values), True).as_py()
+            problems.append(Problem(f"{where}.path", f"'{source.path}' {place(source, first)} "
+                                    f"has no '{col}'" + (f" (mapped from `{canonical}`)"
+                                                         if col != canonical else ""),
+                                    "fill it in or remove the row"))
+    if problems:
+        return problems
+    col = source.column(TRAINED_COLUMN[source.format])
+    if not any(_has_text(v, source.format) for v in ds[col]):
+        what = "assistant turn" if source.format == "messages" else f"'{col}'"
+        problems.append(Problem(f"{where}.path", f"'{source.path}': every {what} is empty, "
+                                "nothing to train on", "check the column mapping and the data"))
+    return problems
+
+
+def _has_text(value, fmt: str) -> bool:
+    if fmt != "messages":
+        return bool(value and value.strip())
+    return any(isinstance(m, dict) and m.get("role") == "assistant" and
+               str(m.get("content") or "").strip() for m in value or [])
+
+
+def pa_is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def pa_is_list(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_null(t)
+
+
+def place(source: DataSource, row: int) -> str:
+    """Where row `row` (0-based) is in its file, as a person would look for it."""
+    path = Path(source.path)
+    if path.suffix == ".jsonl" and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = (n for n, line in enumerate(f, 1) if line.strip())
+            line = next((n for i, n in enumerate(rows) if i == row), None)
+        if line is not None:
+            return f"line {line}"
+    if path.suffix == ".csv" and path.is_file():
+        return f"line {row + 2}"  # after the header line
+    return f"row {row + 1}"
