@@ -33,7 +33,8 @@ def bad_json_line(path: Path) -> str | None:
 
 
 # The column whose text is trained on, per format (all of them when completion_only_loss is off).
-TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages"}
+TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages",
+                  "preference": "chosen"}
 
 
 def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
@@ -43,19 +44,22 @@ def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
 
     table = ds.with_format("arrow")
     problems = []
+    optional = OPTIONAL_COLUMNS.get(source.format, set())
     for canonical in FORMAT_COLUMNS[source.format]:
         col = source.column(canonical)
         if col not in ds.column_names:
             continue
         values = table[col]
-        kind = "list" if source.format == "messages" else "text"
-        wrong_type = not (pa_is_list(values.type) if kind == "list" else pa_is_text(values.type))
-        if wrong_type and not (canonical in OPTIONAL_COLUMNS and values.null_count == len(ds)):
+        # preference pairs: strings, or message lists (conversational)
+        kind = {"messages": "list", "preference": "text or list"}.get(source.format, "text")
+        wrong_type = not ((kind != "text" and pa_is_list(values.type))
+                          or (kind != "list" and pa_is_text(values.type)))
+        if wrong_type and not (canonical in optional and values.null_count == len(ds)):
             problems.append(Problem(f"{where}.path", f"'{source.path}': column '{col}' holds "
                                     f"{values.type} values, not {kind}", "fix the data, or map "
                                     f"another column with `{where}.columns`"))
             continue
-        if values.null_count and canonical not in OPTIONAL_COLUMNS:
+        if values.null_count and canonical not in optional:
             first = pc.index(pc.is_null(values), True).as_py()
             problems.append(Problem(f"{where}.path", f"'{source.path}' {place(source, first)} "
                                     f"has no '{col}'" + (f" (mapped from `{canonical}`)"
@@ -72,7 +76,7 @@ def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
 
 
 def _has_text(value, fmt: str) -> bool:
-    if fmt != "messages":
+    if fmt != "messages" and not isinstance(value, list):
         return bool(value and value.strip())
     return any(isinstance(m, dict) and m.get("role") == "assistant" and
                str(m.get("content") or "").strip() for m in value or [])
