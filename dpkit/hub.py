@@ -90,7 +90,7 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors",
                "model.safetensors.index.json", *TOKENIZER_FILES]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "generation_config.json",
                  *TOKENIZER_FILES]
-TRAINING_FILES = ["recipe.yaml", "ds_config.json", "summary.json", "metrics.jsonl"]
+TRAINING_FILES = ["recipe.yaml", "ds_config.json", "summary.json", "metrics.jsonl", "samples.jsonl"]
 # An allowlist, not "everything in model/": pickles (*.bin, *.pt) and stray files stay local.
 
 

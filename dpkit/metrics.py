@@ -79,6 +79,7 @@ PEAK_FLOPS = {
     "L40S": {"bf16": 362e12, "tf32": 183e12},
     "A10G": {"bf16": 70e12, "tf32": 35e12},
     "L4": {"bf16": 121e12, "tf32": 60e12},
+    "V100": {"bf16": 125e12, "tf32": 15.7e12},  # fp16 tensor cores (no bf16); fp32 without
 }
 
 
@@ -161,6 +162,14 @@ class Trackers:
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None}
         for tracker in self.trackers:
             tracker.log(scalars, step=step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (sample generations): TensorBoard's text tab, a one-cell W&B table."""
+        for tracker in self.trackers:
+            if hasattr(tracker, "writer") and hasattr(tracker.writer, "add_text"):
+                tracker.writer.add_text(tag, text, global_step=step)
+            elif hasattr(tracker, "log_table"):
+                tracker.log_table(tag, columns=["text"], data=[[text]], step=step)
 
     def finish(self) -> None:
         for tracker in self.trackers:

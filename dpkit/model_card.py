@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from dpkit import report
+from dpkit.eval import present
 
 LOSS_PLOT = "training/loss_curve.png"
 """Where the loss plot sits in the pushed repo (and, relative to the card, in <run>/hub/)."""
@@ -131,6 +132,8 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
     ]
     if has_plot:
         lines += [f"![Training and eval loss against tokens seen]({LOSS_PLOT})", ""]
+    lines += present.benchmarks_section(s)  # lm-eval scores, each prompt's answers (dpkit/eval)
+    lines += present.before_after(run_dir)
     lines += [
         "## Training setup", "",
         "| | |", "|---|---|",

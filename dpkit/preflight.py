@@ -79,6 +79,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
     problems.extend(_observability_problems(recipe))
+    from dpkit.eval.harness import problems as eval_problems
+
+    problems.extend(eval_problems(recipe))  # lm-eval installed, task folders exist
     if recipe.train.compile and recipe.zero.stage == 3:
         problems.append(Problem("train.compile", "is not supported with ZeRO-3: torch.compile "
                                 "traces DeepSpeed's parameter-gathering hooks and recompiles "

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dpkit import shipped
 from dpkit.errors import RecipeError
+from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
 from dpkit.overrides import (  # noqa: F401
     _number_or_value,
@@ -290,7 +291,8 @@ class OutputSection(_Section):
     log_steps: int = Field(default=1, gt=0)
     """Write a metrics line and a log line every this many steps."""
     eval_steps: int | None = Field(default=None, gt=0)
-    """Compute eval loss every this many steps (and always at the end, if there is eval data)."""
+    """Eval (loss on the eval data, generations: see `eval`) every this many steps, and always
+    at the end and before the first step (`eval.baseline`)."""
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     """Trackers that also receive the metrics (rank 0): TensorBoard under `<dir>/tensorboard`,
     W&B (`pip install wandb`; WANDB_MODE=offline works without network)."""
@@ -311,6 +313,8 @@ class Recipe(_Section):
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Step-0 baseline, sample generations at every eval, lm-eval benchmarks after training."""
     hub: HubSection | None = None
     """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None

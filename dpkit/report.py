@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.errors import RecipeError
+from dpkit.eval import present
 from dpkit.rundir import files_problem, make_dir
 
 PLOT_SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800×450 PNG
@@ -274,7 +275,10 @@ def _details(run: Run) -> list[str]:
         values = [v for r in run.train if (v := r.get(key)) is not None]
         peak = max(max(v) if isinstance(v, list) else v for v in values)
         lines.append(f"- `{key}`: {peak:,.0f} at its highest (over steps and ranks)")
-    return lines + [""]
+    lines.append("")  # then lm-eval scores and every eval's sample answers (dpkit/eval)
+    lines += present.benchmarks_section(run.summary, "#### Benchmarks")
+    lines += present.samples_section(run.path, {r["step"]: r["eval_loss"] for r in run.evals})
+    return lines
 
 
 REPORT_FILES = ["report.md", "loss.png", "throughput.png", "memory.png", "lr.png"]

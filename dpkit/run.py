@@ -28,6 +28,7 @@ from dpkit.data.feed import RowFeed, eval_batches
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
+from dpkit.eval.evaluator import Evaluator
 from dpkit.hub_schema import UserChoice, user_choice_from_overrides
 from dpkit.metrics import (MetricsLog, Progress, Trackers, matmul_parameters, memory_mb,
                            model_flops, peak_flops, per_rank)
@@ -64,6 +65,7 @@ class Run:
         self._build()
         self.objective.setup(self)
         self._resume()
+        self.evals = Evaluator(self)  # prompts for generations, samples.jsonl (dpkit/eval)
         return self
 
     def say(self, message: str) -> None:
@@ -174,6 +176,7 @@ class Run:
         self._flops_args = (*matmul_parameters(self.engine.module),
                             getattr(self.model_config, "num_hidden_layers", 0), self.hidden or 0)
         self._peak = peak_flops(env.device, r.model.dtype)
+        self.evals.before_training()  # step 0: the baseline eval (not on a resume past it)
         for step in range(self.start_step, self.total_steps):
             self.train_one_step(step)
             self.after_step(step + 1)
@@ -228,7 +231,7 @@ class Run:
         """Eval and checkpoint at their steps (`step` counts completed steps)."""
         out = self.recipe.output
         last = step == self.total_steps
-        if self.eval_rows and ((out.eval_steps and step % out.eval_steps == 0) or last):
+        if self.evals.active and ((out.eval_steps and step % out.eval_steps == 0) or last):
             self.run_eval(step)
         if out.save_steps and (step % out.save_steps == 0 or last):
             ckpt = self.save_checkpoint(step)
@@ -236,7 +239,13 @@ class Run:
             if self.recipe.hub is not None and self.recipe.hub.push_checkpoints:
                 push_checkpoint(ckpt, step, self.recipe, self.env, self.say, self.hub_user)
 
-    def run_eval(self, step: int) -> float:
+    def run_eval(self, step: int) -> float | None:
+        """Eval loss (with eval rows), then generations from the fixed prompts (dpkit/eval)."""
+        loss = self.eval_loss(step) if self.eval_rows else None
+        self.evals.at_eval(step)
+        return loss
+
+    def eval_loss(self, step: int) -> float:
         batches = eval_batches(self.eval_rows, self.dp_rank, self.batch.data_parallel,
                                self.batch.micro_batch_size, self.objective.collate,
                                self.tokenizer.pad_token_id)
@@ -267,6 +276,7 @@ class Run:
         elif r.output.save_model:
             save_model(self.engine, self.tokenizer, out / "model", env, r.zero.stage)
         summary = self.summary()
+        summary.update(self.evals.benchmarks())  # lm-eval on the saved model, rank 0
         if env.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.say(f"[dpkit] done: loss {self.last_loss:.4f}"
@@ -300,6 +310,7 @@ class Run:
                      "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows),
                      "prompt_truncated": s.prompt_truncated,
                      "dropped_identical": s.dropped_identical},
+            **self.evals.summary(),
             "wall_time_s": time.time() - self.started, "versions": versions(),
             "hardware": hardware(self.env),
         }

@@ -75,6 +75,35 @@ def train_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
 
 
+def by_hand_accuracy(model_dir, docs) -> float:
+    """Multiple choice by log-likelihood, computed here: the choice whose tokens (after the
+    prompt's) are most likely, as lm-eval defines `acc` for multiple_choice tasks (trailing
+    whitespace of the prompt belongs to the continuation; the tokenizer's own special tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    right = 0
+    for doc in docs:
+        context = tok(doc["query"].rstrip())["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            whole = tok(doc["query"] + choice)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context),
+                                                                               len(whole))))
+        right += max(range(len(scores)), key=scores.__getitem__) == doc["gold"]
+    return right / len(docs)
+
+
+def seed_mc_docs() -> list[dict]:
+    """The rows of the lm-eval task dpkit ships (dpkit/resources/lm_eval_tasks)."""
+    path = ROOT / "dpkit" / "resources" / "lm_eval_tasks" / "dpkit_seed_mc" / "dpkit_seed_mc.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture
 def tmp_run(tmp_path: Path) -> Path:
     return tmp_path / "run"

@@ -2,7 +2,7 @@
 
     dpkit validate RECIPE [key=value ...]     check everything before paying for GPUs
     dpkit train RECIPE [key=value ...]        validate, then launch the ranks
-    dpkit plan RECIPE_OR_MODEL                memory per GPU, what fits, what to choose
+    dpkit plan RECIPE_OR_MODEL                memory per GPU, what fits, how long, what to choose
     dpkit export RUN_OR_CHECKPOINT --out DIR  a Hugging Face model from a checkpoint
     dpkit push RUN_DIR --repo-id ORG/NAME     model and card to the Hugging Face Hub
     dpkit report RUN_DIR [RUN_DIR ...]        report.md and plots

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
         "report", help="write report.md and plots for one or more run directories",
         description="Draw loss, eval loss, throughput, memory and learning-rate plots from each "
                     "run's metrics.jsonl (runs in progress included; several runs are overlaid) "
-                    "and write report.md next to them.")
+                    "and write report.md next to them, with each eval's sample answers "
+                    "(samples.jsonl) and lm-eval scores.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/report for one run, ./report for "

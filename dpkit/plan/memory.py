@@ -53,6 +53,7 @@ class ModelShape:
     lora_targets_per_layer: int = 0
     lora_inputs_per_layer: int = 0  # the adapted linear layers' input features, summed
     lora_dropout: bool = False
+    matmul_params: int | None = None  # base parameters in matmuls (metrics.matmul_parameters)
 
     @property
     def total(self) -> int:
@@ -94,6 +95,8 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
     """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from dpkit.metrics import matmul_parameters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -144,7 +147,7 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         lora_rank=lora_rank if adapters else 0,
         lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
         lora_inputs_per_layer=inputs // max(layers, 1), lora_dropout=lora_dropout > 0,
-    )
+        matmul_params=matmul_parameters(model)[0])
 
 
 @dataclass(frozen=True)

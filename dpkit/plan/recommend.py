@@ -2,8 +2,9 @@
 
 From the model's config alone (parameters counted on the meta device, no weights loaded) and the
 DeepSpeed config dpkit would resolve for each choice, every ZeRO stage × offload gets a per-GPU
-memory breakdown (dpkit.plan.memory), the largest micro batch that fits, and the fastest fitting choice
-is recommended. `dpkit train` calls `check_fits` before launch. See docs/plan.md.
+memory breakdown (dpkit.plan.memory), the largest micro batch that fits and a predicted step time
+(dpkit.plan.time); the fitting choice with the most tokens per second is recommended. `dpkit train`
+calls `check_fits` before launch. The command line lives in dpkit.cli.plan. See docs/plan.md.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
-from dpkit.plan.memory import GiB, Breakdown, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.memory import Breakdown, GiB, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from dpkit.rundir import files_problem, make_dir
 
@@ -23,17 +26,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MICRO_BATCH = 64
 """Largest micro batch tried when the global batch does not bound it."""
 
-# (stage, offload_optimizer, offload_params), fastest first within each tier. ZeRO-0 cannot
-# offload, and ZeRO-1 offload is never better than ZeRO-2's (same traffic, more GPU memory).
-TIERS: list[list[tuple[int, str, str]]] = [
-    [(0, "none", "none"), (1, "none", "none"), (2, "none", "none")],
-    [(3, "none", "none")],
-    [(2, "cpu", "none")],
-    [(3, "cpu", "none")],
-    [(3, "cpu", "cpu")],
-    [(3, "nvme", "none")],
-    [(3, "nvme", "nvme")],
-]
+# (stage, offload_optimizer, offload_params): the options planned, in the order ties are broken
+# (less offload first). ZeRO-0 cannot offload, and ZeRO-1 offload is never better than ZeRO-2's
+# (same traffic, more GPU memory).
+CHOICES: list[tuple[int, str, str]] = [
+    (0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none"),
+    (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu"), (3, "nvme", "none"),
+    (3, "nvme", "nvme")]
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -53,6 +52,8 @@ class Option:
     micro_batch: int | None  # largest that fits; None: not even the smallest
     breakdown: Breakdown  # at micro_batch, or at the smallest candidate if nothing fits
     why_not: str = ""
+    batch: BatchPlan | None = None  # when it fits
+    time: StepTime | None = None  # predicted, when it fits
 
     @property
     def fits(self) -> bool:
@@ -72,6 +73,7 @@ class Plan:
     hw: Hardware
     options: list[Option]
     recommended: Option | None
+    cluster: Cluster | None = None
 
 
 def variant(recipe: Recipe, stage: int, offload_optimizer: str, offload_params: str,
@@ -112,12 +114,19 @@ def knobs(ds_config: dict) -> Knobs:
 
 
 def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
-    gbs = recipe.train.global_batch_size
-    if gbs % world_size:
-        raise RecipeError.one("train.global_batch_size", f"{gbs} is not divisible by the world "
-                              f"size {world_size}", f"use a multiple of {world_size}")
-    per_rank = gbs // world_size
-    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    """Micro batches the recipe's global batch splits into on `world_size` ranks (dpkit.batch)."""
+    t, unit = recipe.train, "sequences" if recipe.data.packing else "rows"
+    sp = getattr(t, "sequence_parallel", 1)
+    fits = []
+    for m in range(1, t.global_batch_size + 1):
+        try:
+            plan_batch(t.global_batch_size, m, world_size, sp, unit)
+            fits.append(m)
+        except RecipeError:
+            continue
+    if not fits:  # the global batch does not split at all: plan_batch's own message
+        plan_batch(t.global_batch_size, 1, world_size, sp, unit)
+    return fits
 
 
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
@@ -167,27 +176,43 @@ def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
 
 
 def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,
-         free_global_batch: bool = False) -> Plan:
-    """Every stage × offload with its largest fitting micro batch, and the recommendation.
+         free_global_batch: bool = False, cluster: Cluster | None = None) -> Plan:
+    """Every stage × offload with its largest fitting micro batch and predicted step time; the
+    recommendation is the fitting option with the most tokens per second (dpkit.plan.time).
 
     With `free_global_batch` the micro batch is not bound by the recipe's global batch (powers of
     two up to MAX_MICRO_BATCH, no accumulation) — for planning without a recipe.
     """
     shape = shape or recipe_shape(recipe)
+    cluster = cluster or Cluster()
     if free_global_batch:
         candidates = [2**i for i in range(MAX_MICRO_BATCH.bit_length())]
     else:
         candidates = micro_candidates(recipe, hw.world_size)
-    options = [fit(shape, recipe, *choice, hw, candidates) for tier in TIERS for choice in tier
-               if nvme or "nvme" not in choice]
-    recommended = None
-    for tier in TIERS:
-        fitting = [o for o in options
-                   if o.fits and (o.stage, o.offload_optimizer, o.offload_params) in tier]
-        if fitting:  # largest micro batch, then lowest stage
-            recommended = min(fitting, key=lambda o: (-o.micro_batch, o.stage))
-            break
-    return Plan(recipe, shape, hw, options, recommended)
+    choices = [c for c in CHOICES if nvme or "nvme" not in c]
+    options = [fit(shape, recipe, *choice, hw, candidates) for choice in choices]
+    for o in options:
+        if o.fits:
+            o.batch, o.time = timed(recipe, shape, o, hw, cluster, free_global_batch)
+    fitting = [o for o in options if o.fits]
+    # fastest first; on a tie (the model says equal) the larger micro batch, then the lower
+    # stage and the order of CHOICES (less offload)
+    recommended = min(fitting, default=None, key=lambda o: (
+        -round(o.time.tokens_per_s, 6), -o.micro_batch, o.stage,
+        choices.index((o.stage, o.offload_optimizer, o.offload_params))))
+    return Plan(recipe, shape, hw, options, recommended, cluster)
+
+
+def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: Cluster,
+          free_global_batch: bool) -> tuple[BatchPlan, StepTime]:
+    t = recipe.train
+    gbs = o.micro_batch * hw.world_size if free_global_batch else t.global_batch_size
+    batch = plan_batch(gbs, o.micro_batch, hw.world_size, getattr(t, "sequence_parallel", 1))
+    job = Job(shape, o.stage, o.offload_optimizer, o.offload_params, hw.world_size,
+              hw.gpus_per_node, batch.micro_batch_size, batch.grad_accum,
+              recipe.data.max_seq_len, DTYPE_BYTES[recipe.model.dtype],
+              o.breakdown.setup.knobs.reduce_bucket_size)
+    return batch, step_time(job, cluster)
 
 
 # ----------------------------------------------------------------------------------- output
@@ -227,7 +252,9 @@ def preference_cost(r: Recipe) -> list[str]:
             f"(memory above counts 2N rows); {cost}"]
 
 
-def render(p: Plan, free_global_batch: bool = False) -> str:
+def render(p: Plan, free_global_batch: bool = False, length=None, price: float | None = None
+           ) -> str:
+    from dpkit.plan.cost import run_length, time_lines
     from dpkit.zero import batch_arithmetic
 
     s, r, hw = p.shape, p.recipe, p.hw
@@ -260,9 +287,12 @@ def render(p: Plan, free_global_batch: bool = False) -> str:
         return "\n".join(lines + ["", "nothing fits: add GPUs, use LoRA (--lora-rank), shorten "
                                    "data.max_seq_len or set model.gradient_checkpointing=true"])
     batch = batch_arithmetic(chosen_recipe(p, o, free_global_batch), hw.world_size)
-    return "\n".join(lines + [
+    length = length or run_length(r, None)
+    st = o.time
+    return "\n".join(lines + [""] + time_lines(p, length, price) + [
         "", f"recommended: {option_name(o)}, micro batch {o.micro_batch} "
-        f"({gib(o.breakdown.gpu_total)} GiB per GPU)", f"  {batch.describe()}",
+        f"({gib(o.breakdown.gpu_total)} GiB per GPU): the fastest that fits, {st.step_s:.3f} s "
+        f"per step, {st.tokens_per_s:,.0f} tokens/s", f"  {batch.describe()}",
         f"  overrides: {' '.join(o.overrides)}"])
 
 

@@ -1,5 +1,7 @@
 """The README's quickstart through the real `dpkit train` command: 2 ranks, ZeRO-2, a run
-directory with everything promised, and a saved model that reproduces the reported eval loss."""
+directory with everything promised, and a saved model that reproduces the reported eval loss.
+Run as the README's variant with the shipped lm-eval task: its score reaches summary.json and the
+model card, equal to the score computed here by hand from the saved model."""
 
 import json
 import subprocess
@@ -8,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, rank_env, read_metrics
+from conftest import ROOT, by_hand_accuracy, rank_env, read_metrics, seed_mc_docs
 
 from dpkit.data import IGNORE, load_datasets
 from dpkit.recipe import load_recipe
@@ -21,7 +23,8 @@ QUICKSTART = ROOT / "recipes" / "quickstart" / "instruct-full-zero2.yaml"
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "run"
     proc = subprocess.run([sys.executable, "-m", "dpkit.cli", "train", str(QUICKSTART),
-                           f"output.dir={out}"], cwd=ROOT, env=rank_env(), capture_output=True,
+                           f"output.dir={out}", "eval.tasks=[dpkit_seed_mc]",
+                           "eval.task_dirs=[dpkit:lm_eval_tasks]"], cwd=ROOT, env=rank_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc
@@ -65,3 +68,23 @@ def test_saved_model_reproduces_the_reported_eval_loss(run):
             total += float(model(input_ids=ids, labels=labels).loss) * n
             count += n
     assert abs(total / count - summary["final_eval_loss"]) <= 1e-5
+
+
+def test_benchmark_score_reaches_summary_and_model_card(run):
+    from dpkit import model_card
+
+    out, _ = run
+    bench = json.loads((out / "summary.json").read_text())["benchmarks"]
+    assert "error" not in bench, bench
+    acc = bench["tasks"]["dpkit_seed_mc"]["acc"]
+    docs = seed_mc_docs()
+    assert bench["n_samples"] == {"dpkit_seed_mc": len(docs)}
+    assert acc == pytest.approx(by_hand_accuracy(out / "model", docs))
+    print(f"lm-eval dpkit_seed_mc: acc {acc:.4f} in {bench['wall_s']:.1f} s")
+    card = model_card.render_card(out, repo_id="me/quickstart", base_model=None, adapter=False,
+                                  license=None, tags=[], has_plot=False)
+    assert f"| dpkit_seed_mc | acc | {acc:.4f} | {len(docs)} |" in card
+    # each prompt's answer before training (step 0) and after (the last eval), as generated
+    steps = sorted({json.loads(line)["step"] for line in
+                    (out / "samples.jsonl").read_text().splitlines()})
+    assert steps[0] == 0 and f"| prompt | step 0 | step {steps[-1]} |" in card

@@ -112,6 +112,9 @@ def write_run_files(run: Path, hub_section: dict | None = None) -> None:
                                 "tokens_seen": 600, "time": 1e9 + 6}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 13, "lo')
     (run / "summary.json").write_text(json.dumps(FIXTURE_SUMMARY, indent=2))
+    (run / "samples.jsonl").write_text("".join(  # answers at step 0 and 12 (dpkit/eval)
+        json.dumps({"step": s, "index": 0, "prompt": "Name a cat.", "completion": answer,
+                    "completion_ids": [1, 2]}) + "\n" for s, answer in ((0, "zzz"), (12, "Tom"))))
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +224,7 @@ def test_model_card_metadata_and_training_story(full_run, tmp_path):
     ds_block = re.search(r"## Resolved DeepSpeed config\n\n```json\n(.*?)\n```", text, re.DOTALL)
     assert json.loads(ds_block.group(1)) == FIXTURE_DS
     assert f"]({model_card.LOSS_PLOT})" in text and plot == tmp_path / model_card.LOSS_PLOT
+    assert "| step 0 | step 12 |" in text and "| Name a cat. | zzz | Tom |" in text  # samples
     from matplotlib.image import imread
 
     image = imread(plot)

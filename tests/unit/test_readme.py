@@ -18,6 +18,7 @@ def test_recipe_reference_matches_schema():
 def test_readme_commands_match_ci():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    for command in ('python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e ".[dev]"',
+    setup = 'python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e ".[dev,eval]"'
+    for command in (setup,
                     ".venv/bin/python -m pytest"):
         assert command in readme and command in ci

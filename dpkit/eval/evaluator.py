@@ -1,0 +1,120 @@
+"""What a Run calls for evaluation (dpkit/run.py): before the first step, at each eval, at the end.
+
+    evals = Evaluator(run)         # after setup: prompts chosen, samples.jsonl trimmed on resume
+    evals.before_training()        # step 0: eval loss + generations (not on a resume past 0)
+    evals.at_eval(step)            # from Run.run_eval: generations -> samples.jsonl, TensorBoard
+    evals.benchmarks()             # rank 0, after the model is saved: lm-eval scores
+
+samples.jsonl holds one line per prompt per eval: {step, index, prompt, completion,
+completion_ids}. Rank 0 writes; every rank computes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dpkit.eval import SAMPLES
+from dpkit.eval import generate as G
+
+
+class Evaluator:
+    def __init__(self, run):
+        self.run = run
+        self.section = run.recipe.eval
+        self.path = run.out / SAMPLES
+        self.baseline_loss: float | None = None
+        data_format = run.recipe.data.sources[0].format
+        # Sequence parallelism splits each sequence's attention between ranks (a collective per
+        # layer): generation, each rank with its own prompt, is not wired for it yet.
+        generates = self.section.generates and run.batch.sequence_parallel == 1
+        self.prompts = (G.choose_prompts(self.section, data_format, run.tokenizer, run.eval_rows)
+                        if generates else [])
+        if self.section.generates and not generates:
+            run.say("[dpkit] eval: no generations with sequence parallelism (eval loss only)")
+        if run.env.is_main:
+            if run.start_step == 0:
+                self.path.unlink(missing_ok=True)
+            else:  # resumed: the evals after the checkpoint will be written again
+                truncate_jsonl(self.path, run.start_step)
+
+    @property
+    def active(self) -> bool:
+        """Whether evals happen at all: eval rows for the loss, or prompts to generate from."""
+        return bool(self.run.eval_rows) or bool(self.prompts)
+
+    def before_training(self) -> None:
+        """The step-0 baseline (eval loss of the untouched model, and its answers)."""
+        run = self.run
+        if self.section.baseline and self.active and run.start_step == 0:
+            self.baseline_loss = run.run_eval(0)
+
+    def at_eval(self, step: int) -> None:
+        run = self.run
+        if not self.prompts:
+            return
+        tok = run.tokenizer
+        t0 = time.perf_counter()
+        completions = G.generate(run.engine, self.prompts, run.env, run.recipe.zero.stage,
+                                 self.section.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        if completions is None:  # not rank 0
+            return
+        seconds = time.perf_counter() - t0
+        with open(self.path, "a", encoding="utf-8") as f:
+            for i, (prompt, ids) in enumerate(zip(self.prompts, completions)):
+                text = tok.decode(ids, skip_special_tokens=True)
+                f.write(json.dumps({"step": step, "index": i, "prompt": prompt.text,
+                                    "completion": text, "completion_ids": ids}) + "\n")
+                run.trackers.log_text(f"samples/{i}", sample_markdown(prompt.text, text), step)
+        run.log.info(f"step {step}: {len(completions)} generations in {seconds:.2f} s")
+
+    def benchmarks(self) -> dict:
+        """lm-eval scores of the saved model (rank 0 only; {} when no task is named)."""
+        if not self.section.tasks or not self.run.env.is_main:
+            return {}
+        from dpkit.eval.harness import run_benchmarks
+
+        run = self.run
+        run.say(f"[dpkit] lm-eval: {', '.join(self.section.tasks)} on the saved model")
+        result = run_benchmarks(run.out, run.recipe, run.env.device)
+        scores = result.get("tasks", {})
+        run.say("[dpkit] lm-eval: " + ("; ".join(
+            f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            for task, metrics in scores.items()) or f"failed: {result.get('error')}")
+            + f" ({result.get('wall_s', 0):.1f} s)")
+        return {"benchmarks": result}
+
+    def summary(self) -> dict:
+        loss = self.baseline_loss
+        if loss is None and self.run.env.is_main:  # resumed: step 0 was logged by the first run
+            loss = baseline_from_metrics(self.run.out / "metrics.jsonl")
+        return {"baseline_eval_loss": loss, "sample_prompts": len(self.prompts)}
+
+
+def sample_markdown(prompt: str, completion: str) -> str:
+    """One sample for TensorBoard's text tab (Markdown)."""
+    quoted = "\n".join(f"> {line}" for line in prompt.splitlines()) or ">"
+    return f"{quoted}\n\n{completion or '*(empty)*'}"
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop lines written after `step` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def baseline_from_metrics(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step") == 0 and "eval_loss" in record:
+            return record["eval_loss"]
+    return None
