@@ -51,9 +51,11 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
                             dynamic_ncols=True)
 
-    def update(self, loss: float, tokens_per_s: float) -> None:
+    def update(self, loss: float, tokens_per_s: float, extra: dict[str, str] | None = None) -> None:
+        """`extra`: the objective's own short readings (preference: reward accuracy, margin)."""
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", **(extra or {}),
+                                 refresh=False)
             self.bar.update(1)
 
     def write(self, message: str) -> None:

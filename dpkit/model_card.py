@@ -142,6 +142,7 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
         f"| effective batch | {batch} |",
         f"| ZeRO stage | {_cell(facts['zero_stage'])} |",
         f"| precision | {_cell(dtype)} |",
+        *_objective_rows(s),
         f"| hardware | {_cell(s.get('hardware'))} |", "",
         "Training data:", "", data_list, "",
         "## How to use", "", "```python", usage, "```", "",
@@ -157,6 +158,16 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
         "step).", "",
     ]
     return f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def _objective_rows(summary: dict) -> list[str]:
+    """The training objective, and for preference tuning its strength (docs/preference.md)."""
+    rows = [f"| objective | {_cell(summary.get('objective', 'sft'))} |"]
+    for key, label in (("beta", "beta"), ("simpo_gamma", "SimPO gamma"),
+                       ("orpo_lambda", "ORPO lambda"), ("reference", "reference model")):
+        if key in summary:
+            rows.append(f"| {label} | {_cell(summary[key], 'g')} |")
+    return rows
 
 
 def _usage(repo_id: str, adapter: bool) -> str:

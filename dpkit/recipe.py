@@ -28,6 +28,7 @@ from dpkit.overrides import (  # noqa: F401
     read_yaml,
     yaml_error_line,
 )
+from dpkit.preference_schema import PreferenceSection, check_objective
 from dpkit.schema_errors import problems_from_pydantic
 
 
@@ -119,7 +120,8 @@ class DataSource(_Section):
     format: FormatName = "alpaca"
     """alpaca: instruction/input/output; messages: chat turns rendered with the tokenizer's chat
     template; text: plain text, every token trained on; prompt_completion: TRL's prompt/completion
-    (strings or message lists) in the chat template, trained on the completion only."""
+    (strings or message lists) in the chat template, trained on the completion only; preference:
+    prompt/chosen/rejected pairs for the preference objectives (docs/preference.md)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
     max_rows: int | None = Field(default=None, gt=0)
@@ -151,7 +153,7 @@ class DataSection(_Section):
     reported at start."""
     packing: bool = False
     """Concatenate rows into sequences of `max_seq_len` (no padding), kept apart by position ids
-    that restart per row (see dpkit/data/packing.py); the global batch then counts sequences."""
+    restarting per row (data/packing.py): batches count sequences (pairs: each laid end to end)."""
     group_by_length: bool = False
     """Unpacked: build each step's micro-batches from rows of similar length (less padding; the
     same rows per step)."""
@@ -340,6 +342,11 @@ class Recipe(_Section):
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
     is none; a finished run is left as it is); or a checkpoint path (a pickle: only your own).
     Another world size or ZeRO stage is converted automatically."""
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
+    """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
+    preference: PreferenceSection | None = None
+    """Settings of the preference objectives (beta, reference, prompt length); optional."""
+    _objective_fits = model_validator(mode="after")(check_objective)
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -204,6 +204,14 @@ def write_plots(runs: list[Run], out_dir: Path) -> dict[str, Path]:
             out_dir / "throughput.png")
     if any(run.memory_keys for run in runs):
         plots["Memory"] = _save(memory_figure(runs), out_dir / "memory.png")
+    if any(r.get("rewards/margins") is not None for run in runs for r in run.train):
+        # Preference objectives (docs/preference.md): the implicit rewards, per step.
+        plots["Reward margin"] = _save(_series_figure(
+            runs, "rewards/margins", "Reward margin (chosen - rejected)", "margin"),
+            out_dir / "reward_margin.png")
+        plots["Reward accuracy"] = _save(_series_figure(
+            runs, "rewards/accuracies", "Reward accuracy (chosen above rejected)", "fraction"),
+            out_dir / "reward_accuracy.png")
     if any(r.get("lr") is not None for run in runs for r in run.train):
         plots["Learning rate"] = _save(_series_figure(runs, "lr", "Learning rate", "lr"),
                                        out_dir / "lr.png")
@@ -257,6 +265,12 @@ def _details(run: Run) -> list[str]:
                      f"{', '.join(map(str, s.get('datasets') or [])) or '—'}")
         if s.get("hardware"):
             lines.append(f"- hardware: {s['hardware']}")
+        if s.get("objective", "sft") != "sft":
+            last = run.train[-1] if run.train else {}
+            lines.append(f"- objective {s['objective']}" + "".join(
+                f", {k} {s[k]}" for k in ("beta", "simpo_gamma", "orpo_lambda", "reference")
+                if k in s) + f"; last reward accuracy {fmt(last.get('rewards/accuracies'))}, "
+                f"margin {fmt(last.get('rewards/margins'))}")
     for key in run.memory_keys:
         values = [v for r in run.train if (v := r.get(key)) is not None]
         peak = max(max(v) if isinstance(v, list) else v for v in values)

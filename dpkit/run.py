@@ -96,11 +96,12 @@ class Run:
         """Tokenized once per node (dpkit/data/cache.py); a stream is read by its feed."""
         r = self.recipe
         rows, self.eval_rows, self.data_stats = load_cached(
-            r.data, self.tokenizer, r.train.seed, self.env, self.say, r.data.streaming, self.log.info)
+            r.data, self.tokenizer, r.train.seed, self.env, self.say, r.data.streaming,
+            self.log.info, max_prompt_len=r.preference.max_prompt_len if r.preference else None)
         if r.data.streaming:  # no rows: the feed reads the stream
             return check_stream(self)
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
-        if r.data.packing:
+        if r.data.packing and self.objective.unit != "pairs":  # pairs: flattened per batch
             before = len(rows)
             rows = pack(rows, r.data.max_seq_len, r.train.seed)
             self.say(f"[dpkit] packing: {before} rows into {len(rows)} sequences of up to "
@@ -228,7 +229,8 @@ class Run:
         if not math.isfinite(self.last_loss):
             self.skipped += 1
             handle_non_finite(r, result, step + 1, self.out, self.say)
-        self.progress.update(self.last_loss, result.tokens / elapsed)
+        self.progress.update(self.last_loss, result.tokens / elapsed,
+                             self.objective.progress(result.metrics))
         if (step + 1) % r.output.log_steps == 0 or step + 1 == self.total_steps:
             self._log_step(step, result, elapsed)
 
@@ -337,7 +339,9 @@ class Run:
             "parameters": self.n_params, "trainable_parameters": self.n_train,
             "data": {"rows": s.rows, "truncated": s.truncated,
                      "dropped_too_long": s.dropped_too_long,
-                     "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows)},
+                     "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows),
+                     "prompt_truncated": s.prompt_truncated,
+                     "dropped_identical": s.dropped_identical},
             **self.evals.summary(),
             "wall_time_s": time.time() - self.started, "versions": versions(),
             "hardware": hardware(self.env),

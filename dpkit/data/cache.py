@@ -185,10 +185,13 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
 
 
 def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: bool = False,
-                log=None, progress: bool = True, say_wait=None):
+                log=None, progress: bool = True, say_wait=None, max_prompt_len: int | None = None):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
     other ranks of the node (`env`: this rank; None: one process), then read. Streaming: only
-    the eval sources go through the cache. `log`: this rank's log."""
+    the eval sources go through the cache. `log`: this rank's log. Preference pairs are
+    tokenized in memory on every rank (`max_prompt_len`: see dpkit/data/preference.py)."""
+    if any(s.format == "preference" for s in (*section.sources, *section.eval_sources)):
+        return L.load_datasets(section, tokenizer, seed, max_prompt_len=max_prompt_len)
     local_rank, rank = (env.local_rank, env.rank) if env is not None else (0, 0)
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):

@@ -38,10 +38,10 @@ def bad_json_line(path: Path) -> str | None:
 
 # The column whose text is trained on, per format (all of them when completion_only_loss is off).
 TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages",
-                  "prompt_completion": "completion"}
+                  "prompt_completion": "completion", "preference": "chosen"}
 # Columns that hold message lists rather than text (prompt_completion: either).
 LIST_COLUMNS = {"messages": {"messages"}, "prompt_completion": {"prompt", "completion"}}
-TEXT_OR_LIST = {"prompt_completion"}
+TEXT_OR_LIST = {"prompt_completion", "preference"}
 
 
 def row_problems(ds, source: DataSource, where: str) -> list[Problem]:

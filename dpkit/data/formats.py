@@ -136,6 +136,18 @@ register(Format("prompt_completion", ("prompt", "completion"), render_prompt_com
                     "trains on the completion"))
 
 
+def _pairs_only(row, source, tokenizer, completion_only):
+    raise TypeError("preference rows are pairs: dpkit.data.preference tokenizes them")
+
+
+# Pairs for the preference objectives: tokenized by dpkit/data/preference.py (two sides per row),
+# so no single-text render; the registry still owns the name and the columns.
+register(Format("preference", ("prompt", "chosen", "rejected"), _pairs_only,
+                optional=frozenset({"prompt"}),
+                doc="prompt/chosen/rejected pairs (strings or message lists) for the preference "
+                    "objectives"))
+
+
 def render(row: dict, source, tokenizer, completion_only: bool):
     """(text, trained character spans, plain_text) for one row of `source`, by its format."""
     return FORMATS[source.format].render(row, source, tokenizer, completion_only)

@@ -218,10 +218,16 @@ def tokenize_or_explain(ds, source: DataSource, tokenizer, section: DataSection,
                               "fix or remove the row") from None
 
 
-def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1):
+def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1,
+                  max_prompt_len: int | None = None):
     """(train rows, eval rows, stats), tokenized in memory (no cache: see cache.py for that).
-    Rows are a sequence of `Example`s read on demand. Every problem is raised at once."""
+    Rows are a sequence of `Example`s read on demand. Every problem is raised at once.
+    Preference pairs (`max_prompt_len`: prompt tokens kept) go through dpkit/data/preference.py."""
     raw = load_raw(section, tokenizer)
+    if any(source.format == "preference" for _, source, _ in raw):
+        from dpkit.data.preference import load_pairs
+
+        return load_pairs(raw, section, tokenizer, seed, max_prompt_len)
     t0 = time.perf_counter()
     parts = [(kind, source, tokenize_or_explain(ds, source, tokenizer, section, num_proc,
                                                 fingerprint=uuid.uuid4().hex))

@@ -44,12 +44,19 @@ class DataStats:
     rss_before_mb: float = 0.0  # this process, when data setup began
     peak_rss_mb: float = 0.0    # this process's peak resident set size after data setup
     per_source: dict[str, int] = field(default_factory=dict)
+    prompt_truncated: int = 0
+    """Preference pairs whose prompt was cut to `preference.max_prompt_len`."""
+    dropped_identical: int = 0
+    """Preference pairs left out because chosen and rejected are the same."""
 
     def describe(self) -> str:
         where = "from the cache" if self.cached else "tokenized"
+        pairs = (f"; pairs: {self.prompt_truncated} prompts cut to max_prompt_len, "
+                 f"{self.dropped_identical} dropped with chosen == rejected"
+                 if self.prompt_truncated or self.dropped_identical else "")
         return (f"{self.rows} rows, {self.tokens} tokens ({where} in {self.seconds:.1f} s); "
                 f"longer than max_seq_len: {self.truncated} truncated, {self.dropped_too_long} "
-                f"dropped; {self.dropped_no_target} dropped with no trained token")
+                f"dropped; {self.dropped_no_target} dropped with no trained token{pairs}")
 
     def add(self, status: np.ndarray, lengths: np.ndarray, path: str) -> None:
         kept = status <= TRUNCATED

@@ -7,9 +7,13 @@ and (where its data differs) a data format in dpkit/data/.
 from __future__ import annotations
 
 from dpkit.objectives.base import LossOut, Objective  # noqa: F401
+from dpkit.objectives.preference import Preference
 from dpkit.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT}
+# name → class; a class with `from_recipe` reads its settings from the recipe. The preference
+# objectives share one class (the formula is picked by name).
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": Preference, "ipo": Preference,
+                                          "simpo": Preference, "orpo": Preference}
 
 
 def build_objective(recipe) -> Objective:

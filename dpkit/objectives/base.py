@@ -48,6 +48,10 @@ class Objective:
         """Forward the device batch through `engine`; the loss summed over the batch's units."""
         raise NotImplementedError
 
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Short readings for the progress bar, from a step's metrics (per unit)."""
+        return {}
+
     def describe(self) -> str:
         return self.name
 

@@ -133,7 +133,8 @@ def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
               kn: Knobs) -> Setup:
     m = recipe.model
-    return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], micro,
+    rows = micro * (1 if recipe.objective == "sft" else 2)  # pairs: chosen + rejected, 1 forward
+    return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], rows,
                  recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
                  **long_fields(recipe))
 
@@ -237,6 +238,22 @@ def option_name(o: Option) -> str:
     return f"ZeRO-{o.stage}, {where}"
 
 
+def preference_cost(r: Recipe) -> list[str]:
+    """What a preference objective adds (docs/preference.md): rows and the reference model."""
+    if r.objective == "sft":
+        return []
+    from dpkit.objectives import build_objective
+
+    ref = build_objective(r).reference
+    cost = {None: "no reference model (no extra cost)",
+            "adapter_off": "reference = adapter off: +1 forward (no gradient) per micro batch, "
+                           "~+33% compute per step, no extra memory",
+            "precomputed": "reference precomputed: +1 forward per pair once before step 1 "
+                           "(~1/3 of an epoch's compute), no extra memory"}[ref]
+    return ["", f"objective {r.objective}: a micro batch of N pairs is 2N rows in one forward "
+            f"(memory above counts 2N rows); {cost}"]
+
+
 def render(p: Plan, free_global_batch: bool = False, length=None, price: float | None = None
            ) -> str:
     from dpkit.plan.cost import run_length, time_lines
@@ -256,14 +273,17 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
         "peak, total = the larger of the backward and the optimizer step, plus margin",
         f"{'stage':<6}{'offload':<22}{'micro':>6}{'params':>8}{'grads':>8}{'optim':>8}"
         f"{'activ':>8}{'comm':>7}{'margin':>8}{'total':>8}{'CPU/node':>10}  fits"]
+    rows_per_item = 1 if r.objective == "sft" else 2  # preference pairs: 2 rows each
     for o in p.options:
         b = o.breakdown
         lines.append(
-            f"{o.stage:<6}{b.setup.label:<22}{b.setup.micro_batch:>6}{gib(b.gpu('params')):>8}"
+            f"{o.stage:<6}{b.setup.label:<22}{b.setup.micro_batch // rows_per_item:>6}"
+            f"{gib(b.gpu('params')):>8}"
             f"{gib(b.gpu('grads', 'step')):>8}{gib(b.gpu('optim')):>8}"
             f"{gib(b.gpu('activations')):>8}{gib(b.gpu('comm')):>7}{gib(b.gpu_margin):>8}"
             f"{gib(b.gpu_total):>8}{gib(b.cpu_per_node):>10}  "
             + ("yes" if o.fits else f"no ({o.why_not})"))
+    lines += preference_cost(r)
     o = p.recommended
     if o is None:
         return "\n".join(lines + ["", "nothing fits: add GPUs, use LoRA (--lora-rank), shorten "

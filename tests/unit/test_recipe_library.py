@@ -49,6 +49,8 @@ PUBLISHED = {
     "google/gemma-2-2b": (2.61e9, None),
     "HuggingFaceTB/SmolLM2-360M": (360e6, None),
     "HuggingFaceTB/SmolLM2-1.7B": (1.7e9, None),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": (360e6, None),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": (1.7e9, None),
     "microsoft/Phi-3.5-mini-instruct": (3.8e9, None),
 }
 

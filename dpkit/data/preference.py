@@ -1,0 +1,232 @@
+"""Preference pairs: a prompt with a chosen and a rejected answer, tokenized for the preference
+objectives (dpkit/objectives/preference.py).
+
+Accepted layouts (TRL's, which users already have):
+- standard: `prompt`, `chosen`, `rejected` are strings; the tokenizer adds bos as for any prompt
+  and eos is appended (trained) to each answer, as for alpaca rows.
+- conversational: `chosen` / `rejected` are message lists. With a `prompt` message list they are
+  the answers alone (or repeat the prompt turns first, which are then skipped); without one — or
+  with a string prompt, as in UltraFeedback-binarized — the last turn is the answer and the turns
+  before it are the prompt, which chosen and rejected must share. Rendered with the chat template.
+
+Each side is tokenized whole (prompt + answer, as the model sees it at inference) and a token is
+trained on when it ends inside the answer (a token straddling the boundary holds answer text); prompt tokens get label -100. `max_prompt_len` keeps
+the last prompt tokens; then each side is cut (or dropped, `data.overflow: drop`) at
+`data.max_seq_len`. Pairs whose answers are identical (as text, or once cut) carry no preference
+and are left out; all of it is counted in DataStats and reported at start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dpkit.errors import Problem, RecipeError
+
+IGNORE = -100
+
+
+@dataclass
+class PairExample:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    ref: tuple[float, float] | None = None
+    """Reference log-probs (chosen, rejected), set by a precomputed reference pass."""
+    position_ids = None  # never packed (the recipe refuses packing for preference objectives)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The longer side: what sets this pair's padded width (data.group_by_length sorts by it)."""
+        return max(self.chosen_ids, self.rejected_ids, key=len)
+
+
+def _value(row: dict, source, canonical: str):
+    col = source.column(canonical)
+    return row.get(col) if col in row else None
+
+
+def render_pair(row: dict, source, tokenizer) -> tuple[str, str, str, bool]:
+    """(prompt text, chosen answer text, rejected answer text, plain text?)."""
+    prompt, chosen, rejected = (_value(row, source, k) for k in ("prompt", "chosen", "rejected"))
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError("string `chosen`/`rejected` need a string `prompt`")
+        return prompt or "", chosen, rejected, True
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected):
+        raise ValueError("`chosen` and `rejected` must both be strings or both message lists")
+    if isinstance(prompt, list):
+        turns = prompt
+        chosen = chosen[len(turns):] if chosen[:len(turns)] == turns else chosen
+        rejected = rejected[len(turns):] if rejected[:len(turns)] == turns else rejected
+    else:  # the last turn is the answer; the turns before it are the shared prompt
+        turns = chosen[:-1]
+        if rejected[:-1] != turns:
+            raise ValueError("`chosen` and `rejected` do not share the turns before their last")
+        chosen, rejected = chosen[-1:], rejected[-1:]
+    head = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    texts = [tokenizer.apply_chat_template(turns + side, tokenize=False)
+             for side in (chosen, rejected)]
+    # A template may render the prompt turns differently once an answer follows: the answer
+    # starts where the two renderings stop agreeing.
+    cut = min(len(os.path.commonprefix([head, t])) for t in texts)
+    return texts[0][:cut], texts[0][cut:], texts[1][cut:], False
+
+
+def tokenize_side(prompt: str, answer: str, tokenizer, plain: bool) -> tuple[list, list, int]:
+    """(ids, labels, prompt token count) of prompt + answer, trained on the answer's tokens."""
+    enc = tokenizer(prompt + answer, add_special_tokens=plain, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    # A token that straddles the boundary (" B" after "color.") holds answer text: trained.
+    labels = [tok if end > start and end > len(prompt) else IGNORE
+              for tok, (start, end) in zip(ids, enc["offset_mapping"])]
+    n_prompt = next((i for i, x in enumerate(labels) if x != IGNORE), len(labels))
+    if plain:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels, n_prompt
+
+
+def tokenize_pairs(ds, source, tokenizer, section, stats, max_prompt_len: int | None) -> list:
+    """PairExamples of one source; what was cut or left out is counted in `stats`."""
+    pairs = []
+    for i, row in enumerate(ds):
+        try:
+            prompt, chosen, rejected, plain = render_pair(row, source, tokenizer)
+        except ValueError as e:
+            raise RecipeError.one(f"data source {source.path}", f"row {i}: {e}",
+                                  "see the preference layouts in docs/preference.md") from None
+        if chosen == rejected:
+            stats.dropped_identical += 1
+            continue
+        sides, cut_prompt, too_long = [], False, False
+        for answer in (chosen, rejected):
+            ids, labels, n_prompt = tokenize_side(prompt, answer, tokenizer, plain)
+            if max_prompt_len is not None and n_prompt > max_prompt_len:
+                ids, labels = ids[n_prompt - max_prompt_len:], labels[n_prompt - max_prompt_len:]
+                cut_prompt = True
+            if len(ids) > section.max_seq_len:
+                too_long = True
+                ids, labels = ids[:section.max_seq_len], labels[:section.max_seq_len]
+            sides.append((ids, labels))
+        if too_long and section.overflow == "drop":
+            stats.dropped_too_long += 1
+            continue
+        if any(all(x == IGNORE for x in labels[1:]) for _, labels in sides):
+            stats.dropped_no_target += 1  # the prompt alone fills max_seq_len
+            continue
+        stats.truncated += too_long
+        stats.prompt_truncated += cut_prompt
+        (c_ids, c_labels), (r_ids, r_labels) = sides
+        if c_ids == r_ids:  # the answers differed only past max_seq_len
+            stats.dropped_identical += 1
+            continue
+        pairs.append(PairExample(c_ids, c_labels, r_ids, r_labels))
+        stats.tokens += len(c_ids) + len(r_ids)
+    stats.rows += len(pairs)
+    stats.per_source[source.path] = stats.per_source.get(source.path, 0) + len(pairs)
+    return pairs
+
+
+def pair_problems(ds, source, tokenizer, where: str) -> list[Problem]:
+    """Layout problems visible in the first row (the rest are checked while tokenizing)."""
+    if len(ds) == 0:
+        return []
+    try:
+        row = ds[0]
+        chosen = _value(row, source, "chosen")
+        if isinstance(chosen, list) and not getattr(tokenizer, "chat_template", None):
+            return [Problem(f"{where}.format", "conversational preference pairs need a chat "
+                            "template and the tokenizer has none", "set model.chat_template "
+                            "(e.g. chatml) or use a tokenizer with one")]
+        render_pair(row, source, tokenizer)
+    except ValueError as e:
+        return [Problem(where, f"row 0 of '{source.path}': {e}",
+                        "see the preference layouts in docs/preference.md")]
+    return []
+
+
+def collate_pairs(examples: list[PairExample], pad_id: int, flatten: bool = False) -> dict:
+    """B pairs → one batch of 2B rows (the B chosen, then the B rejected), so both sides go
+    through the model in ONE forward: right-padded to one width, or (`flatten`, with per-row
+    attention) laid end to end in a single row with position ids restarting per row and
+    `row_ids` naming each token's row — no padding at all. `pair_mask` marks real pairs: an
+    empty list gives one all-masked pair that adds nothing (a rank whose shard ran out)."""
+    real = len(examples)
+    if not examples:
+        examples = [PairExample([pad_id, pad_id], [IGNORE] * 2, [pad_id, pad_id], [IGNORE] * 2)]
+    rows = [(e.chosen_ids, e.chosen_labels) for e in examples] + \
+           [(e.rejected_ids, e.rejected_labels) for e in examples]
+    if flatten:
+        return _flat(rows, examples, real)
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        labels[i, :len(row_ids)] = torch.tensor(row_labels)
+        mask[i, :len(row_ids)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "pair_mask": torch.tensor([1.0] * real + [0.0] * (len(examples) - real),
+                                       dtype=torch.float64)}
+    return _with_ref(batch, examples, real)
+
+
+def _with_ref(batch: dict, examples: list[PairExample], real: int) -> dict:
+    if all(e.ref is not None for e in examples[:real]) and real:
+        batch["ref_logps"] = torch.tensor([e.ref for e in examples], dtype=torch.float64)
+    return batch
+
+
+def _flat(rows: list, examples: list[PairExample], real: int) -> dict:
+    from dpkit.attention import row_boundaries
+
+    ids = torch.tensor([t for row_ids, _ in rows for t in row_ids]).unsqueeze(0)
+    # A row's first token is never predicted (nothing before it in its row): unlabelled, so the
+    # shift by one can't score it from the previous row's last token.
+    labels = torch.tensor([x if i else IGNORE for _, row_labels in rows
+                           for i, x in enumerate(row_labels)]).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(row_ids)) for row_ids, _ in rows]).unsqueeze(0)
+    row_ids = torch.cat([torch.full((len(r),), i) for i, (r, _) in enumerate(rows)]).unsqueeze(0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "position_ids": positions, "row_ids": row_ids,
+             "pair_mask": torch.tensor([1.0] * real + [0.0] * (len(examples) - real),
+                                       dtype=torch.float64)}
+    batch["cu_seq_lens"], batch["max_length"] = row_boundaries(positions)
+    return _with_ref(batch, examples, real)
+
+
+def load_pairs(raw: list, section, tokenizer, seed: int, max_prompt_len: int | None):
+    """(train pairs, eval pairs, stats) from loaded sources [(kind, source, datasets.Dataset)]
+    (dpkit.data.load.load_raw), held in memory: pairs are not written to the tokenized-data
+    cache. Every problem is raised at once."""
+    import random
+
+    from dpkit.data.tokenize import DataStats
+
+    problems, index = [], {"sources": 0, "eval_sources": 0}
+    for kind, source, ds in raw:
+        problems.extend(pair_problems(ds, source, tokenizer, f"data.{kind}[{index[kind]}]"))
+        index[kind] += 1
+    if problems:
+        raise RecipeError(problems)
+    stats, eval_stats = DataStats(), DataStats()
+    train, evals = [], []
+    for kind, source, ds in raw:
+        target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
+        target.extend(tokenize_pairs(ds, source, tokenizer, section, st, max_prompt_len))
+    if section.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:max(1, round(len(train) * section.eval_fraction))])
+        evals = [train[i] for i in sorted(held)]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    if not train:
+        raise RecipeError.one("data.sources", "no training pairs left after tokenization "
+                              f"({stats.describe()})",
+                              "raise data.max_seq_len, use overflow: truncate, or check the data")
+    return train, evals, stats
