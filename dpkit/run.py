@@ -7,14 +7,13 @@
 
 What changes between training methods is not here: the loss is the objective's
 (dpkit/objectives/), the rows come from a feed (dpkit/data/feed.py), the batch rule from
-dpkit/batch.py. Launchers start `python -m dpkit.train`, which calls `main` below.
+dpkit/batch.py. Launchers start `python -m dpkit.train` (dpkit/train.py: `main`), which runs one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,9 @@ from dpkit.data.feed import eval_batches, make_feed
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.data.stream import check_stream
 from dpkit.engine import build_engine, lr_now, save_model
-from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
+from dpkit.errors import RecipeError
 from dpkit.eval.evaluator import Evaluator
-from dpkit.hub_schema import UserChoice, user_choice_from_overrides
+from dpkit.hub_schema import UserChoice
 from dpkit.metrics import (
     MetricsLog,
     Progress,
@@ -46,9 +45,9 @@ from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.objectives import build_objective
 from dpkit.objectives.head import LossHead
 from dpkit.parallel.sequence import SequenceParallel
-from dpkit.recipe import Recipe, load_recipe, recipe_to_yaml
+from dpkit.recipe import Recipe, recipe_to_yaml
 from dpkit.run_info import hardware, versions
-from dpkit.rundir import RunFinished, outside_warning, prepare_output_dir
+from dpkit.rundir import outside_warning, prepare_output_dir
 from dpkit.step import evaluate, train_step
 from dpkit.zero import resolve_ds_config
 
@@ -392,32 +391,3 @@ def truncate_metrics(path: Path, step: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = distributed.strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else EXIT_USER_ERROR
-    try:
-        run(load_recipe(argv[0], argv[1:]), hub_user=user_choice_from_overrides(argv[1:]))
-        distributed.shutdown()
-    except RunFinished as e:  # nothing to do: every rank knows, rank 0 says it
-        if distributed.is_main_process():
-            print(e, file=sys.stderr if e.code else sys.stdout, flush=True)
-        return e.code
-    except RecipeError as e:
-        if distributed.is_main_process():
-            print(format_errors(e), file=sys.stderr)
-        return EXIT_USER_ERROR
-    except NonFiniteLoss as e:  # every rank sees the same global loss: rank 0 speaks
-        if distributed.is_main_process():
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except distributed.RendezvousError as e:  # one line per node, not a traceback per rank
-        if distributed.launcher_info().local_rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        else:  # the launcher stops a node's ranks when the first one exits: let rank 0 speak
-            time.sleep(15)
-        return 1
-    return 0

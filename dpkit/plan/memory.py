@@ -1,7 +1,5 @@
-"""The memory model behind `dpkit plan`: a model's shape, then pure arithmetic.
-
-`model_shape` counts parameters on the meta device (torch and transformers imported there only);
-everything else is arithmetic, without torch or DeepSpeed.
+"""The memory model behind `dpkit plan`: a model's shape (dpkit/plan/shape.py), then pure
+arithmetic, without torch or DeepSpeed.
 
 Every number is "elements × bytes per element" on one rank, tagged with where it lives (GPU, CPU,
 NVMe) and when (during forward/backward, during the optimizer step, or always). Which tensors
@@ -15,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dpkit.plan.shape import ACTIVATION_EXTRA, ModelShape, model_shape  # noqa: F401
+
 GiB = 2**30
 FRAGMENTATION = 0.10  # allocator fragmentation margin, a fraction of the peak allocated bytes
 RUNTIME_RESERVE = 1 * GiB  # GPU memory no tensor accounts for: CUDA context, NCCL, cuBLAS
@@ -24,131 +24,6 @@ STAGE0_ALLREDUCE = 500_000_000  # ZeRO-0's flattened all-reduce bucket (MEMORY_O
 DROPOUT_MASK = 1  # bytes per element of CUDA dropout's saved mask (bool); the CPU kernel keeps 4
 BACKWARD, STEP = "backward", "step"
 ALWAYS = frozenset({BACKWARD, STEP})
-
-ACTIVATION_EXTRA = {"relu": 0, "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2}
-"""Tensors an activation function saves beyond its input (1 for silu, gelu, gelu_pytorch_tanh:
-measured; the composite tanh approximations save their intermediates)."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory model needs to know about a model (counted on the meta device)."""
-
-    param_numels: tuple[int, ...]  # every distinct parameter (tied once), LoRA adapters included
-    trainable_numels: tuple[int, ...]  # what the optimizer updates: all, or LoRA's adapters
-    largest_layer: int  # most elements owned directly by one module (DeepSpeed's "largest layer")
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    mlp_factor: int = 4  # intermediate-size tensors the MLP saves per token (4: SwiGLU)
-    norms_per_layer: int = 2
-    norm_out_fp32: bool = False  # Gemma's RMSNorm returns its fp32 product: 8h, not (4 + b)·h
-    attn_softcap: bool = False  # Gemma-2 soft-caps attention scores: one more score tensor
-    logit_softcap: bool = False  # ...and the logits: one more b·V tensor per token
-    lora_rank: int = 0
-    lora_targets_per_layer: int = 0
-    lora_inputs_per_layer: int = 0  # the adapted linear layers' input features, summed
-    lora_dropout: bool = False
-    matmul_params: int | None = None  # base parameters in matmuls (metrics.matmul_parameters)
-
-    @property
-    def total(self) -> int:
-        return sum(self.param_numels)
-
-    @property
-    def trainable(self) -> int:
-        return sum(self.trainable_numels)
-
-    @property
-    def largest_trainable(self) -> int:
-        return max(self.trainable_numels, default=0)
-
-    def overlapping_partition(self, n: int) -> int:
-        """Most gradient elements one ZeRO-1/2 rank buffers: the whole gradient of every trainable
-        parameter that overlaps its 1/n of the flattened parameters (`grads_in_partition`)."""
-        size, most, start = math.ceil(self.trainable / n), 0, 0
-        spans = []
-        for numel in self.trainable_numels:
-            spans.append((start, start + numel))
-            start += numel
-        for r in range(n):
-            lo, hi = r * size, (r + 1) * size
-            most = max(most, sum(b - a for a, b in spans if a < hi and b > lo))
-        return most
-
-    def persistent(self, threshold: int) -> int:
-        """Elements ZeRO-3 keeps whole on every rank (parameters of at most `threshold` elements)."""
-        return sum(n for n in self.param_numels if n <= threshold)
-
-
-def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
-                trust_remote_code: bool = False, lora_dropout: float = 0.0) -> ModelShape:
-    """Count parameters on the meta device: no memory, no weights, any size.
-
-    `lora_targets`: module names to adapt, matched like PEFT against the end of each module path
-    (`q_proj`, `self_attn.q_proj`); None adapts every linear layer except the output head (PEFT's
-    "all-linear"). With `lora_rank` 0 it is full fine-tuning.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dpkit.metrics import matmul_parameters
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
-    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
-                        for m in model.modules())
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    block = next((m[0] for m in model.modules() if isinstance(m, torch.nn.ModuleList)), model)
-    act = next((getattr(text, k) for k in ("hidden_activation", "hidden_act",
-                                           "activation_function") if getattr(text, k, None)), "")
-    h, heads = text.hidden_size, text.num_attention_heads
-    layers = text.num_hidden_layers
-    adapters: list[int] = []
-    inputs = 0
-    if lora_rank:
-        head = model.get_output_embeddings()
-        for name, m in model.named_modules():
-            is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-            if not is_linear or m is head or (lora_targets and not any(
-                    name == t or name.endswith("." + t) for t in lora_targets)):
-                continue
-            w = m.weight.shape  # Conv1D stores in × out
-            fan_in, fan_out = (w[0], w[1]) if type(m).__name__ == "Conv1D" else (w[1], w[0])
-            adapters += [lora_rank * fan_in, lora_rank * fan_out]  # A: r×in, B: out×r
-            inputs += fan_in
-        if not adapters:
-            from dpkit.errors import RecipeError
-
-            raise RecipeError.one("peft.target_modules", f"no linear layer named {lora_targets}"
-                                  " in the model", f"choose among {sorted(names)}")
-    return ModelShape(
-        param_numels=tuple(numels + adapters),
-        trainable_numels=tuple(adapters or numels),
-        largest_layer=largest_layer,
-        hidden=h, layers=layers, heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or h // heads,
-        intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-                      or 4 * h),
-        vocab=text.vocab_size,
-        mlp_factor=(3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else 1)
-        + ACTIVATION_EXTRA.get(act, 1),
-        norms_per_layer=sum("norm" in type(m).__name__.lower() for m in block.modules()),
-        norm_out_fp32=text.model_type.startswith("gemma"),
-        attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
-        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
-        lora_rank=lora_rank if adapters else 0,
-        lora_targets_per_layer=len(adapters) // 2 // max(layers, 1),
-        lora_inputs_per_layer=inputs // max(layers, 1), lora_dropout=lora_dropout > 0,
-        matmul_params=matmul_parameters(model)[0])
-
 
 @dataclass(frozen=True)
 class Knobs:

@@ -1,7 +1,7 @@
 """Finished runs and damaged checkpoints, with real ranks (docs/security.md).
 
 One 2-rank launch trains two tiny runs, then, in the same ranks, asks the training entry point
-(`dpkit.run.main`, what every launcher starts) to resume a finished run and to resume from a
+(`dpkit.train.main`, what every launcher starts) to resume a finished run and to resume from a
 checkpoint whose shard was truncated. Afterwards the command line (the parent process) is asked
 the same. References: sha256 of every file read straight from disk before and after, and the
 file the test itself truncated.
@@ -26,7 +26,8 @@ DRIVER = textwrap.dedent('''
     from pathlib import Path
     from dpkit import distributed
     from dpkit.recipe import load_recipe
-    from dpkit.run import main, run
+    from dpkit.run import run
+    from dpkit.train import main
 
     finished, trained, broken, shard, sums = sys.argv[1:6]
 
