@@ -47,12 +47,15 @@ def render_prompt(text: str, data_format: str, tokenizer) -> list[int]:
 def row_prompt(example, tokenizer) -> Prompt:
     """The prompt part of a tokenized row: its tokens before the first trained one (the alpaca
     prompt, the conversation up to the assistant's turn). A row trained on every token (`text`
-    data) is continued from its first half."""
-    labels = example.labels
+    data) is continued from its first half. A preference pair gives its chosen side's prompt."""
+    if hasattr(example, "chosen_ids"):  # dpkit.data.preference.PairExample
+        ids_all, labels = example.chosen_ids, example.chosen_labels
+    else:
+        ids_all, labels = example.input_ids, example.labels
     first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
     if first < 2:
         first = max(1, len(labels) // 2)
-    ids = list(example.input_ids[:first])
+    ids = list(ids_all[:first])
     return Prompt(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
 
 

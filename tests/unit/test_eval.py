@@ -136,3 +136,22 @@ def test_lm_eval_scores_the_saved_model_on_the_shipped_task(tmp_path):
     assert result["n_samples"] == {"dpkit_seed_mc": 12}
     assert result["tasks"]["dpkit_seed_mc"]["acc"] == pytest.approx(
         by_hand_accuracy(run / "model", docs))
+
+
+def test_a_preference_pair_gives_its_chosen_prompt():
+    """Generations during a preference run take their prompts from eval pairs: the tokens of the
+    chosen side before its first trained one (a pair has no single `labels`)."""
+    from dpkit.data.preference import PairExample
+    from dpkit.eval.generate import row_prompt
+    from dpkit.model import load_tokenizer
+    from dpkit.recipe import ModelSection
+
+    tok = load_tokenizer(ModelSection(config={"model_type": "llama"},
+                                      tokenizer="dpkit:tokenizers/tiny-bpe"))
+    prompt = tok("Name a colour.")["input_ids"]
+    chosen, rejected = tok(" Blue.", add_special_tokens=False)["input_ids"], [5, 6]
+    pair = PairExample(prompt + chosen, [-100] * len(prompt) + chosen,
+                       prompt + rejected, [-100] * len(prompt) + rejected)
+    got = row_prompt(pair, tok)
+    assert got.ids == prompt
+    assert got.text == tok.decode(prompt, skip_special_tokens=True).strip()
