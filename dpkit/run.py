@@ -29,7 +29,7 @@ from dpkit.data.packing import fill_ratio, pack
 from dpkit.data.stream import check_stream
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import RecipeError
-from dpkit.eval.evaluator import Evaluator
+from dpkit.eval.evaluator import Evaluator, truncate_jsonl
 from dpkit.hub_schema import UserChoice
 from dpkit.metrics import (
     MetricsLog,
@@ -128,7 +128,7 @@ class Run:
             (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
             (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
             if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
-                truncate_metrics(self.out / "metrics.jsonl", 0)
+                truncate_jsonl(self.out / "metrics.jsonl", 0)
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, env.world_size, r.zero.stage)
         if self.universal:
@@ -189,7 +189,7 @@ class Run:
                  + (" (universal checkpoint: world size or ZeRO stage changed)"
                     if self.universal else ""))
         if self.env.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+            truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -382,12 +382,3 @@ def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after the checkpoint a run resumes from (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
