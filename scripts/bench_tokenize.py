@@ -4,7 +4,8 @@ and the same number of processes, on the same generated rows, in one invocation.
     python scripts/bench_tokenize.py [--rows 200000] [--num-proc 2] [--reps 3] [--format text]
 
 The baseline is what people write by hand: `ds.map(lambda b: tok(b["text"]), batched=True,
-num_proc=N)`, written to Arrow. dpkit does more per row (rendering, offsets for masking, labels,
+num_proc=N)`, written to Arrow (for `--format alpaca`: the same prompt + response text dpkit
+renders, tokenized whole). dpkit does more per row (rendering, offsets for masking, labels,
 eos, overflow status) through `dpkit.data.tokenize.tokenize_dataset`. Both write Arrow files to a
 temporary directory; the best of `--reps` runs of each is compared (ratio = dpkit / baseline).
 """
@@ -57,6 +58,7 @@ def main() -> int:
 
     import datasets
 
+    from dpkit.data.formats import ALPACA_NO_INPUT
     from dpkit.data.tokenize import tokenize_dataset
     from dpkit.model import load_tokenizer
     from dpkit.recipe import DataSection, ModelSection
@@ -72,10 +74,15 @@ def main() -> int:
                                cache_dir=str(tmp / "hf"))
     section = DataSection(sources=[{"path": str(data), "format": args.format}], max_seq_len=4096)
     source = section.sources[0]
-    column = "text" if args.format == "text" else "instruction"
+
+    def texts(b):  # the same text dpkit tokenizes, without the labels dpkit adds
+        if args.format == "text":
+            return b["text"]
+        return [ALPACA_NO_INPUT.format(instruction=i, input="") + o
+                for i, o in zip(b["instruction"], b["output"])]
 
     def baseline(rep: int):
-        return ds.map(lambda b: tok(b[column]), batched=True, num_proc=args.num_proc,
+        return ds.map(lambda b: tok(texts(b)), batched=True, num_proc=args.num_proc,
                       remove_columns=ds.column_names, cache_file_name=str(tmp / f"base{rep}.arrow"),
                       new_fingerprint=f"base{rep}")
 

@@ -46,6 +46,28 @@ def test_alpaca_without_completion_only_trains_everything_but_bos(tok):
     assert ex.labels[0] == IGNORE and ex.labels[1:] == ex.input_ids[1:]
 
 
+def test_plain_text_rows_skip_offsets_and_equal_the_tokenizer(tok):
+    """Text rows are tokenized without character offsets (encode_batch_fast); alpaca rows without
+    completion-only need none either. Both must equal the tokenizer called by hand, and a batch
+    that needs offsets (completion-only alpaca) must still mask its prompt."""
+    from dpkit.data.tokenize import encode_batch
+
+    texts = ["The model learns.", "", "two  spaces and a tab\t1 2 3", "é ü — unicode 42"]
+    out = encode_batch({"text": texts}, DataSource(path="x", format="text"), tok, None)
+    for text, ids, labels in zip(texts, out["input_ids"], out["labels"]):
+        expected = tok(text).input_ids + [tok.eos_token_id]
+        assert ids == expected
+        assert labels == [IGNORE] + expected[1:]  # bos is never trained on
+    row = {"instruction": ["Name a color."], "input": [""], "output": ["Blue."]}
+    alpaca = DataSource(path="x", format="alpaca")
+    everything = encode_batch(row, alpaca, tok, None, completion_only=False)
+    masked = encode_batch(row, alpaca, tok, None, completion_only=True)
+    assert everything["input_ids"] == masked["input_ids"]
+    n_prompt = len(tok(ALPACA_NO_INPUT.format(instruction="Name a color.", input="")).input_ids)
+    assert masked["labels"][0] == [IGNORE] * n_prompt + masked["input_ids"][0][n_prompt:]
+    assert everything["labels"][0] == [IGNORE] + everything["input_ids"][0][1:]
+
+
 def test_messages_train_only_assistant_turns(tok):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Capital of France?"},
