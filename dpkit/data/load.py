@@ -223,12 +223,14 @@ def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1,
     """(train rows, eval rows, stats), tokenized in memory (no cache: see cache.py for that).
     Rows are a sequence of `Example`s read on demand. Every problem is raised at once.
     Preference pairs (`max_prompt_len`: prompt tokens kept) go through dpkit/data/preference.py."""
+    t0 = time.perf_counter()
     raw = load_raw(section, tokenizer)
     if any(source.format == "preference" for _, source, _ in raw):
         from dpkit.data.preference import load_pairs
 
-        return load_pairs(raw, section, tokenizer, seed, max_prompt_len)
-    t0 = time.perf_counter()
+        train, evals, stats = load_pairs(raw, section, tokenizer, seed, max_prompt_len)
+        stats.seconds = time.perf_counter() - t0
+        return train, evals, stats
     parts = [(kind, source, tokenize_or_explain(ds, source, tokenizer, section, num_proc,
                                                 fingerprint=uuid.uuid4().hex))
              for kind, source, ds in raw]

@@ -123,11 +123,72 @@ def test_cached_rows_equal_rows_tokenized_in_memory(tmp_path, tok):
     assert not list((tmp_path / "c").glob(".tmp-*"))
 
 
+RACER = """
+import sys, time
+from pathlib import Path
+from dpkit.data import cache
+from dpkit.model import load_tokenizer
+from dpkit.recipe import DataSection, ModelSection
+KINDS = ("sources", "eval_sources")  # what a non-streaming run reads
+section = DataSection.model_validate_json(sys.argv[1])
+tok = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=sys.argv[2]))
+entry, material = cache.entry_dir(section, tok, KINDS)
+go = Path(sys.argv[3])
+while not go.exists():  # both processes start tokenizing together
+    time.sleep(0.01)
+cache.build(section, tok, KINDS, entry, material, progress=False)
+print("entry", entry)
+"""
+
+
+def test_two_nodes_building_one_entry_on_a_shared_file_system(tmp_path, tok):
+    """Two processes (two nodes' local rank 0) tokenize into the same cache directory at once:
+    one rename wins, the other says so and uses it, nothing half-built or temporary is left,
+    and the entry reads back equal to tokenizing in memory."""
+    import subprocess
+    import sys
+
+    section = DataSection(sources=[{"path": str(MESSAGES), "format": "messages"}],
+                          max_seq_len=64, cache_dir=str(tmp_path / "c"))
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, section.model_dump_json(),
+                                str(TOKENIZER), str(go)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    go.touch()
+    outs = [r.communicate(timeout=240) for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], outs
+    said = "".join(out for out, _ in outs)
+    assert said.count("built meanwhile by another process; using it") == 1, said
+    assert len(list((tmp_path / "c").glob("tok-*"))) == 1
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+    assert len((tmp_path / "c" / "tokenize.log").read_text().splitlines()) == 1
+    cached = load_cached(section, tok, seed=0, say=lambda m: None)
+    assert cached[2].cached
+    expected = load_datasets(section, tok, seed=0)
+    assert [(e.input_ids, e.labels) for e in cached[0]] == \
+        [(e.input_ids, e.labels) for e in expected[0]]
+
+
 # ------------------------------------------------------------------------------ streams
-def stream_file(tmp_path, n: int):
-    path = tmp_path / "stream.jsonl"
-    path.write_text("".join(json.dumps({"text": f"row {i} says hello"}) + "\n" for i in range(n)))
-    return path
+def stream_file(tmp_path, n: int, layout: str = "jsonl"):
+    """`jsonl`: one file, read by dpkit's seekable line reader. `repo`: a dataset repository as
+    `hf download --repo-type dataset` leaves it (two parquet shards under data/), streamed by
+    `datasets.load_dataset(path, streaming=True)` — the call a hub dataset id goes through."""
+    rows = [{"text": f"row {i} says hello"} for i in range(n)]
+    if layout == "jsonl":
+        path = tmp_path / "stream.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    half = n // 2
+    for k, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part), repo / "data" / f"train-0000{k}-of-00002.parquet")
+    return repo
 
 
 def feeds(tok, path, world, **data):
@@ -142,9 +203,10 @@ def row_number(tok, batch) -> int:
     return int(text.split()[1])
 
 
-def test_stream_ranks_read_disjoint_rows_that_cover_the_stream(tmp_path, tok):
+@pytest.mark.parametrize("layout", ["jsonl", "repo"])
+def test_stream_ranks_read_disjoint_rows_that_cover_the_stream(tmp_path, tok, layout):
     n = 103
-    path = stream_file(tmp_path, n)
+    path = stream_file(tmp_path, n, layout)
     seen = []
     for r, feed in enumerate(feeds(tok, path, world=2)):
         mine = [row_number(tok, feed.micro_batches(s)[0]) for s in range((n - r + 1) // 2)]
@@ -157,8 +219,9 @@ def test_stream_ranks_read_disjoint_rows_that_cover_the_stream(tmp_path, tok):
     assert sorted(seen) == list(range(n))
 
 
-def test_stream_position_resumes_exactly(tmp_path, tok):
-    path = stream_file(tmp_path, 61)
+@pytest.mark.parametrize("layout", ["jsonl", "repo"])
+def test_stream_position_resumes_exactly(tmp_path, tok, layout):
+    path = stream_file(tmp_path, 61, layout)
     for packing in (False, True):
         a, = feeds(tok, path, world=1, packing=packing)
         [a.micro_batches(s) for s in range(11)]

@@ -229,6 +229,25 @@ def test_identical_pairs_are_left_out_and_counted(tok):
     assert "1 dropped with chosen == rejected" in stats.describe()
 
 
+def test_the_pairs_report_says_how_long_they_took(tok, monkeypatch):
+    """The data report's time is measured around the pairs' tokenization (it said 0.0 s)."""
+    import time
+
+    from dpkit.data import load_datasets
+    from dpkit.data import preference
+
+    real = preference.load_pairs
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preference, "load_pairs", slow)
+    section = DataSection(sources=[DataSource(path=PREF, format="preference")], max_seq_len=96)
+    _, _, stats = load_datasets(section, tok, seed=0)
+    assert stats.seconds >= 0.2 and f"in {stats.seconds:.1f} s" in stats.describe()
+
+
 def test_prompt_cut_keeps_its_last_tokens_and_long_answers_are_cut(tok):
     prompt = "one two three four five six seven eight nine ten "
     rows = [{"prompt": prompt, "chosen": "yes " * 30, "rejected": "no."}]
