@@ -127,6 +127,13 @@ def model_flops(n_params: int, n_trainable: int, n_layers: int, hidden: int,
     return float(matmul + attention)
 
 
+def forward_flops(n_params: int, n_layers: int, hidden: int, row_lengths: list[int]) -> float:
+    """Model FLOPs of one forward without gradient (a frozen reference model's pass): 2N per
+    token for the matmuls and a third of model_flops' attention term (its forward share)."""
+    return float(2 * n_params * sum(row_lengths)
+                 + 4 * n_layers * hidden * sum(n * n for n in row_lengths))
+
+
 def per_rank(values: dict[str, float], env) -> dict[str, list[float]]:
     """Each rank's value of every key, on every rank (one small all-reduce)."""
     keys = sorted(values)

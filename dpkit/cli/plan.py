@@ -221,12 +221,14 @@ def run_plan(args) -> int:
 
 def print_scaling(o, p, args) -> None:
     from dpkit.plan.cost import scaling, scaling_lines, scaling_plot
+    from dpkit.plan.recommend import objective_load
     from dpkit.plan.time import Job
 
     hw, r = p.hw, p.recipe
     job = Job(p.shape, o.stage, "none", "none", hw.world_size, hw.gpus_per_node,
               o.batch.micro_batch_size, o.batch.grad_accum, r.data.max_seq_len,
-              DTYPE_BYTES[r.model.dtype], o.breakdown.setup.knobs.reduce_bucket_size)
+              DTYPE_BYTES[r.model.dtype], o.breakdown.setup.knobs.reduce_bucket_size,
+              **objective_load(r))
     table = scaling(job, p.cluster, ints(args.scaling, "--scaling"), [0, 1, 2, 3],
                     o.batch.global_batch_size)
     print("\nscaling (no offload; memory not checked at other sizes): global batch "

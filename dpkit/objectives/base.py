@@ -29,6 +29,11 @@ class Objective:
     unit = "target tokens"
     metric_names: tuple[str, ...] = ()
     """Keys of LossOut.metrics, in a fixed order (every rank reduces the same list)."""
+    rows_per_item = 1
+    """Sequences one batch item puts through the model (the planner's memory and time)."""
+    reference = None
+    """How a frozen reference model is evaluated: None, "adapter_off" (one more forward without
+    gradient per micro-batch) or "precomputed" (one forward per item before step 1)."""
 
     def setup(self, run) -> None:
         """Called once on every rank after the engine exists and before the first step (for

@@ -99,6 +99,7 @@ class Preference(Objective):
     """One class for the four losses; `kind` picks the formula (registered under each name)."""
 
     unit = "pairs"
+    rows_per_item = 2  # chosen and rejected, in one forward
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected")
 

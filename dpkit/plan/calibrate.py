@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dpkit.errors import RecipeError
-from dpkit.plan.recommend import DTYPE_BYTES, knobs, recipe_shape
+from dpkit.plan.recommend import DTYPE_BYTES, knobs, objective_load, recipe_shape
 from dpkit.plan.time import DEVICES, LINKS, Cluster, Device, Job, comm_time, flops_per_rank
 
 WARMUP_STEPS = 2
@@ -87,7 +87,7 @@ def job_of_run(run_dir: Path, summary: dict, shape=None) -> Job:
     return Job(shape, int(summary["zero_stage"]), z.offload_optimizer, z.offload_params, world,
                world, int(summary["micro_batch_size"]), int(summary["grad_accum"]),
                recipe.data.max_seq_len, DTYPE_BYTES[summary["dtype"]],
-               knobs(ds).reduce_bucket_size)
+               knobs(ds).reduce_bucket_size, **objective_load(recipe))
 
 
 def fit(job: Job, global_batch: int, records: list[dict], cluster: Cluster,
@@ -96,12 +96,15 @@ def fit(job: Job, global_batch: int, records: list[dict], cluster: Cluster,
     used = records[WARMUP_STEPS:]
     med = {k: statistics.median(r[k] for r in used)
            for k in ("step_time_s", "forward_backward_s", "optimizer_s", "tokens")}
-    flops = statistics.median(r["flops"] for r in used) / job.world_size
-    job = replace(job, fill=med["tokens"] / (global_batch * job.seq_len),
+    # the logged FLOPs count forward and backward only; a reference forward is in the time too
+    with_reference = flops_per_rank(job) / flops_per_rank(replace(job, reference_forwards=0))
+    flops = statistics.median(r["flops"] for r in used) / job.world_size * with_reference
+    rows = global_batch * job.rows_per_item
+    job = replace(job, fill=med["tokens"] / (rows * job.seq_len),
                   flop_fill=flops / flops_per_rank(replace(job, fill=1.0)))
     exposed = (1 - cluster.overlap) * comm_time(job, cluster)  # not hidden: in the measured time
     peak = cluster.device.peak(job.dtype_bytes)
-    eff = statistics.median(r["flops"] / job.world_size
+    eff = statistics.median(r["flops"] * with_reference / job.world_size
                             / max(r["forward_backward_s"] - exposed, 1e-9) / peak for r in used)
     shard = job.shape.trainable / (job.world_size if job.stage >= 1 else 1)
     fitted = replace(cluster, efficiency=eff, optimizer_s_per_param=med["optimizer_s"] / shard,

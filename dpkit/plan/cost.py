@@ -23,10 +23,11 @@ class RunLength:
     seq_len: int = 0
     source: str = ""
 
-    def steps_for(self, global_batch: int) -> int | None:
+    def steps_for(self, rows_per_step: int) -> int | None:
+        """Optimizer steps; `rows_per_step`: global batch × rows per item (pairs: 2)."""
         if self.steps or not self.tokens:
             return self.steps
-        return -(-self.tokens // (global_batch * self.seq_len)) * self.epochs  # ceil per epoch
+        return -(-self.tokens // (rows_per_step * self.seq_len)) * self.epochs  # ceil per epoch
 
 
 def run_length(recipe, dataset_tokens: int | None) -> RunLength:
@@ -44,10 +45,32 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds / 60:,.1f} min"
 
 
+def reference_pass_s(p, length: RunLength) -> float | None:
+    """Seconds of a precomputed reference's forward over the whole dataset before step 1 (DPO
+    and IPO without an adapter to turn off); None when the dataset's size is not known."""
+    if not length.tokens:
+        return None
+    from dpkit.metrics import forward_flops
+    from dpkit.plan.recommend import DTYPE_BYTES
+    from dpkit.plan.time import matmul_params
+
+    n, _ = matmul_params(p.shape)
+    rows = [length.seq_len] * -(-length.tokens // length.seq_len)
+    flops = forward_flops(n, p.shape.layers, p.shape.hidden, rows)
+    dtype_bytes = DTYPE_BYTES[p.recipe.model.dtype]
+    return flops / (p.hw.world_size * p.cluster.efficiency * p.cluster.device.peak(dtype_bytes))
+
+
 def time_lines(p, length: RunLength, price: float | None) -> list[str]:
     """The time table of a Plan's fitting options (fastest first) and the run's cost."""
+    from dpkit.objectives import build_objective
+    from dpkit.plan.recommend import objective_load
+
     c, world = p.cluster, p.hw.world_size
     known = bool(length.steps or length.tokens)
+    rows_per_item = objective_load(p.recipe)["rows_per_item"]
+    precomputed = build_objective(p.recipe).reference == "precomputed"
+    before = reference_pass_s(p, length) if precomputed else None
     lines = [f"time: {c.device.name} at {c.efficiency:.0%} of its {c.device.peak_flops / 1e12:.0f}"
              f" TFLOP/s peak, inside a node {c.intra.name}, across nodes {c.inter.name}, "
              f"{c.overlap:.0%} of communication hidden (assumptions: docs/plan.md)",
@@ -62,14 +85,18 @@ def time_lines(p, length: RunLength, price: float | None) -> list[str]:
                 f"{st.comm_s:>8.3f}{st.comm_s - st.exposed_comm_s:>8.3f}{st.optimizer_s:>7.3f}"
                 f"{st.offload_s:>8.3f}{st.step_s:>8.3f}{st.tokens_per_s:>11,.0f}")
         if known:
-            steps = length.steps_for(o.batch.global_batch_size)
-            seconds = steps * st.step_s
+            steps = length.steps_for(o.batch.global_batch_size * rows_per_item)
+            seconds = steps * st.step_s + (before or 0.0)
             line += f"{steps:>8,}{hours(seconds):>10}{seconds * world / 3600:>9,.1f}"
             if price:
                 line += f"{seconds * world / 3600 * price:>10,.0f}"
         lines.append(line)
     lines.append(f"run length: {length.source}" if known
                  else f"run length: unknown — {length.source}")
+    if precomputed:
+        lines.append(f"reference log-probs before step 1 (one forward over the data): "
+                     + (f"{hours(before)}, included in the run's time" if before is not None
+                        else "not in the time above (its length needs --dataset-tokens)"))
     return lines
 
 

@@ -133,7 +133,7 @@ def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
               kn: Knobs) -> Setup:
     m = recipe.model
-    rows = micro * (1 if recipe.objective == "sft" else 2)  # pairs: chosen + rejected, 1 forward
+    rows = micro * objective_load(recipe)["rows_per_item"]  # pairs: chosen + rejected, 1 forward
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], rows,
                  recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
                  **long_fields(recipe))
@@ -213,8 +213,19 @@ def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: C
     job = Job(shape, o.stage, o.offload_optimizer, o.offload_params, hw.world_size,
               hw.gpus_per_node, batch.micro_batch_size, batch.grad_accum,
               recipe.data.max_seq_len, DTYPE_BYTES[recipe.model.dtype],
-              o.breakdown.setup.knobs.reduce_bucket_size)
+              o.breakdown.setup.knobs.reduce_bucket_size, **objective_load(recipe))
     return batch, step_time(job, cluster)
+
+
+def objective_load(recipe: Recipe) -> dict:
+    """What the recipe's objective puts through the model per batch item (the time model's Job
+    fields): pairs are two rows; DPO with the adapter-off reference adds one forward without
+    gradient per micro-batch (a precomputed reference runs once before step 1: cost.py)."""
+    from dpkit.objectives import build_objective
+
+    o = build_objective(recipe)
+    return {"rows_per_item": o.rows_per_item,
+            "reference_forwards": 1 if o.reference == "adapter_off" else 0}
 
 
 # ----------------------------------------------------------------------------------- output
@@ -238,18 +249,25 @@ def option_name(o: Option) -> str:
     return f"ZeRO-{o.stage}, {where}"
 
 
-def preference_cost(r: Recipe) -> list[str]:
-    """What a preference objective adds (docs/preference.md): rows and the reference model."""
+def preference_cost(r: Recipe, shape: ModelShape) -> list[str]:
+    """What a preference objective adds (docs/preference.md): rows and the reference model, its
+    share of the compute from the same FLOP counts as the time model."""
     if r.objective == "sft":
         return []
+    from dpkit.metrics import forward_flops, model_flops
     from dpkit.objectives import build_objective
+    from dpkit.plan.time import matmul_params
 
+    n, t = matmul_params(shape)
+    rows = [r.data.max_seq_len]
+    share = (forward_flops(n, shape.layers, shape.hidden, rows)
+             / model_flops(n, t, shape.layers, shape.hidden, rows))
     ref = build_objective(r).reference
     cost = {None: "no reference model (no extra cost)",
             "adapter_off": "reference = adapter off: +1 forward (no gradient) per micro batch, "
-                           "~+33% compute per step, no extra memory",
+                           f"+{share:.0%} compute per step (in the times below), no extra memory",
             "precomputed": "reference precomputed: +1 forward per pair once before step 1 "
-                           "(~1/3 of an epoch's compute), no extra memory"}[ref]
+                           f"({share:.0%} of an epoch's compute), no extra memory"}[ref]
     return ["", f"objective {r.objective}: a micro batch of N pairs is 2N rows in one forward "
             f"(memory above counts 2N rows); {cost}"]
 
@@ -273,7 +291,7 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
         "peak, total = the larger of the backward and the optimizer step, plus margin",
         f"{'stage':<6}{'offload':<22}{'micro':>6}{'params':>8}{'grads':>8}{'optim':>8}"
         f"{'activ':>8}{'comm':>7}{'margin':>8}{'total':>8}{'CPU/node':>10}  fits"]
-    rows_per_item = 1 if r.objective == "sft" else 2  # preference pairs: 2 rows each
+    rows_per_item = objective_load(r)["rows_per_item"]  # preference pairs: 2 rows each
     for o in p.options:
         b = o.breakdown
         lines.append(
@@ -283,7 +301,7 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
             f"{gib(b.gpu('activations')):>8}{gib(b.gpu('comm')):>7}{gib(b.gpu_margin):>8}"
             f"{gib(b.gpu_total):>8}{gib(b.cpu_per_node):>10}  "
             + ("yes" if o.fits else f"no ({o.why_not})"))
-    lines += preference_cost(r)
+    lines += preference_cost(r, s)
     o = p.recommended
     if o is None:
         return "\n".join(lines + ["", "nothing fits: add GPUs, use LoRA (--lora-rank), shorten "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from dpkit.metrics import PEAK_FLOPS, model_flops
+from dpkit.metrics import PEAK_FLOPS, forward_flops, model_flops
 from dpkit.plan.memory import ModelShape
 
 DEFAULT_EFFICIENCY = 0.40
@@ -152,10 +152,16 @@ class Job:
     fill: float = 1.0  # tokens present / micro × seq_len (padding or packing leaves gaps)
     flop_fill: float | None = None  # FLOPs done / FLOPs of full rows (None: fill); packed rows
     # attend within each original row, so their attention costs less than the token fill says
+    rows_per_item: int = 1  # sequences per batch item: 2 for preference pairs
+    reference_forwards: int = 0  # forwards without gradient per micro-batch (DPO adapter_off)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.micro_batch * self.rows_per_item * self.grad_accum
 
     @property
     def tokens_per_rank(self) -> float:
-        return self.fill * self.micro_batch * self.grad_accum * self.seq_len
+        return self.fill * self.rows_per_rank * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -194,10 +200,13 @@ def matmul_params(shape: ModelShape) -> tuple[int, int]:
 
 
 def flops_per_rank(job: Job) -> float:
-    """Model FLOPs of one rank's step: micro × accumulation rows of seq_len tokens."""
+    """Model FLOPs of one rank's step: micro × rows per item × accumulation rows of seq_len
+    tokens, forward and backward, plus any reference forwards over the same rows."""
     n, t = matmul_params(job.shape)
-    rows = [job.seq_len] * (job.micro_batch * job.grad_accum)
-    return model_flops(n, t, job.shape.layers, job.shape.hidden, rows)
+    rows = [job.seq_len] * job.rows_per_rank
+    train = model_flops(n, t, job.shape.layers, job.shape.hidden, rows)
+    return train + job.reference_forwards * forward_flops(n, job.shape.layers, job.shape.hidden,
+                                                          rows)
 
 
 def gathers_per_pass(job: Job) -> int:
@@ -222,7 +231,8 @@ def collectives(job: Job) -> list[Collective]:
         return [Collective("reduce-scatter", trained * a, buckets * a, "gradients"),
                 Collective("all-gather", trained, buckets, "updated weights")]
     g = gathers_per_pass(job)
-    return [Collective("all-gather", psi * a, g * a, "weights, forward"),
+    f = 1 + job.reference_forwards  # the reference forward gathers the weights again
+    return [Collective("all-gather", psi * a * f, g * a * f, "weights, forward"),
             Collective("all-gather", psi * a, g * a, "weights, backward"),
             Collective("reduce-scatter", trained * a, buckets * a, "gradients")]
 

@@ -237,3 +237,86 @@ def test_cli_time_table_scaling_and_calibrate(tmp_path, capsys):
     assert main(["plan", "--calibrate", str(run), "--predict-worlds", "1,2,8"]) == 0
     out = capsys.readouterr().out
     assert "efficiency 50.0%" in out and out.count("\n3     ") == 3
+
+
+# ------------------------------------------------------------------ preference objectives
+def test_forward_flops_equal_a_counted_forward():
+    """A frozen reference's forward, as the time model counts it, against torch's FLOP counter
+    on a real forward (matmuls and attention scores/values, no mask halving in either)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpkit.metrics import forward_flops
+
+    config = AutoConfig.for_model(**TINY, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    n, _ = matmul_parameters(model)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 40))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    # within 0.5%: matmul_parameters counts the norms' weights too (0.3% of this tiny model's
+    # 102,720; far less at real widths), as the MFU metric's 2N-per-token convention does
+    assert forward_flops(n, 2, 64, [40] * 3) == pytest.approx(counter.get_total_flops(), rel=5e-3)
+
+
+def preference_recipe(tmp_path, objective: str, lora: bool):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return recipe_from_dict({
+        "model": {"name_or_path": str(tmp_path)}, "objective": objective,
+        "data": {"sources": [{"path": "p.jsonl", "format": "preference"}], "max_seq_len": 1024},
+        "train": {"global_batch_size": 64, "micro_batch_size": 2}, "zero": {"stage": 2},
+        **({"peft": {"r": 16}} if lora else {}), "output": {"dir": str(tmp_path / "out")}})
+
+
+def test_a_pair_is_two_rows_and_adapter_off_adds_a_forward(tmp_path):
+    """DPO with LoRA (reference = adapter off): each rank's step computes 2 rows per pair forward
+    and backward plus one more forward of them; SimPO (no reference) only the 2 rows per pair.
+    Expected compute written out from the FLOP formulas (4N + 2N_trained per token forward and
+    backward, 2N forward; attention 12·L·d·len² and a third of it)."""
+    from dpkit.plan.recommend import objective_load
+
+    hw = Hardware(8, 8, 80 * 2**30, 1024 * 2**30)
+    dpo = preference_recipe(tmp_path, "dpo", lora=True)
+    simpo = dpo.model_copy(update={"objective": "simpo"})
+    assert objective_load(dpo) == {"rows_per_item": 2, "reference_forwards": 1}
+    assert objective_load(simpo) == {"rows_per_item": 2, "reference_forwards": 0}
+    assert objective_load(preference_recipe(tmp_path, "dpo", lora=False)) == \
+        {"rows_per_item": 2, "reference_forwards": 0}  # precomputed: before step 1, not per step
+    c = Cluster()
+    speed = c.efficiency * c.device.peak(2)
+    seconds = {}
+    for name, r in (("dpo", dpo), ("simpo", simpo)):
+        p = plan(r, hw, cluster=c)
+        o = next(o for o in p.options if (o.stage, o.offload_optimizer) == (2, "none"))
+        s = p.shape
+        trained = sum(s.trainable_numels)
+        n = s.matmul_params + trained
+        rows = o.batch.micro_batch_size * o.batch.grad_accum * 2
+        tokens, attention = rows * 1024, 12 * s.layers * s.hidden * rows * 1024**2
+        flops = (4 * n + 2 * trained) * tokens + attention
+        if name == "dpo":
+            flops += 2 * n * tokens + attention / 3
+        assert o.time.compute_s == pytest.approx(flops / speed, rel=1e-9), name
+        assert o.time.tokens == pytest.approx(tokens * 8)  # all ranks' rows of 1024
+        seconds[name] = o.time.compute_s
+    assert 1.45 < seconds["dpo"] / seconds["simpo"] < 1.55  # ~+50% with LoRA, not +33%
+
+
+def test_precomputed_reference_is_in_the_run_time(tmp_path, capsys):
+    from dpkit.cli.main import main
+    from dpkit.metrics import forward_flops
+
+    r = preference_recipe(tmp_path, "dpo", lora=False)  # full fine-tuning: precomputed
+    path = tmp_path / "dpo.yaml"
+    path.write_text(recipe_to_yaml(r))
+    tokens = 200_000_000
+    assert main(["plan", str(path), "--gpus-per-node", "8", "--gpu", "H100",
+                 "--dataset-tokens", str(tokens)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("reference log-probs before step 1"))
+    shape = plan(r, Hardware(8, 8, 80 * 2**30, None)).shape
+    seconds = forward_flops(shape.matmul_params, shape.layers, shape.hidden,
+                            [1024] * (tokens // 1024 + 1)) / (8 * 0.4 * DEVICES["H100"].peak(2))
+    assert f"{seconds / 60:,.1f} min" in line or f"{seconds / 3600:,.1f} h" in line, line
+    # steps: the dataset's tokens in rows of 1024, two rows per pair, 64 pairs per step
+    assert f"{-(-tokens // (64 * 2 * 1024)):,}" in out
