@@ -44,7 +44,7 @@ from dpkit.metrics import (
 from dpkit.model import build_model, load_model_config, load_tokenizer
 from dpkit.objectives import build_objective
 from dpkit.objectives.head import LossHead
-from dpkit.parallel.sequence import SequenceParallel
+from dpkit.parallel.sequence import SequenceParallel, gradient_divisor
 from dpkit.recipe import Recipe, recipe_to_yaml
 from dpkit.run_info import hardware, versions
 from dpkit.rundir import outside_warning, prepare_output_dir
@@ -115,6 +115,8 @@ class Run:
                                            on_cpu=env.backend == "gloo")
         if self.sp is not None:  # DeepSpeed's batch check outside initialize (zero.Init) reads it
             self.ds_config["sequence_parallel_size"] = self.sp.size
+        self.gradient_divisor = gradient_divisor(self.ds_config, self.batch.data_parallel,
+                                                 env.world_size)
         self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
                           D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size))
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
@@ -220,7 +222,7 @@ class Run:
         collate_s = time.perf_counter() - t0
         result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank),
-                            objective=self.objective, data_parallel=self.batch.data_parallel)
+                            objective=self.objective, gradient_divisor=self.gradient_divisor)
         result.times["data_s"] += collate_s
         result.times["step_time_s"] += collate_s
         self.last_loss, elapsed = result.loss, result.times["step_time_s"]

@@ -51,14 +51,14 @@ def _has_targets(batch: dict) -> bool:
 
 def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
                poison_loss: bool = False, objective: Objective | None = None,
-               data_parallel: int | None = None) -> StepResult:
+               gradient_divisor: int | None = None) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
     `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
     queue is never drained to read a number back. `poison_loss` turns this rank's loss into NaN
-    (fault injection for the NaN tests). `data_parallel`: the ranks DeepSpeed averages
-    gradients over (the world size, or world / sequence-parallel: ranks of one sequence-parallel
-    group each hold part of the same rows' gradient, which DeepSpeed sums, not averages).
+    (fault injection for the NaN tests). `gradient_divisor`: the number of ranks DeepSpeed divides
+    the summed gradients by (default the world size; under sequence parallelism see
+    dpkit.parallel.sequence.gradient_divisor).
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
@@ -67,9 +67,9 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     local = [sum(objective.count(b) for b in micro_batches),
              sum(int(b["attention_mask"].sum()) for b in real), len(lengths)]
     units, tokens, samples = distributed.all_reduce_sum(local, env.device)
-    # engine.backward divides by the accumulation steps and the gradient all-reduce averages
-    # over data-parallel ranks; multiplying by both turns the sum into "sum over the global batch / units".
-    scale = grad_accum * (data_parallel or env.world_size) / max(units, 1)
+    # engine.backward divides by the accumulation steps and the gradient reduction divides by
+    # the ranks; multiplying by both turns the sum into "sum over the global batch / units".
+    scale = grad_accum * (gradient_divisor or env.world_size) / max(units, 1)
     micro_batches = [to_device(b, env.device) for b in micro_batches]
     t1 = time.perf_counter()
     zero = torch.zeros((), device=env.device, dtype=torch.float64)

@@ -129,6 +129,12 @@ def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
             if zo.get(key) == "auto":
                 zo[key] = value
     _resolve_offload(recipe, zo, src, problems)
+    if recipe.zero.stage == 3 and recipe.train.sequence_parallel > 1 \
+            and zo.get("reduce_scatter", True) is False:
+        problems.append(Problem(f"{src}: zero_optimization.reduce_scatter", "false under ZeRO-3 "
+                                "with sequence parallelism: DeepSpeed then averages some gradient "
+                                "buckets over every rank and others over the data-parallel ranks",
+                                "remove it (true is DeepSpeed's default)"))
 
     leftover = list(_autos(cfg))
     for dotted in leftover:

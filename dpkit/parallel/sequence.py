@@ -19,9 +19,9 @@ What dpkit adds around DeepSpeed's parts, and why:
   attention, or flash-attention varlen) — DeepSpeed drops the attention mask, which is what kept
   them apart in transformers' sdpa path;
 - the loss units are counted on the slices (each target token in exactly one slice), so
-  dpkit/step.py's "sum over the global batch / global units" stays exact; DeepSpeed averages
-  gradients over the data-parallel size only (its ZeRO code divides by world / S), which
-  Run.train_one_step passes to train_step;
+  dpkit/step.py's "sum over the global batch / global units" stays exact, given the number of
+  ranks DeepSpeed divides the summed gradients by (`gradient_divisor`: world / S at ZeRO 1–2,
+  the whole world at ZeRO-3), which Run.train_one_step passes to train_step;
 - the attention module is told each call's batch size (the last micro-batch of an epoch, a
   flattened packed micro-batch): DeepSpeed's checks assume the one given at construction.
 
@@ -86,6 +86,24 @@ def problems(recipe, config) -> list[Problem]:
 
 
 # ---------------------------------------------------------------------------- on the ranks
+def gradient_divisor(ds_config: dict, data_parallel: int, world_size: int) -> int:
+    """The number of ranks DeepSpeed divides the summed gradients by; dpkit/step.py multiplies
+    the loss by it, so that the update is "sum over the global batch / global units".
+
+    ZeRO 0–2 divide by the data-parallel ranks, world / S: the S ranks of a sequence-parallel
+    group each hold part of the same rows' gradient, to be summed. ZeRO-3 reduce-scatters through
+    `reduce_scatter_coalesced`, which divides by its whole group — every rank — and does not
+    multiply S back (DeepSpeed 0.19 stage3 `__avg_scatter_grads`; only the contiguous path, taken
+    with `reduce_scatter: false` and small buckets, does; zero.py refuses that combination). Under
+    Adam a gradient S times too small moves the weights almost as far — the ~1e-6 per step this
+    once drifted from one process — but gradient clipping and the logged norm were S times off.
+    """
+    zo = ds_config.get("zero_optimization", {})
+    if zo.get("stage", 0) == 3 and zo.get("reduce_scatter", True):
+        return world_size
+    return data_parallel
+
+
 def shard(batch: dict, sp: int, rank: int) -> dict:
     """This rank's slice of a collated CPU micro-batch: labels shifted first, padded to a
     multiple of `sp`, global row boundaries and (on the group's first rank) the row lengths

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from conftest import ALPACA, TINY_LLAMA, TOKENIZER, tiny_recipe
 
+from dpkit.shipped import DS_CONFIGS
+
 R = "{recipe}"  # the recipe file's path in a command line
 D = "{d}"       # the case's directory
 
@@ -176,6 +178,13 @@ CASES = [
     Case("template-missing", "missing.json", over=[f"zero.template={D}/missing.json"]),
     Case("template-bad-json", "ds.json", over=[f"zero.template={D}/ds.json"],
          files=write("ds.json", "{not json")),
+    Case("zero3-sequence-parallel-without-reduce-scatter", "reduce_scatter",
+         argv=["validate", R, "--nproc-per-node", "2", "zero.stage=3", "train.sequence_parallel=2",
+               f"zero.template={D}/z3.json"],
+         files=lambda d: write("z3.json", json.dumps({
+             **json.loads((DS_CONFIGS / "zero3.json").read_text()),
+             "zero_optimization": {**json.loads((DS_CONFIGS / "zero3.json").read_text())[
+                 "zero_optimization"], "reduce_scatter": False}}))(d)),
     Case("lora-rank-zero", "peft.r", over=["peft.r=0"]),
     Case("lora-method-unknown", "peft.method", over=["peft.method=dora"]),
     Case("lora-targets-empty", "peft.target_modules", over=["peft.target_modules=[]"]),
