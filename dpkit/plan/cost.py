@@ -94,7 +94,7 @@ def time_lines(p, length: RunLength, price: float | None) -> list[str]:
     lines.append(f"run length: {length.source}" if known
                  else f"run length: unknown — {length.source}")
     if precomputed:
-        lines.append(f"reference log-probs before step 1 (one forward over the data): "
+        lines.append("reference log-probs before step 1 (one forward over the data): "
                      + (f"{hours(before)}, included in the run's time" if before is not None
                         else "not in the time above (its length needs --dataset-tokens)"))
     return lines
