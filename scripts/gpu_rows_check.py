@@ -116,14 +116,20 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=WIDE["hidden_size"],
+                   help="hidden size (intermediate 4x); smaller for a CPU dry run")
+    p.add_argument("--vocab", type=int, default=WIDE["vocab_size"],
+                   help="vocabulary (at least the tiny tokenizer's 2048)")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (fp32, "
                    "the per-row sdpa path; small --layers/--seq-len)")
     args = p.parse_args()
     batch = packed_batch(args.micro, args.seq_len)
     ok = True
     for extra in ({}, {"num_key_value_heads": 4}):  # multi-head, then grouped-query attention
-        line = check({**WIDE, "num_hidden_layers": args.layers, **extra}, batch, args.iters,
-                     args.device)
+        width = {"hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
+                 "vocab_size": args.vocab}
+        line = check({**WIDE, **width, "num_hidden_layers": args.layers, **extra}, batch,
+                     args.iters, args.device)
         print(json.dumps(line), flush=True)
         ok &= line["ok"]
     return 0 if ok else 1

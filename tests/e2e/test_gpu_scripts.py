@@ -35,7 +35,7 @@ def test_rows_check_dry_run_on_cpu():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_rows_check.py"), "--device",
                           "cpu", "--layers", "1", "--micro", "2", "--seq-len", "256",
-                          "--iters", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          "--iters", "1", "--hidden", "256", "--vocab", "2048"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
