@@ -104,8 +104,13 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
               tile: int = DEFAULT_TILE, softcap: float | None = None) -> torch.Tensor:
     """Per-token NLL [same shape as labels], 0 at label -100, never holding more than `tile`
     tokens' logits. `hidden` [..., hidden] are the final (normed) hidden states, `labels` the
-    next-token targets aligned with them (already shifted)."""
+    next-token targets aligned with them (already shifted).
+
+    A batch of at most one tile goes through the full logits: they are no larger than a tile's,
+    the numbers are the same, and the backward needs no second head matmul."""
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if flat_y.numel() <= tile:
+        return plain_token_nll(hidden, head, labels, softcap)
     out = _call_head(head, flat_h, flat_y, tile, softcap)
     return out.view(labels.shape)
 

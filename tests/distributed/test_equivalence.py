@@ -34,6 +34,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     double = {f"zero{s}": tiny_recipe(tmp / f"zero{s}", zero={"stage": s},
                                       train={**train, "micro_batch_size": 2})
               for s in (0, 1, 2, 3)}
+    # The loss over tiles of 16 tokens (a micro-batch of one tile goes through the full logits,
+    # as every other run here does): the head gathered and reduced per call under ZeRO-3.
+    double["zero3_tiled"] = tiny_recipe(tmp / "zero3_tiled", zero={"stage": 3},
+                                        train={**train, "micro_batch_size": 2},
+                                        compute={"loss_tile_tokens": 16})
     # ZeRO-1 with the optimizer on the CPU (DeepSpeed's CPU Adam): its own template.
     double["zero1_offload"] = tiny_recipe(tmp / "zero1_offload",
                                           zero={"stage": 1, "offload_optimizer": "cpu"},
@@ -62,6 +67,13 @@ def test_two_ranks_match_one_process(runs, stage):
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
     # The run must actually learn, or equal losses would prove nothing.
     assert got[-1] < got[0] - 0.1
+
+
+def test_tiled_loss_under_zero3_matches_one_process(runs):
+    reference, got = train_losses(runs["reference"]), train_losses(runs["zero3_tiled"])
+    assert "tiled: 16 tokens" in (runs["zero3_tiled"] / "logs" / "rank0.log").read_text()
+    assert len(reference) == len(got) == STEPS
+    assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
 
 
 def test_zero1_with_cpu_offload_trains_like_one_process(runs):

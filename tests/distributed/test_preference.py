@@ -56,6 +56,9 @@ def runs(tmp_path_factory) -> Path:
     double.update(ipo1=pref(tmp, "ipo1", "ipo", stage=1),
                   simpo2=pref(tmp, "simpo2", "simpo", stage=2),
                   orpo3=pref(tmp, "orpo3", "orpo", stage=3),
+                  # log-probs over tiles of 16 tokens (the others fit one tile: full logits)
+                  lora3_tiled=pref(tmp, "lora3_tiled", stage=3, lora=True,
+                                   compute={"loss_tile_tokens": 16}),
                   # pairs laid end to end (per-row attention, no padding) against padded "full"
                   packed2=pref(tmp, "packed2", stage=2, data={"packing": True}),
                   # the uninterrupted twin of the crash chain below
@@ -101,7 +104,7 @@ def test_two_ranks_match_one_process(runs, kind, stage):
 
 
 @pytest.mark.parametrize("single, double", [("ipo", "ipo1"), ("simpo", "simpo2"),
-                                            ("orpo", "orpo3")])
+                                            ("orpo", "orpo3"), ("lora", "lora3_tiled")])
 def test_other_objectives_two_ranks_match_one_process(runs, single, double):
     assert_same(runs / single, runs / double)
 
