@@ -17,10 +17,12 @@ class ComputeSection(BaseModel):
                               validate_assignment=True)
 
     loss: Literal["auto", "tiled", "full"] = "auto"
-    """The output layer's loss. `auto` (or `tiled`): over tiles of `loss_tile_tokens` tokens,
-    never holding the [tokens, vocabulary] logits (dpkit/objectives/head.py), wherever that gives
-    the same numbers (a plain linear output layer, logits not rescaled by the model), else the
-    full logits with a note in the log; `full`: always through the model's full logits."""
+    """The output layer's loss. `tiled`: over tiles of `loss_tile_tokens` tokens, never holding
+    the [tokens, vocabulary] logits (dpkit/objectives/head.py), wherever that gives the same
+    numbers (a plain linear output layer, logits not rescaled by the model), else the full
+    logits with a note in the log; `auto`: the same, for the micro-batches where tiles hold less
+    than the full logits (a trained head's fp32 weight gradient makes short ones cheaper whole;
+    the log names the size); `full`: always through the model's full logits."""
     loss_tile_tokens: int = Field(default=1024, gt=0)
     """Tokens per tile of the tiled loss: the logits held at once are this × vocabulary."""
     tiled_mlp: bool = False

@@ -31,6 +31,19 @@ DEFAULT_TILE = 1024
 """Tokens per tile: the logits held at once are tile × vocabulary × (4 + dtype bytes)."""
 
 
+def tiling_threshold(tile: int, hidden: int, dtype_bytes: int, head_trained: bool,
+                     softcap: bool = False) -> int:
+    """The fewest tokens in a micro-batch (on this rank) for which tiles hold less than the full
+    logits. Per vocabulary entry, full: each token's logits, their fp32 log-softmax and its
+    gradient, (8 + 2b) bytes ((8 + 3b) soft-capped); tiled: one tile's worth plus, when the head
+    is trained, its fp32 weight gradient summed over tiles (4·hidden) — so a trained head gains
+    only past tile + 4·hidden / (8 + 2b) tokens (2,390 for a 1024-token tile, hidden 4096, bf16).
+    The planner counts the same bytes (dpkit/plan/memory.py)."""
+    full = 8 + 2 * dtype_bytes + (dtype_bytes if softcap else 0)
+    tiled = tile * (8 + 2 * dtype_bytes) + (4 * hidden if head_trained else 0)
+    return max(tile + 1, tiled // full + 1)
+
+
 def head_transform(config) -> str | None:
     """Why the tiled head would compute something other than the model's own logits, or None.
     Soft-capped logits (Gemma-2) are handled; other post-head rescalings are not."""
@@ -101,15 +114,19 @@ def _nll(hidden, weight, bias, labels, softcap):
 
 
 def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
-              tile: int = DEFAULT_TILE, softcap: float | None = None) -> torch.Tensor:
+              tile: int = DEFAULT_TILE, softcap: float | None = None,
+              always: bool = True) -> torch.Tensor:
     """Per-token NLL [same shape as labels], 0 at label -100, never holding more than `tile`
     tokens' logits. `hidden` [..., hidden] are the final (normed) hidden states, `labels` the
     next-token targets aligned with them (already shifted).
 
     A batch of at most one tile goes through the full logits: they are no larger than a tile's,
-    the numbers are the same, and the backward needs no second head matmul."""
+    the numbers are the same, and the backward needs no second head matmul. `always=False`
+    (compute.loss: auto) also does so wherever tiling would hold more (`tiling_threshold`)."""
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    if flat_y.numel() <= tile:
+    n, w = flat_y.numel(), head.weight
+    if n <= tile or not (always or n >= tiling_threshold(tile, head.in_features, w.element_size(),
+                                                          w.requires_grad, bool(softcap))):
         return plain_token_nll(hidden, head, labels, softcap)
     out = _call_head(head, flat_h, flat_y, tile, softcap)
     return out.view(labels.shape)
@@ -156,8 +173,9 @@ class LossHead:
     (`LossHead.for_run`); `LossHead()` is the full path."""
 
     def __init__(self, head=None, tile: int = DEFAULT_TILE, softcap: float | None = None,
-                 liger: bool = False):
+                 liger: bool = False, always: bool = True):
         self.head, self.tile, self.softcap, self.liger = head, tile, softcap, liger
+        self.always = always  # compute.loss: tiled; auto tiles where that holds less
 
     @property
     def tiled(self) -> bool:
@@ -179,15 +197,22 @@ class LossHead:
         tile = recipe.compute.loss_tile_tokens
         if liger:
             return cls(head, tile, softcap, liger=True), "Liger fused linear cross-entropy"
-        return cls(head, tile, softcap), (f"tiled: {tile} tokens of logits at a time, never "
-                                          "the whole [tokens, vocabulary]")
+        if choice == "tiled":
+            return cls(head, tile, softcap), (f"tiled: {tile} tokens of logits at a time, never "
+                                              "the whole [tokens, vocabulary]")
+        w = head.weight
+        over = tiling_threshold(tile, head.in_features, w.element_size(), w.requires_grad,
+                                bool(softcap))
+        return cls(head, tile, softcap, always=False), (
+            f"tiled: {tile} tokens of logits at a time for micro-batches of {over} tokens or "
+            "more (below that the full logits hold less)")
 
     def token_nll(self, engine, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         """Forward `inputs` through the engine; NLL per position of `labels` (aligned with the
         inputs, already shifted; -100 where nothing is predicted), 0 where ignored."""
         if self.tiled:
             hidden = forward_hidden(engine, **inputs)
-            return token_nll(hidden, self.head, labels, self.tile, self.softcap)
+            return token_nll(hidden, self.head, labels, self.tile, self.softcap, self.always)
         logits = engine(use_cache=False, **inputs).logits  # the model applies its own softcap
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="none").view(labels.shape)

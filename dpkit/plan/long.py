@@ -22,6 +22,7 @@ def long_fields(recipe) -> dict:
     c = recipe.compute
     return dict(sequence_parallel=recipe.train.sequence_parallel,
                 loss_tile=None if c.loss == "full" else c.loss_tile_tokens,
+                loss_auto=c.loss == "auto",
                 tiled_mlp=c.tiled_mlp, offload_activations=c.offload_activations)
 
 
@@ -58,15 +59,14 @@ def max_seq_len(shape: ModelShape, setup: Setup, hw) -> int:
 
 def variants(setup: Setup, gpus_per_node: int) -> list[tuple[str, Setup]]:
     """The recipe as written, then each memory saver turned on or off."""
-    tile = setup.loss_tile or 1024
+    tiled = {"loss_tile": setup.loss_tile or 1024, "loss_auto": False}  # compute.loss=tiled
     out = [("recipe as written", setup),
            ("full logits (compute.loss=full)", replace(setup, loss_tile=None)),
-           ("tiled loss", replace(setup, loss_tile=tile)),
-           ("+ gradient checkpointing", replace(setup, loss_tile=tile,
-                                                gradient_checkpointing=True)),
-           ("+ activation offload", replace(setup, loss_tile=tile, gradient_checkpointing=True,
+           ("tiled loss", replace(setup, **tiled)),
+           ("+ gradient checkpointing", replace(setup, **tiled, gradient_checkpointing=True)),
+           ("+ activation offload", replace(setup, **tiled, gradient_checkpointing=True,
                                             offload_activations=True)),
-           ("+ tiled MLP", replace(setup, loss_tile=tile, gradient_checkpointing=True,
+           ("+ tiled MLP", replace(setup, **tiled, gradient_checkpointing=True,
                                    offload_activations=True, tiled_mlp=True))]
     sp = gpus_per_node
     if setup.world_size % sp == 0 and sp != setup.sequence_parallel:

@@ -55,6 +55,7 @@ class Setup:
     knobs: Knobs = field(default_factory=Knobs)
     sequence_parallel: int = 1  # ranks splitting each sequence (DeepSpeed Ulysses)
     loss_tile: int | None = None  # tokens per tile of the tiled loss; None: full logits
+    loss_auto: bool = False  # compute.loss: auto, tiles only where they hold less
     tiled_mlp: bool = False
     offload_activations: bool = False  # saved activations in CPU memory
 
@@ -170,7 +171,7 @@ def _activation_terms(shape: ModelShape, setup: Setup, mask_bytes: int = 1) -> t
                       - b * frozen  # frozen linears no longer keep their inputs for weight grads
                       - b * h * shape.norms_per_layer)  # nor frozen norms their outputs
     # the loss's fp32 log-softmax (none kept by the tiled loss: it recomputes its tiles)
-    logits = 0 if setup.loss_tile else (4 + (b if shape.logit_softcap else 0)) * shape.vocab
+    logits = 0 if tiled_loss(shape, setup) else (4 + (b if shape.logit_softcap else 0)) * shape.vocab
     outside = tokens * (b * (h + 2 * shape.head_dim) + norm + 16 + logits)
     return tokens * per_token + scores, outside
 
@@ -202,16 +203,30 @@ def _saved(shape: ModelShape, setup: Setup, mask_bytes: int = DROPOUT_MASK) -> t
     return block * shape.layers, outside
 
 
+def tiled_loss(shape: ModelShape, setup: Setup) -> bool:
+    """Whether the loss goes over tiles, as dpkit/objectives/head.py decides: never for a
+    micro-batch of at most one tile, and with `compute.loss: auto` only from the size where tiles
+    hold less than the full logits (`tiling_threshold`: a trained head adds its fp32 gradient)."""
+    from dpkit.objectives.head import tiling_threshold
+
+    if setup.loss_tile is None or setup.tokens <= setup.loss_tile:
+        return False
+    return not setup.loss_auto or setup.tokens >= tiling_threshold(
+        setup.loss_tile, shape.hidden, setup.dtype_bytes, not shape.lora_rank,
+        bool(shape.logit_softcap))
+
+
 def activation_bytes(shape: ModelShape, setup: Setup) -> int:
     """Peak GPU activation bytes: what autograd saves (less what is offloaded), the logits the
     forward returns (b·V per token), d(loss)/d(logits) opening the backward ((4 + b)·V per
     token), and with gradient checkpointing the one block being recomputed. The tiled loss holds
     one tile's logits, fp32 copy, softmax gradient and its cast ((8 + 2b)·V per token of a tile)
-    and the head's fp32 weight gradient it sums over tiles (4·V·h)."""
+    and the head's fp32 weight gradient it sums over tiles (4·V·h); a micro-batch of at most one
+    tile goes through the full logits (dpkit/objectives/head.py: token_nll)."""
     blocks, outside = _saved(shape, setup)
     total = outside + (0 if setup.offload_activations else blocks)
-    if setup.loss_tile:
-        tile = min(setup.tokens, setup.loss_tile)
+    if tiled_loss(shape, setup):
+        tile = setup.loss_tile
         b = setup.dtype_bytes
         total += tile * (8 + 2 * b) * shape.vocab + 4 * shape.vocab * shape.hidden
     else:

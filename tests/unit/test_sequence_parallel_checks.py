@@ -104,3 +104,12 @@ def test_plan_models_sequence_parallel_and_the_tiled_loss():
                                                            sequence_parallel=8))]
     assert 0 < lengths[0] < lengths[1] < lengths[2], lengths
     assert estimate(shape, replace(base, seq_len=lengths[1])).gpu_total > 0
+    # a micro-batch of at most one tile is computed through the full logits (head.token_nll)
+    short = replace(base, seq_len=1024)
+    assert activation_bytes(shape, replace(short, loss_tile=1024)) == activation_bytes(shape, short)
+    # two 512-token tiles of a trained 128k-vocabulary head hold more than the full logits (the
+    # head's fp32 weight gradient, 2 GiB): `auto` keeps the full logits there, tiles at 16k
+    forced, auto = (activation_bytes(shape, replace(short, loss_tile=512, loss_auto=a))
+                    for a in (False, True))
+    assert forced > activation_bytes(shape, short) == auto
+    assert activation_bytes(shape, replace(base, loss_tile=1024, loss_auto=True)) == tiled

@@ -115,3 +115,32 @@ def test_full_choice_and_rescaled_logits_fall_back():
     cfg.logit_scale = 0.5
     head, line = LossHead.for_run(R, model, cfg)
     assert not head.tiled and "logit_scale" in line
+
+
+def test_auto_tiles_only_where_tiles_hold_less(monkeypatch):
+    """compute.loss: auto. A trained head's fp32 weight gradient (4·hidden bytes per vocabulary
+    entry) costs as much as 4·hidden/(8+2b) tokens of full logits, so short micro-batches keep
+    the full logits; a frozen head (LoRA) tiles as soon as there are two tiles. The numbers are
+    the same either way."""
+    from dpkit.objectives import head as H
+
+    calls = []
+    real = H._TiledNLL.apply
+    monkeypatch.setattr(H._TiledNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    h, head, labels = _case(tokens=37, hidden=16)  # 74 tokens, fp32, hidden 16
+    # tiled per vocab entry: 8 × 16 + 4 × 16 = 192 bytes; full: 16 per token → 13 tokens
+    assert H.tiling_threshold(8, 16, 4, head_trained=True) == 13
+    assert H.tiling_threshold(8, 16, 4, head_trained=False) == 9
+    assert H.tiling_threshold(32, 16, 4, head_trained=True) == 37
+    ref = plain_token_nll(h, head, labels)
+    for tile, frozen, tiles in ((8, False, True), (70, False, False), (70, True, True),
+                                (74, True, False)):
+        head.weight.requires_grad_(not frozen)
+        calls.clear()
+        got = token_nll(h, head, labels, tile, always=False)
+        assert bool(calls) is tiles, (tile, frozen)
+        assert close(got.detach(), ref.detach())
+    head.weight.requires_grad_(True)
+    calls.clear()
+    token_nll(h, head, labels, 70, always=True)  # compute.loss: tiled, past one tile
+    assert calls
