@@ -240,6 +240,7 @@ class Run:
         flops = model_flops(*self._flops_args, result.row_lengths)
         (flops,) = distributed.all_reduce_sum([flops], env.device)
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = result.grad_norm if grad_norm is None else grad_norm
         record = dict(
             step=step + 1, epoch=self.feed.epoch(step), loss=self.last_loss,
             lr=lr_now(self.scheduler),

@@ -31,6 +31,19 @@ class StepResult:
     applied: bool             # False when DeepSpeed skipped the update (non-finite gradients)
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, per unit
+    grad_norm: float | None = None  # measured here where DeepSpeed keeps none (plain_grad_norm)
+
+
+def plain_grad_norm(engine) -> float | None:
+    """The global gradient norm where DeepSpeed does not record one: ZeRO-0 without bf16/fp16
+    steps torch's optimizer on the reduced gradients (whole on every rank) and clips without
+    keeping the norm. Read after the last backward of a step, before the update. None elsewhere
+    (the engine's get_global_grad_norm has it)."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                       for g in grads]))) if grads else 0.0
 
 
 def to_device(batch: dict, device) -> dict:
@@ -73,13 +86,14 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     micro_batches = [to_device(b, env.device) for b in micro_batches]
     t1 = time.perf_counter()
     zero = torch.zeros((), device=env.device, dtype=torch.float64)
-    step_loss, optimizer_s = zero.clone(), 0.0
+    step_loss, optimizer_s, grad_norm = zero.clone(), 0.0, None
     sums = {name: zero.clone() for name in objective.metric_names}
     for i, micro in enumerate(micro_batches):
         out = objective.loss(engine, micro)
         loss = out.loss * float("nan") if poison_loss else out.loss
         engine.backward(loss * scale)
         if i == len(micro_batches) - 1:  # the boundary: gradient reduction + optimizer update
+            grad_norm = plain_grad_norm(engine)
             _sync(env.device)
             t_opt = time.perf_counter()
             engine.step()
@@ -98,7 +112,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
              "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
     metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[1:])}
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
-                      lengths, applied, times, metrics)
+                      lengths, applied, times, metrics, grad_norm)
 
 
 def evaluate(engine, batches, env, objective: Objective | None = None

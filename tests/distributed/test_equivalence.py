@@ -4,7 +4,7 @@ of one process on the same global batch and initial weights; accumulation splits
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_recipe, torchrun, train_losses, write_recipe
+from conftest import ROOT, read_metrics, tiny_recipe, torchrun, train_losses, write_recipe
 
 pytestmark = pytest.mark.distributed
 DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
@@ -67,6 +67,17 @@ def test_two_ranks_match_one_process(runs, stage):
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
     # The run must actually learn, or equal losses would prove nothing.
     assert got[-1] < got[0] - 0.1
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gradient_norms_match_one_process(runs, stage):
+    """The logged gradient norm of step 1 (same weights, same global batch): ZeRO 1-3 report
+    DeepSpeed's, fp32 ZeRO-0 (here and in the one-process reference) dpkit's own
+    (step.plain_grad_norm), which DeepSpeed does not keep."""
+    want = read_metrics(runs["reference"])[0]["grad_norm"]
+    got = read_metrics(runs[f"zero{stage}"])[0]["grad_norm"]
+    assert want is not None and want > 0
+    assert got == pytest.approx(want, rel=1e-5), (stage, want, got)
 
 
 def test_tiled_loss_under_zero3_matches_one_process(runs):
