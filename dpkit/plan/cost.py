@@ -64,12 +64,11 @@ def reference_pass_s(p, length: RunLength) -> float | None:
 def time_lines(p, length: RunLength, price: float | None) -> list[str]:
     """The time table of a Plan's fitting options (fastest first) and the run's cost."""
     from dpkit.objectives import build_objective
-    from dpkit.plan.recommend import objective_load
 
     c, world = p.cluster, p.hw.world_size
     known = bool(length.steps or length.tokens)
-    rows_per_item = objective_load(p.recipe)["rows_per_item"]
-    precomputed = build_objective(p.recipe).reference == "precomputed"
+    objective = build_objective(p.recipe)
+    rows_per_item, precomputed = objective.rows_per_item, objective.reference == "precomputed"
     before = reference_pass_s(p, length) if precomputed else None
     lines = [f"time: {c.device.name} at {c.efficiency:.0%} of its {c.device.peak_flops / 1e12:.0f}"
              f" TFLOP/s peak, inside a node {c.intra.name}, across nodes {c.inter.name}, "

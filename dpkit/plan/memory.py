@@ -171,7 +171,8 @@ def _activation_terms(shape: ModelShape, setup: Setup, mask_bytes: int = 1) -> t
                       - b * frozen  # frozen linears no longer keep their inputs for weight grads
                       - b * h * shape.norms_per_layer)  # nor frozen norms their outputs
     # the loss's fp32 log-softmax (none kept by the tiled loss: it recomputes its tiles)
-    logits = 0 if tiled_loss(shape, setup) else (4 + (b if shape.logit_softcap else 0)) * shape.vocab
+    softcap = b if shape.logit_softcap else 0
+    logits = 0 if tiled_loss(shape, setup) else (4 + softcap) * shape.vocab
     outside = tokens * (b * (h + 2 * shape.head_dim) + norm + 16 + logits)
     return tokens * per_token + scores, outside
 
