@@ -37,6 +37,11 @@ class Reader:
         self.sources, self.pos, self.keep = sources, dict(pos), keep
         self._it = self._rows()
 
+    def close(self) -> None:
+        """Close the open file or stream now (the generator and this object form a cycle that
+        only the cyclic garbage collector would otherwise end)."""
+        self._it.close()
+
     def take(self, n: int) -> list[tuple[int, dict]]:
         """Up to n (source index, row) pairs of this rank's rows; fewer at the end."""
         out = []
@@ -126,6 +131,7 @@ class StreamFeed:
         self.position = {"epoch": 0, "window": 0, "start": dict(ORIGIN), "taken": 0}
         self.items: list[Example] | None = None
         self.next_step: int | None = None
+        self.reader: Reader | None = None
 
     # ------------------------------------------------------------------------ reading
     def _keep(self, g: int) -> bool:
@@ -134,7 +140,13 @@ class StreamFeed:
     def _open_window(self) -> None:
         """Read, tokenize, shuffle (and pack) the window the position names."""
         p = self.position
-        self.reader = Reader(self.sources, p["start"], self._keep)
+        if self.reader is None or self.reader.pos != p["start"]:
+            # a new epoch or a resumed position; otherwise the window goes on where the last
+            # one stopped, from the same open file or stream: reopening one that is not a local
+            # .jsonl would skip every row read so far again, for every window
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = Reader(self.sources, p["start"], self._keep)
         raw = self.reader.take(self.section.shuffle_buffer)
         if not raw:
             if p["start"] == ORIGIN:

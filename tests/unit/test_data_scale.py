@@ -234,3 +234,47 @@ def test_stream_position_resumes_exactly(tmp_path, tok, layout):
     c, = feeds(tok, path, world=1)
     with pytest.raises(RecipeError, match="same number of ranks"):
         c.load_state_dict({**state, "dp_world": 2})
+
+
+def test_a_stream_holds_a_window_not_the_file(tmp_path, tok):
+    """Python memory while a rank reads a 16 MB stream (tracemalloc: every Python allocation,
+    rows and tokens included) stays a small fraction of the file, and does not grow with how far
+    the rank has read. The same file loaded whole would hold every row."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    filler = "words " * 30
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": f"row {i} {filler}"}) + "\n" for i in range(80_000))
+    size = path.stat().st_size
+    assert size > 15e6
+    feed, = feeds(tok, path, world=1, packing=True)
+    tracemalloc.start()
+    try:
+        peaks = []
+        for s in range(300):
+            feed.micro_batches(s)
+            if s in (49, 299):
+                peaks.append(tracemalloc.get_traced_memory()[1])
+                tracemalloc.reset_peak()
+    finally:
+        tracemalloc.stop()
+    assert max(peaks) < size / 20, (peaks, size)  # a window of rows, not the file
+    assert peaks[1] < 1.5 * peaks[0], peaks  # flat: no growth after the first 50 steps
+
+
+def test_windows_continue_one_open_stream(tmp_path, tok, monkeypatch):
+    """A stream that is not a local .jsonl (a hub id, a dataset repository) is opened once per
+    epoch: each window goes on from the open stream, instead of reopening it and skipping every
+    row read so far again (quadratic over a long stream)."""
+    from dpkit.data import stream
+
+    opened = []
+    real = stream.open_stream
+    monkeypatch.setattr(stream, "open_stream", lambda source: opened.append(1) or real(source))
+    path = stream_file(tmp_path, 61, "repo")
+    feed, = feeds(tok, path, world=1)  # windows of 7 rows
+    numbers = [row_number(tok, feed.micro_batches(s)[0]) for s in range(61)]
+    assert sorted(numbers) == list(range(61)) and len(opened) == 1
+    feed.micro_batches(61)  # the next epoch opens it again, from its start
+    assert len(opened) == 2
