@@ -1,7 +1,8 @@
 """Streams: corpora larger than memory, read in order with a position that checkpoints keep.
 
 Rows of the sources are read one after another (a .jsonl file line by line from a byte offset;
-anything else through `datasets` streaming, skipping to a row count), and numbered globally:
+anything else through `datasets` streaming, skipping to a row count only when a run resumes: the
+windows of one epoch read on from one open stream), and numbered globally:
 data-parallel rank r keeps rows r, r+W, r+2W, … — disjoint across ranks, together the whole
 stream, and only its own rows are parsed and tokenized. A rank's rows come in windows of
 `data.shuffle_buffer`: each window is tokenized in one batch, shuffled with a seed made of
