@@ -145,7 +145,7 @@ def main() -> int:
 
     env = distributed.setup(600)
     if args.smoke:
-        cases, args.step, args.limit = {"tiny": (SMOKE, None)}, 256, 1024
+        cases, args.step, args.limit = {"tiny": (SMOKE, None)}, 256, 512
     else:
         cases = {k: (json.loads((shipped_config_dir(v[0]) / "config.json").read_text()), v[1])
                  for k, v in MODELS.items() if k in args.models.split(",")}
@@ -155,6 +155,8 @@ def main() -> int:
         for name, (config, lora) in cases.items():
             for loss in ("full", "tiled"):
                 r = recipe_from_dict(recipe_dict(config, lora, loss, args.limit, Path(tmp) / name))
+                if args.smoke:  # short rows: small tiles, so that the tiled head really tiles
+                    r.compute.loss_tile_tokens = 128
                 t0 = time.time()
                 prober = Prober(r, env)
                 start = predicted(r, gpu) if gpu else args.step

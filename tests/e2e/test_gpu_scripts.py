@@ -26,7 +26,7 @@ def test_gpu_check_smoke_replays_the_same_rows_through_dpkit_and_trainer():
     # heads, and their losses agree (bf16, ZeRO-3)
     long = [json.loads(x) for x in run.stdout.splitlines() if x.startswith('{"long_seq"')]
     assert long and long[0]["same_losses"], run.stdout[-3000:]
-    assert long[0]["long_seq"]["tiny"] == {"full": 1024, "tiled": 1024}, long
+    assert long[0]["long_seq"]["tiny"] == {"full": 512, "tiled": 512}, long
 
 
 def test_rows_check_dry_run_on_cpu():
