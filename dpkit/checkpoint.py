@@ -9,9 +9,13 @@ Layout of `<run>/checkpoints/`:
         hf/                   config + tokenizer, so `dpkit export` needs nothing else
         universal/            cached universal conversion (made when resuming elsewhere)
         COMPLETE              written last, by rank 0, after every rank has finished writing
-    latest                    the newest complete checkpoint's name; moved only after COMPLETE
+    latest                    the checkpoint this run continues from: the newest complete one
+                              it saved (moved only after COMPLETE), or the one it resumed from
 
-A checkpoint without COMPLETE is never resumed from; the next save removes it.
+A checkpoint without COMPLETE is never resumed from; the next save removes it. After a rewind
+(`resume=<an earlier checkpoint of this run>`) the later checkpoints of the abandoned run stay on
+disk until this run's saves replace them: `latest`, not the highest step, names this run's lineage
+for resume=auto, export and pruning.
 
 Security: DeepSpeed checkpoints are pickles, which can run code when loaded. dpkit loads them
 only from the run's own directory or from a path the user names (`resume=PATH`, with a warning
@@ -49,6 +53,7 @@ class TrainState:
     seed: int
     steps_per_epoch: int
     data: dict = field(default_factory=dict)  # a stream's position (in-memory rows: empty)
+    settings: dict = field(default_factory=dict)  # data_settings(): what fixes the data order
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -73,8 +78,30 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_complete(run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from (resume=auto, export, "last complete checkpoint"):
+    the one `latest` names. The highest step is not it after a rewind, when an abandoned run's
+    later checkpoints are still on disk. If `latest` is missing (a run made before it existed) or
+    names a checkpoint that is gone or incomplete (removed by hand): the newest complete one at or
+    before that step (same lineage), else the newest complete one."""
     found = complete_checkpoints(run_dir)
+    try:
+        pointer = (checkpoints_dir(run_dir) / "latest").read_text().strip()
+    except OSError:
+        pointer = ""
+    if STEP_DIR.match(pointer):
+        lineage = [p for p in found if p.name <= pointer]
+        if lineage:
+            return lineage[-1]
     return found[-1] if found else None
+
+
+def point_latest(run_dir: Path, ckpt: Path) -> None:
+    """Rank 0, after resuming from `ckpt`: if it is one of this run's own checkpoints, `latest`
+    names it, so a crash before the next save resumes (and export reads) this lineage, not the
+    later checkpoints of the run that was rewound."""
+    root = checkpoints_dir(run_dir)
+    if Path(ckpt).resolve().parent == root.resolve() and is_complete(ckpt):
+        _atomic_write(root / "latest", Path(ckpt).name + "\n")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -108,15 +135,19 @@ def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | N
 
 
 def prune(run_dir: Path, keep: int | None) -> None:
-    """Remove incomplete checkpoints and all but the newest `keep` complete ones."""
+    """Remove incomplete checkpoints before the current one (`latest`) and all but the newest
+    `keep` complete ones of this lineage. Checkpoints after `latest` (an abandoned run's, after a
+    rewind) don't count against `keep`: else they would push out the ones this run just saved."""
     root = checkpoints_dir(run_dir)
-    complete = complete_checkpoints(run_dir)
-    newest = complete[-1] if complete else None
+    current = latest_complete(run_dir)
     for p in root.iterdir():
-        if STEP_DIR.match(p.name) and not is_complete(p) and (newest is None or p.name < newest.name):
+        if STEP_DIR.match(p.name) and not is_complete(p) and (current is None or
+                                                              p.name < current.name):
             shutil.rmtree(p, ignore_errors=True)
     if keep:
-        for p in complete[:-keep]:
+        lineage = [p for p in complete_checkpoints(run_dir)
+                   if current is None or p.name <= current.name]
+        for p in lineage[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -133,6 +164,43 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         raise RecipeError.one("resume", f"'{resume}' is not a complete dpkit checkpoint (no "
                               f"{MARKER} marker)", "use resume=auto or a checkpoints/step-* path")
     return path
+
+
+def data_settings(recipe) -> dict:
+    """The recipe keys that decide which rows each step trains on, flat (`data.sources[0].path`):
+    stored in every checkpoint, so a resume with any of them changed is refused instead of
+    silently training on shifted data. Not micro_batch_size: a step's rows don't depend on how
+    they are split into micro-batches."""
+    d, t = recipe.data, recipe.train
+    out = {"train.global_batch_size": t.global_batch_size, "train.seed": t.seed,
+           "objective": recipe.objective, "data.max_seq_len": d.max_seq_len,
+           "data.overflow": d.overflow, "data.packing": d.packing,
+           "data.completion_only_loss": d.completion_only_loss,  # rows with no target drop out
+           "data.eval_fraction": d.eval_fraction, "data.streaming": d.streaming,
+           "data.shuffle_buffer": d.shuffle_buffer,
+           "preference.max_prompt_len": recipe.preference.max_prompt_len
+           if recipe.preference else None}
+    for i, s in enumerate(d.sources):
+        for key in ("path", "name", "split", "revision", "format", "columns", "max_rows"):
+            out[f"data.sources[{i}].{key}"] = getattr(s, key)
+    return json.loads(json.dumps(out))  # as dpkit.json gives it back (tuples as lists)
+
+
+def settings_problem(recipe, ckpt: Path) -> RecipeError | None:
+    """A resume whose data-order settings differ from the checkpoint's, naming every key that
+    differs. (Checkpoints from before these were stored: the ranks compare steps per epoch and
+    seed.)"""
+    saved = read_state(ckpt).settings
+    if not saved:
+        return None
+    now = data_settings(recipe)
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if not differ:
+        return None
+    what = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+    return RecipeError.one("resume", f"checkpoint {ckpt} was trained with other data-order "
+                           f"settings ({what}): its remaining steps would train on shifted rows",
+                           "resume with the checkpoint's values, or train anew without resume")
 
 
 def damaged_files(ckpt: Path) -> list[Path]:

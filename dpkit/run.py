@@ -180,12 +180,16 @@ class Run:
         state = C.load(self.engine, ckpt, self.env, self.universal)
         if self.universal:
             C.repair_universal_load(self.engine.optimizer, groups)
+        # The recipe keys were compared before any rank started (C.settings_problem); this also
+        # catches data files whose rows changed, and checkpoints from before those were stored.
         if state.steps_per_epoch != self.per_epoch or state.seed != r.train.seed:
             raise RecipeError.one("resume", f"checkpoint {ckpt} was made with "
                                   f"{state.steps_per_epoch} steps per epoch and seed {state.seed}, "
                                   f"this run has {self.per_epoch} and {r.train.seed}",
                                   "resume with the same data, global batch and seed")
         self.feed.load_state_dict(state.data)
+        if self.env.is_main:  # a rewind: this run's lineage goes on from here (C.latest_complete)
+            C.point_latest(self.out, ckpt)
         self.start_step, self.tokens_seen = state.step, state.tokens_seen
         self.say(f"[dpkit] resumed from {ckpt} at step {self.start_step}"
                  + (" (universal checkpoint: world size or ZeRO stage changed)"
@@ -295,7 +299,7 @@ class Run:
         state = C.TrainState(step=step_done, tokens_seen=self.tokens_seen,
                              world_size=self.env.world_size, zero_stage=self.recipe.zero.stage,
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
-                             data=self.feed.state_dict())
+                             data=self.feed.state_dict(), settings=C.data_settings(self.recipe))
         return C.save(self.engine, self.out, state, self.tokenizer, self.env,
                       self.recipe.output.save_total_limit)
 

@@ -219,6 +219,8 @@ def resume_checks(recipe: Recipe) -> tuple[list[Problem], list[str]]:
         ckpt = C.find_resume(recipe.resume, out)
         if ckpt is not None:
             C.verify(ckpt)
+            if (changed := C.settings_problem(recipe, ckpt)) is not None:
+                raise changed
     except RecipeError as e:
         return e.problems, []
     note = outside_warning(ckpt, out) if ckpt is not None else None
@@ -247,6 +249,7 @@ def prepare_output_dir(recipe: Recipe, env) -> tuple[Path, Path | None]:
             resume_from = C.find_resume(recipe.resume, out)
             if resume_from is not None:
                 C.verify(resume_from)  # a truncated shard: one line from rank 0, not N tracebacks
+                problem = C.settings_problem(recipe, resume_from)  # data order changed
         except RecipeError as e:
             problem = e
     distributed.barrier()
