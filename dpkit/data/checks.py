@@ -18,13 +18,18 @@ if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import ba
     from dpkit.recipe import DataSource
 
 
-def bad_json_line(path: Path) -> str | None:
+def bad_json_line(path: Path, head_bytes: int | None = None) -> str | None:
     """The first line of a JSON Lines file that is not a JSON object, by its line number (datasets
-    reports a byte position, or only that generation failed). Read only after a failed load."""
+    reports a byte position, or only that generation failed). Read only after a failed load, or
+    (`head_bytes`) on the head of a stream, whose whole length would cost every launch a pass."""
     if path.suffix != ".jsonl":
         return None
+    read = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
+            read += len(line)
+            if head_bytes is not None and read > head_bytes:
+                return None
             if not line.strip():
                 continue
             try:

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from dpkit.data.checks import bad_json_line
 from dpkit.data.packing import pack
 from dpkit.data.tokenize import TRUNCATED, Example, encode_batch
 from dpkit.errors import RecipeError
 
 ORIGIN = {"source": 0, "row": 0, "byte": 0, "g": 0}
+HEAD_BYTES = 32 << 20  # of a streamed .jsonl checked by validate: well under a second to parse
 
 
 class Reader:
@@ -71,14 +73,14 @@ class Reader:
                 f.seek(self.pos["byte"])
                 byte = self.pos["byte"]
                 for line in f:
-                    byte += len(line)
+                    start, byte = byte, byte + len(line)
                     if limit is not None and self.pos["row"] >= limit:
                         return
                     if not line.strip():
                         self.pos = {**self.pos, "byte": byte}
                         continue
                     if self._advance(byte):
-                        yield i, json.loads(line)
+                        yield i, parse_line(line, path, start)
             return
         ds = open_stream(source)
         skip = self.pos["row"]
@@ -87,6 +89,24 @@ class Reader:
                 return
             if self._advance():
                 yield i, row
+
+
+def parse_line(line: bytes, path: Path, start: int) -> dict:
+    """One JSON Lines row; a line that is not a JSON object is the user's to fix: one line
+    naming the file and line number (counted only then), not a traceback on every rank."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        what = f"is not valid JSON ({getattr(e, 'msg', e)})"
+    else:
+        if isinstance(row, dict):
+            return row
+        what = f"is a JSON {type(row).__name__}, not an object"
+    number, left = 1, start
+    with open(path, "rb") as f:
+        while left > 0 and (chunk := f.read(min(left, 1 << 24))):
+            number, left = number + chunk.count(b"\n"), left - len(chunk)
+    raise RecipeError.one(f"'{path}'", f"line {number} {what}", "fix or remove the line")
 
 
 def open_stream(source):
@@ -103,7 +123,12 @@ def open_stream(source):
 
 
 def first_row(source) -> dict | None:
-    """The first row of a source, read as the stream will read it (for preflight's checks)."""
+    """The first row of a source, read as the stream will read it (for preflight's checks, which
+    say what this raises as a problem of the source); a local .jsonl has its first HEAD_BYTES
+    checked line by line too (a bad line further on stops the ranks, named, when they reach it)."""
+    path = Path(source.path).expanduser()
+    if path.suffix == ".jsonl" and path.is_file() and (bad := bad_json_line(path, HEAD_BYTES)):
+        raise ValueError(bad)
     got = Reader([source], ORIGIN, keep=lambda g: True).take(1)
     return got[0][1] if got else None
 
@@ -168,7 +193,10 @@ class StreamFeed:
             if not where:
                 continue
             rows = [raw[k][1] for k in where]
-            batch = {key: [row.get(key) for row in rows] for key in rows[0]}
+            # Every key of the window, not its first row's: a row without an optional column
+            # (alpaca's `input`) reads it as None, as the in-memory path does
+            keys = dict.fromkeys(key for row in rows for key in row)
+            batch = {key: [row.get(key) for row in rows] for key in keys}
             enc = encode_batch(batch, source, self.tokenizer, s.max_seq_len, s.overflow,
                                s.completion_only_loss)
             for k, ids, labels, status in zip(where, enc["input_ids"], enc["labels"],

@@ -278,3 +278,59 @@ def test_windows_continue_one_open_stream(tmp_path, tok, monkeypatch):
     assert sorted(numbers) == list(range(61)) and len(opened) == 1
     feed.micro_batches(61)  # the next epoch opens it again, from its start
     assert len(opened) == 2
+
+
+def test_a_streamed_window_keeps_columns_its_first_row_lacks(tmp_path, tok):
+    """Alpaca's optional `input` is missing from the first row of the stream: the rows that have
+    it are still rendered with it, token for token as the in-memory path renders them."""
+    rows = [{"instruction": "Name a color.", "output": "Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = {"path": str(path), "format": "alpaca"}
+    section = DataSection(sources=[source], max_seq_len=128, streaming=True, shuffle_buffer=8)
+    feed = StreamFeed(section, tok, seed=1, micro=1, accum=1, dp_rank=0, dp_world=1,
+                      collate=collate, pad_id=tok.pad_token_id)
+    streamed = sorted((b["input_ids"][0].tolist(), b["labels"][0].tolist())
+                      for b in (feed.micro_batches(s)[0] for s in range(len(rows))))
+    memory = load_datasets(DataSection(sources=[source], max_seq_len=128), tok, seed=0)[0]
+    assert streamed == sorted((ex.input_ids, ex.labels) for ex in memory)
+    assert any("2 and 3" in tok.decode(ids) for ids, _ in streamed)
+
+
+def test_a_malformed_stream_line_is_named_by_file_and_line(tmp_path, tok):
+    """validate sees the bad line in the head of the file and refuses it as one problem; the
+    ranks' reader, past validate's head (here: the whole file passed as its head), raises
+    dpkit's one-line error naming the file and line instead of a JSONDecodeError."""
+    from dpkit.data import stream
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "row 0"}\n\n{"text": "row 1"}\n{"text": "row 2"\n{"text": "3"}\n')
+    with pytest.raises(ValueError, match="line 4 is not valid JSON"):
+        stream.first_row(DataSource(path=str(path), format="text"))
+    feed, = feeds(tok, path, world=1)
+    with pytest.raises(RecipeError, match=r"bad.jsonl': line 4 is not valid JSON .* fix or "
+                                          r"remove the line") as e:
+        feed.micro_batches(0)
+    assert len(str(e.value).splitlines()) == 1
+    path.write_text('{"text": "row 0"}\n[1, 2]\n')
+    resumed = stream.Reader([DataSource(path=str(path), format="text")],
+                            {**stream.ORIGIN, "byte": 18, "row": 1, "g": 1}, keep=lambda g: True)
+    with pytest.raises(RecipeError, match="line 2 is a JSON list, not an object"):
+        resumed.take(1)
+
+
+def test_validate_refuses_a_malformed_stream_line_in_one_line(tmp_path, capsys):
+    from conftest import tiny_recipe, write_recipe
+
+    from dpkit.cli import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "row 0"}\n{"text": row 1}\n')
+    recipe = tiny_recipe(tmp_path / "run", data={"sources": [{"path": str(path), "format": "text"}],
+                                                 "streaming": True})
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.sources[0].path: could not stream")
+    assert "line 2 is not valid JSON" in err[0]
