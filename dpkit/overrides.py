@@ -13,9 +13,43 @@ import yaml
 from dpkit.errors import RecipeError
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """The same key twice in one mapping: YAML loaders keep the last one without a word, so
+    `lr:` written twice under `train:` would train with whichever came last."""
+
+    def __init__(self, key: str, first: int, second: int):
+        self.problem = (f"`{key}` is set twice, at lines {first} and {second} (YAML would "
+                        "silently keep the second)")
+        super().__init__(self.problem)
+
+
 class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when installed
     """PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user read it
-    as a number. This loader resolves such scientific notation as floats."""
+    as a number. This loader resolves such scientific notation as floats, and refuses a key set
+    twice in one mapping (DuplicateKeyError), naming its dotted path and both lines."""
+
+    def construct_document(self, node):
+        _refuse_duplicates(node, [], set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicates(node, path: list[str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias to a node already walked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in lines:
+                    raise DuplicateKeyError(".".join([*path, key.value]),
+                                            lines[key.tag, key.value], line)
+                lines[key.tag, key.value] = line
+            _refuse_duplicates(value, [*path, str(getattr(key, "value", "?"))], seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, [*path, str(i)], seen)
 
 
 RecipeLoader.add_implicit_resolver(

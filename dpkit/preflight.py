@@ -6,8 +6,10 @@ GPU allocation and a traceback from rank 3 of 64.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -132,8 +134,10 @@ def remote_code_warning(recipe: Recipe) -> str:
 
 
 def _output_dir_unwritable(directory: str) -> Problem | None:
-    """`output.dir` must be a directory, or creatable: its nearest existing ancestor a directory
-    this user may write in."""
+    """`output.dir` must be a directory, or creatable. Permission bits can't tell (root may write
+    everywhere by them, yet not under /proc or on a read-only mount), so this tries: it creates
+    the missing directories, or a temporary one inside an existing `output.dir`, and removes
+    exactly what it created, leaving the disk as it was."""
     out = Path(directory).expanduser()
     if out.exists() and not out.is_dir():
         return Problem("output.dir", f"'{directory}' is a file, not a directory",
@@ -142,9 +146,24 @@ def _output_dir_unwritable(directory: str) -> Problem | None:
     if not ancestor.is_dir():
         return Problem("output.dir", f"'{directory}' can't be created: '{ancestor}' is a file",
                        "choose a directory for the run")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return Problem("output.dir", f"'{directory}' can't be written: no write permission on "
-                       f"'{ancestor}'", "choose a directory you can write to")
+    created: list[Path] = []
+    path = out
+    try:
+        if out.is_dir():
+            created.append(Path(tempfile.mkdtemp(prefix=".dpkit-validate-", dir=out)))
+        else:
+            for path in reversed([out, *out.absolute().parents]):
+                if not path.exists():
+                    path.mkdir()
+                    created.append(path)
+    except OSError as e:
+        what = "written in" if out.is_dir() else f"created (making '{path}')"
+        return Problem("output.dir", f"'{directory}' can't be {what}: {e.strerror or e}",
+                       "choose a directory you can write to")
+    finally:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):  # another process wrote into it meanwhile
+                made.rmdir()
     return None
 
 

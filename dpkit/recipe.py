@@ -22,6 +22,7 @@ from dpkit.errors import RecipeError
 from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
 from dpkit.overrides import (  # noqa: F401
+    DuplicateKeyError,
     _number_or_value,
     apply_overrides,
     parse_overrides,
@@ -358,6 +359,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError.one(str(path), what, "pass the path of a recipe .yaml file")
     try:
         raw = read_yaml(path.read_text()) or {}
+    except DuplicateKeyError as e:
+        raise RecipeError.one(str(path), e.problem, "keep one of them") from None
     except yaml.YAMLError as e:
         raise RecipeError.one(str(path), f"is not valid YAML: {yaml_error_line(e)}",
                               "fix the syntax") from None

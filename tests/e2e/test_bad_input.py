@@ -4,7 +4,9 @@ rank starts, and nothing created or overwritten."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import ROOT, rank_env, tiny_recipe, write_recipe
 
 from dpkit.cli import main
@@ -131,3 +133,49 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: zero.stagee: unknown key — did you mean `zero.stage`?"]
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------- what broke after validate said OK (issue 27)
+@pytest.mark.parametrize("where", ["proc", "below-a-file"])
+def test_validate_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys, where):
+    # As root, the permission bits of /proc say "writable"; only creating a directory tells.
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    (tmp_path / "notes.txt").write_text("a file, not a directory")
+    out = Path("/proc/dpkit-run/deeper") if where == "proc" else tmp_path / "notes.txt" / "run"
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(out))
+    before = sorted(tmp_path.iterdir())
+    assert main(["validate", str(path)]) == 2
+    out_text, err = capsys.readouterr()
+    assert "OK" not in out_text
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: output.dir: '{out}' can't be "
+                                                     "created"), err
+    assert sorted(tmp_path.iterdir()) == before and not Path("/proc/dpkit-run").exists()
+
+
+def test_validate_creates_nothing_while_checking_the_output_dir(tmp_path, capsys):
+    out = tmp_path / "runs" / "today" / "run"  # three directories validate must try to make
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (out, empty):
+        path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(target))
+        assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "recipe.yaml"]
+    assert list(empty.iterdir()) == []
+
+
+def test_a_key_set_twice_names_the_key_and_both_lines(tmp_path, capsys):
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path / "run"))
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("  lr:")) + 1
+    lines.insert(first + 1, "  lr: 1.0")  # the last would silently win: a 300x higher lr
+    path.write_text("\n".join(lines) + "\n")
+    for command in ("validate", "train"):
+        assert main([command, str(path)]) == 2
+        out, err = capsys.readouterr()
+        assert "launching" not in out and "OK" not in out
+        assert err.strip().splitlines() == [
+            f"error: {path}: `train.lr` is set twice, at lines {first} and {first + 2} (YAML "
+            "would silently keep the second) — keep one of them"]
+    assert not (tmp_path / "run").exists()
