@@ -35,6 +35,11 @@ class Format:
     """Canonical column names read (a source's `columns` maps them to its own)."""
     render: Callable
     """(row, source, tokenizer, completion_only) -> (text, spans, plain_text)."""
+    prompt: Callable
+    """(user's text, source, tokenizer, first_row) -> (text, plain_text): a prompt to generate
+    from (`eval.prompts`), rendered as `render` renders a training row up to its answer, so the
+    model is asked in the format it is trained in. `first_row()` reads the source's first row,
+    for a format whose rendering depends on the data's layout (strings or message lists)."""
     optional: frozenset[str] = field(default_factory=frozenset)
     """Columns that may be absent from a dataset."""
     problem: Callable | None = None
@@ -92,7 +97,7 @@ def render_prompt_completion(row, source, tokenizer, completion_only):
     strings become one user turn and one assistant turn, so question/answer data trains an
     instruct model in its own chat format; without one they are concatenated (bos … eos)."""
     prompt, completion = row[source.column("prompt")], row[source.column("completion")]
-    if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+    if not _pc_in_chat(prompt, tokenizer):
         text = prompt + completion
         return text, [(len(prompt) if completion_only else 0, len(text))], True
     if isinstance(prompt, str):
@@ -103,6 +108,45 @@ def render_prompt_completion(row, source, tokenizer, completion_only):
     text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     start = len(os.path.commonprefix([head, text]))  # == len(head) for well-behaved templates
     return text, [(start if completion_only else 0, len(text))], False
+
+
+def _pc_in_chat(prompt, tokenizer) -> bool:
+    """Whether a prompt_completion row is rendered in the chat template (training and generation
+    prompts share this condition)."""
+    return not isinstance(prompt, str) or bool(getattr(tokenizer, "chat_template", None))
+
+
+# --------------------------------------------------------------------- prompts for generation
+def _user_turn(text: str, tokenizer) -> str:
+    """One user turn and the assistant's header: where a trained answer starts in the template."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_alpaca(text, source, tokenizer, first_row):
+    return ALPACA_NO_INPUT.format(instruction=text), True  # a prompt has no separate input
+
+
+def prompt_messages(text, source, tokenizer, first_row):
+    return _user_turn(text, tokenizer), False
+
+
+def prompt_text(text, source, tokenizer, first_row):
+    return text, True  # no answer to start: the model continues the text
+
+
+def prompt_prompt_completion(text, source, tokenizer, first_row):
+    if not _pc_in_chat(text, tokenizer):
+        return text, True
+    return _user_turn(text, tokenizer), False
+
+
+def prompt_preference(text, source, tokenizer, first_row):
+    """dpkit/data/preference.render_pair: string answers follow their prompt as plain text;
+    message lists are rendered in the chat template (whatever the prompt column holds)."""
+    if isinstance(first_row().get(source.column("chosen")), str):
+        return text, True
+    return _user_turn(text, tokenizer), False
 
 
 # ----------------------------------------------------------------------------- first-row checks
@@ -124,13 +168,16 @@ def _pc_problem(row, source, tokenizer):
     return None
 
 
-register(Format("alpaca", ("instruction", "input", "output"), render_alpaca,
+register(Format("alpaca", ("instruction", "input", "output"), render_alpaca, prompt_alpaca,
                 optional=frozenset({"input"}),
                 doc="instruction/input/output in the Alpaca prompt; trains on output"))
-register(Format("messages", ("messages",), render_messages, problem=_needs_template,
+register(Format("messages", ("messages",), render_messages, prompt_messages,
+                problem=_needs_template,
                 doc="chat turns rendered with the chat template; trains on assistant turns"))
-register(Format("text", ("text",), render_text, doc="plain text, every token trained on"))
+register(Format("text", ("text",), render_text, prompt_text,
+                doc="plain text, every token trained on"))
 register(Format("prompt_completion", ("prompt", "completion"), render_prompt_completion,
+                prompt_prompt_completion,
                 problem=_pc_problem,
                 doc="TRL's prompt/completion (strings or message lists) in the chat template; "
                     "trains on the completion"))
@@ -142,7 +189,7 @@ def _pairs_only(row, source, tokenizer, completion_only):
 
 # Pairs for the preference objectives: tokenized by dpkit/data/preference.py (two sides per row),
 # so no single-text render; the registry still owns the name and the columns.
-register(Format("preference", ("prompt", "chosen", "rejected"), _pairs_only,
+register(Format("preference", ("prompt", "chosen", "rejected"), _pairs_only, prompt_preference,
                 optional=frozenset({"prompt"}),
                 doc="prompt/chosen/rejected pairs (strings or message lists) for the preference "
                     "objectives"))

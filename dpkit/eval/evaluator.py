@@ -25,11 +25,11 @@ class Evaluator:
         self.section = run.recipe.eval
         self.path = run.out / SAMPLES
         self.baseline_loss: float | None = None
-        data_format = run.recipe.data.sources[0].format
+        source = run.recipe.data.sources[0]  # eval.prompts are rendered in its format
         # Sequence parallelism splits each sequence's attention between ranks (a collective per
         # layer): generation, each rank with its own prompt, is not wired for it yet.
         generates = self.section.generates and run.batch.sequence_parallel == 1
-        self.prompts = (G.choose_prompts(self.section, data_format, run.tokenizer, run.eval_rows)
+        self.prompts = (G.choose_prompts(self.section, source, run.tokenizer, run.eval_rows)
                         if generates else [])
         if self.section.generates and not generates:
             run.say("[dpkit] eval: no generations with sequence parallelism (eval loss only)")

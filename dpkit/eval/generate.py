@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpkit.data.load import ALPACA_NO_INPUT, IGNORE
+from dpkit.data.formats import FORMATS
+from dpkit.data.tokenize import IGNORE
 
 
 @dataclass
@@ -33,15 +34,20 @@ class Prompt:
 
 
 # ------------------------------------------------------------------------------------ prompts
-def render_prompt(text: str, data_format: str, tokenizer) -> list[int]:
-    """A user's prompt rendered the way the training rows were (so the model sees its format)."""
-    if data_format == "alpaca":
-        return list(tokenizer(ALPACA_NO_INPUT.format(instruction=text))["input_ids"])
-    if data_format == "messages" and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text)["input_ids"])  # plain text: the prompt is continued
+def render_prompt(text: str, source, tokenizer, first_row=None) -> list[int]:
+    """A user's prompt rendered by the source's data format the way its training rows are (so
+    the model is asked in the format it learns: see `Format.prompt` in dpkit/data/formats.py).
+    `first_row()`: the source's first row (read on demand, by formats that need its layout)."""
+    if first_row is None:
+        def first_row():
+            from dpkit.data.load import load_source
+
+            return load_source(source, "data.sources[0]")[0]
+
+    rendered, plain = FORMATS[source.format].prompt(text, source, tokenizer, first_row)
+    # Tokenized as dpkit/data/tokenize.encode_batch tokenizes a training row: plain text gets the
+    # tokenizer's special tokens (bos), a chat template's rendering carries its own.
+    return list(tokenizer(rendered, add_special_tokens=plain)["input_ids"])
 
 
 def row_prompt(example, tokenizer) -> Prompt:
@@ -59,10 +65,11 @@ def row_prompt(example, tokenizer) -> Prompt:
     return Prompt(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
 
 
-def choose_prompts(section, data_format: str, tokenizer, eval_rows: list) -> list[Prompt]:
-    """The recipe's prompts, else the first `num_prompts` eval rows' prompts."""
+def choose_prompts(section, source, tokenizer, eval_rows: list) -> list[Prompt]:
+    """The recipe's prompts rendered by `source`'s format, else the first `num_prompts` eval
+    rows' prompts."""
     if section.prompts:
-        return [Prompt(p, render_prompt(p, data_format, tokenizer)) for p in section.prompts]
+        return [Prompt(p, render_prompt(p, source, tokenizer)) for p in section.prompts]
     return [row_prompt(ex, tokenizer) for ex in eval_rows[:section.num_prompts]]
 
 

@@ -16,9 +16,11 @@ class EvalSection(BaseModel):
     """Compute eval loss (and generations) before the first step: the step-0 baseline every curve
     is read against. Not repeated when a run resumes past step 0."""
     prompts: list[str] = Field(default_factory=list)
-    """Prompts to generate from at every eval, written as a user would ask; they are rendered like
-    the training data (the alpaca template, or the chat template for `messages` data). Empty: the
-    prompts of the first `num_prompts` eval rows."""
+    """Prompts to generate from at every eval, written as a user would ask; the first source's
+    format renders them as it renders its training rows up to the answer: the alpaca template; the
+    chat template (one user turn) for `messages`, for `prompt_completion` when the tokenizer has a
+    template and for `preference` message lists; else plain text. Empty: the prompts of the first
+    `num_prompts` eval rows."""
     num_prompts: int = Field(default=3, ge=0)
     """Without `prompts`: how many eval rows' prompts to generate from (0 turns generations off)."""
     max_new_tokens: int = Field(default=48, gt=0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     ALPACA,
+    MESSAGES,
     ROOT,
     TINY_LLAMA,
     TOKENIZER,
@@ -27,7 +28,7 @@ from dpkit.data.load import ALPACA_NO_INPUT
 from dpkit.eval import generate as G
 from dpkit.eval import harness, present
 from dpkit.model import load_tokenizer
-from dpkit.recipe import recipe_from_dict
+from dpkit.recipe import DataSource, recipe_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_row_prompts_stop_before_the_answer(tok, tmp_path):
     recipe = recipe_from_dict(tiny_recipe(tmp_path, data={
         "sources": [{"path": str(ALPACA), "format": "alpaca"}], "eval_fraction": 0.05}))
     _, evals, _ = load_datasets(recipe.data, tok, recipe.train.seed)
-    prompts = G.choose_prompts(recipe.eval, "alpaca", tok, evals)
+    prompts = G.choose_prompts(recipe.eval, recipe.data.sources[0], tok, evals)
     assert len(prompts) == 3  # the default num_prompts
     for p, ex in zip(prompts, evals):
         n = len(p.ids)
@@ -50,14 +51,15 @@ def test_row_prompts_stop_before_the_answer(tok, tmp_path):
 
 def test_recipe_prompts_are_rendered_like_the_training_rows(tok, tmp_path):
     section = recipe_from_dict(tiny_recipe(tmp_path, eval={"prompts": ["Name a cat."]})).eval
-    (alpaca,) = G.choose_prompts(section, "alpaca", tok, [])
+    (alpaca,) = G.choose_prompts(section, DataSource(path=str(ALPACA), format="alpaca"), tok, [])
     assert alpaca.text == "Name a cat."
     assert alpaca.ids == tok(ALPACA_NO_INPUT.format(instruction="Name a cat."))["input_ids"]
-    (chat,) = G.choose_prompts(section, "messages", tok, [])
+    (chat,) = G.choose_prompts(section, DataSource(path=str(MESSAGES), format="messages"), tok,
+                               [])
     rendered = tok.apply_chat_template([{"role": "user", "content": "Name a cat."}],
                                        tokenize=False, add_generation_prompt=True)
     assert tok.decode(chat.ids) == rendered
-    (text,) = G.choose_prompts(section, "text", tok, [])
+    (text,) = G.choose_prompts(section, DataSource(path="t.jsonl", format="text"), tok, [])
     assert text.ids == tok("Name a cat.")["input_ids"]
 
 
