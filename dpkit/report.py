@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dpkit.errors import RecipeError
 from dpkit.eval import present
-from dpkit.rundir import files_problem, make_dir
+from dpkit.rundir import MARKER, files_problem, make_dir, refuse_links_out
 
 PLOT_SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800×450 PNG
 PLOT_DPI = 100
@@ -80,10 +80,16 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
     return train, evals, skipped
 
 
+RUN_FILES = ["metrics.jsonl", "summary.json", present.SAMPLES]
+"""What a report (and a model card) reads from a run directory."""
+
+
 def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise RecipeError.one(str(run_dir), "run directory not found", "check the path")
+    refuse_links_out(path, [path / n for n in RUN_FILES], "dpkit reads no file from outside a run "
+                     "directory (it would end up in a report or a model card)")
     train, evals, skipped = read_metrics(path / "metrics.jsonl")
     summary = None
     if (path / "summary.json").is_file():
@@ -281,7 +287,8 @@ def _details(run: Run) -> list[str]:
     return lines
 
 
-REPORT_FILES = ["report.md", "loss.png", "throughput.png", "memory.png", "lr.png"]
+REPORT_FILES = ["report.md", "loss.png", "throughput.png", "memory.png", "lr.png",
+                "reward_margin.png", "reward_accuracy.png"]
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
@@ -294,6 +301,12 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     runs = load_runs(list(run_dirs))
     out = Path(out_dir) if out_dir is not None else (
         runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    # Never write through a link: the default folder must stay inside the run, and no file of
+    # the report may lead out of the folder it is written to.
+    written = [out / n for n in [*REPORT_FILES, MARKER]]
+    if out_dir is None and len(runs) == 1:
+        refuse_links_out(runs[0].path, written, "dpkit report would write through it")
+    refuse_links_out(out, written, "dpkit report would write through it")
     problem = files_problem(out, REPORT_FILES, "report", "--out")
     if problem is not None:  # another tool's report.md or plots are not ours to replace
         raise RecipeError(problem)

@@ -133,6 +133,36 @@ def replace_dir(directory: Path, kind: str, where: str) -> None:
     shutil.rmtree(directory)
 
 
+# ------------------------------------------------------------------ links out of a directory
+def leads_out(root: Path, path: Path) -> Path | None:
+    """The symbolic link through which `path` (named below `root`) leads outside `root`, or
+    None when, links followed, it stays inside. `root` itself is what the user typed, so a link
+    to it is followed; below it, a run directory someone sent may hold a link to anything
+    (a key, ~/.bashrc, another project's files) that reading, writing or uploading would reach."""
+    real_root = Path(root).resolve()
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        try:
+            real = current.resolve()
+        except (OSError, RuntimeError):  # a loop of links leads nowhere dpkit should go
+            return current
+        if real != real_root and real_root not in real.parents:
+            return current
+    return None
+
+
+def refuse_links_out(root: Path, paths, action: str) -> None:
+    """Raise a RecipeError naming the first of `paths` that leads out of `root` by a link.
+    `action` says what dpkit was about to do with it (e.g. "report would write through it")."""
+    for path in paths:
+        link = leads_out(root, path)
+        if link is not None:
+            raise RecipeError.one(str(link), f"is a symbolic link to '{os.readlink(link)}', "
+                                  f"outside '{root}'; {action}; nothing was changed",
+                                  "replace the link by the file itself, or remove it")
+
+
 # -------------------------------------------------------------------------- the run directory
 class RunFinished(Exception):
     """A resume aimed at a run that already finished: nothing to do, nothing changed."""

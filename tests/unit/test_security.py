@@ -169,6 +169,71 @@ def test_report_out_never_replaces_another_report(tmp_path, capsys):
     assert marked_kind(run / "report") == "report"
 
 
+def sent_run(tmp_path) -> tuple[Path, Path]:
+    """A run directory someone sent, and a folder of yours beside it (with a file to protect)."""
+    run = tmp_path / "sent-run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 10,
+                                                   "step_time_s": 0.1}) + "\n")
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    (yours / "notes.txt").write_text("mine")
+    (yours / "secret.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "key": TOKEN}) + "\n")
+    return run, yours
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("planted", ["report folder", "report.md", "plot", "metrics.jsonl"])
+def test_report_follows_no_link_out_of_a_run(tmp_path, capsys, planted):
+    run, yours = sent_run(tmp_path)
+    if planted == "report folder":  # run/report -> your folder: the report would land there
+        link = run / "report"
+        link.symlink_to(yours)
+    elif planted in ("report.md", "plot"):  # dressed up as a report dpkit made, one file a link
+        (run / "report").mkdir()
+        mark(run / "report", "report")
+        link = run / "report" / ("report.md" if planted == "report.md" else "loss.png")
+        link.symlink_to(yours / "notes.txt")
+    else:  # read from outside the run: your secrets would be drawn into report.md
+        link = run / "metrics.jsonl"
+        link.unlink()
+        link.symlink_to(yours / "secret.jsonl")
+    before, run_before = checksums(yours), checksums(run)
+    assert main(["report", str(run)]) == 2
+    error = one_error(capsys)
+    assert error.startswith(f"error: {link}: is a symbolic link to '") and \
+        f"outside '{run}'" in error and "nothing was changed" in error
+    assert checksums(yours) == before and checksums(run) == run_before
+
+
+def test_report_out_writes_through_no_link(tmp_path, capsys):
+    run, yours = sent_run(tmp_path)
+    out = tmp_path / "reports"  # a report folder of the right kind, holding a planted link
+    out.mkdir()
+    mark(out, "report")
+    (out / "report.md").symlink_to(yours / "notes.txt")
+    before = checksums(yours)
+    assert main(["report", str(run), "--out", str(out)]) == 2
+    assert one_error(capsys).startswith(f"error: {out / 'report.md'}: is a symbolic link")
+    assert checksums(yours) == before
+
+
+def test_report_follows_links_that_stay_inside(tmp_path, capsys):
+    run, _ = sent_run(tmp_path)
+    (run / "logs").mkdir()
+    (run / "metrics.jsonl").rename(run / "logs" / "metrics.jsonl")
+    (run / "metrics.jsonl").symlink_to(Path("logs") / "metrics.jsonl")
+    typed = tmp_path / "latest"  # a link the user typed is theirs to follow
+    typed.symlink_to(run)
+    assert main(["report", str(typed)]) == 0
+    assert "| 1 | — | 2.0000 |" in (run / "report" / "report.md").read_text()  # step, loss
+
+
 def test_export_out_replaces_only_an_earlier_export(tmp_path):
     from dpkit.export import check_out, staging
 
