@@ -10,6 +10,8 @@ anything failed, 0 otherwise.
   proves passwordless ssh and the same paths everywhere); hosts that are this machine are read
   locally; GPUs per node against the hostfile's slots;
 - the master port free on this machine;
+- no stale lock of an interrupted JIT op build under the torch extensions directory (a build
+  killed midway leaves `<op>/lock`, and every later launch that loads the op waits on it forever);
 - an all-reduce on 2 ranks over the backend training uses (gloo on CPU, nccl on GPU; NCCL cannot
   put two ranks on one GPU, so with one GPU it runs on 1 rank), which must finish in `--timeout`.
 
@@ -30,6 +32,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
+from pathlib import Path
+
+from dpkit.errors import Problem  # a dataclass: nothing else is imported
 
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
 SAME_EVERYWHERE = ("python", *PACKAGES, "cuda", "nccl")
@@ -100,6 +105,69 @@ def port_problem(port: int) -> str | None:
             return (f"port {port} is in use on this machine ({e.strerror}) — node 0 listens there: "
                     f"pass --master-port to dpkit train (e.g. {free_port()}, free now)")
     return None
+
+
+# ------------------------------------------------------------------------- JIT op build locks
+STALE_LOCK_S = 60  # a lock this old with no build running in its folder is left over
+
+
+def extensions_roots() -> list[Path]:
+    """Where torch (and DeepSpeed, through it) JIT-builds ops for this Python, as
+    torch.utils.cpp_extension._get_build_directory picks it: TORCH_EXTENSIONS_DIR, else
+    <cache>/torch_extensions/py<version>_<accelerator> (every accelerator: no torch import)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return [Path(os.environ["TORCH_EXTENSIONS_DIR"])]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
+    return sorted(p for p in cache.glob(f"{tag}*") if p.is_dir())
+
+
+def _build_folders_in_use() -> set[Path] | None:
+    """Folders some process of this machine works in (ninja and the compilers run in the op's
+    build folder); None where /proc can't tell."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    folders = set()
+    for pid in proc.iterdir():
+        if pid.name.isdigit():
+            try:
+                folders.add(Path(os.readlink(pid / "cwd")))
+            except OSError:  # gone, or another user's
+                pass
+    return folders
+
+
+def stale_build_locks(now: float | None = None) -> list[tuple[Path, float]]:
+    """(lock file, age in seconds) for every op build lock with no live owner: torch's FileBaton
+    only checks that the file exists, so a build killed midway leaves a lock that makes the next
+    build of that op wait forever, silently. Stale: older than STALE_LOCK_S and no process
+    working in its folder (without /proc: older than 10 minutes)."""
+    now = time.time() if now is None else now
+    busy = _build_folders_in_use()
+    found = []
+    for root in extensions_roots():
+        for lock in sorted(root.glob("*/lock")):
+            try:
+                age = now - lock.stat().st_mtime
+            except OSError:  # released meanwhile
+                continue
+            if busy is None:
+                stale = age >= 600
+            else:
+                stale = age >= STALE_LOCK_S and lock.parent.resolve() not in busy
+            if stale:
+                found.append((lock, age))
+    return found
+
+
+def stale_lock_problems() -> list[Problem]:
+    """One line per stale lock: the file, and the command that removes it."""
+    return [Problem(str(lock), f"left over from an interrupted build of the '{lock.parent.name}' "
+                    f"op ({age / 60:.0f} min old, no build running on this machine): the next "
+                    "launch that loads this op waits on it forever, silently",
+                    f"remove it: rm {shlex.quote(str(lock))}")
+            for lock, age in stale_build_locks()]
 
 
 # ------------------------------------------------------------------------------------ all-reduce
@@ -261,6 +329,13 @@ def run_checks(hostfile: str | None, master_port: int, backend: str, timeout_s: 
                 if n and slots > n:
                     fail(f"{h}: the hostfile gives {slots} slots but it has {n} GPUs — one rank "
                          "per GPU: lower its slots")
+
+    locks = stale_lock_problems()
+    for lock in locks:
+        fail(str(lock))
+    if not locks:
+        ok("no stale JIT op build lock in "
+           + (", ".join(map(str, extensions_roots())) or "the torch extensions directory"))
 
     p = port_problem(master_port)
     if p:

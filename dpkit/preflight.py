@@ -83,6 +83,9 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if check_data:
         _check_data(recipe, tokenizer, offline, problems, notes)
     problems.extend(_observability_problems(recipe))
+    from dpkit.doctor import stale_lock_problems
+
+    problems.extend(stale_lock_problems())  # a killed op build's lock: the ranks would hang
     from dpkit.eval.harness import problems as eval_problems
 
     problems.extend(eval_problems(recipe))  # lm-eval installed, task folders exist

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,3 +128,34 @@ def test_micro_batch_size_does_not_change_the_data_order(tmp_path):
     raw["train"]["micro_batch_size"] = 4
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
     assert C.settings_problem(recipe_from_dict(raw), ckpt) is None
+
+
+# ------------------------------------------------------------------ stale JIT op build locks
+def test_a_stale_op_build_lock_is_named_by_doctor_and_validate(tmp_path, monkeypatch, capsys):
+    from dpkit.distributed import free_port
+    from dpkit.doctor import run_checks
+
+    root = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    stale, fresh, building = (root / op / "lock" for op in ("cpu_adam", "fused_adam", "shm"))
+    for lock in (stale, fresh, building):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 20 * 60  # a build killed 20 minutes ago
+    os.utime(stale, (old, old))
+    os.utime(building, (old, old))
+    # A long build still running in its folder (ninja and the compilers work there): not stale.
+    builder = subprocess.Popen(["sleep", "60"], cwd=building.parent)
+    try:
+        lines: list[str] = []
+        assert run_checks(None, free_port(), "gloo", 60, allreduce_check=False,
+                          out=lines.append) == 1
+        named = [line for line in lines if "lock" in line and "FAIL" in line]
+        assert len(named) == 1 and str(stale) in named[0] and f"rm {stale}" in named[0], lines
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+        assert main(["validate", str(recipe)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {named[0].split('FAIL', 1)[1].strip()}", err  # the same one line
+    finally:
+        builder.kill()
+        builder.wait()
