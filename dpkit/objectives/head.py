@@ -44,6 +44,12 @@ def tiling_threshold(tile: int, hidden: int, dtype_bytes: int, head_trained: boo
     return max(tile + 1, tiled // full + 1)
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses and log-probs are computed in: fp32, or the model's when wider (fp64 in
+    tests that resolve 1e-6 on sums of hundreds of tokens)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def head_transform(config) -> str | None:
     """Why the tiled head would compute something other than the model's own logits, or None.
     Soft-capped logits (Gemma-2) are handled; other post-head rescalings are not."""
@@ -73,7 +79,7 @@ class _TiledNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, tile, softcap):
         ctx.tile, ctx.softcap = tile, softcap
         ctx.save_for_backward(hidden, weight, bias, labels)
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        out = torch.zeros(labels.shape, dtype=wide(weight.dtype), device=hidden.device)
         with torch.no_grad():
             for lo in range(0, labels.numel(), tile):
                 h, y = hidden[lo:lo + tile], labels[lo:lo + tile]
@@ -85,8 +91,8 @@ class _TiledNLL(torch.autograd.Function):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grad_w = torch.zeros_like(weight, dtype=wide(weight.dtype)) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=wide(bias.dtype)) if need_b else None
         w = weight.detach().requires_grad_(need_w)
         b = bias.detach().requires_grad_(need_b) if bias is not None else None
         for lo in range(0, labels.numel(), ctx.tile):
@@ -110,7 +116,8 @@ def _nll(hidden, weight, bias, labels, softcap):
     logits = F.linear(hidden, weight, bias)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+    return F.cross_entropy(logits.to(wide(logits.dtype)), labels, ignore_index=IGNORE,
+                           reduction="none")
 
 
 def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
@@ -156,8 +163,9 @@ def plain_token_nll(hidden, head, labels, softcap: float | None = None) -> torch
     logits = head(hidden)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="none").view(labels.shape)
+    return F.cross_entropy(logits.to(wide(logits.dtype)).reshape(-1, logits.shape[-1]),
+                           labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="none").view(labels.shape)
 
 
 def forward_hidden(engine, **inputs) -> torch.Tensor:
@@ -214,8 +222,9 @@ class LossHead:
             hidden = forward_hidden(engine, **inputs)
             return token_nll(hidden, self.head, labels, self.tile, self.softcap, self.always)
         logits = engine(use_cache=False, **inputs).logits  # the model applies its own softcap
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="none").view(labels.shape)
+        return F.cross_entropy(logits.to(wide(logits.dtype)).reshape(-1, logits.shape[-1]),
+                               labels.reshape(-1), ignore_index=IGNORE,
+                               reduction="none").view(labels.shape)
 
 
     def loss_sum(self, engine, inputs: dict, labels: torch.Tensor) -> torch.Tensor:

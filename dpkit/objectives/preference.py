@@ -14,7 +14,10 @@ Rewards: β(s − ρs) for DPO, β(a − ρa) for IPO, β·a for SimPO, λ·a fo
 chosen answer above the rejected one's.
 
 Chosen and rejected go through the model in ONE forward: the collated batch holds the B chosen
-rows then the B rejected rows, padded to one width (dpkit/data/preference.py).
+rows then the B rejected rows, padded to one width (dpkit/data/preference.py). Their per-token
+log-probs come from the run's loss head (dpkit/objectives/head.py), tiled as for SFT: long pairs
+never hold the full [tokens, vocabulary] logits. A pair the batch masks out (a rank whose shard
+ran out gets one) adds exactly 0 to the loss and its gradients.
 
 The reference (DPO, IPO): `adapter_off` runs the same engine with the LoRA adapter turned off,
 without gradients (one more forward per micro-batch, no second copy of the model);
@@ -34,37 +37,28 @@ from dpkit import distributed
 from dpkit.data.load import eval_micro_batches
 from dpkit.data.preference import IGNORE, collate_pairs
 from dpkit.objectives.base import LossOut, Objective
-from dpkit.objectives.sft import forward_logits
+from dpkit.objectives.head import LossHead, shifted_labels
+from dpkit.objectives.sft import model_inputs
 
 REF_FILE = "ref_logps.pt"
 
 
 # ----------------------------------------------------------------------------- the formulas
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, row_ids: torch.Tensor | None = None,
-                   n_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each row's target tokens, their count), in fp32 (or the logits' dtype
-    when wider); labels shifted by one as the model predicts the next token. `row_ids`: rows laid
-    end to end in one sequence (`n_rows` of them), summed per row."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits, targets = logits[:, :-1].to(dtype), labels[:, 1:]
-    mask = targets != IGNORE
-    token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                             targets.clamp(min=0).reshape(-1), reduction="none")
-    token = token.view_as(targets) * mask
-    if row_ids is None:
-        return token.sum(-1), mask.sum(-1)
-    rows, n = row_ids[:, 1:].reshape(-1), n_rows
-    sums = torch.zeros(n, dtype=dtype, device=token.device).index_add_(0, rows, token.reshape(-1))
-    counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add_(
-        0, rows, mask.reshape(-1).long())
-    return sums, counts
-
-
 def pair_losses(kind: str, policy: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None,
                 beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-                lam: float = 0.0) -> dict[str, torch.Tensor]:
+                lam: float = 0.0, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-pair loss and rewards. `policy`, `ref`: (B, 2) summed log-probs (chosen, rejected);
-    `counts`: (B, 2) answer tokens. Returns loss, chosen/rejected rewards (B,) and extras."""
+    `counts`: (B, 2) answer tokens; `mask`: (B,) 1 for real pairs. Returns loss, chosen/rejected
+    rewards (B,) and extras; masked pairs get finite values (the caller multiplies them by 0)."""
+    if mask is not None:
+        # A masked pair (the padding of a rank whose shard ran out: no labels, so sums and
+        # counts 0) gets harmless inputs BEFORE any log: ORPO's log(1 − e^0) is −inf, and
+        # −inf × 0 is NaN in the loss and in every gradient. Replacing the value after the log
+        # (torch.where) would still send NaN back through the log's derivative.
+        keep = mask.bool().unsqueeze(-1)
+        policy = torch.where(keep, policy, torch.full_like(policy, -1.0))
+        counts = torch.where(keep, counts, torch.ones_like(counts))
+        ref = torch.where(keep, ref, torch.zeros_like(ref)) if ref is not None else None
     avg = policy / counts.clamp(min=1)
     out = {}
     if kind in ("dpo", "ipo"):
@@ -108,6 +102,7 @@ class Preference(Objective):
         self.name, self.kind, self.beta = kind, kind, beta
         self.label_smoothing, self.gamma, self.lam = label_smoothing, gamma, lam
         self.reference = reference if kind in ("dpo", "ipo") else None
+        self.head = LossHead()  # full logits until setup() knows the run's head
         if kind == "orpo":  # ORPO's rewards are scaled by λ (as TRL's, whose `beta` is λ)
             self.beta = lam
             self.metric_names = (*Preference.metric_names, "nll_loss", "log_odds_ratio")
@@ -128,9 +123,23 @@ class Preference(Objective):
         return int(batch["pair_mask"].sum())
 
     def pair_logps(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2) summed log-probs and answer-token counts, chosen and rejected in one forward."""
-        sums, counts = sequence_logps(forward_logits(engine, batch), batch["labels"],
-                                      batch.get("row_ids"), 2 * batch["pair_mask"].shape[0])
+        """(B, 2) summed log-probs and answer-token counts, chosen and rejected in one forward.
+
+        Per-token log-probs are the run's loss head's −NLL (dpkit/objectives/head.py): tiled as
+        for SFT, so long pairs never hold the full [tokens, vocabulary] logits; in fp32, or the
+        model's dtype when wider. Rows laid end to end (`row_ids`) are summed per row."""
+        labels = shifted_labels(batch)  # position i predicts token i + 1
+        inputs = {"input_ids": batch["input_ids"], **model_inputs(batch)}
+        token = -self.head.token_nll(engine, inputs, labels)  # 0 where the label is -100
+        mask = labels != IGNORE
+        if "row_ids" not in batch:
+            return token.sum(-1).view(2, -1).T, mask.sum(-1).view(2, -1).T
+        n = 2 * batch["pair_mask"].shape[0]
+        rows = F.pad(batch["row_ids"][:, 1:], (0, 1)).reshape(-1)  # each predicted token's row
+        sums = torch.zeros(n, dtype=token.dtype, device=token.device).index_add_(
+            0, rows, token.reshape(-1))
+        counts = torch.zeros(n, dtype=torch.long, device=token.device).index_add_(
+            0, rows, mask.reshape(-1).long())
         return sums.view(2, -1).T, counts.view(2, -1).T
 
     def reference_logps(self, engine, batch: dict) -> torch.Tensor | None:
@@ -147,9 +156,9 @@ class Preference(Objective):
         ref = self.reference_logps(engine, batch)
         policy, counts = self.pair_logps(engine, batch)
         ref = ref.to(policy.dtype) if ref is not None else None
-        out = pair_losses(self.kind, policy, counts, ref, self.beta, self.label_smoothing,
-                          self.gamma, self.lam)
         m = batch["pair_mask"].to(policy.dtype)
+        out = pair_losses(self.kind, policy, counts, ref, self.beta, self.label_smoothing,
+                          self.gamma, self.lam, mask=m)
         chosen, rejected = out["chosen"].detach(), out["rejected"].detach()
         metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected,
                    "rewards/margins": chosen - rejected,
@@ -160,6 +169,7 @@ class Preference(Objective):
 
     # ------------------------------------------------------------------ precomputed reference
     def setup(self, run) -> None:
+        self.head = run.loss_head  # tiled as compute.loss says, like SFT
         if self.reference != "precomputed":
             return
         rows = run.train_rows + run.eval_rows

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TINY_LLAMA, TOKENIZER, tiny_recipe
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpkit.data.load import DataStats
-from dpkit.data.preference import IGNORE, collate_pairs, tokenize_pairs
+from dpkit.data.preference import IGNORE, PairExample, collate_pairs, tokenize_pairs
+from dpkit.data.tokenize import Example
 from dpkit.errors import RecipeError
 from dpkit.model import build_model, load_tokenizer
-from dpkit.objectives import build_objective
+from dpkit.objectives import OBJECTIVES, build_objective
+from dpkit.objectives.head import LossHead, plain_head
 from dpkit.objectives.preference import Preference, pair_losses
 from dpkit.recipe import DataSection, DataSource, ModelSection, recipe_from_dict
 
@@ -176,6 +180,140 @@ def test_empty_micro_batch_adds_nothing(tok):
     batch = collate_pairs([], tok.pad_token_id)
     out = objective.loss(tiny(1), batch)
     assert objective.count(batch) == 0 and out.loss.item() == 0.0
+
+
+# ------------------------------------------ masked pairs and empty micro-batches stay finite
+def registered(name: str, tmp_path):
+    """Each objective as a recipe builds it (preference data for the preference ones)."""
+    data = {} if name == "sft" else {"sources": [{"path": PREF, "format": "preference"}]}
+    r = tiny_recipe(tmp_path / "run", data=data)
+    r["objective"] = name
+    return build_objective(recipe_from_dict(r))
+
+
+def padding_pair(pad_id: int) -> PairExample:
+    """What collate_pairs puts in for a rank whose shard ran out: no labelled token at all."""
+    return PairExample([pad_id, pad_id], [IGNORE] * 2, [pad_id, pad_id], [IGNORE] * 2)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("tiled", [False, True])
+def test_empty_and_partly_masked_batches_give_finite_loss_and_gradients(tok, pairs, tmp_path,
+                                                                       name, tiled):
+    """A rank whose shard ran out at an epoch's tail, or a padded eval batch, gets an all-masked
+    micro-batch: ORPO's log(1 − e^0) = −inf turned its loss and every gradient into NaN."""
+    objective = registered(name, tmp_path)
+    model = build_model(ModelSection(config=dict(TINY_LLAMA), tokenizer=str(TOKENIZER),
+                                     dtype="float32"), 1, 0)
+    if tiled:  # the run's head with 8-token tiles (set by setup() in a run)
+        objective.head = LossHead(plain_head(model), tile=8)
+    pad = tok.pad_token_id
+    if name == "sft":
+        real = [Example(ex.chosen_ids, ex.chosen_labels) for ex in pairs[:2]]
+        masked = real + [Example([pad, pad, pad], [IGNORE] * 3)]
+    else:
+        masked = pairs[:2] + [padding_pair(pad)]
+    batches = {"empty": objective.collate([], pad), "masked": objective.collate(masked, pad)}
+    if name != "sft":  # the padding pair is masked out, as collate does for an empty list
+        batches["masked"]["pair_mask"][-1] = 0.0
+        assert objective.count(batches["masked"]) == 2
+    for what, batch in batches.items():
+        model.zero_grad()
+        out = objective.loss(model, batch)
+        out.loss.backward()
+        assert torch.isfinite(out.loss), (what, out.loss)
+        assert all(torch.isfinite(v).all() for v in out.metrics.values()), (what, out.metrics)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), what
+        if what == "empty":  # nothing to learn from: exactly nothing added
+            assert out.loss.item() == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@pytest.mark.parametrize("kind, kw", CASES)
+def test_pair_losses_masked_rows_are_finite_and_leave_real_rows_alone(kind, kw):
+    """Masked rows with no tokens (sums 0, counts 0, so average 0) beside real ones: finite loss
+    and gradients everywhere, zero gradient on the masked rows, real rows still the formula."""
+    policy, counts, ref = fixed_logps()
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    dead = mask == 0
+    policy, counts, ref = policy.clone(), counts.clone(), ref.clone()
+    policy[dead], counts[dead], ref[dead] = 0.0, 0.0, 0.0
+    policy.requires_grad_(True)
+    out = pair_losses(kind, policy, counts, ref, kw["beta"], kw.get("ls", 0.0),
+                      kw.get("gamma", 0.0), kw.get("lam", 0.0), mask=mask)
+    (out["loss"] * mask).sum().backward()
+    assert torch.isfinite(out["loss"]).all() and torch.isfinite(policy.grad).all()
+    assert float(policy.grad[dead].abs().max()) == 0.0
+    for i in torch.nonzero(~dead).flatten().tolist():
+        loss, chosen, rejected = by_hand(kind, *policy[i].tolist(), *counts[i].tolist(),
+                                         *ref[i].tolist(), **kw)
+        assert abs(out["loss"][i].item() - loss) <= TOL
+        assert abs(out["chosen"][i].item() - chosen) <= TOL
+
+
+# ------------------------------------------------------- pairs through the tiled loss head
+class Logits(TorchDispatchMode):
+    """Records the most tokens any [..., vocabulary] tensor held, forward and backward (the
+    head's transposed weight, [hidden, vocabulary], is no logits)."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.vocab, self.hidden, self.most = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab \
+                    and tuple(t.shape) != (self.hidden, self.vocab):
+                self.most = max(self.most, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_tiled_pair_logps_equal_full_logits_and_never_build_them(tok, pairs, tmp_path, flatten):
+    """The run's tiled head (compute.loss: tiled, 16-token tiles), handed over by setup(): each
+    side's summed log-prob equals the model's full logits row by row (independent of the head),
+    the loss and every gradient equal the full-logits path, and no tensor of more than one tile
+    of [tokens, vocabulary] ever exists — forward or backward."""
+    model = tiny(1)
+    if flatten:
+        model = build_model(ModelSection(config=dict(TINY_LLAMA), tokenizer=str(TOKENIZER),
+                                         dtype="float32"), 1, 0, packed_len=512).double()
+    vocab = TINY_LLAMA["vocab_size"]
+
+    class R:  # the recipe keys LossHead.for_run reads
+        class compute:
+            loss, loss_tile_tokens = "tiled", 16
+
+    head, line = LossHead.for_run(R, model, model.config)
+    assert head.tiled and line.startswith("tiled: 16 tokens"), line
+    objective = registered("orpo", tmp_path)  # no reference: setup only takes the head
+    full = copy.deepcopy(objective)
+    objective.setup(SimpleNamespace(loss_head=head))
+    assert objective.head is head and not full.head.tiled
+    batch = objective.collate(pairs, tok.pad_token_id, flatten=flatten)
+    tokens = batch["input_ids"].numel()
+    assert tokens > 8 * 16  # many tiles
+
+    def run(obj):
+        model.zero_grad()
+        with Logits(vocab, TINY_LLAMA["hidden_size"]) as seen:
+            logps = obj.pair_logps(model, batch)[0]
+            out = obj.loss(model, batch)
+            out.loss.backward()
+        return logps.detach(), out.loss.item(), {n: p.grad.clone()
+                                                 for n, p in model.named_parameters()}, seen.most
+
+    logps, loss, grads, most = run(objective)
+    ref_logps, ref_loss, ref_grads, ref_most = run(full)
+    assert most <= 16 and ref_most >= tokens  # the detector sees the full logits when built
+    for i, ex in enumerate(pairs):
+        for side, (ids, labels) in enumerate(((ex.chosen_ids, ex.chosen_labels),
+                                              (ex.rejected_ids, ex.rejected_labels))):
+            assert abs(logps[i, side].item() - row_logps(model, ids, labels)[0]) <= TOL
+    assert abs(loss - ref_loss) <= TOL
+    for n, g in ref_grads.items():
+        assert float((grads[n] - g).abs().max()) <= TOL * max(1.0, float(g.abs().max())), n
 
 
 # ------------------------------------------------------------------------------------- data
