@@ -63,6 +63,15 @@ def preference_problems(recipe) -> list[str]:
     if formats != {"preference"}:
         return [f"`objective: {name}` trains on pairs: every data source needs "
                 f"`format: preference` (got {sorted(formats)})"]
+    if recipe.train.sequence_parallel > 1:  # refused, not silently wrong: every rank crashed
+        return [f"`train.sequence_parallel: {recipe.train.sequence_parallel}` does not work with "
+                f"`objective: {name}`: a pair's log-probs are summed over its whole sequence and "
+                "the split loses which pair a slice belongs to; set `train.sequence_parallel: 1` "
+                "(the tiled loss, `compute.loss`, keeps long pairs' logits small)"]
+    if recipe.data.streaming:
+        return [f"`data.streaming` does not work with `objective: {name}`: preference pairs are "
+                "tokenized whole and held in memory (dpkit/data/preference.py), not streamed; "
+                "set `data.streaming: false`"]
     pref = pref or PreferenceSection()
     if pref.reference == "adapter_off" and recipe.peft is None:
         return ["`preference.reference: adapter_off` needs LoRA (a `peft` section); use "

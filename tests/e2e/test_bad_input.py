@@ -179,3 +179,28 @@ def test_a_key_set_twice_names_the_key_and_both_lines(tmp_path, capsys):
             f"error: {path}: `train.lr` is set twice, at lines {first} and {first + 2} (YAML "
             "would silently keep the second) — keep one of them"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("combination, keys", [
+    ({"train": {"sequence_parallel": 2}}, "`train.sequence_parallel: 2` does not work with"),
+    ({"data": {"streaming": True}, "train": {"max_steps": 4}},
+     "`data.streaming` does not work with"),
+])
+def test_validate_refuses_preference_with_sequence_parallel_or_streaming(tmp_path, capsys,
+                                                                        objective, combination,
+                                                                        keys):
+    """Both passed validate, then every rank crashed (the split drops the pair mask; the stream
+    reader gets pairs it can't tokenize): refused in one line naming the keys, exit code 2."""
+    r = tiny_recipe(tmp_path / "run", data={"sources": [
+        {"path": "dpkit:data/self_instruct_seed.preference.jsonl", "format": "preference"}]})
+    r["objective"] = objective
+    for section, values in combination.items():
+        r[section].update(values)
+    path = write_recipe(tmp_path / "recipe.yaml", r)
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "OK" not in out
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and keys in errors[0] and f"`objective: {objective}`" in errors[0], err
+    assert not (tmp_path / "run").exists()
