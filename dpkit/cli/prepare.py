@@ -22,9 +22,10 @@ def cmd_prepare(args) -> int:
     if not any(getattr(data, k) for k in kinds):
         print(f"{args.recipe}: data.streaming reads its sources as streams; nothing to prepare")
         return 0
-    entry, _ = entry_dir(data, tokenizer, kinds)
+    prompt_len = recipe.preference.max_prompt_len if recipe.preference else None  # in the key
+    entry, _ = entry_dir(data, tokenizer, kinds, prompt_len)
     _, evals, stats = load_cached(data, tokenizer, recipe.train.seed,
-                                  streaming=data.streaming)
+                                  streaming=data.streaming, max_prompt_len=prompt_len)
     state = "already prepared" if stats.cached else "prepared"
     print(f"[dpkit] {state}: {entry}")
     print(f"[dpkit] data: {stats.describe()}; eval rows: {len(evals)}")

@@ -1,10 +1,13 @@
 """Tokenize once per node: an on-disk cache of tokenized data, keyed by what changes the tokens.
 
-The key hashes the data files (resolved path, size, mtime), hub dataset ids with their
-revision, the tokenizer (its whole fast-tokenizer JSON and special tokens), the chat template,
-each source's format and column mapping, max_seq_len, overflow, masking, and the source of the
-tokenization code itself. The eval split and the seed are not in it: they are cheap and applied
-when the cache is read.
+The key hashes the data files' content (resolved path, size and a BLAKE2b digest of the bytes:
+an edit that keeps size and mtime, `cp -p` or `touch -r`, is seen; a `touch` alone rebuilds
+nothing), hub dataset ids with their revision and the commit it resolves to now (an unpinned
+dataset that changed upstream gets a new entry), the tokenizer (its whole fast-tokenizer JSON and
+special tokens), the chat template, each source's format and column mapping, max_seq_len,
+overflow, masking, preference.max_prompt_len, and the source of the tokenization code itself.
+The eval split and the seed are not in it: they are cheap and applied when the cache is read.
+Rows and preference pairs (dpkit/data/preference.py) both go through it.
 
 On each node local rank 0 builds an entry (`datasets.map` in several processes, Arrow files),
 in a private temporary directory that is renamed into place in one step; then it writes the
@@ -14,7 +17,9 @@ shared file system each build; the first rename wins and the others use it. Ever
 one line to `tokenize.log` in the cache directory.
 
 The cache directory may come from an untrusted recipe: dpkit only ever deletes its own
-temporary build directory, by the exact name it created, inside that directory.
+temporary build directory, by the exact name it created, inside that directory. An entry whose
+meta.json can't be read (a torn write) is renamed aside (`.damaged-…`, never deleted) by local
+rank 0 and built again, with a note in the data report; the other ranks wait for the new one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dpkit.data import load as L
 from dpkit.errors import RecipeError
 
 MARKER = "COMPLETE"
-CODE = ("formats.py", "tokenize.py")  # the code whose every change changes tokens
+CODE = ("formats.py", "tokenize.py", "preference.py")  # the code whose every change changes tokens
 WAIT_SAY_EVERY_S = 60
 
 
@@ -54,8 +59,25 @@ def num_proc(section) -> int:
 def _file_identity(path: Path) -> list:
     if path.is_dir():  # a dataset repository laid out locally: every file in it
         return [_file_identity(p) for p in sorted(path.rglob("*")) if p.is_file()]
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    with open(path, "rb") as f:  # the content, not the mtime, which `cp -p`/`touch -r` keep
+        digest = hashlib.file_digest(f, "blake2b").hexdigest()  # ~1 GB/s
+    return [str(path.resolve()), path.stat().st_size, digest]
+
+
+def resolved_revision(source) -> str | None:
+    """The commit a hub dataset's revision (None: the default branch) resolves to now, as
+    `datasets` resolves it to download; None where the hub can't be asked (offline: the key is
+    then the name and revision as written, which all ranks compute alike)."""
+    import re
+
+    if source.revision and re.fullmatch(r"[0-9a-f]{40}", source.revision):
+        return source.revision  # pinned already
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(source.path, revision=source.revision).sha
+    except Exception:  # offline, unreachable, private without a token: datasets says why later
+        return None
 
 
 def source_identity(source) -> dict:
@@ -63,6 +85,8 @@ def source_identity(source) -> dict:
     path = Path(source.path).expanduser()
     if path.exists():
         ident["file"] = _file_identity(path)
+    elif not L.is_local_source(source):
+        ident["resolved_revision"] = resolved_revision(source)
     return ident
 
 
@@ -75,24 +99,55 @@ def tokenizer_identity(tokenizer) -> dict:
             "probe": tokenizer("a b", add_special_tokens=True)["input_ids"]}
 
 
-def cache_key(section, tokenizer, kinds) -> tuple[str, dict]:
+def cache_key(section, tokenizer, kinds, max_prompt_len: int | None = None) -> tuple[str, dict]:
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
     material = {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
                 "max_seq_len": section.max_seq_len, "overflow": section.overflow,
                 "completion_only_loss": section.completion_only_loss,
+                "max_prompt_len": max_prompt_len,
                 **{kind: [source_identity(s) for s in getattr(section, kind)] for kind in kinds}}
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), material
 
 
-def entry_dir(section, tokenizer, kinds) -> tuple[Path, dict]:
-    key, material = cache_key(section, tokenizer, kinds)
+def entry_dir(section, tokenizer, kinds, max_prompt_len: int | None = None) -> tuple[Path, dict]:
+    key, material = cache_key(section, tokenizer, kinds, max_prompt_len)
     return cache_root(section) / f"tok-{key[:32]}", material
 
 
 def is_complete(entry: Path) -> bool:
     return (entry / MARKER).is_file()
+
+
+def damaged(entry: Path) -> str | None:
+    """Why an entry that is there can't be read (None: it can, or it is not there)."""
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        missing = [f for part in meta["parts"] for f in part["files"] if not (entry / f).is_file()]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its meta.json can't be read ({type(e).__name__})"
+    return f"its {missing[0]} is missing" if missing else None
+
+
+def usable(entry: Path) -> bool:
+    return is_complete(entry) and damaged(entry) is None
+
+
+def set_aside(entry: Path, why: str) -> str:
+    """Rename a damaged entry out of the way (the next build takes its place); the note says so."""
+    aside = entry.parent / f".damaged-{entry.name}-{socket.gethostname()}-{time.time_ns()}"
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:  # another node's rank 0 set it aside first
+        pass
+    return f"cache entry {entry.name} was damaged ({why}): tokenized again; the old one is {aside}"
+
+
+def _pairs(section) -> bool:
+    return any(s.format == "preference" for s in (*section.sources, *section.eval_sources))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -106,7 +161,11 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
     import datasets
 
+    from dpkit.data import preference
+
     raw = L.load_raw(section, tokenizer, kinds)  # bad data: RecipeError before anything is written
+    if _pairs(section):
+        preference.check_pairs(raw, tokenizer)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
@@ -119,9 +178,12 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     try:
         files, procs = [], num_proc(section)
         for n, (kind, source, ds) in enumerate(raw):
-            out = L.tokenize_or_explain(ds, source, tokenizer, section, procs,
-                                   fingerprint=f"{entry.name}-{n}",
-                                   cache_file=str(tmp / f"{kind}-{n}.arrow"))
+            where = dict(fingerprint=f"{entry.name}-{n}", cache_file=str(tmp / f"{kind}-{n}.arrow"))
+            if source.format == "preference":
+                out = preference.tokenize_pair_dataset(ds, source, tokenizer, section,
+                                                       material["max_prompt_len"], procs, **where)
+            else:
+                out = L.tokenize_or_explain(ds, source, tokenizer, section, procs, **where)
             files.append({"kind": kind, "path": source.path, "index": n,
                           "files": [Path(f["filename"]).name for f in out.cache_files]})
             del out
@@ -148,10 +210,11 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
 
 
 def wait_for(entry: Path, say_wait, timeout_s: float | None = None) -> float:
-    """Wait for local rank 0's COMPLETE marker; returns the seconds waited."""
+    """Wait for local rank 0's COMPLETE marker (on an entry that can be read: a damaged one is
+    being set aside and built again); returns the seconds waited."""
     t0 = time.monotonic()
     said = None
-    while not is_complete(entry):
+    while not usable(entry):
         waited = time.monotonic() - t0
         if said is None or waited - said >= WAIT_SAY_EVERY_S:
             say_wait(f"waiting for local rank 0 to tokenize the data into {entry} "
@@ -181,6 +244,10 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
         shards = [datasets.Dataset.from_file(str(entry / f)) for f in part["files"]]
         parts.append((kind, source, datasets.concatenate_datasets(shards)
                       if len(shards) > 1 else shards[0]))
+    if _pairs(section):
+        from dpkit.data.preference import assemble_pairs
+
+        return assemble_pairs(parts, section, seed)
     return L.assemble(parts, section, seed, need_train=need_train)
 
 
@@ -188,19 +255,21 @@ def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: b
                 log=None, progress: bool = True, say_wait=None, max_prompt_len: int | None = None):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
     other ranks of the node (`env`: this rank; None: one process), then read. Streaming: only
-    the eval sources go through the cache. `log`: this rank's log. Preference pairs are
-    tokenized in memory on every rank (`max_prompt_len`: see dpkit/data/preference.py)."""
-    if any(s.format == "preference" for s in (*section.sources, *section.eval_sources)):
-        return L.load_datasets(section, tokenizer, seed, max_prompt_len=max_prompt_len)
+    the eval sources go through the cache. `log`: this rank's log. Preference pairs go through
+    it too (`max_prompt_len`: see dpkit/data/preference.py), held in memory once read."""
     local_rank, rank = (env.local_rank, env.rank) if env is not None else (0, 0)
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
-    entry, material = entry_dir(section, tokenizer, kinds)
+    entry, material = entry_dir(section, tokenizer, kinds, max_prompt_len)
     t0, rss_before = time.perf_counter(), _rss_mb()
+    notes = []
+    if local_rank == 0 and (why := damaged(entry)):
+        notes.append(set_aside(entry, why))
+        say(f"[dpkit] data: {notes[-1]}")
     if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
         _write_atomic(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
-    cached = is_complete(entry)
+    cached = usable(entry)
     if not cached and local_rank == 0:
         say(f"[dpkit] data: tokenizing into {entry} on local rank 0 of each node (the other "
             f"ranks wait for its {MARKER} file)")
@@ -209,6 +278,7 @@ def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: b
         wait_for(entry, say_wait or partial(_say_waiting, log, local_rank, rank))
     train, evals, stats = read(entry, section, seed, need_train=not streaming)
     stats.seconds, stats.cached = time.perf_counter() - t0, cached
+    stats.notes += notes
     stats.rss_before_mb = rss_before
     stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if log is not None:  # every rank's log: how long data setup took and what it cost

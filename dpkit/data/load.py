@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import ba
     from dpkit.recipe import DataSection, DataSource
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Local files are read again, not from datasets' own Arrow copy: that copy is keyed on the
+# file's path and mtime, so an edit keeping the mtime (`cp -p`, `touch -r`) read stale rows.
+FRESH = "force_redownload"
 
 # ------------------------------------------------------------------------------------ loading
 # Suffixes of data files (read or not): a path ending in one is a file, never a hub dataset name.
@@ -77,7 +80,8 @@ def load_source(source: DataSource, where: str):
                                   "point it at a file with rows")
         try:
             with _quiet_datasets():  # its own log line would repeat the one error we print
-                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           download_mode=FRESH)
         except Exception as e:  # datasets raises many types for a malformed file
             detail = (bad_json_line(path) if builder == "json" else None) or _first_line(e)
             raise RecipeError.one(f"{where}.path", f"could not read '{source.path}' as "
@@ -92,9 +96,10 @@ def _hub_or_dir(source: DataSource, where: str):
     """`datasets.load_dataset(name)`: a hub dataset, or a local directory laid out like one."""
     import datasets
 
+    local = Path(source.path).expanduser().is_dir()
     try:
         ds = datasets.load_dataset(source.path, source.name, split=source.split,
-                                  revision=source.revision)
+                                  revision=source.revision, download_mode=FRESH if local else None)
     except Exception as e:  # unknown name, no network, wrong split or config name
         raise RecipeError.one(f"{where}.path", f"could not load dataset '{source.path}': "
                               f"{_first_line(e)}", "check the name, `name` and `split` (a "

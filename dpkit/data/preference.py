@@ -3,17 +3,19 @@ objectives (dpkit/objectives/preference.py).
 
 Accepted layouts (TRL's, which users already have):
 - standard: `prompt`, `chosen`, `rejected` are strings; the tokenizer adds bos as for any prompt
-  and eos is appended (trained) to each answer, as for alpaca rows.
+  and eos is appended (trained) to each answer, as for alpaca rows. Without `prompt` (HH-RLHF's
+  whole transcripts) their shared beginning is the prompt (`shared_prefix`), counted in the report.
 - conversational: `chosen` / `rejected` are message lists. With a `prompt` message list they are
   the answers alone (or repeat the prompt turns first, which are then skipped); without one — or
-  with a string prompt, as in UltraFeedback-binarized — the last turn is the answer and the turns
-  before it are the prompt, which chosen and rejected must share. Rendered with the chat template.
+  with a string prompt, as in UltraFeedback-binarized — the leading turns they share are the
+  prompt. Rendered with the chat template.
 
 Each side is tokenized whole (prompt + answer, as the model sees it at inference) and a token is
 trained on when it ends inside the answer (a token straddling the boundary holds answer text); prompt tokens get label -100. `max_prompt_len` keeps
 the last prompt tokens; then each side is cut (or dropped, `data.overflow: drop`) at
 `data.max_seq_len`. Pairs whose answers are identical (as text, or once cut) carry no preference
-and are left out; all of it is counted in DataStats and reported at start.
+and are left out; all of it is counted in DataStats and reported at start. Pairs are tokenized
+once per node into the tokenized-data cache (dpkit/data/cache.py), like rows.
 """
 
 from __future__ import annotations
@@ -49,31 +51,51 @@ def _value(row: dict, source, canonical: str):
     return row.get(col) if col in row else None
 
 
-def render_pair(row: dict, source, tokenizer) -> tuple[str, str, str, bool]:
-    """(prompt text, chosen answer text, rejected answer text, plain text?)."""
+def shared_prefix(chosen: str, rejected: str) -> int:
+    """Where an implicit prompt ends in two full texts (HH-RLHF's "\n\nHuman: …\n\nAssistant:
+    …"): their longest common prefix, cut back to the start of the word the two texts part in,
+    so each answer starts with the whitespace before its first own word (TRL's `extract_prompt`
+    gives " blue." / " green." too; it only steps back over one space, so "bl|ue" / "bl|ack"
+    would split a word). 0 when the shared text holds no whitespace."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    return max(n - 1, 0)
+
+
+def render_pair(row: dict, source, tokenizer) -> tuple[str, str, str, bool, bool]:
+    """(prompt text, chosen answer text, rejected answer text, plain text?, prompt extracted?).
+    Without a `prompt` column the shared beginning of chosen and rejected is the prompt
+    (implicit-prompt data such as HH-RLHF), never trained on."""
     prompt, chosen, rejected = (_value(row, source, k) for k in ("prompt", "chosen", "rejected"))
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("string `chosen`/`rejected` need a string `prompt`")
-        return prompt or "", chosen, rejected, True
+        if prompt is None:
+            n = shared_prefix(chosen, rejected)
+            return chosen[:n], chosen[n:], rejected[n:], True, n > 0
+        return prompt, chosen, rejected, True, False
     if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected):
         raise ValueError("`chosen` and `rejected` must both be strings or both message lists")
     if isinstance(prompt, list):
         turns = prompt
         chosen = chosen[len(turns):] if chosen[:len(turns)] == turns else chosen
         rejected = rejected[len(turns):] if rejected[:len(turns)] == turns else rejected
-    else:  # the last turn is the answer; the turns before it are the shared prompt
-        turns = chosen[:-1]
-        if rejected[:-1] != turns:
-            raise ValueError("`chosen` and `rejected` do not share the turns before their last")
-        chosen, rejected = chosen[-1:], rejected[-1:]
+    else:  # the shared leading turns are the prompt; each side keeps at least its last turn
+        k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                 min(len(chosen), len(rejected)))
+        k = min(k, len(chosen) - 1, len(rejected) - 1)
+        if k == 0:
+            raise ValueError("`chosen` and `rejected` do not share the turns before their "
+                             "answers (the prompt)")
+        turns, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
     head = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     texts = [tokenizer.apply_chat_template(turns + side, tokenize=False)
              for side in (chosen, rejected)]
     # A template may render the prompt turns differently once an answer follows: the answer
     # starts where the two renderings stop agreeing.
     cut = min(len(os.path.commonprefix([head, t])) for t in texts)
-    return texts[0][:cut], texts[0][cut:], texts[1][cut:], False
+    return texts[0][:cut], texts[0][cut:], texts[1][cut:], False, prompt is None
 
 
 def tokenize_side(prompt: str, answer: str, tokenizer, plain: bool) -> tuple[list, list, int]:
@@ -90,17 +112,33 @@ def tokenize_side(prompt: str, answer: str, tokenizer, plain: bool) -> tuple[lis
     return ids, labels, n_prompt
 
 
-def tokenize_pairs(ds, source, tokenizer, section, stats, max_prompt_len: int | None) -> list:
-    """PairExamples of one source; what was cut or left out is counted in `stats`."""
-    pairs = []
-    for i, row in enumerate(ds):
+IDENTICAL = 4  # a status beside dpkit/data/tokenize's KEPT, TRUNCATED, TOO_LONG, NO_TARGET
+
+
+def encode_pairs(batch: dict[str, list], indices: list[int], source, tokenizer,
+                 max_seq_len: int, overflow: str, max_prompt_len: int | None) -> dict[str, list]:
+    """Columns of tokenized pairs for a batch of raw rows (a dict of columns): both sides' ids
+    and labels, a status (pairs that can't be trained on are kept with one and no tokens, so the
+    report's counts come from the Arrow columns, also when read back from the cache), whether
+    the prompt was cut to max_prompt_len and whether it was extracted (no `prompt` column)."""
+    from dpkit.data.tokenize import KEPT, NO_TARGET, TOO_LONG, TRUNCATED
+
+    out: dict[str, list] = {k: [] for k in (*SIDES, "status", "prompt_cut", "extracted")}
+
+    def put(status, sides=((), ()), cut=False, extracted=False):
+        (c_ids, c_labels), (r_ids, r_labels) = sides if status <= TRUNCATED else (([], []),) * 2
+        for key, value in zip(out, (c_ids, c_labels, r_ids, r_labels, status, cut, extracted)):
+            out[key].append(value)
+
+    keys = list(batch)
+    for n, i in enumerate(indices):
         try:
-            prompt, chosen, rejected, plain = render_pair(row, source, tokenizer)
+            prompt, chosen, rejected, plain, extracted = render_pair(
+                {k: batch[k][n] for k in keys}, source, tokenizer)
         except ValueError as e:
-            raise RecipeError.one(f"data source {source.path}", f"row {i}: {e}",
-                                  "see the preference layouts in docs/preference.md") from None
+            raise ValueError(f"row {i}: {e}") from None
         if chosen == rejected:
-            stats.dropped_identical += 1
+            put(IDENTICAL)
             continue
         sides, cut_prompt, too_long = [], False, False
         for answer in (chosen, rejected):
@@ -108,27 +146,85 @@ def tokenize_pairs(ds, source, tokenizer, section, stats, max_prompt_len: int | 
             if max_prompt_len is not None and n_prompt > max_prompt_len:
                 ids, labels = ids[n_prompt - max_prompt_len:], labels[n_prompt - max_prompt_len:]
                 cut_prompt = True
-            if len(ids) > section.max_seq_len:
+            if len(ids) > max_seq_len:
                 too_long = True
-                ids, labels = ids[:section.max_seq_len], labels[:section.max_seq_len]
+                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             sides.append((ids, labels))
-        if too_long and section.overflow == "drop":
-            stats.dropped_too_long += 1
-            continue
-        if any(all(x == IGNORE for x in labels[1:]) for _, labels in sides):
-            stats.dropped_no_target += 1  # the prompt alone fills max_seq_len
-            continue
-        stats.truncated += too_long
-        stats.prompt_truncated += cut_prompt
-        (c_ids, c_labels), (r_ids, r_labels) = sides
-        if c_ids == r_ids:  # the answers differed only past max_seq_len
-            stats.dropped_identical += 1
-            continue
-        pairs.append(PairExample(c_ids, c_labels, r_ids, r_labels))
-        stats.tokens += len(c_ids) + len(r_ids)
+        if too_long and overflow == "drop":
+            put(TOO_LONG)
+        elif any(all(x == IGNORE for x in labels[1:]) for _, labels in sides):
+            put(NO_TARGET)  # the prompt alone fills max_seq_len
+        elif sides[0][0] == sides[1][0]:  # the answers differed only past max_seq_len
+            put(IDENTICAL)
+        else:
+            put(TRUNCATED if too_long else KEPT, sides, cut_prompt, extracted)
+    return out
+
+
+SIDES = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+
+
+def pair_features():
+    from datasets import Features, Value
+    from datasets import Sequence as Seq
+
+    return Features({**{k: Seq(Value("int32")) for k in SIDES}, "status": Value("int8"),
+                     "prompt_cut": Value("bool"), "extracted": Value("bool")})
+
+
+def tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len: int | None,
+                          num_proc: int = 1, fingerprint: str | None = None,
+                          cache_file: str | None = None):
+    """`datasets.map` of `encode_pairs` over a source: written to `cache_file` (Arrow, the
+    tokenized-data cache) when given, else in memory. A row that is no pair is one line."""
+    import uuid
+
+    kwargs = dict(batched=True, batch_size=1000, with_indices=True, features=pair_features(),
+                  remove_columns=ds.column_names, desc=f"tokenizing pairs of {source.path}",
+                  new_fingerprint=fingerprint or uuid.uuid4().hex,
+                  fn_kwargs=dict(source=source, tokenizer=tokenizer,
+                                 max_seq_len=section.max_seq_len, overflow=section.overflow,
+                                 max_prompt_len=max_prompt_len))
+    procs = num_proc if len(ds) >= 20_000 * num_proc else None  # forking costs more on small sets
+    try:
+        if cache_file is None:
+            return ds.map(encode_pairs, keep_in_memory=True, num_proc=procs, **kwargs)
+        return ds.map(encode_pairs, cache_file_name=cache_file, num_proc=procs, **kwargs)
+    except ValueError as e:
+        raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
+                              "see the preference layouts in docs/preference.md") from None
+
+
+def pairs_of(tds, path: str, stats) -> list[PairExample]:
+    """The trained PairExamples of a tokenized source; its counts added to `stats`."""
+    import numpy as np
+
+    from dpkit.data.tokenize import NO_TARGET, TOO_LONG, TRUNCATED
+
+    table = tds.data.table if hasattr(tds.data, "table") else tds.data
+    status = table.column("status").to_numpy()
+    kept = status <= TRUNCATED
+    flags = {k: table.column(k).to_numpy(zero_copy_only=False) & kept
+             for k in ("prompt_cut", "extracted")}
+    columns = {k: table.column(k).to_pylist() for k in SIDES}
+    pairs = [PairExample(*(columns[k][i] for k in SIDES)) for i in np.nonzero(kept)[0]]
     stats.rows += len(pairs)
-    stats.per_source[source.path] = stats.per_source.get(source.path, 0) + len(pairs)
+    stats.truncated += int((status == TRUNCATED).sum())
+    stats.dropped_too_long += int((status == TOO_LONG).sum())
+    stats.dropped_no_target += int((status == NO_TARGET).sum())
+    stats.dropped_identical += int((status == IDENTICAL).sum())
+    stats.prompt_truncated += int(flags["prompt_cut"].sum())
+    stats.prompts_extracted += int(flags["extracted"].sum())
+    stats.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    stats.per_source[path] = stats.per_source.get(path, 0) + len(pairs)
     return pairs
+
+
+def tokenize_pairs(ds, source, tokenizer, section, stats, max_prompt_len: int | None) -> list:
+    """PairExamples of one source, tokenized in memory; what was cut or left out is counted in
+    `stats`."""
+    return pairs_of(tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len),
+                    source.path, stats)
 
 
 def pair_problems(ds, source, tokenizer, where: str) -> list[Problem]:
@@ -200,25 +296,28 @@ def _flat(rows: list, examples: list[PairExample], real: int) -> dict:
     return _with_ref(batch, examples, real)
 
 
-def load_pairs(raw: list, section, tokenizer, seed: int, max_prompt_len: int | None):
-    """(train pairs, eval pairs, stats) from loaded sources [(kind, source, datasets.Dataset)]
-    (dpkit.data.load.load_raw), held in memory: pairs are not written to the tokenized-data
-    cache. Every problem is raised at once."""
-    import random
-
-    from dpkit.data.tokenize import DataStats
-
+def check_pairs(raw: list, tokenizer) -> None:
+    """Layout problems of every preference source's first row, raised at once."""
     problems, index = [], {"sources": 0, "eval_sources": 0}
     for kind, source, ds in raw:
         problems.extend(pair_problems(ds, source, tokenizer, f"data.{kind}[{index[kind]}]"))
         index[kind] += 1
     if problems:
         raise RecipeError(problems)
+
+
+def assemble_pairs(parts: list, section, seed: int):
+    """(train pairs, eval pairs, stats) from tokenized sources [(kind, source, tokenized ds)]
+    (in memory, or read back from the tokenized-data cache); pairs are held in memory."""
+    import random
+
+    from dpkit.data.tokenize import DataStats
+
     stats, eval_stats = DataStats(), DataStats()
     train, evals = [], []
-    for kind, source, ds in raw:
+    for kind, source, tds in parts:
         target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
-        target.extend(tokenize_pairs(ds, source, tokenizer, section, st, max_prompt_len))
+        target.extend(pairs_of(tds, source.path, st))
     if section.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -230,3 +329,13 @@ def load_pairs(raw: list, section, tokenizer, seed: int, max_prompt_len: int | N
                               f"({stats.describe()})",
                               "raise data.max_seq_len, use overflow: truncate, or check the data")
     return train, evals, stats
+
+
+def load_pairs(raw: list, section, tokenizer, seed: int, max_prompt_len: int | None):
+    """(train pairs, eval pairs, stats) from loaded sources [(kind, source, datasets.Dataset)]
+    (dpkit.data.load.load_raw), tokenized in memory (dpkit/data/cache.py writes them to the
+    tokenized-data cache instead). Every problem is raised at once."""
+    check_pairs(raw, tokenizer)
+    parts = [(kind, source, tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len))
+             for kind, source, ds in raw]
+    return assemble_pairs(parts, section, seed)

@@ -48,15 +48,23 @@ class DataStats:
     """Preference pairs whose prompt was cut to `preference.max_prompt_len`."""
     dropped_identical: int = 0
     """Preference pairs left out because chosen and rejected are the same."""
+    prompts_extracted: int = 0
+    """Preference pairs without a `prompt` column whose prompt is the shared beginning of chosen
+    and rejected (dpkit/data/preference.render_pair)."""
+    notes: list[str] = field(default_factory=list)
+    """What data setup repaired on its way (a damaged cache entry rebuilt)."""
 
     def describe(self) -> str:
         where = "from the cache" if self.cached else "tokenized"
         pairs = (f"; pairs: {self.prompt_truncated} prompts cut to max_prompt_len, "
-                 f"{self.dropped_identical} dropped with chosen == rejected"
-                 if self.prompt_truncated or self.dropped_identical else "")
+                 f"{self.dropped_identical} dropped with chosen == rejected, "
+                 f"{self.prompts_extracted} prompts extracted from chosen/rejected (no prompt "
+                 "column)" if self.prompt_truncated or self.dropped_identical or
+                 self.prompts_extracted else "")
+        notes = "".join(f"; note: {n}" for n in self.notes)
         return (f"{self.rows} rows, {self.tokens} tokens ({where} in {self.seconds:.1f} s); "
                 f"longer than max_seq_len: {self.truncated} truncated, {self.dropped_too_long} "
-                f"dropped; {self.dropped_no_target} dropped with no trained token{pairs}")
+                f"dropped; {self.dropped_no_target} dropped with no trained token{pairs}{notes}")
 
     def add(self, status: np.ndarray, lengths: np.ndarray, path: str) -> None:
         kept = status <= TRUNCATED

@@ -1,6 +1,7 @@
 """Data: prompt masking against hand-derived expectations, sharding, collation."""
 
 import itertools
+import json
 
 import pytest
 from conftest import ALPACA, MESSAGES, TOKENIZER
@@ -216,3 +217,41 @@ def test_every_local_layout_gives_the_same_rows(tmp_path, tok):
         assert texts(path=str(tmp_path / name)) == expected, name
     assert texts(path=str(tmp_path / "repo")) == expected
     assert texts(path=str(tmp_path / "repo"), split="test") == expected[:5]
+
+
+def test_implicit_prompt_pairs_get_their_shared_beginning_as_the_prompt(tmp_path, tok):
+    """HH-RLHF style: no `prompt` column, `chosen` and `rejected` are whole transcripts. The
+    shared beginning, cut where a word starts, is the prompt (masked); the answers are what
+    follows; the report counts the pairs. Message lists: the shared leading turns."""
+    from dpkit.data.preference import render_pair
+
+    head = "\n\nHuman: What color is the sky?\n\nAssistant:"
+    rows = [{"chosen": head + " Blue.", "rejected": head + " Green, mostly."},
+            {"chosen": head + " It is blue.", "rejected": head + " It is black."}]
+    written_out = [(head, " Blue.", " Green, mostly."),
+                   (head + " It is", " blue.", " black.")]  # not "bl" | "ue." / "ack."
+    source = DataSource(path="hh.jsonl", format="preference")
+    assert [render_pair(r, source, tok)[:3] for r in rows] == written_out
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, _, stats = load_datasets(DataSection(sources=[{"path": str(path),
+                                                          "format": "preference"}]), tok, seed=0)
+    for pair, (prompt, chosen, rejected) in zip(pairs, written_out):
+        n = len(tok(prompt).input_ids)  # <s> + prompt, tokenized on its own
+        for ids, labels, answer in ((pair.chosen_ids, pair.chosen_labels, chosen),
+                                    (pair.rejected_ids, pair.rejected_labels, rejected)):
+            full = tok(prompt + answer).input_ids
+            assert full[:n] == tok(prompt).input_ids  # the boundary tokenizes cleanly here
+            assert ids == full + [tok.eos_token_id]
+            assert labels == [IGNORE] * n + ids[n:]
+    assert stats.prompts_extracted == 2
+    assert "2 prompts extracted from chosen/rejected" in stats.describe()
+    user = {"role": "user", "content": "Hi"}
+    turns = {"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+             "rejected": [user, {"role": "assistant", "content": "Go away."}]}
+    chatml = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
+                                         chat_template="chatml"))
+    prompt, chosen, rejected, _, extracted = render_pair(turns, source, chatml)
+    assert prompt == chatml.apply_chat_template([user], tokenize=False,
+                                                add_generation_prompt=True) and extracted
+    assert chosen.startswith("Hello!") and rejected.startswith("Go away.")

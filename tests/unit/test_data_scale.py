@@ -103,8 +103,8 @@ def test_cache_key_follows_what_changes_the_tokens(tmp_path, tok):
     chatml = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
                                          chat_template="chatml"))
     assert cache_key(DataSection(**base), chatml, kinds)[0] != key
-    os.utime(data, ns=(1, 1))  # the file changed (its mtime)
-    assert cache_key(DataSection(**base), tok, kinds)[0] != key
+    os.utime(data, ns=(1, 1))  # touched, not changed: the same tokens
+    assert cache_key(DataSection(**base), tok, kinds)[0] == key
 
 
 def test_cached_rows_equal_rows_tokenized_in_memory(tmp_path, tok):
@@ -334,3 +334,92 @@ def test_validate_refuses_a_malformed_stream_line_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.sources[0].path: could not stream")
     assert "line 2 is not valid JSON" in err[0]
+
+
+# ---------------------------------------------- what is read back from the cache (issue 27)
+def test_an_edit_keeping_size_and_mtime_is_tokenized_again(tmp_path, tok):
+    """`cp -p` / `touch -r`: the file's bytes change, its size and mtime don't. The cache must
+    not serve the old tokens."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    section = DataSection(sources=[{"path": str(data), "format": "text"}], max_seq_len=32,
+                          cache_dir=str(tmp_path / "c"))
+    first = load_cached(section, tok, seed=0, say=lambda m: None)[0]
+    assert first[0].input_ids == tok("the cat sat").input_ids + [tok.eos_token_id]
+    st = data.stat()
+    data.write_text(json.dumps({"text": "the dog sat"}) + "\n")  # same length
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    rows, _, stats = load_cached(section, tok, seed=0, say=lambda m: None)
+    assert not stats.cached
+    assert rows[0].input_ids == tok("the dog sat").input_ids + [tok.eos_token_id]
+
+
+def test_a_hub_dataset_that_moved_upstream_gets_a_new_key(tok, monkeypatch):
+    """An unpinned hub dataset: the key holds the commit its revision resolves to (asked of the
+    hub by dpkit.data.cache.resolved_revision, which is not called here: no network)."""
+    from dpkit.data import cache
+
+    section = DataSection(sources=[{"path": "someone/prefs", "format": "text"}])
+    keys = []
+    for sha in ("a" * 40, "b" * 40, "b" * 40):
+        monkeypatch.setattr(cache, "resolved_revision", lambda source, sha=sha: sha)
+        keys.append(cache_key(section, tok, ("sources",))[0])
+    assert keys[0] != keys[1] == keys[2]
+
+
+def test_preference_pairs_are_tokenized_once_into_the_cache(tmp_path, tok, monkeypatch):
+    """Pairs go through the tokenize-once cache like rows: the second load reads the entry
+    (nothing tokenized) and equals tokenizing in memory."""
+    from dpkit.data import preference
+
+    section = DataSection(sources=[{"path": "dpkit:data/self_instruct_seed.preference.jsonl",
+                                    "format": "preference"}], max_seq_len=96, eval_fraction=0.1,
+                          cache_dir=str(tmp_path / "c"))
+    fresh = load_datasets(section, tok, seed=2, max_prompt_len=16)
+    first = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=16)
+    monkeypatch.setattr(preference, "encode_pairs", None)  # a second tokenization would fail
+    again = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=16)
+    assert not first[2].cached and again[2].cached
+    entry, = (tmp_path / "c").glob("tok-*")
+    assert [p["kind"] for p in json.loads((entry / "meta.json").read_text())["parts"]] == \
+        ["sources"]
+
+    def sides(pairs):
+        return [(p.chosen_ids, p.chosen_labels, p.rejected_ids, p.rejected_labels) for p in pairs]
+
+    for got in (first, again):
+        assert sides(got[0]) == sides(fresh[0]) and sides(got[1]) == sides(fresh[1])
+        assert got[2].describe().split(" (")[0] == fresh[2].describe().split(" (")[0]
+        assert (got[2].prompt_truncated, got[2].dropped_identical) == \
+            (fresh[2].prompt_truncated, fresh[2].dropped_identical)
+    monkeypatch.undo()
+    other = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=None)
+    assert not other[2].cached  # max_prompt_len changes the tokens: its own entry
+
+
+def test_a_torn_cache_entry_is_rebuilt_with_a_note(tmp_path, capsys):
+    """A half-written meta.json: `dpkit validate` and `dpkit prepare` set the entry aside and
+    tokenize again (exit 0, a note in the data report), no JSON traceback."""
+    from conftest import tiny_recipe, write_recipe
+
+    from dpkit.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tmp_path / "run", data={"sources": [{"path": str(MESSAGES), "format": "messages"}],
+                                "max_seq_len": 64, "cache_dir": str(tmp_path / "c")}))
+    assert main(["prepare", str(recipe)]) == 0
+    entry, = (tmp_path / "c").glob("tok-*")
+    meta = entry / "meta.json"
+    whole = meta.read_text()
+    for command in ("validate", "prepare"):
+        meta.write_text(whole[:len(whole) // 2])
+        capsys.readouterr()
+        assert main([command, str(recipe)]) == 0
+        out, err = capsys.readouterr()
+        assert f"note: cache entry {entry.name} was damaged (its meta.json can't be read " \
+               "(JSONDecodeError)): tokenized again" in out + err, out + err
+        assert "Traceback" not in out + err
+        assert json.loads(meta.read_text()) and (entry / "COMPLETE").is_file()
+    assert main(["prepare", str(recipe)]) == 0
+    assert "already prepared" in capsys.readouterr().out
