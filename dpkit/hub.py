@@ -30,7 +30,7 @@ from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import (STANDARD_TOKEN_ENVS, HubSection, UserChoice,  # noqa: F401
                               hub_from_dict, token_problems)
-from dpkit.rundir import MARKER
+from dpkit.rundir import MARKER, refuse_links_out
 
 
 # --------------------------------------------------------------------------------- the token
@@ -178,6 +178,20 @@ def _refuse_token_in(files: dict[str, Path], token: str) -> None:
             raise PushError(f"refusing to push: {path} contains the Hub token; remove it")
 
 
+def _refuse_links_out_of_run(run_dir: Path, model_dir: Path, card_dir: Path) -> None:
+    """A run directory someone sent may hold a link (model/config.json -> ~/.ssh/id_ed25519)
+    that the push would upload, or a hub/ folder linked elsewhere that the card would be written
+    into: refuse every file a push reads, uploads or writes that leads out of its folder."""
+    # model/ of the run, or a checkpoint's export (outside the run): links stay in its folder
+    model_root = run_dir if run_dir in model_dir.parents else model_dir
+    refuse_links_out(model_root, [model_dir, *sorted(model_dir.iterdir())],
+                     "dpkit push would upload it")
+    refuse_links_out(run_dir, [run_dir / n for n in TRAINING_FILES],
+                     "dpkit push would read it into the card and upload it")
+    writes = [card_dir / n for n in ("README.md", model_card.LOSS_PLOT, "push.json")]
+    refuse_links_out(run_dir, writes, "dpkit push would write through it")
+
+
 # ------------------------------------------------------------------------------------ retrying
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -230,8 +244,9 @@ def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path 
     if not model_dir.is_dir():
         raise RecipeError.one(str(model_dir), "no model directory to push",
                               "push a run that saved its model (output.save_model: true)")
-    token = resolve_token(hub, user)
     card_dir = run_dir / "hub"
+    _refuse_links_out_of_run(run_dir, model_dir, card_dir)  # before the token or the network
+    token = resolve_token(hub, user)
     revision = hub.revision or "main"
     base = adapter_base(model_dir, run_dir) if is_adapter(model_dir) else None
     model_card.write_card(run_dir, card_dir, repo_id=hub.repo_id, base_model=base,

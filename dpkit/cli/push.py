@@ -12,6 +12,8 @@ import yaml
 from dpkit.errors import RecipeError
 from dpkit.hub import PushError, push_run_dir
 from dpkit.hub_schema import UserChoice, hub_from_dict
+from dpkit.overrides import DuplicateKeyError, read_yaml
+from dpkit.rundir import refuse_links_out
 
 
 def register(subparsers) -> None:
@@ -42,10 +44,13 @@ def register(subparsers) -> None:
 def _hub_from_run(run_dir: Path) -> dict:
     """The `hub` section of the run's resolved recipe, if it has one."""
     path = run_dir / "recipe.yaml"
+    refuse_links_out(run_dir, [path], "dpkit push would read it")
     if not path.is_file():
         return {}
     try:
-        section = (yaml.safe_load(path.read_text()) or {}).get("hub")
+        section = (read_yaml(path.read_text()) or {}).get("hub")
+    except DuplicateKeyError as e:  # which of the two would the push have used?
+        raise RecipeError.one(str(path), e.problem, "keep one of them") from None
     except yaml.YAMLError:
         return {}
     return dict(section) if isinstance(section, dict) else {}

@@ -442,3 +442,51 @@ def test_a_file_holding_the_token_is_never_pushed(full_run, tmp_path, monkeypatc
         dphub.push_run_dir(leaky, hub, say=lambda _: None, user=user)
     assert TOKEN not in str(err.value)
     assert not (leaky / "hub" / "push.json").exists()
+
+
+@pytest.mark.parametrize("planted", ["model file", "hub folder", "training file", "key twice"])
+def test_a_run_someone_sent_cannot_push_or_write_outside_itself(full_run, tmp_path, planted,
+                                                                monkeypatch, capsys):
+    """A link in a run directory would upload a file from elsewhere (a key) or write the card
+    into another folder; a key set twice in recipe.yaml leaves which repository unclear. Each is
+    refused in one line before anything reaches the network (the stand-in sees no request).
+    In-process `dpkit push` (a child process per case costs ~6 s here)."""
+    import shutil
+
+    from dpkit.cli import main
+
+    run, *_ = full_run
+    sent = tmp_path / "sent"
+    shutil.copytree(run, sent, ignore=shutil.ignore_patterns("hub"))
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    (yours / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    where = {"model file": sent / "model" / "added_tokens.json",  # an allowlisted name
+             "hub folder": sent / "hub", "training file": sent / "summary.json",
+             "key twice": sent / "recipe.yaml"}[planted]
+    if planted == "key twice":
+        text = where.read_text()
+        assert text.count("  repo_id: ") == 1
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("  repo_id: ")) + 1
+        lines.insert(first, "  repo_id: someone-else/collector")
+        where.write_text("\n".join(lines) + "\n")
+    else:
+        where.unlink(missing_ok=True)
+        where.symlink_to(yours if planted == "hub folder" else yours / "id_ed25519")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    with HubStandin(token=TOKEN) as hub:
+        code = main(["push", str(sent), "--endpoint", hub.url])
+        assert hub.log == [] and hub.repos == {}  # not one request: nothing was sent
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr[-3000:]
+    errors = stderr.strip().splitlines()
+    if planted == "key twice":
+        assert errors == [f"error: {where}: `hub.repo_id` is set twice, at lines {first} and "
+                          f"{first + 1} (YAML would silently keep the second) — keep one of them"]
+    else:
+        assert len(errors) == 1 and errors[0].startswith(f"error: {where}: is a symbolic link to")
+        assert f"outside '{sent}'" in errors[0]
+    assert sorted(p.name for p in yours.iterdir()) == ["id_ed25519"]  # no card written there
+    assert not (sent / "hub").is_dir() or planted == "hub folder"
