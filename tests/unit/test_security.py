@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -291,12 +292,6 @@ def test_truncated_shard_is_named_once_before_anything_loads(tmp_path, capsys):
     assert checksums(run) == before
 
 
-def test_rng_state_loads_without_unpickling_code(tmp_path):
-    ckpt = fake_checkpoint(tmp_path, 4)
-    states = torch.load(ckpt / "rng-rank0.pt", weights_only=True)  # what C.load does
-    assert torch.equal(states["torch"], torch.get_rng_state())
-
-
 class Payload:
     """What a hostile checkpoint could carry: unpickling it runs code (here: makes a file)."""
 
@@ -305,6 +300,32 @@ class Payload:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+class DeepSpeedStandIn:
+    """The engine's side of dpkit.checkpoint.load: DeepSpeed's own files (unpickled in full by
+    DeepSpeed, as docs/security.md says) are not what this test is about; dpkit's reads are."""
+
+    def load_checkpoint(self, path, **_):
+        return path, {}
+
+
+class Rank0:
+    rank = 0
+
+
+def test_rng_state_loads_without_unpickling_code(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 4)  # saves the generator's state as it is now
+    saved = torch.get_rng_state()
+    torch.rand(8)  # move the generator on: dpkit's resume must put it back
+    state = C.load(DeepSpeedStandIn(), ckpt, Rank0(), universal=False)
+    assert torch.equal(torch.get_rng_state(), saved) and state.step == 4
+    sentinel = tmp_path / "code-ran"
+    torch.save({"torch": saved, "cuda": None, "extra": Payload(str(sentinel))},
+               ckpt / "rng-rank0.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        C.load(DeepSpeedStandIn(), ckpt, Rank0(), universal=False)
+    assert not sentinel.exists()
 
 
 def test_export_of_zero0_never_unpickles_code(tmp_path):
