@@ -7,7 +7,6 @@ GPU allocation and a traceback from rank 3 of 64.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
