@@ -207,7 +207,9 @@ def _saved(shape: ModelShape, setup: Setup, mask_bytes: int = DROPOUT_MASK) -> t
 def tiled_loss(shape: ModelShape, setup: Setup) -> bool:
     """Whether the loss goes over tiles, as dpkit/objectives/head.py decides: never for a
     micro-batch of at most one tile, and with `compute.loss: auto` only from the size where tiles
-    hold less than the full logits (`tiling_threshold`: a trained head adds its fp32 gradient)."""
+    hold less than the full logits (`tiling_threshold`: a trained head adds its fp32 gradient).
+    Every objective goes through that head: preference pairs as 2 rows per pair (setup_for), the
+    same tokens their log-probs are tiled over (tests/unit/test_tiled_loss.py)."""
     from dpkit.objectives.head import tiling_threshold
 
     if setup.loss_tile is None or setup.tokens <= setup.loss_tile:

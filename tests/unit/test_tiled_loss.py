@@ -144,3 +144,55 @@ def test_auto_tiles_only_where_tiles_hold_less(monkeypatch):
     calls.clear()
     token_nll(h, head, labels, 70, always=True)  # compute.loss: tiled, past one tile
     assert calls
+
+
+@pytest.mark.parametrize("width, lora, tiles", [
+    (30, False, False),  # 60 tokens: at most one 64-token tile, full logits
+    (36, False, False),  # 72 tokens: two tiles, but a trained head's tiles hold more below 73
+    (40, False, True),   # 80 tokens: tiles hold less
+    (33, True, True),    # a frozen head (LoRA) tiles from the second tile on
+])
+def test_planner_tiles_preference_pairs_where_the_run_does(tmp_path, monkeypatch, width, lora,
+                                                            tiles):
+    """dpkit plan counts a micro-batch of N pairs as 2N rows through the tiled loss; the
+    objective, with the head a run hands it, must then tile exactly those micro-batches (before,
+    pairs always built the full logits while the planner counted tiles)."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_recipe
+
+    from dpkit.data.preference import PairExample
+    from dpkit.model import build_model
+    from dpkit.objectives import build_objective
+    from dpkit.objectives import head as H
+    from dpkit.plan.memory import Knobs, tiled_loss
+    from dpkit.plan.recommend import Hardware, recipe_shape, setup_for
+    from dpkit.recipe import recipe_from_dict
+
+    pairs = "dpkit:data/self_instruct_seed.preference.jsonl"
+    r = tiny_recipe(tmp_path / "run", data={"sources": [{"path": pairs, "format": "preference"}],
+                                            "max_seq_len": width},
+                    train={"micro_batch_size": 1}, compute={"loss_tile_tokens": 64})
+    r["objective"] = "orpo"
+    if lora:
+        r["peft"] = {"r": 4}
+    recipe = recipe_from_dict(r)
+    planned = tiled_loss(recipe_shape(recipe), setup_for(recipe, 2, "none", "none",
+                                                         Hardware(1, 1, 80 << 30), 1, Knobs()))
+    model = build_model(recipe.model, 0, 0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    objective = build_objective(recipe)
+    objective.setup(SimpleNamespace(loss_head=H.LossHead.for_run(recipe, model,
+                                                                 model.config)[0]))
+    calls = []
+    real = H._TiledNLL.apply
+    monkeypatch.setattr(H._TiledNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    ids = list(range(5, 5 + width))
+    labels = [-100] * 4 + ids[4:]  # a full-length pair: the width the planner assumes
+    batch = objective.collate([PairExample(ids, labels, ids[::-1], labels)], 0)
+    assert batch["input_ids"].shape == (2, width)
+    objective.loss(model, batch).loss.backward()
+    assert planned is tiles and bool(calls) is tiles
