@@ -2,7 +2,8 @@
 checkpoint write), exact resume, resume on another world size and ZeRO stage, export, the
 keep-limit, and a dead rank ending the job quickly.
 
-Everything is compared with an uninterrupted run of the same recipe ("U")."""
+Everything is compared with an uninterrupted run of the same recipe ("U"; "D" with dropout for
+the crash chain)."""
 
 import subprocess
 import sys
@@ -23,9 +24,10 @@ TRAIN = {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2, "weight_
          "lr_schedule": "cosine", "warmup_ratio": 0.2}
 
 
-def recipe(tmp: Path, name: str, stage=2, save_steps=2, **extra) -> Path:
+def recipe(tmp: Path, name: str, stage=2, save_steps=2, dropout=0.0, **extra) -> Path:
     r = tiny_recipe(tmp / name, train={**TRAIN, **extra.pop("train", {})}, zero={"stage": stage},
                     output={"save_steps": save_steps, "save_model": True, **extra.pop("output", {})})
+    r["model"]["config"]["attention_dropout"] = dropout  # > 0: resume must restore the RNG
     r.update(extra)
     return write_recipe(tmp / f"{name}.yaml", r)
 
@@ -41,8 +43,10 @@ def dpkit_train(path: Path, *overrides: str, fault: str | None = None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("checkpoints")
-    # Uninterrupted references (one 2-rank launch): U is what every crash must reproduce.
-    references = [recipe(tmp, "U"),
+    # Uninterrupted references (one 2-rank launch): D is what the crash chain must reproduce
+    # (with dropout, so the RNG streams must resume exactly too), U what resuming on another
+    # world size or stage must (without: each rank's RNG stream can't follow its rows there).
+    references = [recipe(tmp, "U"), recipe(tmp, "D", dropout=0.2),
                   recipe(tmp, "E0", stage=0, save_steps=2, train={"max_steps": 2}),
                   recipe(tmp, "E3", stage=3, save_steps=2, train={"max_steps": 2}),
                   recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2})]
@@ -50,7 +54,7 @@ def runs(tmp_path_factory):
 
     # The crash chain of one run K: killed at step 3; killed while writing the step-4
     # checkpoint; killed at step 7; finished.
-    k = recipe(tmp, "K")
+    k = recipe(tmp, "K", dropout=0.2)
     chain = [dpkit_train(k, fault="kill@step:3:1"),
              dpkit_train(k, "resume=auto", fault="kill@save:4:1"),
              dpkit_train(k, "resume=auto", fault="kill@step:7:1"),
@@ -95,8 +99,9 @@ def test_crash_during_checkpoint_write_resumes_from_the_previous_one(runs):
 def test_resumed_run_is_bitwise_identical_to_uninterrupted(runs):
     tmp, chain = runs
     assert chain[3][0].returncode == 0, chain[3][0].stderr[-3000:]
-    assert train_losses(tmp / "K") == train_losses(tmp / "U")
-    a, b = weights(tmp / "K"), weights(tmp / "U")
+    assert train_losses(tmp / "D") != train_losses(tmp / "U")  # dropout is really on
+    assert train_losses(tmp / "K") == train_losses(tmp / "D")
+    a, b = weights(tmp / "K"), weights(tmp / "D")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
