@@ -1,12 +1,15 @@
 """Preference tuning on real ranks: 2 ranks give the per-step losses and rewards of 1 process
 (fp32) under ZeRO 0-3, full fine-tuning (precomputed reference) and LoRA (adapter-off reference,
-also under ZeRO-3), for IPO, SimPO and ORPO, and with pairs laid end to end (no padding); accumulation splits don't matter; a run
-SIGKILLed mid-way resumes bit for bit (reading its cached reference log-probs).
+also under ZeRO-3), for IPO, SimPO and ORPO, and with pairs laid end to end (no padding); LoRA DPO
+over 16-token tiles of the loss head equals one process on the full logits; accumulation splits
+don't matter; ORPO stays finite where a rank's micro-batches run empty at the epoch's tail and in
+eval; a run SIGKILLed mid-way resumes bit for bit (reading its cached reference log-probs).
 
 Four launches in all: the 1-process list, the 2-rank list, and the kill/resume pair."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +48,9 @@ def pref(tmp: Path, name: str, objective="dpo", stage=0, micro=2, global_batch=8
 def runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("preference")
     single = {  # one process, the whole global batch in one micro-batch
-        "full": pref(tmp, "full", micro=8), "lora": pref(tmp, "lora", micro=8, lora=True),
+        "full": pref(tmp, "full", micro=8),
+        # full logits, the reference of the tiled run below (16 rows may exceed one tile)
+        "lora": pref(tmp, "lora", micro=8, lora=True, compute={"loss": "full"}),
         "ipo": pref(tmp, "ipo", "ipo", micro=8), "simpo": pref(tmp, "simpo", "simpo", micro=8),
         "orpo": pref(tmp, "orpo", "orpo", micro=8),
         "ga_a": pref(tmp, "ga_a", stage=2, micro=4, global_batch=4),
@@ -61,6 +66,13 @@ def runs(tmp_path_factory) -> Path:
                                    compute={"loss_tile_tokens": 16}),
                   # pairs laid end to end (per-row attention, no padding) against padded "full"
                   packed2=pref(tmp, "packed2", stage=2, data={"packing": True}),
+                  # 49 train pairs: the epoch's last step has 1 pair, so rank 1's micro-batches
+                  # are both empty (and rank 0's second); 5 eval pairs: rank 1's second eval
+                  # batch is empty. ORPO's log-odds of an empty pair were log(0): NaN.
+                  orpo_tail=pref(tmp, "orpo_tail", "orpo", stage=1,
+                                 data={"sources": [{"path": PREF, "format": "preference",
+                                                    "max_rows": 56}], "eval_fraction": 0.1},
+                                 train={"max_steps": 7}, output={"eval_steps": 4}),
                   # the uninterrupted twin of the crash chain below
                   U=pref(tmp, "U", stage=2, output={"save_steps": 2, "save_model": True}))
     for group, nproc in ((single, 1), (double, 2)):
@@ -107,6 +119,32 @@ def test_two_ranks_match_one_process(runs, kind, stage):
                                             ("orpo", "orpo3"), ("lora", "lora3_tiled")])
 def test_other_objectives_two_ranks_match_one_process(runs, single, double):
     assert_same(runs / single, runs / double)
+
+
+def test_tiled_run_really_tiled_and_its_reference_did_not(runs):
+    """lora3_tiled equals one process (above) only means something if the two differ in path:
+    the rank logs say which head computed the pairs' log-probs (tests/unit/test_preference.py
+    checks that pairs go through that head without ever building the full logits)."""
+    tiled = (runs / "lora3_tiled" / "logs" / "rank0.log").read_text()
+    full = (runs / "lora" / "logs" / "rank0.log").read_text()
+    assert "loss: tiled: 16 tokens of logits at a time" in tiled
+    assert "loss: full logits (compute.loss: full)" in full
+
+
+def test_orpo_stays_finite_with_empty_micro_batches(runs):
+    got = read_metrics(runs / "orpo_tail")
+    train = [m for m in got if "loss" in m]
+    evals = [m for m in got if "eval_loss" in m]
+    # the tail really happened: 7 steps of 8 pairs but the last, with at most 5 (2 ranks × 2
+    # micro-batches of 2: one rank then holds at most 2 pairs, leaving a micro-batch empty)
+    assert len(train) == 7 and all(m["target_tokens"] == 8 for m in train[:-1]), train
+    assert train[-1]["target_tokens"] <= 5, train[-1]
+    # n eval pairs over 2 ranks in batches of 2 leave a rank an empty batch when n % 4 == 1
+    assert evals and all(m["eval_tokens"] % 4 == 1 for m in evals), evals
+    for m in train + evals:
+        values = {k: v for k, v in m.items() if isinstance(v, float)}
+        assert all(math.isfinite(v) for v in values.values()), m
+    assert all(m["grad_norm"] > 0 for m in train)
 
 
 def test_pairs_laid_end_to_end_match_padded_pairs(runs):
