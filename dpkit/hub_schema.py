@@ -12,13 +12,23 @@ token `hf auth login` stored, or a variable the user named on the command line.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dpkit import model_card
 from dpkit.errors import Problem, RecipeError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """`owner/name` that is not a local path: the Hub rejects anything else in `base_model`."""
+    return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).exists() \
+        and not name.endswith(_DATA_SUFFIXES)
 
 
 class HubSection(BaseModel):
@@ -60,7 +70,7 @@ class HubSection(BaseModel):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, v: str) -> str:
-        if not model_card.is_hub_id(v) or len(v.split("/")[1]) > 96:
+        if not is_hub_id(v) or len(v.split("/")[1]) > 96:
             raise ValueError("must look like `owner/name` (letters, digits, `-`, `_`, `.`)")
         return v
 

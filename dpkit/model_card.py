@@ -8,25 +8,16 @@ reads the environment, so no credential can end up in a card.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import yaml
 
 from dpkit import report
 from dpkit.eval import present
+from dpkit.hub_schema import is_hub_id  # the schema's rule for repo_id, the card's for base_model
 
 LOSS_PLOT = "training/loss_curve.png"
 """Where the loss plot sits in the pushed repo (and, relative to the card, in <run>/hub/)."""
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
-
-
-def is_hub_id(name: str | None) -> bool:
-    """`owner/name` that is not a local path: the Hub rejects anything else in `base_model`."""
-    return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).exists() \
-        and not name.endswith(_DATA_SUFFIXES)
 
 
 def _read_json(path: Path) -> dict:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dpkit.names import methods_with
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
@@ -45,20 +47,20 @@ class PreferenceSection(_Section):
         return "adapter_off" if lora else "precomputed"
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+PREFERENCE_OBJECTIVES = methods_with("preference")
+_LISTED = ", ".join(PREFERENCE_OBJECTIVES)
 
 
 def preference_problems(recipe) -> list[str]:
     """Cross-field checks between the objective, its section, the data and LoRA."""
     name, pref = recipe.objective, recipe.preference
     formats = {s.format for s in [*recipe.data.sources, *recipe.data.eval_sources]}
-    if name == "sft":
+    if name not in PREFERENCE_OBJECTIVES:
         if pref is not None:
-            return ["a `preference` section needs a preference `objective` (dpo, ipo, simpo, "
-                    "orpo); remove the section or set `objective`"]
+            return [f"a `preference` section needs a preference `objective` ({_LISTED}); "
+                    "remove the section or set `objective`"]
         if "preference" in formats:
-            return ["data format `preference` needs a preference `objective` (dpo, ipo, simpo, "
-                    "orpo)"]
+            return [f"data format `preference` needs a preference `objective` ({_LISTED})"]
         return []
     if formats != {"preference"}:
         return [f"`objective: {name}` trains on pairs: every data source needs "

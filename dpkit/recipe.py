@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dpkit import shipped
 from dpkit.compute_schema import ComputeSection
-from dpkit.data.formats import FORMATS
 from dpkit.errors import RecipeError
 from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
+from dpkit.names import FORMAT_COLUMNS, METHODS
 from dpkit.overrides import (  # noqa: F401
     DuplicateKeyError,
     _number_or_value,
@@ -103,8 +103,9 @@ class ModelSection(_Section):
 
 
 # ------------------------------------------------------------------------------------------ data
-# Formats live in one registry (dpkit/data/formats.py): names, columns, rendering.
-DATA_FORMATS = tuple(FORMATS)
+# Format names and columns come from the leaf dpkit/names.py, the names the format registry
+# (dpkit/data/formats.py: rendering) is keyed by.
+DATA_FORMATS = tuple(FORMAT_COLUMNS)
 FormatName = Literal[DATA_FORMATS]  # type: ignore[valid-type]
 
 
@@ -132,7 +133,7 @@ class DataSource(_Section):
 
     @model_validator(mode="after")
     def _known_columns(self) -> DataSource:
-        expected = FORMATS[self.format].columns
+        expected = FORMAT_COLUMNS[self.format]
         unknown = [k for k in self.columns if k not in expected]
         if unknown:
             raise ValueError(
@@ -343,7 +344,7 @@ class Recipe(_Section):
     """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
     is none; a finished run is left as it is); or a checkpoint path (a pickle: only your own).
     Another world size or ZeRO stage is converted automatically."""
-    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
+    objective: Literal[tuple(METHODS)] = "sft"  # type: ignore[valid-type]
     """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
     preference: PreferenceSection | None = None
     """Settings of the preference objectives (beta, reference, prompt length); optional."""

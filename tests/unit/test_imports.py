@@ -1,0 +1,187 @@
+"""dpkit's import graph, read from the source with ast: no cycles, and the recipe schema a leaf.
+
+Every `import` / `from` statement counts, also those inside functions and under TYPE_CHECKING:
+an import hidden in a function is still a dependency, and hiding it there is how cycles were
+kept out of sight. The names a recipe may use (dpkit/names.py) are tied to the runtime
+registries here too.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+import dpkit
+
+ROOT = Path(dpkit.__file__).parent
+
+# The recipe schema: what `dpkit validate` needs and what every module may import.
+SCHEMA = {"dpkit.recipe", "dpkit.preference_schema", "dpkit.hub_schema", "dpkit.compute_schema",
+          "dpkit.eval.schema", "dpkit.schema_errors", "dpkit.overrides"}
+# The leaves the schema may stand on (no torch, no runtime code). `dpkit` and `dpkit.eval` are
+# the packages the schema modules sit in: importing a submodule runs them.
+LEAVES = {"dpkit", "dpkit.eval", "dpkit.errors", "dpkit.shipped", "dpkit.names"}
+HEAVY = {"torch", "transformers", "deepspeed", "datasets", "peft", "accelerate"}
+
+# Cycles still in the code, as debt: this list may only shrink (a new cycle fails, and so does
+# an entry here that is gone, so that it is deleted).
+KNOWN_CYCLES: list[set[str]] = [
+    # debt: the planner's options (recommend) use the long-sequence inputs (long) and the run
+    # length (cost), which use its helpers back, through imports inside functions.
+    {"dpkit.plan.cost", "dpkit.plan.long", "dpkit.plan.recommend"},
+]
+
+
+def module_files() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = module_files()
+
+
+def _owner(name: str) -> str | None:
+    """The dpkit module an imported name lives in (`dpkit.data.load.collate` → dpkit.data.load)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports(module: str) -> tuple[set[str], set[str]]:
+    """(dpkit modules, top-level third-party packages) that `module` imports anywhere in it."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from .y import z
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            # `from dpkit import data` imports the module dpkit.data; `from dpkit.x import f`, dpkit.x
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                     for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "dpkit":
+                ours.add(_owner(name))
+            else:
+                theirs.add(name.split(".")[0])
+    ours.discard(module)
+    return ours, theirs
+
+
+GRAPH = {m: imports(m)[0] for m in MODULES}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def with_packages(modules: set[str]) -> set[str]:
+    """Importing dpkit.a.b runs dpkit/__init__ and dpkit/a/__init__ first."""
+    out = set(modules)
+    for m in modules:
+        while "." in m:
+            m = m.rpartition(".")[0]
+            out.add(m)
+    return out
+
+
+def reach(start: set[str]) -> set[str]:
+    """Every dpkit module that importing `start` can run (packages included)."""
+    seen, todo = set(), list(with_packages(start))
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(with_packages(GRAPH[m]))
+    return seen
+
+
+def test_the_walk_sees_what_python_imports():
+    """The walker itself: known edges, including one inside a function and a relative one."""
+    assert {"dpkit.errors", "dpkit.hub_schema"} <= GRAPH["dpkit.recipe"]
+    assert "dpkit.checkpoint" in GRAPH["dpkit.rundir"]  # imported inside functions only
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_no_new_import_cycles():
+    found = cycles(GRAPH)
+    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles (break them: move the shared part down): {new}"
+    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
+    assert not gone, f"these cycles are gone: delete them from KNOWN_CYCLES: {gone}"
+
+
+def test_the_schema_is_a_leaf():
+    reached = reach(SCHEMA)
+    assert reached <= SCHEMA | LEAVES, \
+        f"the recipe schema imports runtime modules: {sorted(reached - SCHEMA - LEAVES)}"
+    heavy = {m: imports(m)[1] & HEAVY for m in reached}
+    assert not any(heavy.values()), f"the recipe schema imports {heavy}"
+
+
+def test_importing_the_recipe_loads_no_torch():
+    """The same, asked of Python itself in a fresh interpreter."""
+    code = ("import sys, dpkit.recipe; "
+            f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_method_names_are_the_runtime_registry():
+    """Every method the schema accepts has a runtime class, and every class is reachable from a
+    recipe; a method's settings section is a recipe section."""
+    from dpkit.names import METHODS
+    from dpkit.objectives import OBJECTIVES
+    from dpkit.recipe import Recipe
+
+    assert list(OBJECTIVES) == list(METHODS)
+    assert get_args(Recipe.model_fields["objective"].annotation) == tuple(METHODS)
+    for name, section in METHODS.items():
+        assert section is None or section in Recipe.model_fields, (name, section)
+
+
+def test_format_names_are_the_format_registry():
+    from dpkit.data.formats import FORMATS
+    from dpkit.names import FORMAT_COLUMNS
+
+    assert {n: f.columns for n, f in FORMATS.items()} == FORMAT_COLUMNS
+    assert list(FORMATS) == list(FORMAT_COLUMNS)  # the order `format:` errors list them in
