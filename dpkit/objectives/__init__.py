@@ -10,8 +10,9 @@ from dpkit.objectives.base import LossOut, Objective  # noqa: F401
 from dpkit.objectives.preference import Preference
 from dpkit.objectives.sft import SFT
 
-# name → class; a class with `from_recipe` reads its settings from the recipe. The preference
-# objectives share one class (the formula is picked by name).
+# name → class, keyed by the names the recipe accepts (dpkit/names.METHODS, a leaf the schema
+# reads without torch; tests/unit/test_imports.py ties the two). A class with `from_recipe` reads
+# its settings from the recipe. The preference objectives share one class (formula by name).
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": Preference, "ipo": Preference,
                                           "simpo": Preference, "orpo": Preference}
 

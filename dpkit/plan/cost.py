@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dpkit.plan.time import Cluster, Job, StepTime, step_time, with_world
+from dpkit.metrics import forward_flops
+from dpkit.plan.memory import DTYPE_BYTES
+from dpkit.plan.time import Cluster, Job, StepTime, matmul_params, step_time, with_world
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,6 @@ def reference_pass_s(p, length: RunLength) -> float | None:
     and IPO without an adapter to turn off); None when the dataset's size is not known."""
     if not length.tokens:
         return None
-    from dpkit.metrics import forward_flops
-    from dpkit.plan.recommend import DTYPE_BYTES
-    from dpkit.plan.time import matmul_params
-
     n, _ = matmul_params(p.shape)
     rows = [length.seq_len] * -(-length.tokens // length.seq_len)
     flops = forward_flops(n, p.shape.layers, p.shape.hidden, rows)

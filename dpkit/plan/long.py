@@ -12,24 +12,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dpkit.plan.memory import GiB, ModelShape, Setup, estimate
+from dpkit.plan.recommend import knobs, resolved_ds_config, setup_for
 
 SEARCH_LIMIT = 1 << 24  # 16M tokens: past every published figure (ALST: 15M on 32 H100s)
 STEP = 1024  # lengths are reported in multiples of this
 
 
-def long_fields(recipe) -> dict:
-    """The Setup fields a recipe's long-sequence keys decide."""
-    c = recipe.compute
-    return dict(sequence_parallel=recipe.train.sequence_parallel,
-                loss_tile=None if c.loss == "full" else c.loss_tile_tokens,
-                loss_auto=c.loss == "auto",
-                tiled_mlp=c.tiled_mlp, offload_activations=c.offload_activations)
-
-
 def recipe_setup(recipe, hw, shape: ModelShape) -> Setup:
     """The recipe's own ZeRO stage, offload and micro batch on this hardware."""
-    from dpkit.plan.recommend import knobs, resolved_ds_config, setup_for
-
     z = recipe.zero
     kn = knobs(resolved_ds_config(recipe, hw.world_size, shape.hidden))
     return setup_for(recipe, z.stage, z.offload_optimizer, z.offload_params, hw,

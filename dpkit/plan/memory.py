@@ -18,6 +18,7 @@ from dpkit.plan.shape import ACTIVATION_EXTRA, ModelShape, model_shape  # noqa: 
 GiB = 2**30
 FRAGMENTATION = 0.10  # allocator fragmentation margin, a fraction of the peak allocated bytes
 RUNTIME_RESERVE = 1 * GiB  # GPU memory no tensor accounts for: CUDA context, NCCL, cuBLAS
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CPU_PER_RANK = 2 * GiB  # host memory of a rank's process itself (Python, torch, CUDA, data)
 SHARD_BYTES = 5 * 10**9  # under ZeRO-3 a rank loads the checkpoint one shard at a time
 STAGE0_ALLREDUCE = 500_000_000  # ZeRO-0's flattened all-reduce bucket (MEMORY_OPT_ALLREDUCE_SIZE)
@@ -38,6 +39,15 @@ class Knobs:
     optimizer_buffer_count: int = 4
     param_buffer_count: int = 5
     param_buffer_size: int = 100_000_000
+
+
+def long_fields(recipe) -> dict:
+    """The Setup fields a recipe's long-sequence keys decide."""
+    c = recipe.compute
+    return dict(sequence_parallel=recipe.train.sequence_parallel,
+                loss_tile=None if c.loss == "full" else c.loss_tile_tokens,
+                loss_auto=c.loss == "auto",
+                tiled_mlp=c.tiled_mlp, offload_activations=c.offload_activations)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
-from dpkit.plan.long import long_fields
-from dpkit.plan.memory import Breakdown, GiB, Knobs, ModelShape, Setup, estimate, model_shape
+from dpkit.plan.cost import run_length, time_lines
+from dpkit.plan.memory import (DTYPE_BYTES, Breakdown, GiB, Knobs, ModelShape, Setup, estimate,
+                               long_fields, model_shape)
 from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from dpkit.rundir import files_problem, make_dir
 
 PLAN_FILES = ["recipe.yaml", "ds_config.json", "launch.sh"]
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MICRO_BATCH = 64
 """Largest micro batch tried when the global batch does not bound it."""
 
@@ -274,7 +274,6 @@ def preference_cost(r: Recipe, shape: ModelShape) -> list[str]:
 
 def render(p: Plan, free_global_batch: bool = False, length=None, price: float | None = None
            ) -> str:
-    from dpkit.plan.cost import run_length, time_lines
     from dpkit.zero import batch_arithmetic
 
     s, r, hw = p.shape, p.recipe, p.hw

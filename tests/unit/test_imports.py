@@ -26,11 +26,7 @@ HEAVY = {"torch", "transformers", "deepspeed", "datasets", "peft", "accelerate"}
 
 # Cycles still in the code, as debt: this list may only shrink (a new cycle fails, and so does
 # an entry here that is gone, so that it is deleted).
-KNOWN_CYCLES: list[set[str]] = [
-    # debt: the planner's options (recommend) use the long-sequence inputs (long) and the run
-    # length (cost), which use its helpers back, through imports inside functions.
-    {"dpkit.plan.cost", "dpkit.plan.long", "dpkit.plan.recommend"},
-]
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def module_files() -> dict[str, Path]:
