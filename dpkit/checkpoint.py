@@ -342,17 +342,70 @@ def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
 
 
 def fault_requested(what: str, step: int, rank: int) -> bool:
-    return os.environ.get("DPKIT_FAULT", "") == f"{what}@step:{step}:{rank}"
+    # Only the first attempt: a fault that fired again after an automatic restart would loop.
+    return (os.environ.get("DPKIT_FAULT", "") == f"{what}@step:{step}:{rank}"
+            and distributed.restart_count() == 0)
 
 
 def fault_point(where: str, step: int, rank: int) -> None:
-    """Fault injection for the crash tests. DPKIT_FAULT=kill@step:STEP:RANK SIGKILLs that rank as
-    it starts step STEP; kill@save:STEP:RANK after it wrote its files of the step-STEP checkpoint
-    but before the checkpoint is marked complete; nan@step:STEP:RANK (see fault_requested) makes
-    that rank's loss NaN. Unset in normal runs: a string compare."""
-    spec = os.environ.get("DPKIT_FAULT", "")
-    if spec == f"kill@{where}:{step}:{rank}":
-        import signal
+    """Fault injection for the crash tests, in the first attempt of a run only (not after an
+    automatic restart). DPKIT_FAULT=kill@step:STEP:RANK SIGKILLs that rank as it starts step
+    STEP; kill@save:STEP:RANK after it wrote its files of the step-STEP checkpoint but before the
+    checkpoint is marked complete; term@step:STEP:RANK preempts the run as it starts step STEP:
+    SIGTERM to `dpkit train` (DPKIT_SUPERVISOR_PID; to this rank when there is none) and to this
+    rank, as a scheduler signals every process of a job; nan@step:STEP:RANK (see
+    fault_requested) makes that rank's loss NaN. Unset in normal runs: a string compare."""
+    import signal
 
+    spec = os.environ.get("DPKIT_FAULT", "")
+    if not spec or distributed.restart_count() != 0:
+        return
+    if spec == f"kill@{where}:{step}:{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"term@{where}:{step}:{rank}":
+        supervisor = int(os.environ.get("DPKIT_SUPERVISOR_PID", "0") or 0)
+        if supervisor:
+            os.kill(supervisor, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ------------------------------------------------------------------------------- preemption
+PREEMPTED = "PREEMPTED"
+"""In the run directory: the ranks stopped on SIGTERM after writing this checkpoint (its path
+inside). `dpkit train` reads it to exit with the requeue code; the next start removes it."""
+
+
+def mark_preempted(run_dir: Path, ckpt: Path) -> None:
+    _atomic_write(Path(run_dir) / PREEMPTED, f"{ckpt}\n")
+
+
+def preempted_checkpoint(run_dir: Path, since: float) -> Path | None:
+    """The checkpoint the ranks wrote when they stopped on SIGTERM, if they did after `since`
+    (a time.time()); None otherwise."""
+    marker = Path(run_dir) / PREEMPTED
+    try:
+        if marker.stat().st_mtime >= since - 1:
+            return Path(marker.read_text().strip())
+    except OSError:
+        pass
+    return None
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The furthest training step metrics.jsonl records (how far an attempt got before it died;
+    a lower bound when output.log_steps > 1)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    step = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if "loss" in record:
+            step = max(step, int(record.get("step", 0)))
+    return step
 

@@ -118,6 +118,65 @@ def launcher_info(env=None) -> LauncherInfo:
                         _int(env, "MASTER_PORT", default=0))
 
 
+def restart_count(env=None) -> int:
+    """Which attempt of this run the ranks are: 0 the first, n after n automatic restarts (by
+    `dpkit train`'s supervisor, DPKIT_RESTART, or torchrun's elastic agent,
+    TORCHELASTIC_RESTART_COUNT, when someone runs it with --max-restarts)."""
+    env = os.environ if env is None else env
+    return max(_int(env, "DPKIT_RESTART", default=0),
+               _int(env, "TORCHELASTIC_RESTART_COUNT", default=0))
+
+
+EXIT_REQUEUE = 143
+"""Exit code of a run stopped by SIGTERM after writing its checkpoint (ranks and `dpkit train`):
+128 + SIGTERM, what a shell reports for a job ended by SIGTERM; a job script requeues on it."""
+
+
+class StopFlag:
+    """Preemption: SIGTERM (from a scheduler, Kubernetes, or the launcher forwarding
+    `dpkit train`'s) asks this rank to stop. The rank does not stop at once: its flag rides the
+    all-reduce every step already does (dpkit/step.py), so all ranks learn at the same step that
+    one of them was asked, finish it, write a checkpoint and exit together."""
+
+    def __init__(self):
+        self.requested_at: float | None = None
+        self._previous = None
+
+    def install(self) -> StopFlag:
+        import signal
+
+        self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_term(self, signum, frame) -> None:
+        if self.requested_at is None:  # a second SIGTERM (scheduler and launcher both) changes nothing
+            self.requested_at = time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def value(self) -> float:
+        """This rank's vote, summed over ranks with the step's numbers."""
+        return 1.0 if self.requested else 0.0
+
+    @staticmethod
+    def agreed(reduced: float) -> bool:
+        """After the all-reduce: did any rank get SIGTERM before this step's end?"""
+        return reduced > 0
+
+
+STOP = StopFlag()
+"""This process's flag (installed by the training loop, read by dpkit/step.py)."""
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher; (0, 0, 1) when started directly."""
     info = launcher_info()

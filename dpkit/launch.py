@@ -21,18 +21,21 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpkit.distributed import could_not_reach, free_port, never_joined
-from dpkit.errors import Problem, RecipeError
+from dpkit.checkpoint import last_logged_step, latest_complete, preempted_checkpoint
+from dpkit.distributed import EXIT_REQUEUE, could_not_reach, free_port, never_joined
+from dpkit.errors import EXIT_USER_ERROR, Problem, RecipeError
 from dpkit.shipped import ACCELERATE_CONFIGS
 
 DEFAULT_PORT = 29500
@@ -103,6 +106,8 @@ class LaunchPlan:
     _port: int = field(default=0, repr=False)
     _generated: Path | None = field(default=None, repr=False)
     """The hostfile dpkit wrote for this launch (deepspeed CLI without ssh), if any."""
+    last_output: str = field(default="", repr=False)
+    """The tail of the last launch's stderr (its failure report)."""
 
     def hosts(self) -> list[tuple[str, int]]:
         return read_hostfile(self.hostfile) if self.hostfile else []
@@ -347,26 +352,148 @@ def _pump(src, dst, keep: list[bytes], limit: int = 1 << 16) -> None:
             keep.pop(0)
 
 
-def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool) -> int:
+def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool,
+           grace_s: float = 25) -> int:
+    """Start the launcher once and wait for it. SIGTERM to this process (a scheduler's
+    preemption, Kubernetes stopping the pod) goes on to the launcher, which passes it to the
+    ranks: they finish the step, write a checkpoint and exit (dpkit.run.Run.preempt); after
+    `grace_s` the ranks still running are killed, so that this process can still report."""
     plan.check(launching=not dry_run, commands=True)
     if dry_run:
         print(render(plan, recipe, overrides))
         return 0
     cmd = command(plan, recipe, overrides)
     print(f"[dpkit] launching {plan.world_size()} ranks: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=rank_environment(plan), stderr=subprocess.PIPE)
+    env = {**rank_environment(plan), "DPKIT_SUPERVISOR_PID": str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     tail: list[bytes] = []
     pump = threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, tail), daemon=True)
     pump.start()
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:  # the launcher got the same Ctrl-C: let it stop its ranks
-        code = proc.wait()
+    code = _wait(proc, grace_s)
     pump.join(timeout=5)
-    if plan._generated is not None:  # ours, for this launch only
+    if plan._generated is not None:  # ours, for this launch only (a restart writes a new one)
         plan._generated.unlink(missing_ok=True)
+        plan._generated = None
+    plan.last_output = b"".join(tail).decode(errors="replace")
     if code != 0:
-        message = diagnose(plan, b"".join(tail).decode(errors="replace"))
+        message = diagnose(plan, plan.last_output)
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+SIGTERMED: list[float] = []
+"""When this process got SIGTERM (time.monotonic()), if it did: the supervisor stops restarting."""
+
+
+def _wait(proc: subprocess.Popen, grace_s: float) -> int:
+    def on_term(signum, frame):
+        if not SIGTERMED:
+            SIGTERMED.append(time.monotonic())
+            print(f"[dpkit] SIGTERM: the ranks finish their step and write a checkpoint "
+                  f"(train.preemption_grace_s {grace_s:g} s)", file=sys.stderr, flush=True)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:  # the launcher got the same Ctrl-C: let it stop its ranks
+                return proc.wait()
+            if SIGTERMED and time.monotonic() - SIGTERMED[0] > grace_s:
+                print(f"[dpkit] the ranks did not stop within train.preemption_grace_s "
+                      f"({grace_s:g} s): killing them", file=sys.stderr, flush=True)
+                _kill_tree(proc.pid)
+                return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every process under it (torchrun starts ranks in their own
+    sessions: killing the launcher alone would leave them running)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+# ------------------------------------------------------------------------------ supervision
+# `dpkit train` supervises the launcher rather than asking it to restart: torchrun's elastic
+# agent can (--max-restarts), the deepspeed launcher and accelerate cannot; one loop here treats
+# all three alike and can tell a dead rank (restart) from a recipe error (don't) or a preemption
+# (exit for the scheduler to requeue).
+DONE, RESTART, REQUEUE, STOP = "done", "restart", "requeue", "stop"
+
+
+def rank_exit_codes(output: str) -> list[int]:
+    """The ranks' exit codes in the launcher's failure report (torchrun, accelerate: `exitcode :
+    -9`); the deepspeed launcher exits with the failed rank's code itself."""
+    return [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", output)]
+
+
+def decide(code: int, rank_codes: list[int], preempted: bool, restarts: int,
+           max_restarts: int) -> str:
+    """What the supervisor does after one launch ended with `code`."""
+    if code == 0:
+        return DONE
+    if preempted or code == EXIT_REQUEUE or EXIT_REQUEUE in rank_codes:
+        return REQUEUE  # the scheduler takes the node back: a restart here would be killed
+    if code == EXIT_USER_ERROR or EXIT_USER_ERROR in rank_codes:
+        return STOP  # the same recipe fails the same way again
+    return RESTART if restarts < max_restarts else STOP
+
+
+def restart_overrides(overrides: list[str], run_dir: Path, recipe_resume: str | None
+                      ) -> list[str]:
+    """A restart continues from this run's newest complete checkpoint (resume=auto follows
+    checkpoints/latest). Before this run saved any, a `resume=PATH` it started from still
+    applies; without one, resume=auto starts anew in the directory the failed attempt made."""
+    if recipe_resume is not None and recipe_resume != "auto" and \
+            latest_complete(run_dir) is None:
+        return list(overrides)
+    return [o for o in overrides if not o.startswith("resume=")] + ["resume=auto"]
+
+
+def supervise(plan: LaunchPlan, recipe: str, overrides: list[str], run_dir: Path,
+              max_restarts: int = 0, grace_s: float = 25, recipe_resume: str | None = None,
+              start=launch) -> int:
+    """Launch; when a rank dies, launch again from the last complete checkpoint, up to
+    `max_restarts` times. Returns 0, EXIT_REQUEUE (preempted: the ranks wrote a checkpoint, or
+    this process got SIGTERM), or the failed launch's exit code."""
+    SIGTERMED.clear()
+    restarts = 0
+    while True:
+        plan.extra_env["DPKIT_RESTART"] = str(restarts)  # faults fire in attempt 0 only
+        began = time.time()
+        code = start(plan, recipe, overrides, False, grace_s)
+        preempted = bool(SIGTERMED) or preempted_checkpoint(run_dir, began) is not None
+        action = decide(code, rank_exit_codes(getattr(plan, "last_output", "")), preempted,
+                        restarts, max_restarts)
+        if action == DONE:
+            return 0
+        if action == REQUEUE:
+            return EXIT_REQUEUE
+        if action == STOP:
+            return code
+        restarts += 1
+        ckpt = latest_complete(run_dir)
+        reached = last_logged_step(run_dir)
+        done = int(ckpt.name.split("-")[1]) if ckpt else 0
+        print(f"[dpkit] a rank failed (launcher exit code {code}) after step {reached}; "
+              f"restart {restarts} of {max_restarts} (train.max_restarts): "
+              + (f"resuming from {ckpt}, {max(0, reached - done)} steps to redo" if ckpt else
+                 "no complete checkpoint yet: from the start"), file=sys.stderr, flush=True)
+        overrides = restart_overrides(overrides, run_dir, recipe_resume)

@@ -236,6 +236,13 @@ class TrainSection(_Section):
     collective_timeout_s: int = Field(default=600, gt=0)
     """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
     hanging: a dead rank or node ends the job within this time."""
+    max_restarts: int = Field(default=0, ge=0)
+    """When a rank dies (killed, out of memory; not a recipe error, not a preemption), `dpkit
+    train` restarts all ranks from this run's last complete checkpoint, up to this many times."""
+    preemption_grace_s: int = Field(default=25, gt=0)
+    """After SIGTERM the ranks finish the step, write a checkpoint and exit (code 143: requeue);
+    `dpkit train` kills them this long after the signal. Keep it under the scheduler's window
+    (SLURM and the launchers send SIGKILL about 30 s after SIGTERM)."""
     sequence_parallel: int = Field(default=1, gt=0)
     """Ranks that split each row's sequence between them (DeepSpeed Ulysses, dpkit/parallel/);
     the world is data-parallel × this. 1: no sequence parallelism."""

@@ -131,6 +131,7 @@ class Run:
             (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
             if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
                 truncate_jsonl(self.out / "metrics.jsonl", 0)
+            (self.out / C.PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, env.world_size, r.zero.stage)
         if self.universal:
@@ -195,7 +196,17 @@ class Run:
                  + (" (universal checkpoint: world size or ZeRO stage changed)"
                     if self.universal else ""))
         if self.env.is_main:
+            reached = C.last_logged_step(self.out)  # before the steps after the checkpoint go
             truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
+            restart = distributed.restart_count()
+            if restart:  # an automatic restart after a rank died: say what it cost
+                redone = max(0, reached - self.start_step)
+                self.say(f"[dpkit] restart {restart}: resumed from {ckpt} at step "
+                         f"{self.start_step}; {redone} steps done before the failure are redone")
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.start_step, "restart": restart,
+                                        "resumed_from": str(ckpt),
+                                        "steps_redone": redone}) + "\n")
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -210,9 +221,16 @@ class Run:
                             getattr(self.model_config, "num_hidden_layers", 0), self.hidden or 0)
         self._peak = peak_flops(env.device, r.model.dtype)
         self.evals.before_training()  # step 0: the baseline eval (not on a resume past it)
-        for step in range(self.start_step, self.total_steps):
-            self.train_one_step(step)
-            self.after_step(step + 1)
+        self.saved_step, self.stop_agreed = None, False
+        distributed.STOP.install()  # SIGTERM: finish the step, checkpoint, exit (preempt)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                self.train_one_step(step)
+                self.after_step(step + 1)
+                if self.stop_agreed and step + 1 < self.total_steps:
+                    self.preempt(step + 1)
+        finally:
+            distributed.STOP.uninstall()
         self.progress.close()
         self.metrics.close()
         self.trackers.finish()
@@ -226,7 +244,9 @@ class Run:
         collate_s = time.perf_counter() - t0
         result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank),
-                            objective=self.objective, gradient_divisor=self.gradient_divisor)
+                            objective=self.objective, gradient_divisor=self.gradient_divisor,
+                            stop_vote=distributed.STOP.requested)
+        self.stop_agreed = result.stop
         result.times["data_s"] += collate_s
         result.times["step_time_s"] += collate_s
         self.last_loss, elapsed = result.loss, result.times["step_time_s"]
@@ -295,11 +315,32 @@ class Run:
         self.progress.write(f"[dpkit] step {step}: eval loss {loss:.4f}")
         return loss
 
+    def preempt(self, step_done: int) -> None:
+        """Every rank agreed at this step that one got SIGTERM: checkpoint (unless this step's
+        regular save just did), leave the marker `dpkit train` turns into the requeue exit code,
+        stop. The launcher kills ranks some seconds after SIGTERM (torchrun and the deepspeed
+        launcher 30 s; see docs/checkpoints.md): train.preemption_grace_s is what dpkit allows."""
+        ckpt = (C.checkpoints_dir(self.out) / C.step_name(step_done)
+                if self.saved_step == step_done else self.save_checkpoint(step_done))
+        since = distributed.STOP.requested_at
+        took = f" {time.monotonic() - since:.1f} s after SIGTERM" if since is not None else ""
+        grace = self.recipe.train.preemption_grace_s
+        if self.env.is_main:
+            C.mark_preempted(self.out, ckpt)
+        self.say(f"[dpkit] preempted: stopped after step {step_done} of {self.total_steps}, "
+                 f"checkpoint {ckpt} written{took} (train.preemption_grace_s {grace} s); "
+                 "continue with resume=auto")
+        self.progress.close()
+        self.metrics.close()
+        self.trackers.finish()
+        raise Preempted(str(ckpt))
+
     def save_checkpoint(self, step_done: int) -> Path:
         state = C.TrainState(step=step_done, tokens_seen=self.tokens_seen,
                              world_size=self.env.world_size, zero_stage=self.recipe.zero.stage,
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
                              data=self.feed.state_dict(), settings=C.data_settings(self.recipe))
+        self.saved_step = step_done
         return C.save(self.engine, self.out, state, self.tokenizer, self.env,
                       self.recipe.output.save_total_limit)
 
@@ -389,3 +430,7 @@ def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """The ranks stopped on SIGTERM after writing a checkpoint (its path is the message)."""

@@ -32,6 +32,7 @@ class StepResult:
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, per unit
     grad_norm: float | None = None  # measured here where DeepSpeed keeps none (plain_grad_norm)
+    stop: bool = False        # some rank was asked to stop (SIGTERM) before this step ended
 
 
 def plain_grad_norm(engine) -> float | None:
@@ -64,14 +65,16 @@ def _has_targets(batch: dict) -> bool:
 
 def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
                poison_loss: bool = False, objective: Objective | None = None,
-               gradient_divisor: int | None = None) -> StepResult:
+               gradient_divisor: int | None = None, stop_vote: bool = False) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
     `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
     queue is never drained to read a number back. `poison_loss` turns this rank's loss into NaN
     (fault injection for the NaN tests). `gradient_divisor`: the number of ranks DeepSpeed divides
     the summed gradients by (default the world size; under sequence parallelism see
-    dpkit.parallel.sequence.gradient_divisor).
+    dpkit.parallel.sequence.gradient_divisor). `stop_vote`: this rank got SIGTERM; summed with
+    the loss after the update, so every rank learns whether any was asked to stop, at the same
+    step, without a collective of its own.
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
@@ -104,15 +107,16 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
         step_loss += loss.detach()  # stays on the device: no sync between micro-batches
         for name in objective.metric_names:
             sums[name] += out.metrics[name].detach()
-    reduced = distributed.all_reduce_sum([float(step_loss), *(float(sums[n]) for n in sums)],
-                                         env.device)
+    reduced = distributed.all_reduce_sum([float(step_loss), float(stop_vote),
+                                          *(float(sums[n]) for n in sums)], env.device)
     t2 = time.perf_counter()
     applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
     times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
              "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
-    metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[1:])}
+    metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[2:])}
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
-                      lengths, applied, times, metrics, grad_norm)
+                      lengths, applied, times, metrics, grad_norm,
+                      stop=distributed.StopFlag.agreed(reduced[1]))
 
 
 def evaluate(engine, batches, env, objective: Objective | None = None

@@ -17,7 +17,7 @@ from dpkit import distributed
 from dpkit.errors import EXIT_USER_ERROR, RecipeError, format_errors
 from dpkit.hub_schema import user_choice_from_overrides
 from dpkit.recipe import load_recipe
-from dpkit.run import NonFiniteLoss, run
+from dpkit.run import NonFiniteLoss, Preempted, run
 from dpkit.rundir import RunFinished
 
 
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else EXIT_USER_ERROR
+    # From the start: a rank still setting up when SIGTERM comes stops after its first step
+    # instead of dying while the others wait for it in a collective.
+    distributed.STOP.install()
     try:
         run(load_recipe(argv[0], argv[1:]), hub_user=user_choice_from_overrides(argv[1:]))
         distributed.shutdown()
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             print(format_errors(e), file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted:  # each rank wrote its part of the checkpoint and said so (run.preempt)
+        distributed.shutdown()
+        return distributed.EXIT_REQUEUE
     except NonFiniteLoss as e:  # every rank sees the same global loss: rank 0 speaks
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr, flush=True)

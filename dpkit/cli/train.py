@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dpkit.checkpoint import latest_complete
+from dpkit.checkpoint import latest_complete, preempted_checkpoint
+from dpkit.distributed import EXIT_REQUEUE
 from dpkit.cli.common import add_launch_args, preflight
-from dpkit.launch import LAUNCHERS, launch
+from dpkit.launch import LAUNCHERS, launch, supervise
 
 
 def register(subparsers) -> None:
@@ -33,10 +34,31 @@ def cmd_train(args) -> int:
     recipe, plan, report = preflight(args)
     for note in report.notes:
         print(f"[dpkit] {note}")
-    code = launch(plan, args.recipe, args.overrides, args.dry_run)
-    if code != 0:
+    if args.dry_run:
+        return launch(plan, args.recipe, args.overrides, dry_run=True)
+    t = recipe.train
+    code = supervise(plan, args.recipe, args.overrides, Path(recipe.output.dir),
+                     max_restarts=t.max_restarts, grace_s=t.preemption_grace_s,
+                     recipe_resume=recipe.resume)
+    if code == EXIT_REQUEUE:
+        print(preempted_summary(recipe, args), file=sys.stderr)
+    elif code != 0:
         print(failure_summary(recipe, args, code), file=sys.stderr)
     return code
+
+
+def preempted_summary(recipe, args) -> str:
+    """After SIGTERM: what was saved, and the exit code a job script requeues on."""
+    run_dir = Path(recipe.output.dir)
+    ckpt = preempted_checkpoint(run_dir, 0)
+    latest = latest_complete(run_dir)
+    again = [o for o in args.overrides if not o.startswith("resume=")]
+    saved = (f"checkpoint {ckpt} written" if ckpt is not None and ckpt == latest else
+             "no checkpoint written in time; " + (f"last complete checkpoint: {latest}" if latest
+                                                   else "no complete checkpoint yet"))
+    return (f"[dpkit] preempted (SIGTERM): {saved}; exit code {EXIT_REQUEUE} asks for a requeue, "
+            f"which continues with: dpkit train {args.recipe} {' '.join(again)} "
+            "resume=auto").replace("  ", " ")
 
 
 def failure_summary(recipe, args, code: int) -> str:

@@ -1,6 +1,7 @@
 """Checkpoints on real ranks: crashes (a rank SIGKILLed between steps and in the middle of a
-checkpoint write), exact resume, resume on another world size and ZeRO stage, export, the
-keep-limit, and a dead rank ending the job quickly.
+checkpoint write), automatic restarts (train.max_restarts), preemption (SIGTERM: checkpoint, exit
+code 143), exact resume, resume on another world size and ZeRO stage, export, the keep-limit,
+and a dead rank ending the job quickly.
 
 Everything is compared with an uninterrupted run of the same recipe ("U"; "D" with dropout for
 the crash chain)."""
@@ -12,10 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, rank_env, tiny_recipe, torchrun, train_losses, write_recipe
+from conftest import (
+    ROOT,
+    rank_env,
+    read_metrics,
+    tiny_recipe,
+    torchrun,
+    train_losses,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 from dpkit.checkpoint import MARKER, complete_checkpoints, latest_complete
+from dpkit.distributed import EXIT_REQUEUE
 from dpkit.export import export
 
 pytestmark = pytest.mark.distributed
@@ -52,13 +62,14 @@ def runs(tmp_path_factory):
                   recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2})]
     torchrun(2, [str(p) for p in references], script=DRIVER, timeout=300)
 
-    # The crash chain of one run K: killed at step 3; killed while writing the step-4
-    # checkpoint; killed at step 7; finished.
+    # The crash chain of one run K, three `dpkit train`s: rank 1 killed at step 3 (the job
+    # ends); preempted: SIGTERM to `dpkit train` as step 3 starts (and to rank 1, as a scheduler
+    # signals every process of a job); with train.max_restarts, rank 1 killed while writing the
+    # step-4 checkpoint (the launcher left alive): the group restarts by itself and finishes.
     k = recipe(tmp, "K", dropout=0.2)
     chain = [dpkit_train(k, fault="kill@step:3:1"),
-             dpkit_train(k, "resume=auto", fault="kill@save:4:1"),
-             dpkit_train(k, "resume=auto", fault="kill@step:7:1"),
-             dpkit_train(k, "resume=auto")]
+             dpkit_train(k, "resume=auto", fault="term@step:3:1"),
+             dpkit_train(k, "resume=auto", "train.max_restarts=2", fault="kill@save:4:1")]
 
     # Another world size and stage: U's step-4 checkpoint on 1 rank and under ZeRO-3, and a
     # 1-rank run's checkpoint on 2 ranks.
@@ -85,20 +96,36 @@ def test_killed_rank_ends_the_job_quickly_and_says_where_to_resume(runs):
     assert "resume=auto" in proc.stderr
 
 
-def test_crash_during_checkpoint_write_resumes_from_the_previous_one(runs):
+def test_preempted_run_writes_a_checkpoint_and_asks_for_a_requeue(runs):
     tmp, chain = runs
-    proc, _ = chain[1]
-    assert proc.returncode != 0
-    # Rank 1 died after writing its files for step 4 but before COMPLETE: the next resume
-    # must take step 2.
-    assert "resumed from" in chain[2][0].stdout
-    assert f"resumed from {tmp / 'K' / 'checkpoints' / 'step-00000002'} at step 2" in \
-        chain[2][0].stdout
+    proc, seconds = chain[1]
+    assert proc.returncode == EXIT_REQUEUE == 143, proc.stderr[-3000:]
+    ckpt = tmp / "K" / "checkpoints" / "step-00000003"  # not a save step: written on SIGTERM
+    assert (ckpt / MARKER).is_file()
+    assert "[dpkit] preempted: stopped after step 3 of 8" in proc.stdout
+    assert f"checkpoint {ckpt} written; exit code 143 asks for a requeue" in proc.stderr
+    assert seconds < 60, seconds  # well within the grace period plus start-up
+
+
+def test_dead_rank_restarts_the_group_from_the_last_complete_checkpoint(runs):
+    tmp, chain = runs
+    proc, _ = chain[2]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step3 = tmp / "K" / "checkpoints" / "step-00000003"
+    # Rank 1 died after writing its files for step 4 but before COMPLETE: the restart takes the
+    # preemption's step-3 checkpoint (checkpoints/latest), not the torn step-4 one.
+    assert "restart 1 of 2 (train.max_restarts)" in proc.stderr
+    assert proc.stdout.count(f"[dpkit] resumed from {step3} at step 3") == 2  # attempts 0, 1
+    assert f"[dpkit] restart 1: resumed from {step3} at step 3; 1 steps" in proc.stdout
+    assert "restart 2 of 2" not in proc.stderr  # the fault fires in the first attempt only
+    restarts = [m for m in read_metrics(tmp / "K") if "restart" in m]
+    assert restarts == [{"step": 3, "restart": 1, "resumed_from": str(step3),
+                         "steps_redone": 1}]
 
 
 def test_resumed_run_is_bitwise_identical_to_uninterrupted(runs):
     tmp, chain = runs
-    assert chain[3][0].returncode == 0, chain[3][0].stderr[-3000:]
+    assert chain[2][0].returncode == 0, chain[2][0].stderr[-3000:]
     assert train_losses(tmp / "D") != train_losses(tmp / "U")  # dropout is really on
     assert train_losses(tmp / "K") == train_losses(tmp / "D")
     a, b = weights(tmp / "K"), weights(tmp / "D")

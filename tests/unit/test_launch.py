@@ -342,3 +342,217 @@ def test_documented_commands_parse(monkeypatch):
             assert config.max_nodes == 2 and int(config.rdzv_configs["rank"]) == 1, words
         seen.add(words[0])
     assert seen == {"torchrun", "accelerate", "deepspeed"}
+
+
+# ------------------------------------------------------------- supervision: restarts, preemption
+def _checkpoint(run: Path, step: int) -> Path:
+    """A complete checkpoint on disk, as checkpoint.save leaves it (files DeepSpeed writes left out:
+    the supervisor only reads which checkpoint `latest` names)."""
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text(f"{step}\n")
+    (run / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return ckpt
+
+
+@pytest.mark.parametrize("code, rank_codes, preempted, restarts, expected", [
+    (0, [], False, 0, "done"),
+    (1, [-9], False, 0, "restart"),       # a rank SIGKILLed (out of memory, a dead node)
+    (1, [-9], False, 1, "restart"),
+    (1, [-9], False, 2, "stop"),          # max_restarts (2) used up
+    (-9, [], False, 0, "restart"),        # the launcher itself killed
+    (2, [], False, 0, "stop"),            # a recipe error (deepspeed launcher: the rank's code)
+    (1, [1, 2], False, 0, "stop"),        # torchrun's report names a rank's exit code 2
+    (1, [-15], True, 0, "requeue"),       # preempted: the scheduler wants the node back
+    (143, [], False, 0, "requeue"),       # a rank stopped on SIGTERM (deepspeed launcher)
+    (1, [143], False, 0, "requeue"),
+    (0, [], True, 0, "done"),             # SIGTERM during the last step: the run finished
+])
+def test_supervisor_decides_what_a_failed_launch_means(code, rank_codes, preempted, restarts,
+                                                       expected):
+    from dpkit.launch import decide
+
+    assert decide(code, rank_codes, preempted, restarts, max_restarts=2) == expected
+
+
+def test_rank_exit_codes_are_read_from_torchruns_failure_report():
+    from dpkit.launch import rank_exit_codes
+
+    report = ("Root Cause (first observed failure):\n[0]:\n  time      : 2025-01-01_00:00:00\n"
+              "  host      : node0\n  rank      : 1 (local_rank: 1)\n"
+              "  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n")
+    assert rank_exit_codes(report) == [-9]
+    assert rank_exit_codes("error: train.lr: must be > 0") == []
+
+
+def _fake_launches(codes, run: Path, writes=None):
+    """A stand-in for one launch: records what it was started with, returns the next code;
+    `writes(attempt)` leaves on disk what ranks would have (a checkpoint, the preemption mark)."""
+    calls = []
+
+    def start(plan, recipe, overrides, dry_run, grace_s):
+        calls.append((list(overrides), plan.extra_env["DPKIT_RESTART"]))
+        if writes:
+            writes(len(calls) - 1)
+        plan.last_output = ""
+        return codes[len(calls) - 1]
+    return start, calls
+
+
+def test_supervisor_restarts_a_dead_rank_from_the_last_checkpoint(tmp_path):
+    from dpkit.launch import supervise
+
+    run = tmp_path / "run"
+    start, calls = _fake_launches([1, 1, 0], run,
+                                  writes=lambda attempt: attempt == 0 and _checkpoint(run, 2))
+    code = supervise(LaunchPlan("torchrun", nproc_per_node=2), RECIPE, ["train.lr=1e-4"], run,
+                     max_restarts=2, start=start)
+    assert code == 0
+    assert calls == [(["train.lr=1e-4"], "0"),  # as typed; faults fire in attempt 0 only
+                     (["train.lr=1e-4", "resume=auto"], "1"),
+                     (["train.lr=1e-4", "resume=auto"], "2")]
+
+
+def test_supervisor_gives_up_after_max_restarts_and_never_restarts_recipe_errors(tmp_path):
+    from dpkit.launch import supervise
+
+    start, calls = _fake_launches([1, 1, 1, 1], tmp_path)
+    assert supervise(LaunchPlan(), RECIPE, [], tmp_path, max_restarts=2, start=start) == 1
+    assert len(calls) == 3
+    start, calls = _fake_launches([2, 0], tmp_path)
+    assert supervise(LaunchPlan(), RECIPE, [], tmp_path, max_restarts=2, start=start) == 2
+    assert len(calls) == 1
+    start, calls = _fake_launches([1, 0], tmp_path)  # the default: no restarts
+    assert supervise(LaunchPlan(), RECIPE, [], tmp_path, start=start) == 1
+    assert len(calls) == 1
+
+
+def test_supervisor_asks_for_a_requeue_when_the_ranks_stopped_on_sigterm(tmp_path):
+    from dpkit.checkpoint import mark_preempted
+    from dpkit.distributed import EXIT_REQUEUE
+    from dpkit.launch import supervise
+
+    def ranks_preempted(attempt):
+        mark_preempted(tmp_path, _checkpoint(tmp_path, 3))
+
+    start, calls = _fake_launches([1, 0], tmp_path, writes=ranks_preempted)
+    assert supervise(LaunchPlan(), RECIPE, [], tmp_path, max_restarts=2, start=start) == 143
+    assert EXIT_REQUEUE == 143 and len(calls) == 1  # the scheduler restarts it, not dpkit
+
+
+def test_restart_keeps_a_resume_path_until_the_run_has_a_checkpoint_of_its_own(tmp_path):
+    from dpkit.launch import restart_overrides
+
+    given = ["resume=/elsewhere/checkpoints/step-00000010", "train.lr=1e-4"]
+    assert restart_overrides(given, tmp_path, "/elsewhere/checkpoints/step-00000010") == given
+    assert restart_overrides(["train.lr=1e-4"], tmp_path, None) == ["train.lr=1e-4",
+                                                                     "resume=auto"]
+    _checkpoint(tmp_path, 12)
+    assert restart_overrides(given, tmp_path, "/elsewhere/checkpoints/step-00000010") == \
+        ["train.lr=1e-4", "resume=auto"]
+
+
+@pytest.mark.parametrize("child, grace, expected", [
+    # the ranks stop on SIGTERM (after their checkpoint) with the requeue code
+    ("signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))", 20, 143),
+    # ranks that ignore SIGTERM are killed once the grace period is over
+    ("signal.signal(signal.SIGTERM, signal.SIG_IGN)", 1, -9),
+])
+def test_sigterm_to_dpkit_train_reaches_the_launcher_and_the_grace_period_holds(child, grace,
+                                                                                expected):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from dpkit import launch
+
+    proc = subprocess.Popen([sys.executable, "-c", f"import signal, sys, time\n{child}\n"
+                             "print('ready', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    launch.SIGTERMED.clear()
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert launch._wait(proc, grace) == expected
+    assert launch.SIGTERMED and time.monotonic() - t0 < grace + 5
+    assert signal.getsignal(signal.SIGTERM) is before  # restored: SIGTERM later ends dpkit
+
+
+def test_stop_flag_is_set_by_sigterm_and_restored():
+    import os
+    import signal
+
+    from dpkit.distributed import StopFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    flag = StopFlag().install()
+    try:
+        assert not flag.requested and flag.value() == 0.0
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # scheduler and launcher both: one request
+        assert flag.requested and flag.value() == 1.0
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert StopFlag.agreed(1.0) and StopFlag.agreed(2.0) and not StopFlag.agreed(0.0)
+
+
+@pytest.mark.parametrize("vote", [False, True])
+def test_stop_vote_rides_the_steps_own_all_reduce(monkeypatch, vote):
+    """One collective more per step would cost every step; the vote is summed with the loss."""
+    import torch
+
+    from dpkit import distributed as dist
+    from dpkit import step as S
+    from dpkit.objectives.base import LossOut, Objective
+
+    class Counted(Objective):
+        def count(self, batch):
+            return int(batch["n"])
+
+        def loss(self, engine, batch):
+            return LossOut(engine.w * batch["n"], {})
+
+    class Engine:
+        w = torch.nn.Parameter(torch.ones(()))
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            pass
+
+        def zero_optimization_stage(self):
+            return 1
+
+    calls = []
+    other_rank = {0: [3, 0, 0], 1: [0.0, 1.0]}  # the second reduction: loss, votes
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda values, device: (
+        calls.append(list(values)) or [v + o for v, o in zip(values, other_rank[len(calls) - 1])]))
+    env = dist.DistEnv(0, 0, 2, "gloo", torch.device("cpu"))
+    batch = {"n": torch.tensor(2), "attention_mask": torch.ones(1, 2),
+             "labels": torch.zeros(1, 2, dtype=torch.long)}
+    result = S.train_step(Engine(), [batch], env, 1, objective=Counted(), stop_vote=vote)
+    assert len(calls) == 2  # units before the backward, loss after the step: as before
+    assert calls[1][1] == float(vote)
+    assert result.loss == pytest.approx((2.0 + 0.0) / 5)  # (this rank's 2 + the other's 0) / units
+    assert result.stop  # the other rank voted: every rank stops at this step
+
+
+def test_faults_fire_in_the_first_attempt_only(monkeypatch):
+    from dpkit.checkpoint import fault_requested
+    from dpkit.distributed import restart_count
+
+    monkeypatch.setenv("DPKIT_FAULT", "nan@step:3:1")
+    monkeypatch.delenv("DPKIT_RESTART", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert restart_count() == 0 and fault_requested("nan", 3, 1)
+    monkeypatch.setenv("DPKIT_RESTART", "1")  # dpkit train's supervisor restarted the ranks
+    assert restart_count() == 1 and not fault_requested("nan", 3, 1)
+    monkeypatch.setenv("DPKIT_RESTART", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # torchrun --max-restarts did
+    assert restart_count() == 2 and not fault_requested("nan", 3, 1)
