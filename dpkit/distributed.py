@@ -131,6 +131,11 @@ EXIT_REQUEUE = 143
 """Exit code of a run stopped by SIGTERM after writing its checkpoint (ranks and `dpkit train`):
 128 + SIGTERM, what a shell reports for a job ended by SIGTERM; a job script requeues on it."""
 
+EXIT_NONFINITE = 3
+"""Exit code of a rank stopped by a NaN/inf loss (train.nan_policy: stop). Not 1 (a crash, which
+`dpkit train` restarts) and not 2 (a recipe error): a restart would replay the same data from the
+same checkpoint into the same NaN, so the supervisor stops on it (dpkit.launch.decide)."""
+
 
 class StopFlag:
     """Preemption: SIGTERM (from a scheduler, Kubernetes, or the launcher forwarding

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from dpkit.checkpoint import last_logged_step, latest_complete, preempted_checkpoint
-from dpkit.distributed import EXIT_REQUEUE, could_not_reach, free_port, never_joined
+from dpkit.distributed import (EXIT_NONFINITE, EXIT_REQUEUE, could_not_reach, free_port,
+                               never_joined)
 from dpkit.errors import EXIT_USER_ERROR, Problem, RecipeError
 from dpkit.shipped import ACCELERATE_CONFIGS
 
@@ -449,6 +450,8 @@ def decide(code: int, rank_codes: list[int], preempted: bool, restarts: int,
     """What the supervisor does after one launch ended with `code`."""
     if code == 0:
         return DONE
+    if code == EXIT_NONFINITE or EXIT_NONFINITE in rank_codes:
+        return STOP  # a NaN loss: a restart (or a requeue) replays the same steps into it
     if preempted or code == EXIT_REQUEUE or EXIT_REQUEUE in rank_codes:
         return REQUEUE  # the scheduler takes the node back: a restart here would be killed
     if code == EXIT_USER_ERROR or EXIT_USER_ERROR in rank_codes:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:  # every rank sees the same global loss: rank 0 speaks
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return distributed.EXIT_NONFINITE  # not 1: the supervisor must not restart into it
     except distributed.RendezvousError as e:  # one line per node, not a traceback per rank
         if distributed.launcher_info().local_rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -367,6 +367,9 @@ def _checkpoint(run: Path, step: int) -> Path:
     (143, [], False, 0, "requeue"),       # a rank stopped on SIGTERM (deepspeed launcher)
     (1, [143], False, 0, "requeue"),
     (0, [], True, 0, "done"),             # SIGTERM during the last step: the run finished
+    (1, [3], False, 0, "stop"),           # a NaN loss (nan_policy stop): a restart redoes it
+    (3, [], False, 0, "stop"),            # the same from the deepspeed launcher
+    (1, [3, 3], True, 0, "stop"),         # and a requeue would too
 ])
 def test_supervisor_decides_what_a_failed_launch_means(code, rank_codes, preempted, restarts,
                                                        expected):
@@ -425,6 +428,33 @@ def test_supervisor_gives_up_after_max_restarts_and_never_restarts_recipe_errors
     start, calls = _fake_launches([1, 0], tmp_path)  # the default: no restarts
     assert supervise(LaunchPlan(), RECIPE, [], tmp_path, start=start) == 1
     assert len(calls) == 1
+
+
+def test_a_nan_stop_ends_the_run_without_a_restart(monkeypatch, tmp_path, capsys):
+    import dpkit.train
+    from dpkit.launch import supervise
+    from dpkit.run import NonFiniteLoss
+
+    def nan(*args, **kwargs):
+        raise NonFiniteLoss("loss is nan at step 3 (train.nan_policy is stop)")
+
+    monkeypatch.setattr(dpkit.train, "load_recipe", lambda *args: None)
+    monkeypatch.setattr(dpkit.train, "run", nan)
+    try:
+        code = dpkit.train.main(["recipe.yaml"])  # what each rank exits with
+    finally:
+        distributed.STOP.uninstall()
+    assert "loss is nan at step 3" in capsys.readouterr().err
+    assert code not in (0, 1, 2, 143)  # not a crash, a recipe error or a preemption
+    calls = []
+
+    def start(plan, recipe, overrides, dry_run, grace_s):  # torchrun reporting both ranks' code
+        calls.append(overrides)
+        plan.last_output = "".join(f"[{r}]:\n  exitcode  : {code} (pid: {r})\n" for r in (0, 1))
+        return 1
+
+    assert supervise(LaunchPlan(), RECIPE, [], tmp_path, max_restarts=2, start=start) == 1
+    assert len(calls) == 1  # not restarted into the same NaN
 
 
 def test_supervisor_asks_for_a_requeue_when_the_ranks_stopped_on_sigterm(tmp_path):
