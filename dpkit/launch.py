@@ -103,6 +103,9 @@ class LaunchPlan:
     hostfile: str | None = None
     rendezvous_timeout_s: int = 600
     """How long nodes wait for each other (the recipe's train.collective_timeout_s)."""
+    preemption_grace_s: int = 25
+    """The recipe's train.preemption_grace_s: after passing SIGTERM on, torchrun waits this plus
+    5 s (--shutdown_timeout) before it kills the ranks, so that dpkit's own grace ends first."""
     extra_env: dict[str, str] = field(default_factory=dict)
     _port: int = field(default=0, repr=False)
     _generated: Path | None = field(default=None, repr=False)
@@ -240,7 +243,17 @@ def _torchrun(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | N
         cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--rdzv_backend", "static",
                 "--rdzv_endpoint", f"{addr}:{port}",
                 "--rdzv_conf", f"timeout={plan.rendezvous_timeout_s}"]
+    if _torchrun_has_shutdown_timeout():  # newer torch; older torchrun: a fixed 30 s
+        cmd += ["--shutdown_timeout", str(plan.preemption_grace_s + 5)]
     return cmd + ["-m", "dpkit.train", *target]
+
+
+def _torchrun_has_shutdown_timeout() -> bool:
+    from dataclasses import fields
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return any(f.name == "shutdown_timeout" for f in fields(LaunchConfig))
 
 
 def _accelerate(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None

@@ -32,13 +32,14 @@ def register(subparsers) -> None:
 
 def cmd_train(args) -> int:
     recipe, plan, report = preflight(args)
+    plan.preemption_grace_s = recipe.train.preemption_grace_s  # torchrun's --shutdown_timeout
     for note in report.notes:
         print(f"[dpkit] {note}")
     if args.dry_run:
         return launch(plan, args.recipe, args.overrides, dry_run=True)
     t = recipe.train
     code = supervise(plan, args.recipe, args.overrides, Path(recipe.output.dir),
-                     max_restarts=t.max_restarts, grace_s=t.preemption_grace_s,
+                     max_restarts=t.max_restarts, grace_s=plan.preemption_grace_s,
                      recipe_resume=recipe.resume)
     if code == EXIT_REQUEUE:
         print(preempted_summary(recipe, args), file=sys.stderr)

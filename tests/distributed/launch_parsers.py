@@ -48,10 +48,11 @@ def split(cmd: list[str], module: str) -> list[str]:
 
 
 def commands_of(text: str) -> list[list[str]]:
-    """The command lines of a dry run: notes and comments dropped, leading VAR=value too."""
+    """The command lines of a dry run: notes, comments and log lines (DeepSpeed's `[date]
+    [WARNING] ...` when it is first imported) dropped, leading VAR=value too."""
     out = []
     for line in text.splitlines():
-        if line.startswith(("#", "[dpkit]")) or not line.strip():
+        if line.startswith(("#", "[")) or not line.strip():
             continue
         words = shlex.split(line)
         while "=" in words[0] and not words[0].startswith("/"):

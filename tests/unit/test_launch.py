@@ -44,6 +44,9 @@ def test_torchrun_one_node_is_standalone():
     assert cmd_args[-4:] == ["-m", "dpkit.train", RECIPE, *OVERRIDES][-4:]
     assert args.module and args.training_script == "dpkit.train"
     assert args.training_script_args == [RECIPE, *OVERRIDES]
+    plan.preemption_grace_s = 60  # train.preemption_grace_s: torchrun waits 5 s longer
+    _, config, _ = torchrun_config(split(command(plan, RECIPE, OVERRIDES), "torch.distributed.run"))
+    assert config.shutdown_timeout == 60 + 5
 
 
 @pytest.mark.parametrize("node", [0, 1])
@@ -189,14 +192,17 @@ def recipe_file(tmp_path_factory) -> Path:
 def test_dry_run_prints_every_nodes_command(recipe_file, capsys):
     from dpkit.cli import main
 
-    assert main(["train", str(recipe_file), "--launcher", "torchrun", "--nnodes", "2",
-                 "--nproc-per-node", "2", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
+    assert main(["train", str(recipe_file), "train.preemption_grace_s=100", "--launcher",
+                 "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr",
+                 "10.0.0.9", "--dry-run"]) == 0
     cmds = commands_of(capsys.readouterr().out)
     assert len(cmds) == 2
     for node, cmd in enumerate(cmds):
         _, config, _ = torchrun_config(split(cmd, "torch.distributed.run"))
         assert int(config.rdzv_configs["rank"]) == node and config.max_nodes == 2
         assert int(config.rdzv_configs["timeout"]) == 45  # train.collective_timeout_s
+        # torchrun must not kill the ranks before dpkit's grace (100 s) is over
+        assert config.shutdown_timeout == 100 + 5
         assert config.rdzv_endpoint == "10.0.0.9:29500"
     assert main(["train", str(recipe_file), "--launcher", "deepspeed", "--nodes", "2",
                  "--node-rank", "1", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
