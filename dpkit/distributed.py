@@ -353,6 +353,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (anything picklable) on every rank; `obj` itself without a process
+    group. Every rank must call it, at the same point."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks in one collective (float64: exact for token counts)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

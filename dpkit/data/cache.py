@@ -3,7 +3,8 @@
 The key hashes the data files' content (resolved path, size and a BLAKE2b digest of the bytes:
 an edit that keeps size and mtime, `cp -p` or `touch -r`, is seen; a `touch` alone rebuilds
 nothing), hub dataset ids with their revision and the commit it resolves to now (an unpinned
-dataset that changed upstream gets a new entry), the tokenizer (its whole fast-tokenizer JSON and
+dataset that changed upstream gets a new entry; global rank 0 asks the hub, once, and sends the
+answer to every rank), the tokenizer (its whole fast-tokenizer JSON and
 special tokens), the chat template, each source's format and column mapping, max_seq_len,
 overflow, masking, preference.max_prompt_len, and the source of the tokenization code itself.
 The eval split and the seed are not in it: they are cheap and applied when the cache is read.
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import dpkit
 from dpkit.data import load as L
+from dpkit.distributed import broadcast_object
 from dpkit.errors import RecipeError
 
 MARKER = "COMPLETE"
@@ -64,20 +66,46 @@ def _file_identity(path: Path) -> list:
     return [str(path.resolve()), path.stat().st_size, digest]
 
 
+_RESOLVED: dict[tuple[str, str | None], str | None] = {}
+"""(dataset, revision) -> the commit, asked once per process (on the ranks: rank 0's answers)."""
+
+
 def resolved_revision(source) -> str | None:
     """The commit a hub dataset's revision (None: the default branch) resolves to now, as
     `datasets` resolves it to download; None where the hub can't be asked (offline: the key is
-    then the name and revision as written, which all ranks compute alike)."""
+    then the name and revision as written)."""
     import re
 
     if source.revision and re.fullmatch(r"[0-9a-f]{40}", source.revision):
         return source.revision  # pinned already
-    try:
-        from huggingface_hub import HfApi
+    asked = (source.path, source.revision)
+    if asked not in _RESOLVED:
+        try:
+            from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(source.path, revision=source.revision).sha
-    except Exception:  # offline, unreachable, private without a token: datasets says why later
-        return None
+            _RESOLVED[asked] = HfApi().dataset_info(source.path, revision=source.revision).sha
+        except Exception:  # offline, unreachable, private without a token: datasets says why
+            _RESOLVED[asked] = None
+    return _RESOLVED[asked]
+
+
+def is_hub_source(source) -> bool:
+    return not Path(source.path).expanduser().exists() and not L.is_local_source(source)
+
+
+def agree_on_hub_revisions(section, kinds, rank: int = 0, broadcast=broadcast_object) -> None:
+    """Global rank 0 asks the hub what each hub dataset's revision resolves to, and every rank
+    keys the cache with its answers (`broadcast`: rank 0's value on every rank). One hub call
+    per run, not one per rank: ranks the hub answered differently (a timeout on some) would key
+    different entries and wait for each other's forever. Every rank calls it, at the same point."""
+    answers = None
+    if rank == 0:
+        for kind in kinds:
+            for source in getattr(section, kind):
+                if is_hub_source(source):
+                    resolved_revision(source)
+        answers = dict(_RESOLVED)
+    _RESOLVED.update(broadcast(answers))
 
 
 def source_identity(source) -> dict:
@@ -85,7 +113,7 @@ def source_identity(source) -> dict:
     path = Path(source.path).expanduser()
     if path.exists():
         ident["file"] = _file_identity(path)
-    elif not L.is_local_source(source):
+    elif not L.is_local_source(source):  # on the ranks, rank 0's answer: agree_on_hub_revisions
         ident["resolved_revision"] = resolved_revision(source)
     return ident
 
@@ -261,6 +289,7 @@ def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: b
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
+    agree_on_hub_revisions(section, kinds, rank)
     entry, material = entry_dir(section, tokenizer, kinds, max_prompt_len)
     t0, rss_before = time.perf_counter(), _rss_mb()
     notes = []

@@ -4,6 +4,7 @@ and saved position (two feeds in one process stand for two ranks)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from conftest import MESSAGES, TOKENIZER
@@ -366,6 +367,40 @@ def test_a_hub_dataset_that_moved_upstream_gets_a_new_key(tok, monkeypatch):
         monkeypatch.setattr(cache, "resolved_revision", lambda source, sha=sha: sha)
         keys.append(cache_key(section, tok, ("sources",))[0])
     assert keys[0] != keys[1] == keys[2]
+
+
+def test_ranks_the_hub_answers_differently_agree_on_rank_0s_commit(tok, monkeypatch):
+    """The hub answers rank 0 and times out on rank 1 (or names a newer commit): both key the
+    cache with rank 0's answer, sent by broadcast (stood in for here), and only rank 0 asks."""
+    import huggingface_hub
+
+    from dpkit.data import cache
+
+    section = DataSection(sources=[{"path": "someone/prefs", "format": "text"}])
+    asked = []
+
+    def hub(answer):
+        def dataset_info(self, repo_id, revision=None, **kwargs):
+            asked.append(answer)
+            if answer is None:
+                raise TimeoutError("the hub did not answer")
+            return SimpleNamespace(sha=answer)
+        return dataset_info
+
+    def rank_key(rank, answer, broadcast):  # one rank's process: its own memo, its own hub
+        monkeypatch.setattr(cache, "_RESOLVED", {})
+        monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", hub(answer))
+        if broadcast is not None:
+            cache.agree_on_hub_revisions(section, ("sources",), rank, broadcast)
+        return cache_key(section, tok, ("sources",))[0]
+
+    for other in (None, "b" * 40):
+        sent = []
+        key0 = rank_key(0, "a" * 40, lambda obj: sent.append(obj) or obj)
+        asked.clear()
+        assert rank_key(1, other, lambda obj: sent[0]) == key0
+        assert asked == []  # rank 1 never asked the hub
+        assert rank_key(1, other, None) != key0  # asking itself, it would wait on another entry
 
 
 def test_preference_pairs_are_tokenized_once_into_the_cache(tmp_path, tok, monkeypatch):
