@@ -237,12 +237,13 @@ class TrainSection(_Section):
     """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
     hanging: a dead rank or node ends the job within this time."""
     max_restarts: int = Field(default=0, ge=0)
-    """When a rank dies (killed, out of memory; not a recipe error, not a preemption), `dpkit
-    train` restarts all ranks from this run's last complete checkpoint, up to this many times."""
+    """When a rank dies (killed, out of memory; not a recipe error, a NaN loss or a preemption),
+    `dpkit train` restarts all ranks from this run's last complete checkpoint, up to this many
+    times."""
     preemption_grace_s: int = Field(default=25, gt=0)
     """After SIGTERM the ranks finish the step, write a checkpoint and exit (code 143: requeue);
-    `dpkit train` kills them this long after the signal. Keep it under the scheduler's window
-    (SLURM and the launchers send SIGKILL about 30 s after SIGTERM)."""
+    `dpkit train` kills them this long after the signal (and gives torchrun 5 s more). Keep it
+    under the scheduler's window (SLURM sends SIGKILL 30 s after SIGTERM by default)."""
     sequence_parallel: int = Field(default=1, gt=0)
     """Ranks that split each row's sequence between them (DeepSpeed Ulysses, dpkit/parallel/);
     the world is data-parallel × this. 1: no sequence parallelism."""
@@ -348,9 +349,10 @@ class Recipe(_Section):
     hub: HubSection | None = None
     """Push the trained model with a model card to the Hugging Face Hub (see docs/hub.md)."""
     resume: str | None = None
-    """`auto`: continue from the newest complete checkpoint in `output.dir` (start fresh if there
-    is none; a finished run is left as it is); or a checkpoint path (a pickle: only your own).
-    Another world size or ZeRO stage is converted automatically."""
+    """`auto`: continue from the checkpoint `output.dir/checkpoints/latest` names, this run's last
+    complete one (after a rewind, not the highest step on disk; start fresh if there is none; a
+    finished run is left as it is); or a checkpoint path (a pickle: only your own). Another
+    world size or ZeRO stage is converted automatically."""
     objective: Literal[tuple(METHODS)] = "sft"  # type: ignore[valid-type]
     """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
     preference: PreferenceSection | None = None
