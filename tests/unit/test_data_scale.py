@@ -458,3 +458,30 @@ def test_a_torn_cache_entry_is_rebuilt_with_a_note(tmp_path, capsys):
         assert json.loads(meta.read_text()) and (entry / "COMPLETE").is_file()
     assert main(["prepare", str(recipe)]) == 0
     assert "already prepared" in capsys.readouterr().out
+
+
+def test_summary_records_the_prompts_extracted_from_implicit_prompt_pairs(tmp_path, tok):
+    """summary.json's data counts include the pairs whose prompt dpkit cut from chosen/rejected
+    (no prompt column): here 2 of 3 pairs, as written below, read through the cache as a run."""
+    from dpkit.run import Run
+
+    head = "\n\nHuman: What color is the sky?\n\nAssistant:"
+    rows = [{"chosen": head + " Blue.", "rejected": head + " Green."},
+            {"chosen": head + " It is blue.", "rejected": head + " It is black."},
+            {"prompt": head, "chosen": " Blue.", "rejected": " Red."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = DataSection(sources=[{"path": str(path), "format": "preference"}],
+                          cache_dir=str(tmp_path / "c"))
+    _, evals, stats = load_cached(section, tok, seed=0, say=lambda m: None)
+    run = SimpleNamespace(  # a finished run's state, as summary() reads it
+        recipe=SimpleNamespace(zero=SimpleNamespace(stage=2), data=section,
+                               model=SimpleNamespace(dtype="float32", name_or_path="tiny")),
+        batch=SimpleNamespace(global_batch_size=8, micro_batch_size=2, grad_accum=1,
+                              sequence_parallel=1),
+        data_stats=stats, eval_rows=evals, total_steps=1, tokens_seen=0, last_loss=None,
+        last_eval=None, env=SimpleNamespace(world_size=1, device=SimpleNamespace(type="cpu")),
+        attention="eager", objective=SimpleNamespace(card=dict), n_params=0, n_train=0,
+        evals=SimpleNamespace(summary=dict), started=0.0)
+    data = Run.summary(run)["data"]
+    assert data["prompts_extracted"] == 2 and data["rows"] == 3
