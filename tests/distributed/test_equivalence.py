@@ -1,10 +1,11 @@
-"""Data-parallel equivalence on real ranks: ZeRO 0–3 over 2 gloo ranks give the per-step losses
-of one process on the same global batch and initial weights; accumulation splits don't matter."""
+"""Data-parallel equivalence on real ranks, for what the combination matrix (test_matrix.py, every
+ZeRO layout × method × LoRA × packing × ...) does not vary: the tiled loss under ZeRO-3, packed
+rows, torch.compile'd layers and accumulation splits give the per-step losses of one process."""
 
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_metrics, tiny_recipe, torchrun, train_losses, write_recipe
+from conftest import ROOT, tiny_recipe, torchrun, train_losses, write_recipe
 
 pytestmark = pytest.mark.distributed
 DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
@@ -30,54 +31,26 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                         train={**train, "global_batch_size": 4,
                                                "micro_batch_size": 4}),
     }
-    # Two ranks, micro 2 × accumulation 2 × world 2 = 8, each ZeRO stage.
-    double = {f"zero{s}": tiny_recipe(tmp / f"zero{s}", zero={"stage": s},
-                                      train={**train, "micro_batch_size": 2})
-              for s in (0, 1, 2, 3)}
+    # Two ranks, micro 2 × accumulation 2 × world 2 = 8. Every ZeRO layout against one process is
+    # in the combination matrix (test_matrix.py); here what the matrix does not vary.
+    double = {}
     # The loss over tiles of 16 tokens (a micro-batch of one tile goes through the full logits,
     # as every other run here does): the head gathered and reduced per call under ZeRO-3.
     double["zero3_tiled"] = tiny_recipe(tmp / "zero3_tiled", zero={"stage": 3},
                                         train={**train, "micro_batch_size": 2},
                                         compute={"loss_tile_tokens": 16})
-    # ZeRO-1 with the optimizer on the CPU (DeepSpeed's CPU Adam): its own template.
-    double["zero1_offload"] = tiny_recipe(tmp / "zero1_offload",
-                                          zero={"stage": 1, "offload_optimizer": "cpu"},
-                                          train={**train, "micro_batch_size": 2})
     double["packed_zero2"] = tiny_recipe(tmp / "packed_zero2", zero={"stage": 2},
                                          data={"packing": True, "max_seq_len": 256},
                                          train={**train, "global_batch_size": 4,
                                                 "micro_batch_size": 1})
-    # The same on 2 ranks with each decoder layer torch.compile'd (the inductor CPU backend).
-    double["packed_zero2_compiled"] = tiny_recipe(tmp / "packed_zero2_compiled",
-                                                  zero={"stage": 2},
-                                                  data={"packing": True, "max_seq_len": 256},
-                                                  train={**train, "global_batch_size": 4,
-                                                         "micro_batch_size": 1, "compile": True})
+    # Each decoder layer torch.compile'd on 2 ranks (the inductor CPU backend), padded rows: packed
+    # rows' per-row attention breaks the graph and recompiles, ~30 s more of C++ builds here.
+    double["zero2_compiled"] = tiny_recipe(tmp / "zero2_compiled", zero={"stage": 2},
+                                           train={**train, "micro_batch_size": 2, "compile": True})
     for group, nproc in ((single, 1), (double, 2)):
         paths = [str(write_recipe(tmp / f"{name}.yaml", r)) for name, r in group.items()]
         torchrun(nproc, paths, script=DRIVER, timeout=420)
     return {name: tmp / name for name in (*single, *double)}
-
-
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_one_process(runs, stage):
-    reference = train_losses(runs["reference"])
-    got = train_losses(runs[f"zero{stage}"])
-    assert len(reference) == len(got) == STEPS
-    assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
-    # The run must actually learn, or equal losses would prove nothing.
-    assert got[-1] < got[0] - 0.1
-
-
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_gradient_norms_match_one_process(runs, stage):
-    """The logged gradient norm of step 1 (same weights, same global batch): ZeRO 1-3 report
-    DeepSpeed's, fp32 ZeRO-0 (here and in the one-process reference) dpkit's own
-    (step.plain_grad_norm), which DeepSpeed does not keep."""
-    want = read_metrics(runs["reference"])[0]["grad_norm"]
-    got = read_metrics(runs[f"zero{stage}"])[0]["grad_norm"]
-    assert want is not None and want > 0
-    assert got == pytest.approx(want, rel=1e-5), (stage, want, got)
 
 
 def test_tiled_loss_under_zero3_matches_one_process(runs):
@@ -85,18 +58,7 @@ def test_tiled_loss_under_zero3_matches_one_process(runs):
     assert "tiled: 16 tokens" in (runs["zero3_tiled"] / "logs" / "rank0.log").read_text()
     assert len(reference) == len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
-
-
-def test_zero1_with_cpu_offload_trains_like_one_process(runs):
-    """ZeRO-1 + offload_optimizer: cpu resolves to zero1_offload.json and DeepSpeedCPUAdam
-    (adamw mode) steps like torch's AdamW in the one-process reference."""
-    reference = train_losses(runs["reference"])
-    got = train_losses(runs["zero1_offload"])
-    config = (runs["zero1_offload"] / "ds_config.json").read_text()
-    assert '"device": "cpu"' in config and '"stage": 1' in config, config
-    assert len(reference) == len(got) == STEPS
-    assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)
-    assert got[-1] < got[0] - 0.1
+    assert got[-1] < got[0] - 0.1  # it learns: equal flat losses would prove nothing
 
 
 def test_gradient_accumulation_split_does_not_matter(runs):
@@ -112,9 +74,9 @@ def test_packed_two_ranks_match_one_process(runs):
 
 
 def test_compiled_layers_match_one_eager_process(runs):
-    reference = train_losses(runs["packed_reference"])
-    got = train_losses(runs["packed_zero2_compiled"])
-    log = (runs["packed_zero2_compiled"] / "logs" / "rank0.log").read_text()
+    reference = train_losses(runs["reference"])
+    got = train_losses(runs["zero2_compiled"])
+    log = (runs["zero2_compiled"] / "logs" / "rank0.log").read_text()
     assert "[dpkit] compile: " in log and "[dpkit] compile: 0 modules" not in log, log
     assert len(reference) == len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(reference, got)) <= TOL, (reference, got)

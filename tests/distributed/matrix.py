@@ -1,0 +1,209 @@
+"""The combination matrix: every pair of factor levels the schema and the registries accept, each
+combination either refused by `dpkit validate` or trained on real ranks (tests/distributed/
+test_matrix.py).
+
+The factors are read, not listed by hand, wherever the code has a list:
+- the methods from the method registry (dpkit.names.METHODS);
+- the ZeRO layouts from the DeepSpeed template registry (dpkit.zero.TEMPLATES: stage × optimizer
+  offload × parameter offload);
+- every other factor is a schema field whose levels are its type's (booleans, Literals) or, for an
+  open number (sequence parallel degree), the levels named here.
+`test_matrix.py` fails when the schema or a registry has a level this module neither covers nor
+excludes with a reason, so a new option cannot land without its entry.
+
+The rows are a covering array built greedily: every pair of levels of two factors appears in some
+row, except pairs that `validate` refuses by design (REFUSED, each with the reason docs/matrix.md
+gives). A refused pair gets one row of its own, which the test runs through `dpkit validate`.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+from dpkit.names import METHODS, methods_with
+from dpkit.recipe import DataSection, PeftSection, TrainSection, ZeroSection
+from dpkit.zero import TEMPLATES
+
+PREFERENCE = methods_with("preference")
+
+
+def zero_level(stage: int, opt: str, par: str) -> str:
+    """'3', '2+opt', '3+opt+par': a ZeRO layout as one factor level."""
+    return str(stage) + ("+opt" if opt != "none" else "") + ("+par" if par != "none" else "")
+
+
+# Levels the matrix cannot run on these machines: (factor, level) → why. Each stays refused or
+# unsupported only for the reason given; docs/matrix.md lists them.
+EXCLUDED: dict[tuple[str, str], str] = {
+    (f, lvl): "NVMe offload needs DeepSpeed's async I/O op (libaio) and a local NVMe drive; "
+              "validate checks the recipe, the training is left to GPU machines"
+    for f, lvl in [("zero.offload_optimizer", "nvme"), ("zero.offload_params", "nvme")]
+}
+EXCLUDED[("peft", "qlora")] = ("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); validate refuses it "
+                               "on CPU, scripts/gpu_qlora_check.py runs it on a GPU")
+
+FACTORS: dict[str, tuple] = {
+    "method": tuple(METHODS),
+    "zero": tuple(zero_level(*k) for k in TEMPLATES if "nvme" not in k),
+    "peft": (None, "lora"),
+    "packing": (False, True),
+    "sequence_parallel": (1, 2),
+    "streaming": (False, True),
+    "tail": ("even", "uneven"),
+    "dropout": (0.0, 0.1),
+}
+"""Factor → its levels. `tail` and `dropout` are properties of the data and the model: an uneven
+tail leaves a rank empty micro-batches at the epoch's end and an odd number of eval rows."""
+
+# The schema fields behind the factors whose levels come from a type: a Literal or a bool field
+# gaining a level fails test_every_schema_level_is_in_the_matrix until FACTORS or EXCLUDED has it.
+SCHEMA_FIELDS: dict[str, tuple[type, str]] = {
+    "packing": (DataSection, "packing"),
+    "streaming": (DataSection, "streaming"),
+    "peft": (PeftSection, "method"),
+    "zero.stage": (ZeroSection, "stage"),
+    "zero.offload_optimizer": (ZeroSection, "offload_optimizer"),
+    "zero.offload_params": (ZeroSection, "offload_params"),
+    "sequence_parallel": (TrainSection, "sequence_parallel"),
+}
+
+
+def schema_levels(model: type, field: str) -> tuple | None:
+    """A field's levels from its type (None for an open number)."""
+    kind = model.model_fields[field].annotation
+    if kind is bool:
+        return (False, True)
+    args = typing.get_args(kind)
+    return args if typing.get_origin(kind) is typing.Literal else None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    when: dict[str, tuple]
+    """factor → the levels that together are refused"""
+    keys: tuple[str, ...]
+    """the recipe keys validate's line names"""
+    why: str
+
+
+REFUSED: tuple[Refusal, ...] = (
+    Refusal({"method": PREFERENCE, "sequence_parallel": (2,)},
+            ("train.sequence_parallel", "objective"),
+            "the sequence split would cut a pair's chosen/rejected rows and its pair mask"),
+    Refusal({"method": PREFERENCE, "streaming": (True,)}, ("data.streaming", "objective"),
+            "preference pairs are tokenized and held in memory; streaming reads rows only"),
+    Refusal({"zero": ("0",), "sequence_parallel": (2,)}, ("zero.stage",),
+            "DeepSpeed clips ZeRO-0 gradients with tensor-parallel bookkeeping that sequence "
+            "parallelism would skew"),
+)
+"""Combinations `dpkit validate` refuses by design, each in one line naming its keys."""
+
+
+def refusal(row: dict) -> Refusal | None:
+    for r in REFUSED:
+        if all(row.get(f) in levels for f, levels in r.when.items()):
+            return r
+    return None
+
+
+def _pairs(row: dict) -> set:
+    return {(a, row[a], b, row[b]) for a, b in combinations(FACTORS, 2) if a in row and b in row}
+
+
+def covering_rows() -> list[dict]:
+    """Greedy pairwise covering array over FACTORS, deterministic. Rows that a Refusal matches
+    are never generated here (their pairs cannot be trained); refused_rows() adds one per
+    Refusal."""
+    names = list(FACTORS)
+    uncovered = {(a, la, b, lb) for a, b in combinations(names, 2)
+                 for la in FACTORS[a] for lb in FACTORS[b]}
+    # pairs refused whatever the other factors are: nothing to cover
+    uncovered = {p for p in uncovered if refusal({p[0]: p[1], p[2]: p[3]}) is None}
+    rows: list[dict] = []
+    while uncovered:
+        a, la, b, lb = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]),
+                                                     FACTORS[p[0]].index(p[1]),
+                                                     FACTORS[p[2]].index(p[3])))
+        row = {a: la, b: lb}
+        for f in names:
+            if f in row:
+                continue
+            options = [lvl for lvl in FACTORS[f] if refusal({**row, f: lvl}) is None]
+            row[f] = max(options, key=lambda lvl: (len(_pairs({**row, f: lvl}) & uncovered),
+                                                   -FACTORS[f].index(lvl)))
+        assert refusal(row) is None, row
+        uncovered -= _pairs(row)
+        rows.append(row)
+    return rows
+
+
+def refused_rows() -> list[dict]:
+    """One row per Refusal: its levels, every other factor at its first level."""
+    return [{f: (r.when[f][0] if f in r.when else FACTORS[f][0]) for f in FACTORS}
+            for r in REFUSED]
+
+
+def row_name(row: dict) -> str:
+    return "-".join([row["method"], "z" + row["zero"].replace("+", "_"),
+                     row["peft"] or "full", *(["packed"] if row["packing"] else []),
+                     *([f"sp{row['sequence_parallel']}"] if row["sequence_parallel"] > 1 else []),
+                     *(["stream"] if row["streaming"] else []), row["tail"],
+                     *(["dropout"] if row["dropout"] else [])])
+
+
+def compares_to_one_process(row: dict) -> bool:
+    """Dropout draws its masks per rank and streaming shuffles per rank: by design a world size
+    changes those numbers, so they are held to a bitwise resume instead."""
+    return not row["dropout"] and not row["streaming"]
+
+
+def parse_zero(level: str) -> dict:
+    stage = int(level[0])
+    return {"stage": stage, "offload_optimizer": "cpu" if "+opt" in level else "none",
+            "offload_params": "cpu" if "+par" in level else "none"}
+
+
+# Data: 12 train rows or pairs (a global batch of 4: three full steps), or, uneven, 13 rows or 14
+# pairs (a 4th step of 1 or 2, which on 2 ranks × micro 1 leaves a rank empty micro-batches) and
+# 3 eval rows over 2 ranks. test_matrix checks the counts from each run's metrics and summary.
+GLOBAL_BATCH = 4
+ROWS = {"even": (12, 0.0), "uneven": (17, 0.18)}  # max_rows, eval_fraction
+
+
+def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
+           model_config: dict, steps: int | None = None) -> dict:
+    """The row's recipe: a tiny fp32 model on the bundled data."""
+    preference = row["method"] in PREFERENCE
+    max_rows, eval_fraction = ROWS[row["tail"]]
+    config = dict(model_config, attention_dropout=row["dropout"])
+    r = {
+        "model": {"config": config, "tokenizer": tokenizer, "dtype": "float32"},
+        "data": {"sources": [{"path": pref_data if preference else sft_data,
+                              "format": "preference" if preference else "messages",
+                              "max_rows": max_rows}],
+                 "max_seq_len": 96, "packing": row["packing"],
+                 "streaming": row["streaming"], "eval_fraction": eval_fraction,
+                 "shuffle_buffer": 8},
+        "train": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": 1, "lr": 1e-2,
+                  "lr_schedule": "constant", "sequence_parallel": row["sequence_parallel"],
+                  "max_grad_norm": 1.0},
+        "zero": parse_zero(row["zero"]),
+        "objective": row["method"],
+        "output": {"dir": str(out), "save_model": False},
+        "eval": {"num_prompts": 0},
+    }
+    if row["streaming"] and eval_fraction:  # a stream holds nothing out: eval rows of their own
+        r["data"]["eval_fraction"] = 0.0
+        r["data"]["eval_sources"] = [{**r["data"]["sources"][0], "max_rows": 3}]
+    if steps is not None:
+        r["train"]["max_steps"] = steps
+    elif row["streaming"]:  # a stream has no known length
+        r["train"]["max_steps"] = 3
+    if preference:
+        r["preference"] = {"max_prompt_len": 24}
+    if row["peft"]:
+        r["peft"] = {"method": row["peft"], "r": 4, "alpha": 8, "dropout": row["dropout"]}
+    return r

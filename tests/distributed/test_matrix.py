@@ -1,0 +1,212 @@
+"""Every combination the schema accepts is proven or refused (tests/distributed/matrix.py builds
+the rows from the schema and the registries).
+
+Each row is run through `dpkit validate` first: a refused combination must be one of
+matrix.REFUSED and say so in one line naming its keys (exit 2); every other row must pass and then
+train on 2 real ranks with every logged number finite, and
+- where the world size cannot change the numbers (dropout 0, no streaming): per-step losses and
+  eval losses equal one process within 1e-5 (fp32);
+- where it can by design (dropout masks and streaming shuffle windows are drawn per rank): a resume
+  from the step-2 checkpoint continues bitwise equal.
+Two launches in all: every 1-process reference, then every 2-rank row and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import MESSAGES, ROOT, TINY_LLAMA, TOKENIZER, read_metrics, torchrun, write_recipe
+
+from distributed import matrix as M
+from dpkit.cli import main
+
+pytestmark = pytest.mark.distributed
+DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
+PREF = "dpkit:data/self_instruct_seed.preference.jsonl"
+TOL = 1e-5
+PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                   "logps/rejected")
+ROWS = {M.row_name(r): r for r in M.covering_rows()}
+
+
+def build(row: dict, out: Path, **kw) -> dict:
+    return M.recipe(row, out, str(TOKENIZER), str(MESSAGES), PREF, TINY_LLAMA, **kw)
+
+
+def validate(path: Path) -> tuple[int, str]:
+    """`dpkit validate` in this process (its exit code and what it printed on stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["validate", str(path), "--nproc-per-node", "2"])
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("matrix")
+    single, double, resumed = {}, {}, {}
+    for name, row in ROWS.items():
+        r = build(row, tmp / name)
+        if M.compares_to_one_process(row):
+            single[f"{name}.one"] = build({**row, "sequence_parallel": 1}, tmp / f"{name}.one")
+        else:
+            r["output"]["save_steps"] = 2
+            resumed[f"{name}.resumed"] = {**build(row, tmp / f"{name}.resumed"),
+                                          "resume": str(tmp / name / "checkpoints" /
+                                                        "step-00000002")}
+        double[name] = r
+    refused = {}
+    for name, r in double.items():  # what validate says OK must train: checked below
+        code, err = validate(write_recipe(tmp / f"{name}.yaml", r))
+        if code:
+            refused[name] = err.strip()
+    assert not refused, f"validate refused combinations matrix.REFUSED does not list: {refused}"
+    for group, nproc in ((single, 1), ({**double, **resumed}, 2)):  # a resume after its run
+        paths = [str(write_recipe(tmp / f"{name}.yaml", r)) for name, r in group.items()]
+        torchrun(nproc, paths, script=DRIVER, timeout=900)
+    return tmp
+
+
+# ------------------------------------------------------------------- the matrix is the schema's
+def test_every_schema_level_is_in_the_matrix():
+    """A level the schema or a registry gains without a matrix entry (or an exclusion with its
+    reason) fails here."""
+    missing = []
+    for factor, (model, field) in M.SCHEMA_FIELDS.items():
+        for level in M.schema_levels(model, field) or ():
+            if (factor, level) in M.EXCLUDED:
+                continue
+            if factor.startswith("zero."):  # the layouts: one factor, read from TEMPLATES
+                layouts = [M.parse_zero(z) for z in M.FACTORS["zero"]]
+                ok = any(z[field] == level for z in layouts)
+            else:
+                ok = level in M.FACTORS[factor]
+            if not ok:
+                missing.append(f"{factor}={level!r}")
+    assert not missing, f"schema levels with no entry in tests/distributed/matrix.py: {missing}"
+    assert set(M.FACTORS["method"]) == set(M.METHODS)
+
+
+def test_rows_cover_every_pair_of_levels():
+    """Written independently of the generator: every pair of levels of two factors is in a row,
+    unless it is a refused pair."""
+    rows = list(ROWS.values())
+    for a, b in itertools.combinations(M.FACTORS, 2):
+        for la, lb in itertools.product(M.FACTORS[a], M.FACTORS[b]):
+            if M.refusal({a: la, b: lb}):
+                continue
+            assert any(r[a] == la and r[b] == lb for r in rows), (a, la, b, lb)
+    assert all(M.refusal(r) is None for r in rows)
+
+
+@pytest.mark.parametrize("row", M.refused_rows(), ids=M.row_name)
+def test_refused_combinations_are_refused_in_one_line(row, tmp_path):
+    why = M.refusal(row)
+    code, err = validate(write_recipe(tmp_path / "r.yaml", build(row, tmp_path / "run")))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert all(key in lines[0] for key in why.keys), (why.keys, lines[0])
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_layouts_without_a_template_are_refused(tmp_path):
+    stages = M.schema_levels(M.ZeroSection, "stage")
+    offloads = [o for o in M.schema_levels(M.ZeroSection, "offload_optimizer") if o != "nvme"]
+    row = next(iter(ROWS.values()))
+    for stage, opt, par in itertools.product(stages, offloads, offloads):
+        if (stage, opt, par) in M.TEMPLATES:
+            continue
+        r = build(row, tmp_path / "run")
+        r["zero"] = {"stage": stage, "offload_optimizer": opt, "offload_params": par}
+        code, err = validate(write_recipe(tmp_path / "r.yaml", r))
+        assert code == 2 and "zero." in err, (stage, opt, par, err)
+
+
+def test_qlora_is_refused_on_cpu(tmp_path):
+    r = build(next(iter(ROWS.values())), tmp_path / "run")
+    r["peft"] = {"method": "qlora"}
+    code, err = validate(write_recipe(tmp_path / "r.yaml", r))
+    assert code == 2 and "peft.method" in err and "CUDA" in err, err
+
+
+def test_docs_list_every_refusal_and_exclusion():
+    doc = (ROOT / "docs" / "matrix.md").read_text()
+    for r in M.REFUSED:
+        assert r.why in doc and all(k in doc for k in r.keys), r
+    for (factor, level), why in M.EXCLUDED.items():
+        assert why in doc and f"{factor}: {level}" in doc, (factor, level)
+
+
+# ------------------------------------------------------------------------------ the trained rows
+def _steps(run: Path) -> list[dict]:
+    return [m for m in read_metrics(run) if "loss" in m]
+
+
+def _evals(run: Path) -> list[float]:
+    return [m["eval_loss"] for m in read_metrics(run) if "eval_loss" in m]
+
+
+def _numbers(line: dict):
+    for v in line.values():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield v
+        elif isinstance(v, list):
+            yield from (x for x in v if isinstance(x, (int, float)))
+
+
+# Found by this matrix, not yet mended: under ZeRO-3 with the optimizer offloaded to the CPU and
+# a LoRA adapter, the second step after a resume differs from the uninterrupted run by ~1e-6 (the
+# first is bitwise equal), so DeepSpeed's CPU Adam state or the offloaded fp32 partitions of the
+# adapter do not come back exactly. Strict: the mark fails the suite once they do.
+KNOWN = {name: pytest.mark.xfail(strict=True, reason="ZeRO-3 + CPU optimizer offload + LoRA: "
+                                 "resume not bitwise (~1e-6 at the second step)")
+         for name, row in ROWS.items()
+         if row["zero"].startswith("3+opt") and row["peft"] and not M.compares_to_one_process(row)}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in ROWS])
+def test_combination_trains_as_promised(runs, name):
+    row, run = ROWS[name], runs / name
+    summary = json.loads((run / "summary.json").read_text())
+    steps = _steps(run)
+    assert steps, name
+    bad = [m for m in read_metrics(run) for v in _numbers(m) if not math.isfinite(v)]
+    assert not bad, bad
+    assert all(m["grad_norm"] > 0 for m in steps)  # it learned something at every step
+    if row["method"] in M.PREFERENCE:  # the reference is what the method and LoRA ask for
+        log = (run / "logs" / "rank0.log").read_text()
+        want = ("no reference model" if row["method"] not in ("dpo", "ipo") else
+                "reference adapter_off" if row["peft"] else "reference precomputed")
+        assert want in log, want
+    uneven = row["tail"] == "uneven"
+    assert (summary["data"]["eval_rows"] % 2 == 1) == uneven, summary["data"]  # 2 eval shards
+    if not row["streaming"] and not (row["packing"] and row["method"] == "sft"):
+        # the fixture is as unkind as it says (packed rows are batched as the packer fills them)
+        per_item = 2 if row["method"] in M.PREFERENCE else 1  # a pair is two rows
+        items = [m["samples"] / per_item for m in steps]
+        if uneven:  # the last step leaves a rank an empty micro-batch
+            full = [M.GLOBAL_BATCH] * (len(items) - 1)
+            assert items[:-1] == full and items[-1] < M.GLOBAL_BATCH, items
+        else:
+            assert items == [M.GLOBAL_BATCH] * len(items), items
+    if M.compares_to_one_process(row):
+        one = runs / f"{name}.one"
+        a, b = [m["loss"] for m in steps], [m["loss"] for m in _steps(one)]
+        assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= TOL, (a, b)
+        ga, gb = steps[0]["grad_norm"], _steps(one)[0]["grad_norm"]  # what clipping acted on
+        assert abs(ga - gb) <= TOL * max(1.0, gb), (ga, gb)
+        for key in PREFERENCE_KEYS if row["method"] in M.PREFERENCE else ():
+            x, y = [m[key] for m in steps], [m[key] for m in _steps(one)]
+            tol = TOL * max(1.0, *map(abs, y))  # log-probs are sums over ~50 tokens
+            assert max(abs(p - q) for p, q in zip(x, y)) <= tol, (key, x, y)
+        ea, eb = _evals(run), _evals(one)
+        assert len(ea) == len(eb) and all(abs(x - y) <= TOL for x, y in zip(ea, eb)), (ea, eb)
+    else:
+        resumed = _steps(runs / f"{name}.resumed")
+        assert [m["step"] for m in resumed] == [m["step"] for m in steps[2:]]
+        assert [m["loss"] for m in resumed] == [m["loss"] for m in steps[2:]]
