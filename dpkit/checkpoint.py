@@ -250,8 +250,11 @@ def needs_universal(ckpt: Path, world_size: int, zero_stage: int) -> bool:
     return saved.world_size != world_size or saved.zero_stage != zero_stage
 
 
-def convert_to_universal(ckpt: Path, env) -> Path:
-    """DeepSpeed's universal format (any world size / stage), made once, cached in the checkpoint."""
+def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:
+    """DeepSpeed's universal format (any world size / stage), made once, cached in the checkpoint.
+    Rank 0 converts; the others wait up to `bound_s` (train.single_rank_work_timeout_s), not the
+    collective timeout: a conversion cut short leaves no marker and would be redone, and cut
+    short again, on every retry."""
     target = ckpt / "universal"
     if env.is_main and not (target / MARKER).is_file():
         from argparse import Namespace
@@ -268,7 +271,7 @@ def convert_to_universal(ckpt: Path, env) -> Path:
         _alias_model_states(target / "ds")
         _add_stage3_optimizer_state(target / "ds" / "zero")
         _atomic_write(target / MARKER, "universal\n")
-    distributed.barrier()
+    distributed.wait_for_main("convert the checkpoint to the universal format", bound_s)
     return target
 
 

@@ -353,6 +353,63 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+class MainWorkTimeout(RuntimeError):
+    """Rank 0's work alone (a conversion, a merge, a save, lm-eval, an upload) outlasted
+    train.single_rank_work_timeout_s, or rank 0 went away during it."""
+
+
+_WAITS = 0
+"""How many waits this process has made: every rank counts the same, which names each wait."""
+
+
+def wait_for_main(what: str, bound_s: float, every_s: float = 60.0, say=None) -> None:
+    """Where rank 0 has just done something alone, the other ranks wait here for it to finish
+    (`what`: "convert the checkpoint to the universal format"). Every rank calls it, at the same
+    point, after the work. Not a barrier: a barrier is a collective, bounded by
+    train.collective_timeout_s, and a conversion or an upload of a large model outlasts that —
+    the waiting ranks would fail and the launcher kill rank 0 before it finished (and marked its
+    work done), on every retry again. Rank 0 sets a key on the process group's store; the others
+    look for the key with no collective pending, saying every `every_s` what they wait for, and
+    give up after `bound_s` (train.single_rank_work_timeout_s) with one line naming it."""
+    global _WAITS
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    from torch.distributed import DistNetworkError
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    _WAITS += 1
+    key = f"dpkit_main_done/{restart_count()}/{_WAITS}"  # a restarted group: fresh keys
+    store, rank = _get_default_store(), torch.distributed.get_rank()
+    if rank == 0:
+        store.set(key, what)
+        return
+    if say is None:  # one waiting rank on the terminal, every waiting rank in its own log
+        import logging
+
+        say = (lambda line: print(line, flush=True)) if rank == 1 else \
+            logging.getLogger("dpkit").info
+    start = time.monotonic()
+    said_at, pause = start, 0.01
+    while True:
+        try:  # check, not a timed wait: each timed-out wait logs torch's C++ warnings
+            if store.check([key]):
+                return
+        except DistNetworkError as e:  # rank 0 hosted the store and died
+            raise MainWorkTimeout(f"rank {rank}: rank 0 went away while this rank waited for it "
+                                  f"to {what} — see rank 0's log (logs/rank0.log)") from e
+        now = time.monotonic()
+        if now - start >= bound_s:
+            raise MainWorkTimeout(
+                f"rank {rank} gave up waiting for rank 0 to {what} after {bound_s:g} s "
+                "(train.single_rank_work_timeout_s) — raise it if the work needs longer, or see "
+                "rank 0's log (logs/rank0.log) for why it stalled")
+        if now - said_at >= every_s:
+            said_at = now
+            say(f"[dpkit] rank {rank}: waiting for rank 0 to {what} ({now - start:.0f} s so far)")
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)  # short work is noticed at once, long work costs 1 check/s
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` (anything picklable) on every rank; `obj` itself without a process
     group. Every rank must call it, at the same point."""

@@ -79,8 +79,9 @@ def lr_now(scheduler) -> float:
     return scheduler.get_last_lr()[0]
 
 
-def save_model(engine, tokenizer, out_dir: Path, env, stage: int) -> None:
-    """Hugging Face format (safetensors), written to a temporary name and renamed when complete."""
+def save_model(engine, tokenizer, out_dir: Path, env, stage: int, bound_s: float) -> None:
+    """Hugging Face format (safetensors), written to a temporary name and renamed when complete;
+    rank 0 writes while the others wait up to `bound_s` (train.single_rank_work_timeout_s)."""
     state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
     if env.is_main:
         tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -91,4 +92,4 @@ def save_model(engine, tokenizer, out_dir: Path, env, stage: int) -> None:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
-    distributed.barrier()
+    distributed.wait_for_main("write the final model", bound_s)

@@ -287,8 +287,9 @@ def push_on_main(run_dir: str | Path, hub: HubSection, *, is_main: bool,
 
     A failed push, whatever the cause, is reported and training's result stands (the model is
     on disk): a Hub outage or a card bug never fails a finished run, nor leaves the other ranks
-    waiting for a rank 0 that died. The barrier must allow for upload time: call this after
-    the last collective, or give the process group a timeout longer than the push.
+    waiting for a rank 0 that died. The wait must allow for upload time: the training loop
+    passes dpkit.distributed.wait_for_main (up to train.single_rank_work_timeout_s), not a
+    barrier, which the collective timeout would end during a long upload.
     """
     result = None
     if is_main:

@@ -156,7 +156,7 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
         base_dir = run_dir / "base"
         if env.is_main and (recipe.output.save_model or qlora):
             save_base(model, tokenizer, base_dir)
-        distributed.barrier()
+        distributed.wait_for_main("save the base model", recipe.train.single_rank_work_timeout_s)
         if qlora:  # bitsandbytes quantizes while loading: reload the saved base in 4-bit
             del model
             saved = msec.model_copy(update={"config": None, "name_or_path": str(base_dir)})
@@ -310,9 +310,11 @@ def save_adapter(engine, tokenizer, run_dir: Path, env, recipe: Recipe, trained:
     (failed,) = distributed.all_reduce_sum([float(len(problems))], env.device)
     if failed:
         raise AdapterCheckError(problems or [f"rank 0 found {int(failed)} problems"], tmp)
-    if recipe.peft.merge and env.is_main:
-        merge_adapter(recipe, out, run_dir / "merged")
-    distributed.barrier()
+    if recipe.peft.merge:  # the others wait for rank 0 alone: no collective timeout
+        if env.is_main:
+            merge_adapter(recipe, out, run_dir / "merged")
+        distributed.wait_for_main("merge the LoRA adapter into the base model",
+                                  recipe.train.single_rank_work_timeout_s)
     return out
 
 

@@ -236,6 +236,11 @@ class TrainSection(_Section):
     collective_timeout_s: int = Field(default=600, gt=0)
     """A collective (all-reduce, barrier) waiting longer than this fails the run instead of
     hanging: a dead rank or node ends the job within this time."""
+    single_rank_work_timeout_s: int = Field(default=4 * 3600, gt=0)
+    """How long the other ranks wait for work rank 0 does alone — the universal-checkpoint
+    conversion, the final model save, the LoRA merge, lm-eval, the Hub push — before giving up
+    (they are not bound by `collective_timeout_s` meanwhile, and say every minute what they
+    wait for)."""
     max_restarts: int = Field(default=0, ge=0)
     """When a rank dies (killed, out of memory; not a recipe error, a NaN loss or a preemption),
     `dpkit train` restarts all ranks from this run's last complete checkpoint, up to this many

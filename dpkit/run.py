@@ -135,7 +135,7 @@ class Run:
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, env.world_size, r.zero.stage)
         if self.universal:
-            C.convert_to_universal(self.resume_from, env)
+            C.convert_to_universal(self.resume_from, env, r.train.single_rank_work_timeout_s)
             self.ds_config["checkpoint"] = {"load_universal": True}
 
     def _build(self) -> None:
@@ -351,7 +351,8 @@ class Run:
             lora.save_adapter(self.engine, self.tokenizer, out, env, r,
                               trained=self.total_steps > 0)
         elif r.output.save_model:
-            save_model(self.engine, self.tokenizer, out / "model", env, r.zero.stage)
+            save_model(self.engine, self.tokenizer, out / "model", env, r.zero.stage,
+                       r.train.single_rank_work_timeout_s)
         summary = self.summary()
         summary.update(self.evals.benchmarks())  # lm-eval on the saved model, rank 0
         if env.is_main:
@@ -362,8 +363,7 @@ class Run:
         if r.hub is not None and r.hub.push_at_end:
             from dpkit.hub import push_on_main
 
-            # After the last collective of training: a long upload can't trip the timeout.
-            push_on_main(out, r.hub, is_main=env.is_main, barrier=distributed.barrier,
+            push_on_main(out, r.hub, is_main=env.is_main, barrier=wait_for_push(r),
                          say=self.say, user=self.hub_user)
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
@@ -412,8 +412,14 @@ def push_checkpoint(ckpt: Path, step: int, recipe: Recipe, env, say,
     if env.is_main:
         export(ckpt, model_dir, dtype=recipe.model.dtype, overwrite=True)
     push_on_main(Path(recipe.output.dir), recipe.hub, is_main=env.is_main,
-                 barrier=distributed.barrier, say=say, model_dir=model_dir, step=step,
-                 user=hub_user)
+                 barrier=wait_for_push(recipe, "export the checkpoint and push it to the Hub"),
+                 say=say, model_dir=model_dir, step=step, user=hub_user)
+
+
+def wait_for_push(recipe: Recipe, what: str = "push the run to the Hub"):
+    """How the other ranks wait for rank 0's upload: not a barrier, which a large upload would
+    time out (train.collective_timeout_s), but up to train.single_rank_work_timeout_s."""
+    return lambda: distributed.wait_for_main(what, recipe.train.single_rank_work_timeout_s)
 
 
 def handle_non_finite(recipe: Recipe, result, step: int, out: Path, say) -> None:

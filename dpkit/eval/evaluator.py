@@ -3,7 +3,8 @@
     evals = Evaluator(run)         # after setup: prompts chosen, samples.jsonl trimmed on resume
     evals.before_training()        # step 0: eval loss + generations (not on a resume past 0)
     evals.at_eval(step)            # from Run.run_eval: generations -> samples.jsonl, TensorBoard
-    evals.benchmarks()             # rank 0, after the model is saved: lm-eval scores
+    evals.benchmarks()             # rank 0, after the model is saved: lm-eval scores (the
+                                   # others wait for it, on every rank)
 
 samples.jsonl holds one line per prompt per eval: {step, index, prompt, completion,
 completion_ids}. Rank 0 writes; every rank computes.
@@ -15,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from dpkit import distributed
 from dpkit.eval import SAMPLES
 from dpkit.eval import generate as G
 
@@ -70,9 +72,17 @@ class Evaluator:
         run.log.info(f"step {step}: {len(completions)} generations in {seconds:.2f} s")
 
     def benchmarks(self) -> dict:
-        """lm-eval scores of the saved model (rank 0 only; {} when no task is named)."""
-        if not self.section.tasks or not self.run.env.is_main:
+        """lm-eval scores of the saved model ({} when no task is named, and on ranks but 0). Call
+        on every rank: the others wait for rank 0 here, up to train.single_rank_work_timeout_s,
+        not in a later barrier that the collective timeout would end during a long lm-eval."""
+        if not self.section.tasks:
             return {}
+        result = self._benchmarks() if self.run.env.is_main else {}
+        distributed.wait_for_main("run lm-eval on the saved model",
+                                  self.run.recipe.train.single_rank_work_timeout_s)
+        return result
+
+    def _benchmarks(self) -> dict:
         from dpkit.eval.harness import run_benchmarks
 
         run = self.run

@@ -3,8 +3,9 @@
 `pip install 'dpkit[eval]'` brings lm-eval; a recipe naming `eval.tasks` without it is refused
 before any rank starts. The harness runs on rank 0 alone, on the model the run wrote
 (`<run>/model`; for LoRA the merged model, or the base with the adapter merged in memory), after
-the last collective of training; the other ranks do not wait for it (unless the run pushes to the
-Hub: then they wait in the push's barrier, within `train.collective_timeout_s`).
+the last collective of training; the other ranks wait for it without a collective pending
+(dpkit.distributed.wait_for_main), up to `train.single_rank_work_timeout_s`, not
+`train.collective_timeout_s`.
 
 Tasks are looked up in `eval.task_dirs` first (lm-eval task YAML files; dpkit ships
 `dpkit:lm_eval_tasks`), then among lm-eval's own. lm-eval reads a local task's `data_files`
