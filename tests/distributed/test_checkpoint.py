@@ -110,13 +110,17 @@ def test_killed_rank_ends_the_job_quickly_and_says_where_to_resume(runs):
 
 def test_preempted_run_writes_a_checkpoint_and_asks_for_a_requeue(runs):
     tmp, chain = runs
-    proc, seconds = chain[1]
+    proc, _ = chain[1]
     assert proc.returncode == EXIT_REQUEUE == 143, proc.stderr[-3000:]
     ckpt = tmp / "K" / "checkpoints" / "step-00000003"  # not a save step: written on SIGTERM
     assert (ckpt / MARKER).is_file()
     assert "[dpkit] preempted: stopped after step 3 of 8" in proc.stdout
     assert f"checkpoint {ckpt} written; exit code 143 asks for a requeue" in proc.stderr
-    assert seconds < 60, seconds  # well within the grace period plus start-up
+    # From the resumed ranks' start of training (step 3 is the first, and SIGTERM comes with it)
+    # to the job's end: within the grace period (25 s) plus teardown, counted from the ranks'
+    # log rather than the launch, whose start-up alone took 60-100 s on a loaded 2-core CI.
+    after_start = proc.ended - logged_at(tmp / "K", "resumed from")
+    assert 0 < after_start < 60, after_start
 
 
 def test_dead_rank_restarts_the_group_from_the_last_complete_checkpoint(runs):
