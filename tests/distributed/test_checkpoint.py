@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from dpkit.checkpoint import MARKER, complete_checkpoints, latest_complete
 from dpkit.distributed import EXIT_REQUEUE
 from dpkit.export import export
+from dpkit.model import build_model
+from dpkit.recipe import load_recipe
 
 pytestmark = pytest.mark.distributed
 DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
@@ -184,5 +186,13 @@ def test_export_matches_the_engine_weights(runs, tmp_path, name):
     with torch.no_grad():
         diff = (exported(ids).logits - trained(ids).logits).abs().max().item()
     assert diff <= 1e-6
+    # ... and both are the trained weights, not the initial ones (an export or a final save that
+    # wrote the untouched model would agree with the other just as well): the recipe's own start,
+    # built independently here (an inline config: the plain constructor under the seed).
+    recipe = load_recipe(tmp / f"{name}.yaml")
+    initial = build_model(recipe.model, recipe.train.seed, recipe.zero.stage).float().eval()
+    with torch.no_grad():
+        moved = (exported(ids).logits - initial(ids).logits).abs().max().item()
+    assert moved > 1e-4, moved
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
