@@ -185,6 +185,11 @@ def test_combination_trains_as_promised(runs, name):
         assert want in log, want
     uneven = row["tail"] == "uneven"
     assert (summary["data"]["eval_rows"] % 2 == 1) == uneven, summary["data"]  # 2 eval shards
+    if uneven:  # it trained: the loss on the same held-out rows moved from step 0's (equal
+        # numbers on 1 and 2 ranks would prove nothing if neither moved; DPO's may rise: 14
+        # pairs at lr 1e-2 overfit)
+        evals = _evals(run)
+        assert len(evals) >= 2 and abs(evals[-1] - evals[0]) > 1e-4, evals
     if not row["streaming"] and not (row["packing"] and row["method"] == "sft"):
         # the fixture is as unkind as it says (packed rows are batched as the packer fills them)
         per_item = 2 if row["method"] in M.PREFERENCE else 1  # a pair is two rows
