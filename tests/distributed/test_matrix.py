@@ -6,9 +6,10 @@ matrix.REFUSED and say so in one line naming its keys (exit 2); every other row 
 train on 2 real ranks with every logged number finite, and
 - where the world size cannot change the numbers (dropout 0, no streaming): per-step losses and
   eval losses equal one process within 1e-5 (fp32);
-- where it can by design (dropout masks and streaming shuffle windows are drawn per rank): a resume
-  from the step-2 checkpoint continues bitwise equal.
-Two launches in all: every 1-process reference, then every 2-rank row and resume."""
+- where it can by design (dropout masks and streaming shuffle windows are drawn per rank): a rerun
+  of its first two steps from scratch is bitwise equal, and a resume from the step-2 checkpoint
+  continues bitwise equal.
+Two launches in all: every 1-process reference, then every 2-rank row, rerun and resume."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def runs(tmp_path_factory) -> Path:
         r = build(row, tmp / name)
         if M.compares_to_one_process(row):
             single[f"{name}.one"] = build({**row, "sequence_parallel": 1}, tmp / f"{name}.one")
-        else:
+        else:  # steps 1-2 rerun from scratch, steps 3- resumed from the step-2 checkpoint
             r["output"]["save_steps"] = 2
+            resumed[f"{name}.rerun"] = build(row, tmp / f"{name}.rerun", steps=2)
             resumed[f"{name}.resumed"] = {**build(row, tmp / f"{name}.resumed"),
                                           "resume": str(tmp / name / "checkpoints" /
                                                         "step-00000002")}
@@ -211,7 +213,9 @@ def test_combination_trains_as_promised(runs, name):
             assert max(abs(p - q) for p, q in zip(x, y)) <= tol, (key, x, y)
         ea, eb = _evals(run), _evals(one)
         assert len(ea) == len(eb) and all(abs(x - y) <= TOL for x, y in zip(ea, eb)), (ea, eb)
-    else:
+    else:  # the same world size reproduces it: from scratch, and from a checkpoint
+        rerun = _steps(runs / f"{name}.rerun")
+        assert [m["loss"] for m in rerun] == [m["loss"] for m in steps[:2]]
         resumed = _steps(runs / f"{name}.resumed")
         assert [m["step"] for m in resumed] == [m["step"] for m in steps[2:]]
         assert [m["loss"] for m in resumed] == [m["loss"] for m in steps[2:]]
