@@ -154,11 +154,16 @@ def test_plan_write_never_replaces_a_runs_files(tmp_path, capsys):
     assert marked_kind(planned) == "plan" and (planned / "launch.sh").is_file()
 
 
-def test_report_out_never_replaces_another_report(tmp_path, capsys):
-    run = tmp_path / "run"
+def one_step_run(run: Path) -> Path:
+    """A run directory with one step's metrics: enough for `dpkit report`."""
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 10,
                                                    "step_time_s": 0.1}) + "\n")
+    return run
+
+
+def test_report_out_never_replaces_another_report(tmp_path, capsys):
+    run = one_step_run(tmp_path / "run")
     theirs = tmp_path / "docs"
     theirs.mkdir()
     (theirs / "report.md").write_text("# a report someone wrote\n")
@@ -172,10 +177,7 @@ def test_report_out_never_replaces_another_report(tmp_path, capsys):
 
 def sent_run(tmp_path) -> tuple[Path, Path]:
     """A run directory someone sent, and a folder of yours beside it (with a file to protect)."""
-    run = tmp_path / "sent-run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 10,
-                                                   "step_time_s": 0.1}) + "\n")
+    run = one_step_run(tmp_path / "sent-run")
     yours = tmp_path / "yours"
     yours.mkdir()
     (yours / "notes.txt").write_text("mine")
