@@ -38,6 +38,7 @@ import torch
 
 from dpkit import distributed
 from dpkit.errors import RecipeError
+from dpkit.methods import spec
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -172,14 +173,16 @@ def data_settings(recipe) -> dict:
     silently training on shifted data. Not micro_batch_size: a step's rows don't depend on how
     they are split into micro-batches."""
     d, t = recipe.data, recipe.train
+    method = spec(recipe)
+    section = method.section or recipe.objective
     out = {"train.global_batch_size": t.global_batch_size, "train.seed": t.seed,
            "objective": recipe.objective, "data.max_seq_len": d.max_seq_len,
            "data.overflow": d.overflow, "data.packing": d.packing,
            "data.completion_only_loss": d.completion_only_loss,  # rows with no target drop out
            "data.eval_fraction": d.eval_fraction, "data.streaming": d.streaming,
            "data.shuffle_buffer": d.shuffle_buffer,
-           "preference.max_prompt_len": recipe.preference.max_prompt_len
-           if recipe.preference else None}
+           # the method's settings that change its tokenized rows, under its section's key
+           **{f"{section}.{k}": v for k, v in method.options(recipe).items()}}
     for i, s in enumerate(d.sources):
         for key in ("path", "name", "split", "revision", "format", "columns", "max_rows"):
             out[f"data.sources[{i}].{key}"] = getattr(s, key)

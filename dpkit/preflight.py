@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
+from dpkit.methods import spec
 from dpkit.recipe import Recipe
 
 
@@ -247,10 +248,9 @@ def _check_data(recipe: Recipe, tokenizer, offline: bool, problems: list[Problem
     if tokenizer is not None and not skipped:
         # Tokenized into the cache here, once: the ranks then start at once (dpkit/data/cache.py)
         # Quiet (problems are this command's output); a progress bar only at a terminal.
-        prompt_len = recipe.preference.max_prompt_len if recipe.preference else None
         result = _collect(problems, partial(load_cached, say=lambda m: None,
                                             progress=sys.stderr.isatty(),
-                                            max_prompt_len=prompt_len),
+                                            options=spec(recipe).options(recipe)),
                           recipe.data, tokenizer, recipe.train.seed)
         if result is not None:
             _, evals, stats = result

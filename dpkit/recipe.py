@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from dpkit import shipped
 from dpkit.compute_schema import ComputeSection
 from dpkit.errors import RecipeError
 from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
-from dpkit.names import FORMAT_COLUMNS, METHODS
+from dpkit.methods import FORMAT_COLUMNS, METHODS, method_problems, sections
 from dpkit.overrides import (  # noqa: F401
     DuplicateKeyError,
     _number_or_value,
@@ -29,7 +37,7 @@ from dpkit.overrides import (  # noqa: F401
     read_yaml,
     yaml_error_line,
 )
-from dpkit.preference_schema import PreferenceSection, check_objective
+from dpkit.methods.preference import PreferenceSection  # noqa: F401 (a name users import)
 from dpkit.schema_errors import problems_from_pydantic
 
 
@@ -103,8 +111,8 @@ class ModelSection(_Section):
 
 
 # ------------------------------------------------------------------------------------------ data
-# Format names and columns come from the leaf dpkit/names.py, the names the format registry
-# (dpkit/data/formats.py: rendering) is keyed by.
+# Format names and columns come from the method registry (dpkit/methods/), the names the format
+# registry (dpkit/data/formats.py: rendering) is keyed by.
 DATA_FORMATS = tuple(FORMAT_COLUMNS)
 FormatName = Literal[DATA_FORMATS]  # type: ignore[valid-type]
 
@@ -339,7 +347,10 @@ class OutputSection(_Section):
     """Keep only the newest this many complete checkpoints (default: keep all)."""
 
 
-class Recipe(_Section):
+class _RecipeBase(_Section):
+    """The sections every recipe has; `Recipe` adds the methods' own (from dpkit/methods/)."""
+
+
     model: ModelSection
     data: DataSection
     train: TrainSection
@@ -358,11 +369,29 @@ class Recipe(_Section):
     complete one (after a rewind, not the highest step on disk; start fresh if there is none; a
     finished run is left as it is); or a checkpoint path (a pickle: only your own). Another
     world size or ZeRO stage is converted automatically."""
-    objective: Literal[tuple(METHODS)] = "sft"  # type: ignore[valid-type]
-    """`sft`: next-token loss; on `preference` pairs (docs/preference.md): dpo, ipo, simpo, orpo."""
-    preference: PreferenceSection | None = None
-    """Settings of the preference objectives (beta, reference, prompt length); optional."""
-    _objective_fits = model_validator(mode="after")(check_objective)
+
+    @model_validator(mode="after")
+    def _method_fits(self):
+        for problem in method_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def _method_fields() -> dict:
+    """`objective` (its choices: the registered methods) and one optional section per method
+    settings class, documented like the other fields."""
+    listed = "; ".join(f"`{name}`: {spec.doc}" for name, spec in METHODS.items())
+    fields: dict = {"objective": (Literal[tuple(METHODS)], Field(  # type: ignore[valid-type]
+        "sft", description=f"The training method. {listed} (docs/methods.md).",
+    ))}
+    for key, (cls, users) in sections().items():
+        fields[key] = (cls | None, Field(None, description=f"Settings of `objective: {users}` "
+                                         "(optional: the defaults apply when left out)."))
+    return fields
+
+
+Recipe = create_model("Recipe", __base__=_RecipeBase, __module__=__name__, **_method_fields())
+Recipe.__doc__ = "One fine-tuning run: the sections above plus each training method's own."
 
 
 # -------------------------------------------------------------------------------------- loading

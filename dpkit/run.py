@@ -31,6 +31,7 @@ from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import RecipeError
 from dpkit.eval.evaluator import Evaluator, truncate_jsonl
 from dpkit.hub_schema import UserChoice
+from dpkit.methods import spec as method_spec
 from dpkit.metrics import (
     MetricsLog,
     Progress,
@@ -96,11 +97,11 @@ class Run:
         r = self.recipe
         rows, self.eval_rows, self.data_stats = load_cached(
             r.data, self.tokenizer, r.train.seed, self.env, self.say, r.data.streaming,
-            self.log.info, max_prompt_len=r.preference.max_prompt_len if r.preference else None)
+            self.log.info, options=method_spec(r).options(r))
         if r.data.streaming:  # no rows: the feed reads the stream
             return check_stream(self)
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
-        if r.data.packing and self.objective.unit != "pairs":  # pairs: flattened per batch
+        if r.data.packing and self.objective.packs_rows:  # else: it lays out its own batches
             before = len(rows)
             rows = pack(rows, r.data.max_seq_len, r.train.seed)
             self.say(f"[dpkit] packing: {before} rows into {len(rows)} sequences of up to "

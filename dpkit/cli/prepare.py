@@ -12,6 +12,7 @@ import argparse
 
 def cmd_prepare(args) -> int:
     from dpkit.data.cache import entry_dir, load_cached
+    from dpkit.methods import spec
     from dpkit.model import load_tokenizer
     from dpkit.recipe import load_recipe
 
@@ -22,10 +23,10 @@ def cmd_prepare(args) -> int:
     if not any(getattr(data, k) for k in kinds):
         print(f"{args.recipe}: data.streaming reads its sources as streams; nothing to prepare")
         return 0
-    prompt_len = recipe.preference.max_prompt_len if recipe.preference else None  # in the key
-    entry, _ = entry_dir(data, tokenizer, kinds, prompt_len)
+    options = spec(recipe).options(recipe)  # the method's settings that change the tokens
+    entry, _ = entry_dir(data, tokenizer, kinds, options)
     _, evals, stats = load_cached(data, tokenizer, recipe.train.seed,
-                                  streaming=data.streaming, max_prompt_len=prompt_len)
+                                  streaming=data.streaming, options=options)
     state = "already prepared" if stats.cached else "prepared"
     print(f"[dpkit] {state}: {entry}")
     print(f"[dpkit] data: {stats.describe()}; eval rows: {len(evals)}")

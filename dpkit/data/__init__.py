@@ -3,6 +3,7 @@
     formats.py   the format registry: name -> columns, rendering (alpaca, messages, text, ...)
     tokenize.py  batched tokenization with masking; tokenized rows read lazily from Arrow
     load.py      sources (hub or local), column checks, sharding, collate
+    rows.py      row kinds: how a format's rows are tokenized and assembled; `load_datasets`
     cache.py     tokenize once per node into an on-disk cache keyed by what changes the tokens
     stream.py    `StreamFeed`: corpora larger than memory, read as streams with a saved position
     packing.py   rows concatenated into sequences of max_seq_len, kept apart by position ids
@@ -19,11 +20,11 @@ from dpkit.data.load import (  # noqa: F401
                              epoch_order,
                              eval_micro_batches,
                              is_local_source,
-                             load_datasets,
                              load_source,
                              shard,
                              step_micro_batches,
                              steps_per_epoch,
                              target_tokens,
 )
+from dpkit.data.rows import load_datasets  # noqa: F401
 from dpkit.data.tokenize import IGNORE, DataStats, Example, tokenize_row  # noqa: F401

@@ -6,7 +6,7 @@ nothing), hub dataset ids with their revision and the commit it resolves to now 
 dataset that changed upstream gets a new entry; global rank 0 asks the hub, once, and sends the
 answer to every rank), the tokenizer (its whole fast-tokenizer JSON and
 special tokens), the chat template, each source's format and column mapping, max_seq_len,
-overflow, masking, preference.max_prompt_len, and the source of the tokenization code itself.
+overflow, masking, the method's data options (preference.max_prompt_len), and the source of the tokenization code itself.
 The eval split and the seed are not in it: they are cheap and applied when the cache is read.
 Rows and preference pairs (dpkit/data/preference.py) both go through it.
 
@@ -127,20 +127,20 @@ def tokenizer_identity(tokenizer) -> dict:
             "probe": tokenizer("a b", add_special_tokens=True)["input_ids"]}
 
 
-def cache_key(section, tokenizer, kinds, max_prompt_len: int | None = None) -> tuple[str, dict]:
+def cache_key(section, tokenizer, kinds, options: dict | None = None) -> tuple[str, dict]:
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
     material = {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
                 "max_seq_len": section.max_seq_len, "overflow": section.overflow,
                 "completion_only_loss": section.completion_only_loss,
-                "max_prompt_len": max_prompt_len,
+                "options": dict(options or {}),
                 **{kind: [source_identity(s) for s in getattr(section, kind)] for kind in kinds}}
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), material
 
 
-def entry_dir(section, tokenizer, kinds, max_prompt_len: int | None = None) -> tuple[Path, dict]:
-    key, material = cache_key(section, tokenizer, kinds, max_prompt_len)
+def entry_dir(section, tokenizer, kinds, options: dict | None = None) -> tuple[Path, dict]:
+    key, material = cache_key(section, tokenizer, kinds, options)
     return cache_root(section) / f"tok-{key[:32]}", material
 
 
@@ -174,10 +174,6 @@ def set_aside(entry: Path, why: str) -> str:
     return f"cache entry {entry.name} was damaged ({why}): tokenized again; the old one is {aside}"
 
 
-def _pairs(section) -> bool:
-    return any(s.format == "preference" for s in (*section.sources, *section.eval_sources))
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -189,11 +185,11 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
     import datasets
 
-    from dpkit.data import preference
+    from dpkit.data.rows import row_kind
 
     raw = L.load_raw(section, tokenizer, kinds)  # bad data: RecipeError before anything is written
-    if _pairs(section):
-        preference.check_pairs(raw, tokenizer)
+    rows = row_kind(section)
+    rows.check(raw, tokenizer)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
@@ -207,11 +203,8 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
         files, procs = [], num_proc(section)
         for n, (kind, source, ds) in enumerate(raw):
             where = dict(fingerprint=f"{entry.name}-{n}", cache_file=str(tmp / f"{kind}-{n}.arrow"))
-            if source.format == "preference":
-                out = preference.tokenize_pair_dataset(ds, source, tokenizer, section,
-                                                       material["max_prompt_len"], procs, **where)
-            else:
-                out = L.tokenize_or_explain(ds, source, tokenizer, section, procs, **where)
+            out = rows.tokenize(ds, source, tokenizer, section, material["options"], procs,
+                                **where)
             files.append({"kind": kind, "path": source.path, "index": n,
                           "files": [Path(f["filename"]).name for f in out.cache_files]})
             del out
@@ -272,25 +265,23 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
         shards = [datasets.Dataset.from_file(str(entry / f)) for f in part["files"]]
         parts.append((kind, source, datasets.concatenate_datasets(shards)
                       if len(shards) > 1 else shards[0]))
-    if _pairs(section):
-        from dpkit.data.preference import assemble_pairs
+    from dpkit.data.rows import row_kind
 
-        return assemble_pairs(parts, section, seed)
-    return L.assemble(parts, section, seed, need_train=need_train)
+    return row_kind(section).assemble(parts, section, seed, need_train=need_train)
 
 
 def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: bool = False,
-                log=None, progress: bool = True, say_wait=None, max_prompt_len: int | None = None):
+                log=None, progress: bool = True, say_wait=None, options: dict | None = None):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
     other ranks of the node (`env`: this rank; None: one process), then read. Streaming: only
     the eval sources go through the cache. `log`: this rank's log. Preference pairs go through
-    it too (`max_prompt_len`: see dpkit/data/preference.py), held in memory once read."""
+    it too; `options`: the method's settings that change the tokens (`MethodSpec.options`)."""
     local_rank, rank = (env.local_rank, env.rank) if env is not None else (0, 0)
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
     agree_on_hub_revisions(section, kinds, rank)
-    entry, material = entry_dir(section, tokenizer, kinds, max_prompt_len)
+    entry, material = entry_dir(section, tokenizer, kinds, options)
     t0, rss_before = time.perf_counter(), _rss_mb()
     notes = []
     if local_rank == 0 and (why := damaged(entry)):

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpkit.data.formats import FORMATS
+from dpkit import methods
+from dpkit.data import formats
 from dpkit.errors import Problem
 
 if TYPE_CHECKING:  # the schema imports dpkit.data.formats: no runtime import back
@@ -41,12 +42,6 @@ def bad_json_line(path: Path, head_bytes: int | None = None) -> str | None:
     return None
 
 
-# The column whose text is trained on, per format (all of them when completion_only_loss is off).
-TRAINED_COLUMN = {"alpaca": "output", "text": "text", "messages": "messages",
-                  "prompt_completion": "completion", "preference": "chosen"}
-# Columns that hold message lists rather than text (prompt_completion: either).
-LIST_COLUMNS = {"messages": {"messages"}, "prompt_completion": {"prompt", "completion"}}
-TEXT_OR_LIST = {"prompt_completion", "preference"}
 
 
 def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
@@ -56,15 +51,15 @@ def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
 
     table = ds.with_format("arrow")
     problems = []
-    fmt = FORMATS[source.format]
+    fmt, spec = formats.get(source.format), methods.FORMATS[source.format]
     for canonical in fmt.columns:
         col = source.column(canonical)
         if col not in ds.column_names:
             continue
         values = table[col]
-        kind = "list" if canonical in LIST_COLUMNS.get(source.format, ()) else "text"
+        kind = "list" if canonical in spec.lists else "text"
         wrong_type = not (pa_is_list(values.type) if kind == "list" else pa_is_text(values.type))
-        if source.format in TEXT_OR_LIST:
+        if spec.text_or_list:
             wrong_type = not (pa_is_list(values.type) or pa_is_text(values.type))
         if wrong_type and not (canonical in fmt.optional and values.null_count == len(ds)):
             problems.append(Problem(f"{where}.path", f"'{source.path}': column '{col}' holds "
@@ -79,9 +74,9 @@ def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
                                     "fill it in or remove the row"))
     if problems:
         return problems
-    if source.format not in TRAINED_COLUMN:  # a format added without this check
+    if spec.trained is None:  # a format without this check
         return problems
-    col = source.column(TRAINED_COLUMN[source.format])
+    col = source.column(spec.trained)
     if not any(_has_text(v, source.format) for v in ds[col]):
         what = "assistant turn" if source.format == "messages" else f"'{col}'"
         problems.append(Problem(f"{where}.path", f"'{source.path}': every {what} is empty, "

@@ -1,7 +1,7 @@
 """Data formats: ONE registry, name → columns it reads and how a row is rendered.
 
-The recipe schema validates `format` and `columns` against `FORMATS`; tokenization renders with
-it; preflight names the missing columns from it. Adding a format = one `register(Format(...))`.
+The recipe schema validates `format` and `columns` against the declarations in dpkit/methods/;
+tokenization renders with this registry; preflight names the missing columns from it. Adding a format = one `register(Format(...))`.
 
 A render function turns one row into (text, trained character spans, plain_text):
 - text: the whole sequence as the model will see it (chat markup included);
@@ -10,7 +10,7 @@ A render function turns one row into (text, trained character spans, plain_text)
   tokenizer then adds bos as for any prompt and dpkit appends a trained eos so the model learns
   to stop. A chat template holds every special token itself (False).
 
-This module imports nothing from dpkit (the schema in dpkit/recipe.py imports it).
+Formats a method brings with rows of its own shape come from its row kind (`get`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ def register(fmt: Format) -> Format:
 
 
 def get(name: str) -> Format:
+    """The format named `name`: registered here, or brought by a method's row kind (its
+    declaration in dpkit/methods/ names the row kind; loaded on first use)."""
+    if name not in FORMATS:
+        from dpkit import methods
+
+        fmt = methods.load(methods.FORMATS[name].rows).format
+        if fmt is None:
+            raise KeyError(f"format {name!r} has no rendering: its row kind brings no Format")
+        FORMATS[name] = fmt
     return FORMATS[name]
 
 
@@ -197,4 +206,4 @@ register(Format("preference", ("prompt", "chosen", "rejected"), _pairs_only, pro
 
 def render(row: dict, source, tokenizer, completion_only: bool):
     """(text, trained character spans, plain_text) for one row of `source`, by its format."""
-    return FORMATS[source.format].render(row, source, tokenizer, completion_only)
+    return get(source.format).render(row, source, tokenizer, completion_only)

@@ -13,8 +13,6 @@ up feeds an all-masked micro-batch so that the collectives stay in step and it a
 from __future__ import annotations
 
 import random
-import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +22,7 @@ import torch
 
 from dpkit.attention import row_boundaries
 from dpkit.data.checks import bad_json_line, row_problems
+from dpkit.data import formats
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
 from dpkit.data.tokenize import (  # noqa: F401
     IGNORE,
@@ -128,7 +127,7 @@ def _first_line(error: Exception) -> str:
 
 def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
     problems = []
-    fmt = FORMATS[source.format]
+    fmt = formats.get(source.format)
     for canonical in fmt.columns:
         col = source.column(canonical)
         if col not in ds.column_names and canonical not in fmt.optional:
@@ -167,7 +166,7 @@ def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources"))
 
 def format_problems(ds, source: DataSource, tokenizer, where: str) -> list[Problem]:
     """The format's own check of the first row (e.g. a chat template is needed)."""
-    check = FORMATS[source.format].problem
+    check = formats.get(source.format).problem
     if check is None or len(ds) == 0 or column_problems(ds, source, where):
         return []
     found = check(ds[0], source, tokenizer)
@@ -221,27 +220,6 @@ def tokenize_or_explain(ds, source: DataSource, tokenizer, section: DataSection,
         raise RecipeError.one(f"'{source.path}'", f"a row can't be rendered as "
                               f"`{source.format}`: {_first_line(e)}",
                               "fix or remove the row") from None
-
-
-def load_datasets(section: DataSection, tokenizer, seed: int, num_proc: int = 1,
-                  max_prompt_len: int | None = None):
-    """(train rows, eval rows, stats), tokenized in memory (no cache: see cache.py for that).
-    Rows are a sequence of `Example`s read on demand. Every problem is raised at once.
-    Preference pairs (`max_prompt_len`: prompt tokens kept) go through dpkit/data/preference.py."""
-    t0 = time.perf_counter()
-    raw = load_raw(section, tokenizer)
-    if any(source.format == "preference" for _, source, _ in raw):
-        from dpkit.data.preference import load_pairs
-
-        train, evals, stats = load_pairs(raw, section, tokenizer, seed, max_prompt_len)
-        stats.seconds = time.perf_counter() - t0
-        return train, evals, stats
-    parts = [(kind, source, tokenize_or_explain(ds, source, tokenizer, section, num_proc,
-                                                fingerprint=uuid.uuid4().hex))
-             for kind, source, ds in raw]
-    train, evals, stats = assemble(parts, section, seed)
-    stats.seconds = time.perf_counter() - t0
-    return train, evals, stats
 
 
 # ---------------------------------------------------------------------------------- sharding

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpkit.data.rows import RowKind
 from dpkit.errors import Problem, RecipeError
 
 IGNORE = -100
@@ -39,6 +40,10 @@ class PairExample:
     ref: tuple[float, float] | None = None
     """Reference log-probs (chosen, rejected), set by a precomputed reference pass."""
     position_ids = None  # never packed (the recipe refuses packing for preference objectives)
+
+    def sample_row(self) -> tuple[list[int], list[int]]:
+        """The row eval generations take their prompt from: the chosen side."""
+        return self.chosen_ids, self.chosen_labels
 
     @property
     def input_ids(self) -> list[int]:
@@ -331,11 +336,21 @@ def assemble_pairs(parts: list, section, seed: int):
     return train, evals, stats
 
 
-def load_pairs(raw: list, section, tokenizer, seed: int, max_prompt_len: int | None):
-    """(train pairs, eval pairs, stats) from loaded sources [(kind, source, datasets.Dataset)]
-    (dpkit.data.load.load_raw), tokenized in memory (dpkit/data/cache.py writes them to the
-    tokenized-data cache instead). Every problem is raised at once."""
-    check_pairs(raw, tokenizer)
-    parts = [(kind, source, tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len))
-             for kind, source, ds in raw]
-    return assemble_pairs(parts, section, seed)
+class PairRows(RowKind):
+    """Preference pairs as a row kind (dpkit/data/rows.py): `options["max_prompt_len"]` is the
+    `preference.max_prompt_len` setting."""
+
+    def check(self, raw, tokenizer):
+        check_pairs(raw, tokenizer)
+
+    def tokenize(self, ds, source, tokenizer, section, options, num_proc, fingerprint=None,
+                 cache_file=None):
+        return tokenize_pair_dataset(ds, source, tokenizer, section,
+                                     options.get("max_prompt_len"), num_proc,
+                                     fingerprint=fingerprint, cache_file=cache_file)
+
+    def assemble(self, parts, section, seed, need_train=True):
+        return assemble_pairs(parts, section, seed)
+
+
+PAIRS = PairRows()

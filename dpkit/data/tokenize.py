@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpkit.data.formats import FORMATS
+from dpkit.data import formats
 
 IGNORE = -100
 KEPT, TRUNCATED, TOO_LONG, NO_TARGET = 0, 1, 2, 3
@@ -138,7 +138,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool, offsets: bool
 def encode_batch(batch: dict[str, list], source, tokenizer, max_seq_len: int | None,
                  overflow: str = "truncate", completion_only: bool = True) -> dict[str, list]:
     """Columns input_ids, labels, status for a batch of raw rows (a dict of columns)."""
-    render = FORMATS[source.format].render
+    render = formats.get(source.format).render
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
     rendered = [render({k: batch[k][i] for k in keys}, source, tokenizer, completion_only)

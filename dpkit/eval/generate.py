@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpkit.data.formats import FORMATS
+from dpkit.data import formats
 from dpkit.data.tokenize import IGNORE
 
 
@@ -44,7 +44,7 @@ def render_prompt(text: str, source, tokenizer, first_row=None) -> list[int]:
 
             return load_source(source, "data.sources[0]")[0]
 
-    rendered, plain = FORMATS[source.format].prompt(text, source, tokenizer, first_row)
+    rendered, plain = formats.get(source.format).prompt(text, source, tokenizer, first_row)
     # Tokenized as dpkit/data/tokenize.encode_batch tokenizes a training row: plain text gets the
     # tokenizer's special tokens (bos), a chat template's rendering carries its own.
     return list(tokenizer(rendered, add_special_tokens=plain)["input_ids"])
@@ -53,9 +53,10 @@ def render_prompt(text: str, source, tokenizer, first_row=None) -> list[int]:
 def row_prompt(example, tokenizer) -> Prompt:
     """The prompt part of a tokenized row: its tokens before the first trained one (the alpaca
     prompt, the conversation up to the assistant's turn). A row trained on every token (`text`
-    data) is continued from its first half. A preference pair gives its chosen side's prompt."""
-    if hasattr(example, "chosen_ids"):  # dpkit.data.preference.PairExample
-        ids_all, labels = example.chosen_ids, example.chosen_labels
+    data) is continued from its first half. An example of another shape (a preference pair)
+    names the row to show with `sample_row()`: (ids, labels)."""
+    if hasattr(example, "sample_row"):
+        ids_all, labels = example.sample_row()
     else:
         ids_all, labels = example.input_ids, example.labels
     first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))

@@ -1,24 +1,22 @@
-"""Training objectives, registered by name: the one place a recipe's `objective` is looked up.
+"""Training objectives: the runtime half of a method, looked up through the method registry.
 
-A new training method is a module here with an `Objective` subclass, one line in `OBJECTIVES`,
-and (where its data differs) a data format in dpkit/data/.
+A method's declaration (dpkit/methods/<name>.py, a leaf) names its `Objective` class as
+`module:Class`; this module imports it when a run starts. See docs/methods.md, "How to add a
+method".
 """
 
 from __future__ import annotations
 
+from dpkit.methods import METHODS, load
 from dpkit.objectives.base import LossOut, Objective  # noqa: F401
-from dpkit.objectives.preference import Preference
-from dpkit.objectives.sft import SFT
 
-# name → class, keyed by the names the recipe accepts (dpkit/names.METHODS, a leaf the schema
-# reads without torch; tests/unit/test_imports.py ties the two). A class with `from_recipe` reads
-# its settings from the recipe. The preference objectives share one class (formula by name).
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": Preference, "ipo": Preference,
-                                          "simpo": Preference, "orpo": Preference}
+
+def objective_class(name: str) -> type[Objective]:
+    return load(METHODS[name].runtime)
 
 
 def build_objective(recipe) -> Objective:
     """The recipe's objective (by `recipe.objective`, default supervised fine-tuning)."""
     name = getattr(recipe, "objective", "sft") or "sft"
-    cls = OBJECTIVES[name]
+    cls = objective_class(name)
     return cls.from_recipe(recipe) if hasattr(cls, "from_recipe") else cls()

@@ -31,6 +31,9 @@ class Objective:
     """Keys of LossOut.metrics, in a fixed order (every rank reduces the same list)."""
     rows_per_item = 1
     """Sequences one batch item puts through the model (the planner's memory and time)."""
+    packs_rows = True
+    """With `data.packing`, rows are packed into sequences before batching (dpkit/data/packing.py);
+    False: the method lays its rows end to end per batch itself (its collate's `flatten`)."""
     reference = None
     """How a frozen reference model is evaluated: None, "adapter_off" (one more forward without
     gradient per micro-batch) or "precomputed" (one forward per item before step 1)."""

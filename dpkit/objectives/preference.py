@@ -94,6 +94,7 @@ class Preference(Objective):
 
     unit = "pairs"
     rows_per_item = 2  # chosen and rejected, in one forward
+    packs_rows = False  # a pair's two rows are laid end to end per batch (collate's flatten)
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected")
 
@@ -109,7 +110,7 @@ class Preference(Objective):
 
     @classmethod
     def from_recipe(cls, recipe) -> Preference:
-        from dpkit.recipe import PreferenceSection
+        from dpkit.methods.preference import PreferenceSection
 
         name = recipe.objective
         p = recipe.preference or PreferenceSection()

@@ -3,7 +3,7 @@ combination either refused by `dpkit validate` or trained on real ranks (tests/d
 test_matrix.py).
 
 The factors are read, not listed by hand, wherever the code has a list:
-- the methods from the method registry (dpkit.names.METHODS);
+- the methods from the method registry (dpkit.methods.METHODS);
 - the ZeRO layouts from the DeepSpeed template registry (dpkit.zero.TEMPLATES: stage × optimizer
   offload × parameter offload);
 - every other factor is a schema field whose levels are its type's (booleans, Literals) or, for an
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from dpkit.names import METHODS, methods_with
+from dpkit.methods import METHODS, methods_with
 from dpkit.recipe import DataSection, PeftSection, TrainSection, ZeroSection
 from dpkit.zero import TEMPLATES
 

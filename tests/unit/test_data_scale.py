@@ -411,10 +411,10 @@ def test_preference_pairs_are_tokenized_once_into_the_cache(tmp_path, tok, monke
     section = DataSection(sources=[{"path": "dpkit:data/self_instruct_seed.preference.jsonl",
                                     "format": "preference"}], max_seq_len=96, eval_fraction=0.1,
                           cache_dir=str(tmp_path / "c"))
-    fresh = load_datasets(section, tok, seed=2, max_prompt_len=16)
-    first = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=16)
+    fresh = load_datasets(section, tok, seed=2, options={"max_prompt_len": 16})
+    first = load_cached(section, tok, seed=2, say=lambda m: None, options={"max_prompt_len": 16})
     monkeypatch.setattr(preference, "encode_pairs", None)  # a second tokenization would fail
-    again = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=16)
+    again = load_cached(section, tok, seed=2, say=lambda m: None, options={"max_prompt_len": 16})
     assert not first[2].cached and again[2].cached
     entry, = (tmp_path / "c").glob("tok-*")
     assert [p["kind"] for p in json.loads((entry / "meta.json").read_text())["parts"]] == \
@@ -429,7 +429,7 @@ def test_preference_pairs_are_tokenized_once_into_the_cache(tmp_path, tok, monke
         assert (got[2].prompt_truncated, got[2].dropped_identical) == \
             (fresh[2].prompt_truncated, fresh[2].dropped_identical)
     monkeypatch.undo()
-    other = load_cached(section, tok, seed=2, say=lambda m: None, max_prompt_len=None)
+    other = load_cached(section, tok, seed=2, say=lambda m: None, options={"max_prompt_len": None})
     assert not other[2].cached  # max_prompt_len changes the tokens: its own entry
 
 

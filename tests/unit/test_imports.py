@@ -16,14 +16,6 @@ import dpkit
 
 ROOT = Path(dpkit.__file__).parent
 
-# The recipe schema: what `dpkit validate` needs and what every module may import.
-SCHEMA = {"dpkit.recipe", "dpkit.preference_schema", "dpkit.hub_schema", "dpkit.compute_schema",
-          "dpkit.eval.schema", "dpkit.schema_errors", "dpkit.overrides"}
-# The leaves the schema may stand on (no torch, no runtime code). `dpkit` and `dpkit.eval` are
-# the packages the schema modules sit in: importing a submodule runs them.
-LEAVES = {"dpkit", "dpkit.eval", "dpkit.errors", "dpkit.shipped", "dpkit.names"}
-HEAVY = {"torch", "transformers", "deepspeed", "datasets", "peft", "accelerate"}
-
 # Cycles still in the code, as debt: this list may only shrink (a new cycle fails, and so does
 # an entry here that is gone, so that it is deleted).
 KNOWN_CYCLES: list[set[str]] = []
@@ -75,6 +67,16 @@ def imports(module: str) -> tuple[set[str], set[str]]:
     ours.discard(module)
     return ours, theirs
 
+
+# The recipe schema: what `dpkit validate` needs and what every module may import.
+SCHEMA = {"dpkit.recipe", "dpkit.hub_schema", "dpkit.compute_schema",
+          "dpkit.eval.schema", "dpkit.schema_errors", "dpkit.overrides",
+          # the method declarations (their sections, formats and checks)
+          *(m for m in MODULES if m == "dpkit.methods" or m.startswith("dpkit.methods."))}
+# The leaves the schema may stand on (no torch, no runtime code). `dpkit` and `dpkit.eval` are
+# the packages the schema modules sit in: importing a submodule runs them.
+LEAVES = {"dpkit", "dpkit.eval", "dpkit.errors", "dpkit.shipped"}
+HEAVY = {"torch", "transformers", "deepspeed", "datasets", "peft", "accelerate"}
 
 GRAPH = {m: imports(m)[0] for m in MODULES}
 
@@ -163,21 +165,45 @@ def test_importing_the_recipe_loads_no_torch():
 
 
 def test_method_names_are_the_runtime_registry():
-    """Every method the schema accepts has a runtime class, and every class is reachable from a
-    recipe; a method's settings section is a recipe section."""
-    from dpkit.names import METHODS
-    from dpkit.objectives import OBJECTIVES
+    """Every method the schema accepts has a runtime class (an Objective), its settings section
+    is a recipe section, and the formats it trains on share one row kind that loads."""
+    from dpkit.methods import FORMATS, METHODS, load
+    from dpkit.objectives import Objective, objective_class
     from dpkit.recipe import Recipe
 
-    assert list(OBJECTIVES) == list(METHODS)
     assert get_args(Recipe.model_fields["objective"].annotation) == tuple(METHODS)
-    for name, section in METHODS.items():
-        assert section is None or section in Recipe.model_fields, (name, section)
+    for name, spec in METHODS.items():
+        assert issubclass(objective_class(name), Objective), name
+        assert spec.section is None or spec.section in Recipe.model_fields, (name, spec.section)
+        assert spec.head in ("causal_lm", "sequence_classification"), (name, spec.head)
+        kinds = {FORMATS[f].rows for f in spec.formats}
+        assert len(kinds) == 1, (name, kinds)
+        load(kinds.pop())
 
 
 def test_format_names_are_the_format_registry():
-    from dpkit.data.formats import FORMATS
-    from dpkit.names import FORMAT_COLUMNS
+    """Every declared format renders: the data format registry holds it, or its row kind
+    brings its own `Format`; the schema lists them in the declaration order."""
+    from dpkit.data.formats import get
+    from dpkit.methods import FORMATS
 
-    assert {n: f.columns for n, f in FORMATS.items()} == FORMAT_COLUMNS
-    assert list(FORMATS) == list(FORMAT_COLUMNS)  # the order `format:` errors list them in
+    for name, spec in FORMATS.items():
+        assert get(name).columns == spec.columns, name
+    from dpkit.recipe import DataSource
+
+    assert get_args(DataSource.model_fields["format"].annotation) == tuple(FORMATS)
+
+
+def test_nothing_outside_a_method_names_one():
+    """A method's name appears only in its own modules (dpkit/methods/<m>.py, dpkit/objectives/,
+    its data rows): the rest of dpkit asks the registry."""
+    import re
+
+    from dpkit.methods import METHODS
+
+    own = ("methods/", "objectives/", "data/preference.py")
+    pattern = re.compile(r"""["'](%s)["']""" % "|".join(n for n in METHODS if n != "sft"))
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in ROOT.rglob("*.py")
+             if not str(path.relative_to(ROOT)).startswith(own)
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, f"method names outside their modules: {found}"

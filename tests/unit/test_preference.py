@@ -19,7 +19,8 @@ from dpkit.data.preference import IGNORE, PairExample, collate_pairs, tokenize_p
 from dpkit.data.tokenize import Example
 from dpkit.errors import RecipeError
 from dpkit.model import build_model, load_tokenizer
-from dpkit.objectives import OBJECTIVES, build_objective
+from dpkit.methods import METHODS
+from dpkit.objectives import build_objective
 from dpkit.objectives.head import LossHead, plain_head
 from dpkit.objectives.preference import Preference, pair_losses
 from dpkit.recipe import DataSection, DataSource, ModelSection, recipe_from_dict
@@ -196,7 +197,8 @@ def padding_pair(pad_id: int) -> PairExample:
     return PairExample([pad_id, pad_id], [IGNORE] * 2, [pad_id, pad_id], [IGNORE] * 2)
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items()
+                                         if m.formats == ("preference",) or n == "sft"))
 @pytest.mark.parametrize("tiled", [False, True])
 def test_empty_and_partly_masked_batches_give_finite_loss_and_gradients(tok, pairs, tmp_path,
                                                                        name, tiled):
@@ -374,13 +376,13 @@ def test_the_pairs_report_says_how_long_they_took(tok, monkeypatch):
     from dpkit.data import load_datasets
     from dpkit.data import preference
 
-    real = preference.load_pairs
+    real = preference.PairRows.tokenize
 
     def slow(*args, **kwargs):
         time.sleep(0.2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(preference, "load_pairs", slow)
+    monkeypatch.setattr(preference.PairRows, "tokenize", slow)
     section = DataSection(sources=[DataSource(path=PREF, format="preference")], max_seq_len=96)
     _, _, stats = load_datasets(section, tok, seed=0)
     assert stats.seconds >= 0.2 and f"in {stats.seconds:.1f} s" in stats.describe()
@@ -426,7 +428,7 @@ def test_objective_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(objective="sft"), "needs a preference `objective`"),
+    (dict(objective="sft"), "is for `objective: dpo, ipo, simpo, orpo`"),
     (dict(preference={"reference": "adapter_off"}), "needs LoRA"),
     (dict(objective="ipo", preference={"label_smoothing": 0.1}), "no meaning"),
     (dict(objective="orpo", preference={"label_smoothing": 0.1}), "no meaning"),
@@ -445,7 +447,7 @@ def test_preference_objective_needs_preference_data(tmp_path):
         recipe_from_dict(r)
     r = tiny_recipe(tmp_path / "run", data={"sources": [{"path": PREF, "format": "preference"}]})
     r["preference"] = {"beta": 0.2}
-    with pytest.raises(RecipeError, match="needs a preference `objective`"):
+    with pytest.raises(RecipeError, match="section is for `objective: dpo, ipo, simpo, orpo`"):
         recipe_from_dict(r)
 
 

@@ -1,7 +1,6 @@
-"""The recipe's `preference:` section and the checks between the objective, its section, the
-data and LoRA (the objectives themselves are dpkit/objectives/preference.py).
-
-Its own module to keep dpkit/recipe.py short; recipe.py imports it.
+"""The preference methods (DPO, IPO, SimPO, ORPO) declared: their recipe section `preference:`,
+the `preference` data format, and the checks between the objective, its section, the data and
+LoRA. The runtime is dpkit/objectives/preference.py; the pairs' tokenizer dpkit/data/preference.py.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpkit.names import methods_with
+from dpkit.methods.spec import FormatSpec, MethodSpec
 
 
 class _Section(BaseModel):
@@ -47,33 +46,15 @@ class PreferenceSection(_Section):
         return "adapter_off" if lora else "precomputed"
 
 
-PREFERENCE_OBJECTIVES = methods_with("preference")
-_LISTED = ", ".join(PREFERENCE_OBJECTIVES)
-
-
 def preference_problems(recipe) -> list[str]:
-    """Cross-field checks between the objective, its section, the data and LoRA."""
+    """Checks between the objective, its section, the data and the rest of the recipe (the
+    registry's own — formats, streaming, a section without its method — come first)."""
     name, pref = recipe.objective, recipe.preference
-    formats = {s.format for s in [*recipe.data.sources, *recipe.data.eval_sources]}
-    if name not in PREFERENCE_OBJECTIVES:
-        if pref is not None:
-            return [f"a `preference` section needs a preference `objective` ({_LISTED}); "
-                    "remove the section or set `objective`"]
-        if "preference" in formats:
-            return [f"data format `preference` needs a preference `objective` ({_LISTED})"]
-        return []
-    if formats != {"preference"}:
-        return [f"`objective: {name}` trains on pairs: every data source needs "
-                f"`format: preference` (got {sorted(formats)})"]
     if recipe.train.sequence_parallel > 1:  # refused, not silently wrong: every rank crashed
         return [f"`train.sequence_parallel: {recipe.train.sequence_parallel}` does not work with "
                 f"`objective: {name}`: a pair's log-probs are summed over its whole sequence and "
                 "the split loses which pair a slice belongs to; set `train.sequence_parallel: 1` "
                 "(the tiled loss, `compute.loss`, keeps long pairs' logits small)"]
-    if recipe.data.streaming:
-        return [f"`data.streaming` does not work with `objective: {name}`: preference pairs are "
-                "tokenized whole and held in memory (dpkit/data/preference.py), not streamed; "
-                "set `data.streaming: false`"]
     pref = pref or PreferenceSection()
     if pref.reference == "adapter_off" and recipe.peft is None:
         return ["`preference.reference: adapter_off` needs LoRA (a `peft` section); use "
@@ -83,8 +64,20 @@ def preference_problems(recipe) -> list[str]:
     return []
 
 
-def check_objective(recipe):
-    """The Recipe's validator (pydantic "after" mode): the first problem, raised."""
-    for problem in preference_problems(recipe):
-        raise ValueError(problem)
-    return recipe
+def _options(recipe) -> dict:
+    pref = recipe.preference or PreferenceSection()
+    return {"max_prompt_len": pref.max_prompt_len}
+
+
+FORMATS = {"preference": FormatSpec(("prompt", "chosen", "rejected"),
+                                    rows="dpkit.data.preference:PAIRS", trained="chosen",
+                                    text_or_list=True,
+                                    doc="prompt/chosen/rejected pairs (strings or message lists)")}
+
+_PAIRS = dict(formats=("preference",), section="preference", settings=PreferenceSection,
+              problems=preference_problems, data_options=_options, streams=False)
+METHODS = {name: MethodSpec("dpkit.objectives.preference:Preference", doc=doc, **_PAIRS)
+           for name, doc in [("dpo", "direct preference optimisation (Rafailov et al. 2023)"),
+                             ("ipo", "identity preference optimisation (Azar et al. 2023)"),
+                             ("simpo", "simple preference optimisation (Meng et al. 2024)"),
+                             ("orpo", "odds-ratio preference optimisation (Hong et al. 2024)")]}
