@@ -58,14 +58,16 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = "5GB",
            overwrite: bool = False) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from dpkit import heads
 
     ckpt = resolve_checkpoint(Path(path))
     out = Path(out).expanduser()
     check_out(out, overwrite)
     config = AutoConfig.from_pretrained(ckpt / "hf")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = heads.auto_class(heads.of_config(config)).from_config(config)
     state = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

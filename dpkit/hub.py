@@ -138,10 +138,10 @@ def _merge_adapter(adapter_dir: Path, base: str | None, out: Path) -> Path:
         raise RecipeError.one("hub.adapter_only", "the adapter names no base model to merge into",
                               "push the adapter alone (hub.adapter_only: true)")
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from dpkit import heads
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"),
-                                      adapter_dir)
+    auto = heads.auto_class(heads.of_adapter(adapter_dir))
+    model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype="auto"), adapter_dir)
     model.merge_and_unload().save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (adapter_dir / name).is_file() and not (out / name).exists():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpkit import distributed
+from dpkit import distributed, heads
 from dpkit.errors import Problem, RecipeError
 from dpkit.model import DTYPES, build_model, load_model_config
 from dpkit.recipe import PeftSection, Recipe, load_recipe
@@ -43,12 +43,11 @@ class AdapterCheckError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- which modules
-def meta_model(model_config, trust_remote_code: bool = False):
+def meta_model(model_config, trust_remote_code: bool = False, head: str = "causal_lm"):
     """The base architecture with no memory behind it: module names and sizes from the config."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        return heads.auto_class(head).from_config(model_config,
+                                                  trust_remote_code=trust_remote_code)
 
 
 def _adaptable_kinds() -> tuple[type, ...]:
@@ -143,6 +142,10 @@ def save_base(model, tokenizer, base_dir: Path) -> None:
     tmp.rename(base_dir)
 
 
+# PEFT's task type per head: with SEQ_CLS it trains and saves the new score head in full.
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+
+
 def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir: Path, env):
     """Load the base (4-bit for QLoRA), freeze it and add the adapters, identically on each rank."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -151,8 +154,12 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
     packed_len = recipe.data.max_seq_len if recipe.data.packing else None
     qlora = section.method == "qlora"
     quant = quantization_kwargs(recipe, env.local_rank) if qlora else {}
+    head = heads.of_recipe(recipe)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    quant.update(head=head, pad_token_id=pad_id)
     if msec.config is not None:
-        model = build_model(msec, seed, recipe.zero.stage, ds_config, packed_len)
+        model = build_model(msec, seed, recipe.zero.stage, ds_config, packed_len, head=head,
+                            pad_token_id=pad_id)
         base_dir = run_dir / "base"
         if env.is_main and (recipe.output.save_model or qlora):
             save_base(model, tokenizer, base_dir)
@@ -170,7 +177,7 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
     config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                         target_modules=resolve_targets(model, section), bias="none",
                         modules_to_save=list(section.modules_to_save) or None,
-                        task_type="CAUSAL_LM")
+                        task_type=TASK_TYPES[head])  # SEQ_CLS: the score head is trained too
     torch.manual_seed(seed)  # the LoRA A init draws from the global RNG: same on every rank
     model = get_peft_model(model, config)
     if msec.gradient_checkpointing:
@@ -342,11 +349,12 @@ def merge_adapter(base_model_dir_or_recipe, adapter_dir, out_dir, dtype: str = "
     adapter's config. Written to `<out_dir>.partial` and renamed when complete.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base, opts = _base_and_options(base_model_dir_or_recipe, adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **opts)
+    model = heads.auto_class(heads.of_adapter(adapter_dir)).from_pretrained(base, dtype=dtype,
+                                                                           **opts)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     from dpkit.export import check_out, staging
 
@@ -382,7 +390,8 @@ def preflight_problems(recipe: Recipe, model_config, on_cpu: bool) -> list[Probl
                                         "pip install bitsandbytes"))
     if model_config is not None:
         try:
-            model = meta_model(model_config, recipe.model.trust_remote_code)
+            model = meta_model(model_config, recipe.model.trust_remote_code,
+                               heads.of_recipe(recipe))
         except (ValueError, KeyError, OSError) as e:
             return problems + [Problem("peft", f"can't build the architecture to check target "
                                        f"modules: {str(e).splitlines()[0] if str(e) else e}")]

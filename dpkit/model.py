@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dpkit import heads
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import ModelSection
 from dpkit.shipped import CHAT_TEMPLATES as SHIPPED_CHAT_TEMPLATES
@@ -242,8 +243,9 @@ def read_chat_template(value: str) -> str:
 
 
 def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: dict | None = None,
-                packed_len: int | None = None, **load_kwargs):
-    """The causal LM, in the training dtype.
+                packed_len: int | None = None, head: str = "causal_lm",
+                pad_token_id: int | None = None, **load_kwargs):
+    """The model with the method's `head` (dpkit/heads.py), in the training dtype.
 
     `packed_len` (data.max_seq_len when data.packing is on) lets packed sdpa run row by row
     (dpkit/attention.py) instead of under a dense block mask.
@@ -253,21 +255,23 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
     loaded partitioned (transformers' HfDeepSpeedConfig), so no rank holds the whole model.
     `load_kwargs` go to `from_pretrained` (QLoRA's 4-bit quantization, from dpkit.lora).
     """
-    from transformers import AutoModelForCausalLM
-
     dtype = DTYPES[section.dtype]
+    auto = heads.auto_class(head)
     common = dict(attn_implementation=section.attn_implementation)
     if section.config is not None:
-        config = load_model_config(section)
+        config = heads.configure(load_model_config(section), head, pad_token_id)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        model = auto.from_config(config, dtype=dtype, **common)
     else:
         keep_alive = None
         if zero_stage == 3 and ds_config is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (zero.Init while it lives)
-        model = AutoModelForCausalLM.from_pretrained(
+        if head != "causal_lm":  # the head's settings, on top of the checkpoint's config
+            load_kwargs = {"config": heads.configure(load_model_config(section), head,
+                                                     pad_token_id), **load_kwargs}
+        model = auto.from_pretrained(
             section.name_or_path, revision=section.revision, dtype=dtype,
             trust_remote_code=section.trust_remote_code, **common, **load_kwargs)
         del keep_alive

@@ -49,16 +49,21 @@ def _run_facts(run_dir: Path) -> dict:
     }
 
 
+# The Hub's pipeline tag per model head (dpkit/heads.py).
+PIPELINES = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+
+
 def card_metadata(facts: dict, *, base_model: str | None, adapter: bool, license: str | None,
                   tags: list[str]) -> dict:
     """YAML front matter. Only Hub ids go in `base_model` / `datasets` (local paths would be
     refused by the Hub's metadata check); local ones are named in the card's text instead."""
     stage = facts["zero_stage"]
+    task = PIPELINES[(facts["summary"] or {}).get("head", "causal_lm")]
     all_tags = ["dpkit", "deepspeed", *([f"zero-stage-{stage}"] if stage is not None else []),
-                *(["lora", "peft"] if adapter else []), "text-generation", *tags]
+                *(["lora", "peft"] if adapter else []), task, *tags]
     meta = {
         "library_name": "peft" if adapter else "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": task,
         "tags": list(dict.fromkeys(all_tags)),
     }
     if is_hub_id(base_model):
@@ -105,7 +110,7 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
     data_list = "\n".join(f"- `{d}`" if not is_hub_id(d) else
                           f"- [{d}](https://huggingface.co/datasets/{d})"
                           for d in facts["datasets"]) or "- —"
-    usage = _usage(repo_id, adapter)
+    usage = _usage(repo_id, adapter, s.get("head", "causal_lm"))
     wall = f"{s['wall_time_s']:.0f} s" if s.get("wall_time_s") is not None else "—"
     dtype = s.get("dtype") or (facts["recipe"].get("model") or {}).get("dtype")
 
@@ -152,16 +157,23 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
 
 
 def _objective_rows(summary: dict) -> list[str]:
-    """The training objective, and for preference tuning its strength (docs/preference.md)."""
+    """The training objective and the settings its method shows (`Objective.card_rows`)."""
     rows = [f"| objective | {_cell(summary.get('objective', 'sft'))} |"]
-    for key, label in (("beta", "beta"), ("simpo_gamma", "SimPO gamma"),
-                       ("orpo_lambda", "ORPO lambda"), ("reference", "reference model")):
-        if key in summary:
-            rows.append(f"| {label} | {_cell(summary[key], 'g')} |")
+    for label, value in summary.get("method_card", []):
+        rows.append(f"| {label} | {_cell(value, 'g')} |")
     return rows
 
 
-def _usage(repo_id: str, adapter: bool) -> str:
+def _usage(repo_id: str, adapter: bool, head: str = "causal_lm") -> str:
+    if head == "sequence_classification":  # a reward model: one score per text
+        cls = "AutoPeftModelForSequenceClassification" if adapter else \
+            "AutoModelForSequenceClassification"
+        lib = "peft" if adapter else "transformers"
+        return (f'from {lib} import {cls}\nfrom transformers import AutoTokenizer\n'
+                f'model = {cls}.from_pretrained("{repo_id}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+                'inputs = tokenizer("Question: ...\\nAnswer: ...", return_tensors="pt")\n'
+                'score = model(**inputs).logits[0, 0].item()  # higher: preferred')
     if adapter:
         load = (f'from peft import AutoPeftModelForCausalLM\n'
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")')

@@ -200,13 +200,13 @@ def _build_problems(recipe: Recipe, config, key: str) -> list[Problem]:
     """Build the model on the meta device (no memory, no weights): catches an attention kernel
     or architecture this transformers can't build, before any rank starts."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from dpkit import heads
     from dpkit.attention import implementation_for
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
+            model = heads.auto_class(heads.of_recipe(recipe)).from_config(
                 config, attn_implementation=recipe.model.attn_implementation,
                 trust_remote_code=recipe.model.trust_remote_code)
             if recipe.data.packing:  # the per-row attention train would switch to

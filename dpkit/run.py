@@ -146,7 +146,8 @@ class Run:
             self.say(f"[dpkit] {lora.describe(model, r.peft)}")
         else:
             model = build_model(r.model, r.train.seed, r.zero.stage, self.ds_config,
-                                packed_len=r.data.max_seq_len if r.data.packing else None)
+                                packed_len=r.data.max_seq_len if r.data.packing else None,
+                                head=method_spec(r).head, pad_token_id=self.tokenizer.pad_token_id)
         if self.sp is not None:
             self.sp.install(model)
             self.say(f"[dpkit] {self.sp.describe()}")
@@ -382,6 +383,7 @@ class Run:
             "micro_batch_size": b.micro_batch_size, "grad_accum": b.grad_accum,
             "sequence_parallel": b.sequence_parallel, "zero_stage": r.zero.stage,
             "dtype": r.model.dtype, "attention": self.attention, **self.objective.card(),
+            "method_card": self.objective.card_rows(), "head": method_spec(r).head,
             "base_model": r.model.name_or_path or "inline config",
             "datasets": [src.path for src in r.data.sources],
             "parameters": self.n_params, "trainable_parameters": self.n_train,

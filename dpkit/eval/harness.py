@@ -98,8 +98,9 @@ def load_model(run_dir: Path, recipe: Recipe, device):
     """(model, tokenizer) this run saved, loaded here rather than by lm-eval: given a model
     object, lm-eval stays a single process. Given a path inside a multi-rank job it would start
     accelerate, see the job's world size and wait for ranks that are not running it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from dpkit import heads
     from dpkit.model import DTYPES
 
     options = {"dtype": DTYPES[recipe.model.dtype],
@@ -112,10 +113,11 @@ def load_model(run_dir: Path, recipe: Recipe, device):
 
         from dpkit.lora import adapter_base
 
-        base = AutoModelForCausalLM.from_pretrained(adapter_base(recipe, run_dir), **options)
+        base = heads.auto_class(heads.of_recipe(recipe)).from_pretrained(
+            adapter_base(recipe, run_dir), **options)
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
         return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **options)
+    model = heads.auto_class(heads.of_recipe(recipe)).from_pretrained(path, **options)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 

@@ -64,5 +64,10 @@ class Objective:
         return self.name
 
     def card(self) -> dict:
-        """What the model card and summary.json say about the objective."""
+        """What summary.json says about the objective: its name and settings."""
         return {"objective": self.name}
+
+    def card_rows(self) -> list[tuple[str, object]]:
+        """(label, value) rows of the model card's training table, after the objective's name:
+        the settings a reader needs to reproduce the run (default: every `card()` entry)."""
+        return [(k, v) for k, v in self.card().items() if k != "objective"]

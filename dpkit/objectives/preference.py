@@ -230,6 +230,13 @@ class Preference(Objective):
             card["reference"] = self.reference
         return card
 
+    def card_rows(self) -> list[tuple[str, object]]:
+        return [(LABELS.get(k, k), v) for k, v in self.card().items() if k != "objective"]
+
+
+LABELS = {"simpo_gamma": "SimPO gamma", "orpo_lambda": "ORPO lambda",
+          "reference": "reference model"}
+
 
 def fingerprint(rows: list) -> str:
     """Identifies the tokenized pairs a cached reference belongs to."""

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpkit import heads
 from dpkit.batch import BatchPlan, plan_batch
 from dpkit.errors import Problem, RecipeError
 from dpkit.plan.cost import run_length, time_lines
@@ -174,7 +175,8 @@ def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
         lora_targets = peft.target_modules
     return model_shape(load_model_config(recipe.model), lora_rank, lora_targets,
                        recipe.model.trust_remote_code,
-                       peft.dropout if lora_dropout is None else lora_dropout)
+                       peft.dropout if lora_dropout is None else lora_dropout,
+                       heads.of_recipe(recipe))
 
 
 def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,

@@ -67,7 +67,8 @@ class ModelShape:
 
 
 def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
-                trust_remote_code: bool = False, lora_dropout: float = 0.0) -> ModelShape:
+                trust_remote_code: bool = False, lora_dropout: float = 0.0,
+                head: str = "causal_lm") -> ModelShape:
     """Count parameters on the meta device: no memory, no weights, any size.
 
     `lora_targets`: module names to adapt, matched like PEFT against the end of each module path
@@ -75,12 +76,12 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
     "all-linear"). With `lora_rank` 0 it is full fine-tuning.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from dpkit import heads
     from dpkit.metrics import matmul_parameters
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = heads.auto_class(head).from_config(config, trust_remote_code=trust_remote_code)
     numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
                         for m in model.modules())

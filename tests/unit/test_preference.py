@@ -460,8 +460,9 @@ def test_model_card_and_report_name_the_objective_and_show_rewards(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    card = Preference("dpo", 0.25, reference="adapter_off").card()
-    (run / "summary.json").write_text(json.dumps({"steps": 2, "world_size": 2, **card}))
+    dpo = Preference("dpo", 0.25, reference="adapter_off")
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "world_size": 2, **dpo.card(),
+                                                  "method_card": dpo.card_rows()}))
     lines = [{"step": s, "loss": 0.69 - 0.1 * s, "tokens_seen": 100 * s, "rewards/margins": 0.1 * s,
               "rewards/accuracies": 0.5 + 0.2 * s} for s in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
