@@ -170,7 +170,7 @@ class Run:
             mpu=self.sp.mpu if self.sp is not None else None)
         b = self.batch
         self.feed = make_feed(r, self.train_rows, self.tokenizer, b, self.dp_rank,
-                              self.objective.collate, flat)
+                              self.objective.collate, flat, self.objective.step_examples)
         if self.sp is not None:  # every rank of a group reads the same rows, keeps its slice
             self.feed = self.sp.wrap(self.feed)
 
@@ -304,7 +304,7 @@ class Run:
     def eval_loss(self, step: int) -> float:
         batches = eval_batches(self.eval_rows, self.dp_rank, self.batch.data_parallel,
                                self.batch.micro_batch_size, self.objective.collate,
-                               self.tokenizer.pad_token_id)
+                               self.tokenizer.pad_token_id, self.objective.step_examples)
         if self.sp is not None:
             batches = [self.sp.shard(b) for b in batches]
         loss, units, metrics = evaluate(self.engine, batches, self.env, self.objective)

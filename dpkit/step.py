@@ -87,6 +87,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     # the ranks; multiplying by both turns the sum into "sum over the global batch / units".
     scale = grad_accum * (gradient_divisor or env.world_size) / max(units, 1)
     micro_batches = [to_device(b, env.device) for b in micro_batches]
+    objective.prepare(engine, micro_batches, env)  # global-batch quantities, before any backward
     t1 = time.perf_counter()
     zero = torch.zeros((), device=env.device, dtype=torch.float64)
     step_loss, optimizer_s, grad_norm = zero.clone(), 0.0, None
@@ -130,6 +131,7 @@ def evaluate(engine, batches, env, objective: Objective | None = None
     sums = {name: total.clone() for name in objective.metric_names}
     count = 0
     with torch.no_grad():
+        objective.prepare(engine, [to_device(b, env.device) for b in batches], env)
         for batch in batches:
             count += objective.count(batch)  # on the CPU copy: no device readback per batch
             out = objective.loss(engine, to_device(batch, env.device))

@@ -17,8 +17,9 @@ from dpkit.data import load as D
 class RowFeed:
     def __init__(self, rows: list, seed: int, micro: int, accum: int, dp_rank: int,
                  dp_world: int, global_batch: int, collate, pad_id: int, flatten: bool = False,
-                 group_by_length: bool = False):
+                 group_by_length: bool = False, examples=None):
         self.rows, self.seed, self.micro, self.accum = rows, seed, micro, accum
+        self.global_batch, self.examples = global_batch, examples or plain_examples
         self.dp_rank, self.dp_world, self.collate = dp_rank, dp_world, collate
         self.pad_id, self.flatten = pad_id, flatten
         self.lengths = None
@@ -36,8 +37,9 @@ class RowFeed:
         picks = D.step_micro_batches(len(self.rows), self.seed, epoch, in_epoch, self.dp_rank,
                                      self.dp_world, self.micro, self.accum, self.lengths,
                                      order=self._order[1])
-        return [self.collate([self.rows[i] for i in idx], self.pad_id, flatten=self.flatten)
-                for idx in picks]
+        step_rows = self._order[1][in_epoch * self.global_batch:(in_epoch + 1) * self.global_batch]
+        return [self.collate(examples, self.pad_id, flatten=self.flatten)
+                for examples in self.examples(self.rows, picks, step_rows, step)]
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -49,14 +51,27 @@ class RowFeed:
         pass
 
 
+def plain_examples(rows, picks: list[list[int]], step_rows: list[int], step: int) -> list[list]:
+    """The examples of each micro-batch: the picked rows themselves (a method whose examples
+    need other rows of the global batch — KTO's mismatched pairs — brings its own function,
+    `Objective.step_examples`, with the same arguments)."""
+    return [[rows[i] for i in idx] for idx in picks]
+
+
+EVAL_STEP = -1
+"""The `step` an eval pass gives `examples` (its `step_rows` are all eval rows)."""
+
+
 def eval_batches(rows: list, dp_rank: int, dp_world: int, micro: int, collate,
-                 pad_id: int) -> list[dict]:
+                 pad_id: int, examples=None) -> list[dict]:
     """This rank's collated eval batches (every rank gets the same number)."""
-    return [collate([rows[i] for i in idx], pad_id)
-            for idx in D.eval_micro_batches(len(rows), dp_rank, dp_world, micro)]
+    picks = D.eval_micro_batches(len(rows), dp_rank, dp_world, micro)
+    return [collate(group, pad_id) for group in
+            (examples or plain_examples)(rows, picks, list(range(len(rows))), EVAL_STEP)]
 
 
-def make_feed(recipe, rows, tokenizer, batch, dp_rank: int, collate, flatten: bool):
+def make_feed(recipe, rows, tokenizer, batch, dp_rank: int, collate, flatten: bool,
+              examples=None):
     """The feed of a run: rows in memory (or read lazily from the cache), or a stream (rows None)."""
     from dpkit.data.stream import StreamFeed
 
@@ -66,4 +81,4 @@ def make_feed(recipe, rows, tokenizer, batch, dp_rank: int, collate, flatten: bo
                           dp_rank, batch.data_parallel, collate, pad, flatten=flatten)
     return RowFeed(rows, seed, batch.micro_batch_size, batch.grad_accum, dp_rank,
                    batch.data_parallel, batch.global_batch_size, collate, pad, flatten=flatten,
-                   group_by_length=recipe.data.group_by_length)
+                   group_by_length=recipe.data.group_by_length, examples=examples)

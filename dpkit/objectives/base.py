@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpkit.data.feed import plain_examples
+
 
 @dataclass
 class LossOut:
@@ -41,6 +43,20 @@ class Objective:
     def setup(self, run) -> None:
         """Called once on every rank after the engine exists and before the first step (for
         example: reference log-probabilities). `run` is the dpkit.run.Run."""
+
+    def step_examples(self, rows, picks: list[list[int]], step_rows: list[int], step: int
+                      ) -> list[list]:
+        """The examples of this rank's micro-batches: `picks` are row indices per micro-batch,
+        `step_rows` every row index of the step's global batch (the same on any world size),
+        `step` the optimizer step (-1: an eval pass, whose `step_rows` are all eval rows).
+        Default: the picked rows. Override to pair a row with others of its global batch."""
+        return plain_examples(rows, picks, step_rows, step)
+
+    def prepare(self, engine, micro_batches: list[dict], env) -> None:
+        """Called with this rank's device micro-batches of a step (or all its eval batches)
+        before any forward of the loss: a quantity of the whole global batch (KTO's KL
+        reference point) is computed here, without gradients, and all-reduced, so it is the
+        same on any world size. Every rank calls it (collectives allowed)."""
 
     def collate(self, examples: list, pad_id: int, flatten: bool = False) -> dict:
         """Examples → one CPU batch (tensors)."""
