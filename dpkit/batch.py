@@ -71,6 +71,15 @@ def plan_batch(global_batch: int, micro: int, world_size: int, sequence_parallel
                      unit)
 
 
+def without_accumulation(micro: int, world_size: int, sequence_parallel: int = 1,
+                         unit: str = "rows") -> BatchPlan:
+    """The batch of one micro-batch per data-parallel rank (the planner's "free" global batch
+    and weak scaling): micro × data-parallel ranks, never micro × world — the ranks of a
+    sequence-parallel group share their rows."""
+    dp = world_size // sequence_parallel
+    return plan_batch(micro * dp, micro, world_size, sequence_parallel, unit)
+
+
 def batch_arithmetic(recipe, world_size: int) -> BatchPlan:
     """The recipe's batch on `world_size` ranks."""
     t = recipe.train

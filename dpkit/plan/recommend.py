@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit import heads
-from dpkit.batch import BatchPlan, plan_batch
+from dpkit.batch import BatchPlan, plan_batch, without_accumulation
 from dpkit.errors import Problem, RecipeError
 from dpkit.plan.cost import run_length, time_lines
 from dpkit.plan.memory import (DTYPE_BYTES, Breakdown, GiB, Knobs, ModelShape, Setup, estimate,
@@ -210,8 +210,9 @@ def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | N
 def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: Cluster,
           free_global_batch: bool) -> tuple[BatchPlan, StepTime]:
     t = recipe.train
-    gbs = o.micro_batch * hw.world_size if free_global_batch else t.global_batch_size
-    batch = plan_batch(gbs, o.micro_batch, hw.world_size, getattr(t, "sequence_parallel", 1))
+    sp = getattr(t, "sequence_parallel", 1)
+    batch = (without_accumulation(o.micro_batch, hw.world_size, sp) if free_global_batch else
+             plan_batch(t.global_batch_size, o.micro_batch, hw.world_size, sp))
     job = Job(shape, o.stage, o.offload_optimizer, o.offload_params, hw.world_size,
               hw.gpus_per_node, batch.micro_batch_size, batch.grad_accum,
               recipe.data.max_seq_len, DTYPE_BYTES[recipe.model.dtype],
@@ -240,7 +241,9 @@ def count(n: int) -> str:  # parameters
 
 
 def chosen_recipe(p: Plan, o: Option, free_global_batch: bool) -> Recipe:
-    gbs = o.micro_batch * p.hw.world_size if free_global_batch else None
+    sp = getattr(p.recipe.train, "sequence_parallel", 1)
+    gbs = (without_accumulation(o.micro_batch, p.hw.world_size, sp).global_batch_size
+           if free_global_batch else None)
     return variant(p.recipe, o.stage, o.offload_optimizer, o.offload_params, o.micro_batch, gbs)
 
 

@@ -301,12 +301,11 @@ def step_time(job: Job, cluster: Cluster) -> StepTime:
 def with_world(job: Job, world: int, global_batch: int) -> Job:
     """The same job on another world size: the global batch kept (accumulation absorbs it) when
     it splits evenly, else the micro batch kept with no accumulation (weak scaling)."""
-    from dpkit.batch import plan_batch
+    from dpkit.batch import plan_batch, without_accumulation
     from dpkit.errors import RecipeError
 
     try:
         b = plan_batch(global_batch, job.micro_batch, world)
-        return replace(job, world_size=world, grad_accum=b.grad_accum)
     except RecipeError:
-        b = plan_batch(job.micro_batch * world, job.micro_batch, world)
-        return replace(job, world_size=world, grad_accum=b.grad_accum)
+        b = without_accumulation(job.micro_batch, world)
+    return replace(job, world_size=world, grad_accum=b.grad_accum)

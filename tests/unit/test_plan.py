@@ -389,3 +389,21 @@ def test_sizes_and_user_errors(tmp_path):
     with pytest.raises(RecipeError, match="train.global_batch_size"):
         plan(recipe_from_dict({**r.model_dump(mode="json"), "train": {"global_batch_size": 12}}),
              Hardware(8, 8, 80 * 2**30))
+
+
+def test_free_global_batch_is_one_micro_batch_per_data_parallel_rank_under_sequence_parallel(
+        tmp_path):
+    """The planner's free global batch and the recipe it writes agree with the ranks' batch rule:
+    under sequence parallelism the ranks of a group share rows, so micro × data-parallel ranks
+    (it was micro × world: accumulation 2 where the plan timed 1)."""
+    from dpkit.batch import batch_arithmetic
+    from dpkit.plan.recommend import chosen_recipe
+
+    raw = recipe(tmp_path).model_dump(mode="json")
+    raw["train"]["sequence_parallel"] = 2
+    p = plan(recipe_from_dict(raw), Hardware(8, 8, 80 * 2**30), free_global_batch=True)
+    assert any(o.micro_batch for o in p.options)
+    for o in (o for o in p.options if o.micro_batch):  # None: fits at no micro batch
+        written = batch_arithmetic(chosen_recipe(p, o, True), 8)
+        assert (written.grad_accum, o.batch.grad_accum) == (1, 1), o
+        assert written.global_batch_size == o.micro_batch * 4 == o.batch.global_batch_size
