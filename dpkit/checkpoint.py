@@ -248,9 +248,10 @@ def read_state(ckpt: Path) -> TrainState:
     return TrainState(**json.loads((ckpt / "dpkit.json").read_text()))
 
 
-def needs_universal(ckpt: Path, world_size: int, zero_stage: int) -> bool:
+def needs_universal(ckpt: Path, layout) -> bool:
+    """Whether `layout` (dpkit/layout.py) differs from the checkpoint's world size or stage."""
     saved = read_state(ckpt)
-    return saved.world_size != world_size or saved.zero_stage != zero_stage
+    return saved.world_size != layout.world_size or saved.zero_stage != layout.stage
 
 
 def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:

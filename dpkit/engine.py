@@ -79,10 +79,12 @@ def lr_now(scheduler) -> float:
     return scheduler.get_last_lr()[0]
 
 
-def save_model(engine, tokenizer, out_dir: Path, env, stage: int, bound_s: float) -> None:
+def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float) -> None:
     """Hugging Face format (safetensors), written to a temporary name and renamed when complete;
-    rank 0 writes while the others wait up to `bound_s` (train.single_rank_work_timeout_s)."""
-    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    rank 0 writes while the others wait up to `bound_s` (train.single_rank_work_timeout_s).
+    Partitioned parameters (`layout`, dpkit/layout.py) are consolidated first, on every rank."""
+    state = (engine._zero3_consolidated_16bit_state_dict() if layout.partitions_parameters
+             else None)
     if env.is_main:
         tmp = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ from dpkit import checkpoint as C
 from dpkit import distributed, kernels, logs, lora
 from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.attention import describe_packed
-from dpkit.batch import batch_arithmetic
+
 from dpkit.data import load as D
 from dpkit.data.cache import load_cached
 from dpkit.data.feed import eval_batches, make_feed
@@ -31,6 +31,7 @@ from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import RecipeError
 from dpkit.eval.evaluator import Evaluator, truncate_jsonl
 from dpkit.hub_schema import UserChoice
+from dpkit.layout import layout_of
 from dpkit.methods import spec as method_spec
 from dpkit.metrics import (
     MetricsLog,
@@ -71,7 +72,8 @@ class Run:
         self.log = logs.setup(self.out, self.env.rank, self.env.is_main)
         self.tokenizer = load_tokenizer(r.model)
         self.model_config = load_model_config(r.model)
-        self.batch = batch_arithmetic(r, self.env.world_size)
+        self.layout = layout_of(r, self.env.world_size)  # built once: everything below asks it
+        self.batch = self.layout.batch
         self.sp = SequenceParallel.start(r, self.model_config)  # None without it
         self._load_data()
         self._resolve_config()
@@ -122,7 +124,7 @@ class Run:
                           D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size))
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
         self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
-                 f"{self.total_steps} steps; ZeRO stage {r.zero.stage}, {r.model.dtype}; "
+                 f"{self.total_steps} steps; {self.layout.describe()}, {r.model.dtype}; "
                  f"objective {self.objective.describe()}")
         if self.resume_from is not None and (warning := outside_warning(self.resume_from,
                                                                           self.out)):
@@ -134,7 +136,7 @@ class Run:
                 truncate_jsonl(self.out / "metrics.jsonl", 0)
             (self.out / C.PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
         self.universal = self.resume_from is not None and C.needs_universal(
-            self.resume_from, env.world_size, r.zero.stage)
+            self.resume_from, self.layout)
         if self.universal:
             C.convert_to_universal(self.resume_from, env, r.train.single_rank_work_timeout_s)
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -145,7 +147,7 @@ class Run:
             model = lora.build_peft_model(r, self.tokenizer, self.ds_config, self.out, env)
             self.say(f"[dpkit] {lora.describe(model, r.peft)}")
         else:
-            model = build_model(r.model, r.train.seed, r.zero.stage, self.ds_config,
+            model = build_model(r.model, r.train.seed, self.layout.stage, self.ds_config,
                                 packed_len=r.data.max_seq_len if r.data.packing else None,
                                 head=method_spec(r).head, pad_token_id=self.tokenizer.pad_token_id)
         if self.sp is not None:
@@ -339,7 +341,7 @@ class Run:
 
     def save_checkpoint(self, step_done: int) -> Path:
         state = C.TrainState(step=step_done, tokens_seen=self.tokens_seen,
-                             world_size=self.env.world_size, zero_stage=self.recipe.zero.stage,
+                             world_size=self.layout.world_size, zero_stage=self.layout.stage,
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
                              data=self.feed.state_dict(), settings=C.data_settings(self.recipe))
         self.saved_step = step_done
@@ -353,7 +355,7 @@ class Run:
             lora.save_adapter(self.engine, self.tokenizer, out, env, r,
                               trained=self.total_steps > 0)
         elif r.output.save_model:
-            save_model(self.engine, self.tokenizer, out / "model", env, r.zero.stage,
+            save_model(self.engine, self.tokenizer, out / "model", env, self.layout,
                        r.train.single_rank_work_timeout_s)
         summary = self.summary()
         summary.update(self.evals.benchmarks())  # lm-eval on the saved model, rank 0
@@ -381,7 +383,7 @@ class Run:
             "final_loss": self.last_loss, "final_eval_loss": self.last_eval,
             "world_size": self.env.world_size, "global_batch_size": b.global_batch_size,
             "micro_batch_size": b.micro_batch_size, "grad_accum": b.grad_accum,
-            "sequence_parallel": b.sequence_parallel, "zero_stage": r.zero.stage,
+            "sequence_parallel": b.sequence_parallel, "zero_stage": self.layout.stage,
             "dtype": r.model.dtype, "attention": self.attention, **self.objective.card(),
             "method_card": self.objective.card_rows(), "head": method_spec(r).head,
             "base_model": r.model.name_or_path or "inline config",

@@ -67,11 +67,11 @@ def worker(args) -> None:
     kw = {"eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id}
 
     def dpkit_eval():
-        return G.generate(engine, prompts, env, 3, args.new, kw["eos_id"], kw["pad_id"])
+        return G.generate(engine, prompts, env, run.layout, args.new, kw["eos_id"], kw["pad_id"])
 
     def gather_eval():
         module = engine.module
-        with G.full_weights(engine, 3) as model, torch.no_grad():
+        with G.full_weights(engine, run.layout) as model, torch.no_grad():
             model.eval()
             out = [G.greedy(model, p.ids, args.new, kw["eos_id"], kw["pad_id"], env.device)
                    for p in prompts]

@@ -58,7 +58,7 @@ class Evaluator:
             return
         tok = run.tokenizer
         t0 = time.perf_counter()
-        completions = G.generate(run.engine, self.prompts, run.env, run.recipe.zero.stage,
+        completions = G.generate(run.engine, self.prompts, run.env, run.layout,
                                  self.section.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         if completions is None:  # not rank 0
             return

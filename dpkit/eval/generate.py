@@ -76,9 +76,10 @@ def choose_prompts(section, source, tokenizer, eval_rows: list) -> list[Prompt]:
 
 # --------------------------------------------------------------------------------- generating
 @contextmanager
-def full_weights(engine, stage: int):
-    """The whole model on every rank for the duration: gathered once under ZeRO-3."""
-    if stage == 3:
+def full_weights(engine, layout):
+    """The whole model on every rank for the duration: gathered once where parameters are
+    partitioned (ZeRO-3; `layout`: dpkit/layout.py)."""
+    if layout.partitions_parameters:
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
         # An eval forward just before may have left parameters prefetched for a backward pass
@@ -119,14 +120,14 @@ def greedy(module, ids: list[int], max_new_tokens: int, eos_id: int | None, pad_
     return out[0, inputs.shape[1]:].tolist()
 
 
-def generate(engine, prompts: list[Prompt], env, stage: int, max_new_tokens: int,
+def generate(engine, prompts: list[Prompt], env, layout, max_new_tokens: int,
              eos_id: int | None, pad_id: int | None) -> list[list[int]] | None:
     """Completion ids of every prompt on rank 0 (None on the others). Collective: every rank
     must call it, with the same prompts."""
     mine = {}
     module = engine.module
     was_training = module.training
-    with full_weights(engine, stage) as model, plain_attention(model), torch.no_grad():
+    with full_weights(engine, layout) as model, plain_attention(model), torch.no_grad():
         model.eval()
         for i in range(env.rank, len(prompts), env.world_size):
             mine[i] = greedy(model, prompts[i].ids, max_new_tokens, eos_id, pad_id, env.device)

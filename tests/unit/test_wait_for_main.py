@@ -123,9 +123,12 @@ def test_the_universal_conversion_waits_for_rank_0_with_the_bound(waits, tmp_pat
 
 
 def test_the_final_model_save_waits_for_rank_0_with_the_bound(waits, tmp_path):
+    from dpkit.batch import plan_batch
     from dpkit.engine import save_model
+    from dpkit.layout import Layout
 
-    save_model(None, None, tmp_path / "model", WAITING, 2, 123)
+    stage_2 = Layout(2, "none", "none", plan_batch(2, 1, 2))  # nothing to consolidate
+    save_model(None, None, tmp_path / "model", WAITING, stage_2, 123)
     assert waits == [("write the final model", 123)]
 
 

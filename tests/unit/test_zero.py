@@ -149,3 +149,23 @@ def test_every_accepted_stage_and_offload_resolves_to_a_shipped_template(tmp_pat
         assert "auto" not in json.dumps(zo)
     # 0: 1; 1 and 2: none/cpu optimizer; 3: all nine.
     assert accepted == 1 + 2 + 2 + 9
+
+
+def test_the_layout_says_what_is_partitioned_and_where():
+    """One object answers "is it partitioned?" for the whole job; its line is the run log's."""
+    from dpkit.batch import plan_batch
+    from dpkit.layout import Layout
+
+    batch = plan_batch(16, 2, 8, 2)  # 4 data-parallel ranks × sequence-parallel 2
+    three = Layout(3, "cpu", "cpu", batch)
+    assert (three.partitions_parameters, three.partitions_gradients,
+            three.partitions_optimizer) == (True, True, True)
+    assert (three.world_size, three.data_parallel, three.sequence_parallel) == (8, 4, 2)
+    assert three.describe() == ("ZeRO stage 3 (optimizer state, gradients, parameters partitioned "
+                                "over 4 data-parallel ranks, optimizer state on cpu, parameters "
+                                "on cpu)")
+    one = Layout(1, "none", "none", batch)
+    assert (one.partitions_parameters, one.partitions_gradients, one.partitions_optimizer) == \
+        (False, False, True)
+    assert Layout(0, "none", "none", batch).describe() == \
+        "ZeRO stage 0 (nothing partitioned: every rank holds everything)"
