@@ -29,6 +29,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from dpkit.data.packing import row_boundaries  # noqa: F401 (the batch boundaries it reads)
+
 NAME = "dpkit_rows"
 
 try:  # torch >= 2.10
@@ -38,15 +40,6 @@ try:  # torch >= 2.10
 except ImportError:
     _varlen_attn, _VARLEN_PARAMETERS = None, frozenset()
 _FLASH_GPU = [False]  # set by register(): a CUDA GPU of compute capability 8.0 or newer
-
-
-def row_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Offsets of the rows in the flattened batch (int32, ending with its size) and the longest
-    row, from CPU position ids that restart at 0 for every row (padding is a segment too)."""
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().flatten()
-    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def why_not_rows(config, max_seq_len: int) -> str | None:

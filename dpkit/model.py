@@ -17,28 +17,11 @@ from dpkit import heads
 from dpkit.errors import Problem, RecipeError
 from dpkit.recipe import ModelSection
 from dpkit.shipped import CHAT_TEMPLATES as SHIPPED_CHAT_TEMPLATES
-from dpkit.shipped import HUB_CONFIGS
+from dpkit.shipped import HUB_CONFIGS, looks_local  # noqa: F401 (callers import it here)
 
 SHIPPED_HUB_CONFIGS = HUB_CONFIGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def looks_local(name: str) -> bool:
-    """A local path if it exists or is written like one (a hub id is `org/name` or `name`, of
-    letters, digits and `-_.`, and `org` is not a folder here); otherwise a hub id."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
-        return True
-    if "/" in name and Path(name.split("/")[0]).is_dir():
-        return True  # `data/trian.jsonl`, `tokenizers/tiny-bpee` beside an existing folder
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True  # `data/tok/`, `my tokenizer`: a mistyped path, never a hub id
-    return False
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")

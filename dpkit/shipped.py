@@ -47,3 +47,20 @@ def available() -> list[str]:
     out = [f"{PREFIX}tokenizers/{p.name}" for p in sorted(TOKENIZERS.iterdir()) if p.is_dir()]
     out += [f"{PREFIX}data/{p.name}" for p in sorted(DATA.iterdir()) if p.suffix == ".jsonl"]
     return out
+
+
+def looks_local(name: str) -> bool:
+    """A local path if it exists or is written like one (a hub id is `org/name` or `name`, of
+    letters, digits and `-_.`, and `org` is not a folder here); otherwise a hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")):
+        return True
+    if "/" in name and Path(name.split("/")[0]).is_dir():
+        return True  # `data/trian.jsonl`, `tokenizers/tiny-bpee` beside an existing folder
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True  # `data/tok/`, `my tokenizer`: a mistyped path, never a hub id
+    return False

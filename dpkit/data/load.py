@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dpkit.attention import row_boundaries
 from dpkit.data.checks import bad_json_line, row_problems
+from dpkit.data.packing import row_boundaries
 from dpkit.data import formats
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
 from dpkit.data.tokenize import (  # noqa: F401
@@ -53,7 +53,7 @@ FILE_SUFFIXES = {*LOCAL_SUFFIXES, ".txt", ".tsv", ".gz", ".zst", ".bz2", ".xz", 
 def is_local_source(source: DataSource) -> bool:
     """A local file or directory: it exists, or it is written like a path (a data file suffix,
     `./`, `/`, more than one `/`) rather than a hub dataset name."""
-    from dpkit.model import looks_local
+    from dpkit.shipped import looks_local
 
     path = Path(source.path).expanduser()
     return path.suffix in FILE_SUFFIXES or looks_local(source.path)

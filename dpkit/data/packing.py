@@ -99,3 +99,12 @@ def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
         end = sum(mask)
         lengths += [b - a for a, b in zip(starts, starts[1:] + [end])]
     return lengths
+
+
+def row_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Offsets of the rows in the flattened batch (int32, ending with its size) and the longest
+    row, from CPU position ids that restart at 0 for every row (padding is a segment too)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())

@@ -284,7 +284,7 @@ def _with_ref(batch: dict, examples: list[PairExample], real: int) -> dict:
 
 
 def _flat(rows: list, examples: list[PairExample], real: int) -> dict:
-    from dpkit.attention import row_boundaries
+    from dpkit.data.packing import row_boundaries
 
     ids = torch.tensor([t for row_ids, _ in rows for t in row_ids]).unsqueeze(0)
     # A row's first token is never predicted (nothing before it in its row): unlabelled, so the

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from dpkit.attention import NAME as ROWS
 from dpkit.attention import register as register_rows
-from dpkit.attention import row_boundaries, why_not_rows
+from dpkit.attention import why_not_rows
+from dpkit.data.packing import row_boundaries
 from dpkit.errors import Problem
 
 NAME = "dpkit_ulysses"
