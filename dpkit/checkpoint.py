@@ -39,6 +39,7 @@ import torch
 from dpkit import distributed
 from dpkit.errors import RecipeError
 from dpkit.methods import spec
+from dpkit.run_files import CHECKPOINTS, LATEST, PREEMPTED, read_metrics, write_text
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -58,7 +59,7 @@ class TrainState:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_name(step: int) -> str:
@@ -86,7 +87,7 @@ def latest_complete(run_dir: Path) -> Path | None:
     before that step (same lineage), else the newest complete one."""
     found = complete_checkpoints(run_dir)
     try:
-        pointer = (checkpoints_dir(run_dir) / "latest").read_text().strip()
+        pointer = (checkpoints_dir(run_dir) / LATEST).read_text().strip()
     except OSError:
         pointer = ""
     if STEP_DIR.match(pointer):
@@ -102,13 +103,7 @@ def point_latest(run_dir: Path, ckpt: Path) -> None:
     later checkpoints of the run that was rewound."""
     root = checkpoints_dir(run_dir)
     if Path(ckpt).resolve().parent == root.resolve() and is_complete(ckpt):
-        _atomic_write(root / "latest", Path(ckpt).name + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_text(root / LATEST, Path(ckpt).name + "\n")
 
 
 def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | None) -> Path:
@@ -128,8 +123,8 @@ def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | N
     fault_point("save", state.step, env.rank)
     distributed.barrier()  # every rank has written everything
     if env.is_main:
-        _atomic_write(ckpt / MARKER, f"{state.step}\n")
-        _atomic_write(checkpoints_dir(run_dir) / "latest", ckpt.name + "\n")
+        write_text(ckpt / MARKER, f"{state.step}\n")
+        write_text(checkpoints_dir(run_dir) / LATEST, ckpt.name + "\n")
         prune(run_dir, keep)
     distributed.barrier()
     return ckpt
@@ -274,7 +269,7 @@ def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:
                                   keep_temp_folder=False, strict=True, inject_missing_state=True))
         _alias_model_states(target / "ds")
         _add_stage3_optimizer_state(target / "ds" / "zero")
-        _atomic_write(target / MARKER, "universal\n")
+        write_text(target / MARKER, "universal\n")
     distributed.wait_for_main("convert the checkpoint to the universal format", bound_s)
     return target
 
@@ -377,13 +372,12 @@ def fault_point(where: str, step: int, rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------- preemption
-PREEMPTED = "PREEMPTED"
-"""In the run directory: the ranks stopped on SIGTERM after writing this checkpoint (its path
-inside). `dpkit train` reads it to exit with the requeue code; the next start removes it."""
+# PREEMPTED, in the run directory: the ranks stopped on SIGTERM after writing this checkpoint (its
+# path inside). `dpkit train` reads it to exit with the requeue code; the next start removes it.
 
 
 def mark_preempted(run_dir: Path, ckpt: Path) -> None:
-    _atomic_write(Path(run_dir) / PREEMPTED, f"{ckpt}\n")
+    write_text(Path(run_dir) / PREEMPTED, f"{ckpt}\n")
 
 
 def preempted_checkpoint(run_dir: Path, since: float) -> Path | None:
@@ -401,18 +395,6 @@ def preempted_checkpoint(run_dir: Path, since: float) -> Path | None:
 def last_logged_step(run_dir: Path) -> int:
     """The furthest training step metrics.jsonl records (how far an attempt got before it died;
     a lower bound when output.log_steps > 1)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    step = 0
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return 0
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the crash
-            continue
-        if "loss" in record:
-            step = max(step, int(record.get("step", 0)))
-    return step
+    records, _ = read_metrics(run_dir)  # a line torn by the crash is skipped
+    return max((int(r.get("step", 0)) for r in records if "loss" in r), default=0)
 

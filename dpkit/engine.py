@@ -7,13 +7,13 @@ them. dpkit/run.py calls `build_engine` once per rank.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from dpkit import distributed
 from dpkit.recipe import Recipe
+from dpkit.run_files import publish_dir, stage_dir
 
 
 def lr_lambda(recipe: Recipe, total_steps: int):
@@ -86,12 +86,10 @@ def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float) ->
     state = (engine._zero3_consolidated_16bit_state_dict() if layout.partitions_parameters
              else None)
     if env.is_main:
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = stage_dir(out_dir)
         if state is None:
             state = engine.module.state_dict()
         engine.module.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        publish_dir(tmp, out_dir)
     distributed.wait_for_main("write the final model", bound_s)

@@ -8,10 +8,8 @@ and only from a path the user names: DeepSpeed checkpoints are pickles.
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from dpkit import checkpoint as C
 from dpkit.errors import Problem, RecipeError
+from dpkit.run_files import publish_dir, stage_dir
 from dpkit.rundir import mark, replace_dir, write_problem
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -98,19 +97,18 @@ def check_out(out: Path, overwrite: bool) -> None:
 def staging(out: Path):
     """A fresh directory beside `out` (a name no one else has: nothing of theirs is removed),
     marked as an export and renamed to `out` once everything is written; removed on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = stage_dir(out, unique=f".{out.name}.partial-")
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide the model from the group
         yield tmp
         mark(tmp, "export")
-        if out.exists() and any(out.iterdir()):
-            replace_dir(out, "export", "--out")  # the rule again, right before deleting
-        elif out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        publish_dir(tmp, out, replace=_replace_export)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_export(out: Path) -> None:
+    if any(out.iterdir()):
+        replace_dir(out, "export", "--out")  # the rule again, right before deleting
+    else:
+        out.rmdir()
 

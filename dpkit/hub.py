@@ -30,6 +30,7 @@ from dpkit import __version__, model_card
 from dpkit.errors import Problem, RecipeError
 from dpkit.hub_schema import (STANDARD_TOKEN_ENVS, HubSection, UserChoice,  # noqa: F401
                               hub_from_dict, token_problems)
+from dpkit.run_files import DS_CONFIG, HUB, METRICS, MODEL, RECIPE, SAMPLES, SUMMARY, read_json
 from dpkit.rundir import MARKER, refuse_links_out
 
 
@@ -90,7 +91,7 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors",
                "model.safetensors.index.json", *TOKENIZER_FILES]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "generation_config.json",
                  *TOKENIZER_FILES]
-TRAINING_FILES = ["recipe.yaml", "ds_config.json", "summary.json", "metrics.jsonl", "samples.jsonl"]
+TRAINING_FILES = [RECIPE, DS_CONFIG, SUMMARY, METRICS, SAMPLES]
 # An allowlist, not "everything in model/": pickles (*.bin, *.pt) and stray files stay local.
 
 
@@ -128,7 +129,7 @@ def adapter_base(model_dir: Path, run_dir: Path) -> str | None:
     config = json.loads((model_dir / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base:
-        base = model_card._read_json(run_dir / "summary.json").get("base_model")
+        base = (read_json(run_dir / SUMMARY) or {}).get("base_model")
     return base if base and base != "inline config" else None
 
 
@@ -240,11 +241,11 @@ def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path 
     from huggingface_hub import CommitOperationAdd, HfApi
 
     run_dir = Path(run_dir)
-    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
+    model_dir = Path(model_dir) if model_dir is not None else run_dir / MODEL
     if not model_dir.is_dir():
         raise RecipeError.one(str(model_dir), "no model directory to push",
                               "push a run that saved its model (output.save_model: true)")
-    card_dir = run_dir / "hub"
+    card_dir = run_dir / HUB
     _refuse_links_out_of_run(run_dir, model_dir, card_dir)  # before the token or the network
     token = resolve_token(hub, user)
     revision = hub.revision or "main"
@@ -255,7 +256,7 @@ def push_run_dir(run_dir: str | Path, hub: HubSection, *, model_dir: str | Path 
     with tempfile.TemporaryDirectory(prefix="dpkit-push-") as scratch:
         files = _files_to_push(run_dir, model_dir, hub, card_dir, Path(scratch), say)
         _refuse_token_in(files, token)
-        summary = model_card._read_json(run_dir / "summary.json")
+        summary = read_json(run_dir / SUMMARY) or {}
         message = commit_message or (f"dpkit: checkpoint at step {step}" if step is not None else
                                      f"dpkit: {run_dir.resolve().name}, "
                                      f"{summary.get('steps', '?')} steps")

@@ -12,11 +12,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from dpkit.run_files import LOGS
+
 LOGGER = logging.getLogger("dpkit")
 
 
 def setup(run_dir: Path, rank: int, is_main: bool) -> logging.Logger:
-    log_dir = run_dir / "logs"
+    log_dir = run_dir / LOGS
     log_dir.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

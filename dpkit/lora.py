@@ -16,7 +16,6 @@ inline config has its initial weights written to `<run>/base/`, so the adapter h
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from dpkit import distributed, heads
 from dpkit.errors import Problem, RecipeError
 from dpkit.model import DTYPES, build_model, load_model_config
 from dpkit.recipe import PeftSection, Recipe, load_recipe
+from dpkit.run_files import BASE, MERGED, MODEL, publish_dir, stage_dir, staged_path
 
 ALL_LINEAR = "all-linear"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -134,12 +134,10 @@ def quantization_kwargs(recipe: Recipe, local_rank: int) -> dict:
 
 def save_base(model, tokenizer, base_dir: Path) -> None:
     """The initial weights of an inline-config model, the base its adapter is loaded onto."""
-    tmp = base_dir.with_name(base_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = stage_dir(base_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(base_dir, ignore_errors=True)
-    tmp.rename(base_dir)
+    publish_dir(tmp, base_dir)
 
 
 # PEFT's task type per head: with SEQ_CLS it trains and saves the new score head in full.
@@ -160,7 +158,7 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
     if msec.config is not None:
         model = build_model(msec, seed, recipe.zero.stage, ds_config, packed_len, head=head,
                             pad_token_id=pad_id)
-        base_dir = run_dir / "base"
+        base_dir = run_dir / BASE
         if env.is_main and (recipe.output.save_model or qlora):
             save_base(model, tokenizer, base_dir)
         distributed.wait_for_main("save the base model", recipe.train.single_rank_work_timeout_s)
@@ -292,7 +290,7 @@ def verify_adapter(adapter_dir: Path, model_config, section: PeftSection, traine
 def adapter_base(recipe: Recipe, run_dir: Path) -> str:
     """What the adapter is loaded onto: the hub id / directory, or the run's saved base."""
     if recipe.model.config is not None:
-        return str((run_dir / "base").resolve())
+        return str((run_dir / BASE).resolve())
     name = recipe.model.name_or_path
     return str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name
 
@@ -302,24 +300,23 @@ def save_adapter(engine, tokenizer, run_dir: Path, env, recipe: Recipe, trained:
     """Gather, write, verify, rename; then merge if the recipe asks. Call on every rank."""
     model = engine.module if hasattr(engine, "module") else engine
     state = gather_adapter_state(model)
-    out = run_dir / "model"
-    tmp = out.with_name(out.name + ".partial")
+    out = run_dir / MODEL
+    tmp = staged_path(out)  # kept when the check fails
     problems: list[str] = []
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = stage_dir(out)
         write_adapter(model, state, tmp, adapter_base(recipe, run_dir))
         tokenizer.save_pretrained(tmp)
         problems = verify_adapter(tmp, load_model_config(recipe.model), recipe.peft, trained,
                                   recipe.model.trust_remote_code)
         if not problems:
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            publish_dir(tmp, out)
     (failed,) = distributed.all_reduce_sum([float(len(problems))], env.device)
     if failed:
         raise AdapterCheckError(problems or [f"rank 0 found {int(failed)} problems"], tmp)
     if recipe.peft.merge:  # the others wait for rank 0 alone: no collective timeout
         if env.is_main:
-            merge_adapter(recipe, out, run_dir / "merged")
+            merge_adapter(recipe, out, run_dir / MERGED)
         distributed.wait_for_main("merge the LoRA adapter into the base model",
                                   recipe.train.single_rank_work_timeout_s)
     return out

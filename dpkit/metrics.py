@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from dpkit.run_files import TENSORBOARD, append_jsonl
 
 
 def memory_mb(device: torch.device) -> dict[str, float]:
@@ -26,18 +27,15 @@ class MetricsLog:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._file = open(path, "a", buffering=1) if path is not None else None
 
     def write(self, **record) -> None:
-        if self._file is None:
+        if self.path is None:
             return
         record.setdefault("time", time.time())
-        self._file.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)  # the file's one writer (dpkit/run_files.py)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        pass  # each line is written and closed at once
 
 
 class Progress:
@@ -158,7 +156,7 @@ class Trackers:
 
         for name in names:
             if name == "tensorboard":
-                tracker = TensorBoardTracker(run_name, run_dir / "tensorboard")
+                tracker = TensorBoardTracker(run_name, run_dir / TENSORBOARD)
             else:  # wandb: WANDB_MODE=offline works without network
                 tracker = WandBTracker(run_name, dir=str(run_dir))
             tracker.start()  # accelerate >= 1.x: trackers open their writer in start()

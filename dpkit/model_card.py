@@ -15,23 +15,17 @@ import yaml
 from dpkit import report
 from dpkit.eval import present
 from dpkit.hub_schema import is_hub_id  # the schema's rule for repo_id, the card's for base_model
+from dpkit.run_files import DS_CONFIG, RECIPE, read_json
 
 LOSS_PLOT = "training/loss_curve.png"
 """Where the loss plot sits in the pushed repo (and, relative to the card, in <run>/hub/)."""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
 
 
 def _run_facts(run_dir: Path) -> dict:
     """The numbers a card shows, from summary.json when the run finished, else from metrics."""
     run = report.load_run(run_dir)
     summary = run.summary or {}
-    recipe_path = run_dir / "recipe.yaml"
+    recipe_path = run_dir / RECIPE
     recipe_text = recipe_path.read_text() if recipe_path.is_file() else ""
     recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
     last = run.train[-1] if run.train else {}
@@ -101,7 +95,7 @@ def render_card(run_dir: Path, *, repo_id: str, base_model: str | None, adapter:
     status = "" if s and step is None else (
         f"\n\n> Checkpoint at step {step}; training was still running when it was pushed."
         if step is not None else "\n\n> summary.json was missing: the run may not have finished.")
-    ds = json.dumps(_read_json(run_dir / "ds_config.json"), indent=2)
+    ds = json.dumps(read_json(run_dir / DS_CONFIG) or {}, indent=2)
     versions = s.get("versions") or {}
     gb, mb, ga, ws = (s.get(k) for k in ("global_batch_size", "micro_batch_size", "grad_accum",
                                           "world_size"))

@@ -8,14 +8,15 @@ The model card (`dpkit.model_card`) embeds the loss plot drawn by `write_loss_pl
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpkit import run_files
 from dpkit.errors import RecipeError
 from dpkit.eval import present
+from dpkit.run_files import METRICS, REPORT, SAMPLES, SUMMARY
 from dpkit.rundir import MARKER, files_problem, make_dir, refuse_links_out
 
 PLOT_SIZE = (8.0, 4.5)  # inches; at 100 dpi an 800×450 PNG
@@ -24,7 +25,9 @@ PLOT_DPI = 100
 
 # ------------------------------------------------------------------------------------ reading
 @dataclass
-class Run:
+class RunRecord:
+    """What one run directory records (its metrics and summary), read back for a report or a
+    model card. Not dpkit.run.Run, the run being trained."""
     path: Path
     name: str
     train: list[dict]
@@ -56,51 +59,32 @@ class Run:
         return sorted(keys)
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
-    """(train records, eval records, unreadable lines). A writer may be appending right now, so a
-    line that does not parse is counted and skipped instead of failing the report."""
-    train, evals, skipped = [], [], 0
-    if not path.is_file():
-        return train, evals, skipped
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if not isinstance(record, dict):
-                skipped += 1
-            elif "eval_loss" in record:
-                evals.append(record)
-            elif "loss" in record:
-                train.append(record)
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict], int]:
+    """(train records, eval records, unreadable lines) of the run's metrics.jsonl. A writer may
+    be appending right now, so a line that does not parse is counted and skipped instead of
+    failing the report (dpkit/run_files.py reads it)."""
+    records, skipped = run_files.read_metrics(run_dir)
+    evals = [r for r in records if "eval_loss" in r]
+    train = [r for r in records if "loss" in r and "eval_loss" not in r]
     return train, evals, skipped
 
 
-RUN_FILES = ["metrics.jsonl", "summary.json", present.SAMPLES]
+RUN_FILES = [METRICS, SUMMARY, SAMPLES]
 """What a report (and a model card) reads from a run directory."""
 
 
-def load_run(run_dir: str | Path, name: str | None = None) -> Run:
+def load_run(run_dir: str | Path, name: str | None = None) -> RunRecord:
     path = Path(run_dir)
     if not path.is_dir():
         raise RecipeError.one(str(run_dir), "run directory not found", "check the path")
     refuse_links_out(path, [path / n for n in RUN_FILES], "dpkit reads no file from outside a run "
                      "directory (it would end up in a report or a model card)")
-    train, evals, skipped = read_metrics(path / "metrics.jsonl")
-    summary = None
-    if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except json.JSONDecodeError:  # being written right now: treat the run as in progress
-            summary = None
-    return Run(path, name or path.resolve().name, train, evals, summary, skipped)
+    train, evals, skipped = read_metrics(path)
+    summary = run_files.read_summary(path)  # None: in progress (or stopped early)
+    return RunRecord(path, name or path.resolve().name, train, evals, summary, skipped)
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[Run]:
+def load_runs(run_dirs: list[str | Path]) -> list[RunRecord]:
     """Load runs, naming each by its directory; clashing names get their parent's name too."""
     paths = [Path(p) for p in run_dirs]
     base = [p.resolve().name for p in paths]
@@ -110,7 +94,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------------- plotting
-def _tokens_axis(runs: list[Run]) -> bool:
+def _tokens_axis(runs: list[RunRecord]) -> bool:
     """Plot against tokens when every train record has `tokens_seen`, else against steps."""
     return all("tokens_seen" in r for run in runs for r in run.train)
 
@@ -131,7 +115,7 @@ def _colour(i: int) -> str:
     return f"C{i % 10}"
 
 
-def loss_figure(runs: list[Run]):
+def loss_figure(runs: list[RunRecord]):
     """Train loss (line) and eval loss (dashed, dots) against tokens seen, one colour per run."""
     by_tokens = _tokens_axis(runs)
     key = "tokens_seen" if by_tokens else "step"
@@ -147,7 +131,7 @@ def loss_figure(runs: list[Run]):
     return fig
 
 
-def _series_figure(runs: list[Run], key: str, title: str, ylabel: str):
+def _series_figure(runs: list[RunRecord], key: str, title: str, ylabel: str):
     fig, ax = _new_figure(title, "step", ylabel)
     for i, run in enumerate(runs):
         points = [(r["step"], r[key]) for r in run.train if r.get(key) is not None]
@@ -157,7 +141,7 @@ def _series_figure(runs: list[Run], key: str, title: str, ylabel: str):
     return fig
 
 
-def memory_figure(runs: list[Run]):
+def memory_figure(runs: list[RunRecord]):
     """Every `memory_*` key against step. A list value holds one reading per rank; each rank is
     its own line, so an imbalanced ZeRO partition shows up."""
     fig, ax = _new_figure("Memory", "step", "MB")
@@ -191,14 +175,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_loss_plot(runs: list[Run], path: Path) -> Path | None:
+def write_loss_plot(runs: list[RunRecord], path: Path) -> Path | None:
     """The loss plot alone (for the model card); None when no step has been logged yet."""
     if not any(run.train for run in runs):
         return None
     return _save(loss_figure(runs), path)
 
 
-def write_plots(runs: list[Run], out_dir: Path) -> dict[str, Path]:
+def write_plots(runs: list[RunRecord], out_dir: Path) -> dict[str, Path]:
     """Draw every plot the metrics allow; returns {title: path}."""
     plots: dict[str, Path] = {}
     if not any(run.train for run in runs):
@@ -242,7 +226,7 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _row(run: Run) -> list[str]:
+def _row(run: RunRecord) -> list[str]:
     last = run.train[-1] if run.train else {}
     rates = [r["tokens_per_s"] for r in run.train if r.get("tokens_per_s") is not None]
     wall = (run.summary or {}).get("wall_time_s")
@@ -254,7 +238,7 @@ def _row(run: Run) -> list[str]:
             fmt(statistics.median(rates), ",.0f") if rates else "—", _duration(wall)]
 
 
-def _details(run: Run) -> list[str]:
+def _details(run: RunRecord) -> list[str]:
     s = run.summary or {}
     lines = [f"### {run.name}", "", f"- directory: `{run.path}`"]
     if not run.finished:
@@ -300,7 +284,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         raise RecipeError.one("report", "no run directory given", "pass one or more RUN_DIRs")
     runs = load_runs(list(run_dirs))
     out = Path(out_dir) if out_dir is not None else (
-        runs[0].path / "report" if len(runs) == 1 else Path("report"))
+        runs[0].path / REPORT if len(runs) == 1 else Path(REPORT))
     # Never write through a link: the default folder must stay inside the run, and no file of
     # the report may lead out of the folder it is written to.
     written = [out / n for n in [*REPORT_FILES, MARKER]]

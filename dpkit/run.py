@@ -12,7 +12,6 @@ dpkit/batch.py. Launchers start `python -m dpkit.train` (dpkit/train.py: `main`)
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from dpkit.data.packing import fill_ratio, pack
 from dpkit.data.stream import check_stream
 from dpkit.engine import build_engine, lr_now, save_model
 from dpkit.errors import RecipeError
-from dpkit.eval.evaluator import Evaluator, truncate_jsonl
+from dpkit.eval.evaluator import Evaluator
 from dpkit.hub_schema import UserChoice
 from dpkit.layout import layout_of
 from dpkit.methods import spec as method_spec
@@ -48,6 +47,18 @@ from dpkit.objectives import build_objective
 from dpkit.objectives.head import LossHead
 from dpkit.parallel.sequence import SequenceParallel, gradient_divisor
 from dpkit.recipe import Recipe, recipe_to_yaml
+from dpkit.run_files import (
+    DS_CONFIG,
+    METRICS,
+    MODEL,
+    PREEMPTED,
+    RECIPE,
+    SUMMARY,
+    append_jsonl,
+    truncate_jsonl,
+    write_json,
+    write_text,
+)
 from dpkit.run_info import hardware, versions
 from dpkit.rundir import outside_warning, prepare_output_dir
 from dpkit.step import evaluate, train_step
@@ -130,11 +141,11 @@ class Run:
                                                                           self.out)):
             self.say(f"[dpkit] {warning}")
         if env.is_main:
-            (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
-            (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            write_text(self.out / RECIPE, recipe_to_yaml(r))
+            write_json(self.out / DS_CONFIG, self.ds_config)
             if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
-                truncate_jsonl(self.out / "metrics.jsonl", 0)
-            (self.out / C.PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
+                truncate_jsonl(self.out / METRICS, 0)
+            (self.out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, self.layout)
         if self.universal:
@@ -201,22 +212,21 @@ class Run:
                     if self.universal else ""))
         if self.env.is_main:
             reached = C.last_logged_step(self.out)  # before the steps after the checkpoint go
-            truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
+            truncate_jsonl(self.out / METRICS, self.start_step)
             restart = distributed.restart_count()
             if restart:  # an automatic restart after a rank died: say what it cost
                 redone = max(0, reached - self.start_step)
                 self.say(f"[dpkit] restart {restart}: resumed from {ckpt} at step "
                          f"{self.start_step}; {redone} steps done before the failure are redone")
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.start_step, "restart": restart,
-                                        "resumed_from": str(ckpt),
-                                        "steps_redone": redone}) + "\n")
+                append_jsonl(self.out / METRICS, {"step": self.start_step, "restart": restart,
+                                                  "resumed_from": str(ckpt),
+                                                  "steps_redone": redone})
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> dict:
         """The loop from the start (or resumed) step to the end, then save and summarise."""
         r, env = self.recipe, self.env
-        self.metrics = MetricsLog(self.out / "metrics.jsonl" if env.is_main else None)
+        self.metrics = MetricsLog(self.out / METRICS if env.is_main else None)
         self.trackers = Trackers(r.output.report_to, self.out, self.out.name,
                                  r.model_dump(mode="json"), env.is_main)
         self.progress = Progress(self.total_steps, self.start_step, env.is_main)
@@ -355,12 +365,12 @@ class Run:
             lora.save_adapter(self.engine, self.tokenizer, out, env, r,
                               trained=self.total_steps > 0)
         elif r.output.save_model:
-            save_model(self.engine, self.tokenizer, out / "model", env, self.layout,
+            save_model(self.engine, self.tokenizer, out / MODEL, env, self.layout,
                        r.train.single_rank_work_timeout_s)
         summary = self.summary()
         summary.update(self.evals.benchmarks())  # lm-eval on the saved model, rank 0
         if env.is_main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(out / SUMMARY, summary)
             self.say(f"[dpkit] done: loss {self.last_loss:.4f}"
                      + (f", eval loss {self.last_eval:.4f}" if self.last_eval is not None else "")
                      + f"; run directory {out}")

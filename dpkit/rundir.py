@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpkit.errors import Problem, RecipeError
+from dpkit.run_files import MARKER, MODEL, RECIPE, SUMMARY, write_text
 
 if TYPE_CHECKING:  # light to import: report, push and plan use the rule without the schema
     from dpkit.recipe import Recipe
 
-MARKER = ".dpkit-run"
-"""In each directory dpkit created: `{"created_by": "dpkit", "kind": ..., "time": ...}`."""
+# MARKER (`.dpkit-run`), in each directory dpkit created:
+# `{"created_by": "dpkit", "kind": ..., "version": ..., "time": ...}`.
 
 
 # ------------------------------------------------------------------------------------ markers
@@ -34,7 +35,7 @@ def mark(directory: Path, kind: str) -> None:
     """Record that dpkit created `directory` for `kind` (run, export, report, plan)."""
     from dpkit import __version__
 
-    (Path(directory) / MARKER).write_text(json.dumps(
+    write_text(Path(directory) / MARKER, json.dumps(
         {"created_by": "dpkit", "kind": kind, "version": __version__, "time": time.time()}) + "\n")
 
 
@@ -185,11 +186,11 @@ def finished(recipe: Recipe) -> RunFinished | None:
     requeued job reports success); anything else would retrain it: exit 2. Either way nothing in
     the directory changes."""
     out = Path(recipe.output.dir).expanduser()
-    if recipe.resume is None or not (out / "summary.json").is_file():
+    if recipe.resume is None or not (out / SUMMARY).is_file():
         return None
-    model = out / "model"
+    model = out / MODEL
     where = f"its model is in {model}" if model.is_dir() else "it saved no model"
-    differs = _recipe_differences(recipe, out / "recipe.yaml")
+    differs = _recipe_differences(recipe, out / RECIPE)
     if recipe.resume == "auto" and not differs:
         return RunFinished(f"[dpkit] {out} is a finished run (summary.json is there); {where}. "
                            "Nothing to resume, nothing changed.", 0)

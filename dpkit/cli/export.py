@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dpkit.errors import RecipeError
 from dpkit.export import DTYPES, check_out, export, resolve_checkpoint
+from dpkit.run_files import MODEL
 
 
 def _cmd_export(args) -> int:
@@ -16,7 +17,7 @@ def _cmd_export(args) -> int:
     if args.merge:  # a LoRA run: its gathered, verified adapter merged into the base
         from dpkit.lora import merge_adapter
 
-        adapter = Path(args.checkpoint) / "model"
+        adapter = Path(args.checkpoint) / MODEL
         if not (adapter / "adapter_config.json").is_file():
             raise RecipeError.one("--merge", f"'{args.checkpoint}' is not a finished LoRA run "
                                   "(no model/adapter_config.json)", "pass the run directory of "

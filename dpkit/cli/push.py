@@ -13,6 +13,7 @@ from dpkit.errors import RecipeError
 from dpkit.hub import PushError, push_run_dir
 from dpkit.hub_schema import UserChoice, hub_from_dict
 from dpkit.overrides import DuplicateKeyError, read_yaml
+from dpkit.run_files import RECIPE
 from dpkit.rundir import refuse_links_out
 
 
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
 
 def _hub_from_run(run_dir: Path) -> dict:
     """The `hub` section of the run's resolved recipe, if it has one."""
-    path = run_dir / "recipe.yaml"
+    path = run_dir / RECIPE
     refuse_links_out(run_dir, [path], "dpkit push would read it")
     if not path.is_file():
         return {}

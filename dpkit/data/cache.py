@@ -11,11 +11,12 @@ The eval split and the seed are not in it: they are cheap and applied when the c
 Rows and preference pairs (dpkit/data/preference.py) both go through it.
 
 On each node local rank 0 builds an entry (`datasets.map` in several processes, Arrow files),
-in a private temporary directory that is renamed into place in one step; then it writes the
-COMPLETE marker. The other ranks wait for that FILE — not for a collective, whose timeout a long
-tokenization would trip with no hint why — and say what they are waiting for. Several nodes on a
-shared file system each build; the first rename wins and the others use it. Every build appends
-one line to `tokenize.log` in the cache directory.
+in a private temporary directory: its files synced to disk, the COMPLETE marker written last,
+then renamed into place in one step (dpkit/run_files.publish_dir). The other ranks wait for
+that FILE — not for a collective, whose timeout a long tokenization would trip with no hint
+why — and say what they are waiting for. Several nodes on a shared file system each build; the
+first rename wins and the others use it. Every build appends one line to `tokenize.log` in the
+cache directory.
 
 The cache directory may come from an untrusted recipe: dpkit only ever deletes its own
 temporary build directory, by the exact name it created, inside that directory. An entry whose
@@ -40,6 +41,7 @@ import dpkit
 from dpkit.data import load as L
 from dpkit.distributed import broadcast_object
 from dpkit.errors import RecipeError
+from dpkit.run_files import publish_dir, stage_dir, write_text
 
 MARKER = "COMPLETE"
 CODE = ("formats.py", "tokenize.py", "preference.py")  # the code whose every change changes tokens
@@ -174,12 +176,6 @@ def set_aside(entry: Path, why: str) -> str:
     return f"cache entry {entry.name} was damaged ({why}): tokenized again; the old one is {aside}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
           say=print, progress: bool = True) -> None:
     """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
@@ -190,9 +186,7 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     raw = L.load_raw(section, tokenizer, kinds)  # bad data: RecipeError before anything is written
     rows = row_kind(section)
     rows.check(raw, tokenizer)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.parent / f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = stage_dir(entry, unique=f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}-")
     t0 = time.perf_counter()
     bars_were_off = datasets.utils.are_progress_bars_disabled()
     if progress:
@@ -212,9 +206,9 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
         meta = {"material": material, "parts": files, "seconds": seconds,
                 "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        try:
-            os.rename(tmp, entry)  # atomic: the entry is whole or absent
-        except OSError:  # another node (shared file system) or process got there first
+        # atomic: the entry is whole (COMPLETE in it) or absent
+        if not publish_dir(tmp, entry, marker=(MARKER, "ok\n"), replace=None):
+            # another node (shared file system) or process got there first
             shutil.rmtree(tmp, ignore_errors=True)
             say(f"[dpkit] data: {entry} was built meanwhile by another process; using it")
         else:
@@ -226,8 +220,8 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
         raise
     finally:
         (datasets.disable_progress_bars if bars_were_off else datasets.enable_progress_bars)()
-    if (entry / "meta.json").is_file() and not is_complete(entry):
-        _write_atomic(entry / MARKER, "ok\n")
+    if (entry / "meta.json").is_file() and not is_complete(entry):  # renamed by older dpkit
+        write_text(entry / MARKER, "ok\n")
 
 
 def wait_for(entry: Path, say_wait, timeout_s: float | None = None) -> float:
@@ -288,7 +282,7 @@ def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: b
         notes.append(set_aside(entry, why))
         say(f"[dpkit] data: {notes[-1]}")
     if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
-        _write_atomic(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
+        write_text(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
     cached = usable(entry)
     if not cached and local_rank == 0:
         say(f"[dpkit] data: tokenizing into {entry} on local rank 0 of each node (the other "

@@ -12,13 +12,11 @@ completion_ids}. Rank 0 writes; every rank computes.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from dpkit import distributed
-from dpkit.eval import SAMPLES
 from dpkit.eval import generate as G
+from dpkit.run_files import SAMPLES, append_jsonl, read_metrics, truncate_jsonl
 
 
 class Evaluator:
@@ -63,12 +61,13 @@ class Evaluator:
         if completions is None:  # not rank 0
             return
         seconds = time.perf_counter() - t0
-        with open(self.path, "a", encoding="utf-8") as f:
-            for i, (prompt, ids) in enumerate(zip(self.prompts, completions)):
-                text = tok.decode(ids, skip_special_tokens=True)
-                f.write(json.dumps({"step": step, "index": i, "prompt": prompt.text,
-                                    "completion": text, "completion_ids": ids}) + "\n")
-                run.trackers.log_text(f"samples/{i}", sample_markdown(prompt.text, text), step)
+        records = []
+        for i, (prompt, ids) in enumerate(zip(self.prompts, completions)):
+            text = tok.decode(ids, skip_special_tokens=True)
+            records.append({"step": step, "index": i, "prompt": prompt.text,
+                            "completion": text, "completion_ids": ids})
+            run.trackers.log_text(f"samples/{i}", sample_markdown(prompt.text, text), step)
+        append_jsonl(self.path, *records)
         run.log.info(f"step {step}: {len(completions)} generations in {seconds:.2f} s")
 
     def benchmarks(self) -> dict:
@@ -98,7 +97,7 @@ class Evaluator:
     def summary(self) -> dict:
         loss = self.baseline_loss
         if loss is None and self.run.env.is_main:  # resumed: step 0 was logged by the first run
-            loss = baseline_from_metrics(self.run.out / "metrics.jsonl")
+            loss = baseline_from_metrics(self.run.out)
         return {"baseline_eval_loss": loss, "sample_prompts": len(self.prompts)}
 
 
@@ -108,23 +107,7 @@ def sample_markdown(prompt: str, completion: str) -> str:
     return f"{quoted}\n\n{completion or '*(empty)*'}"
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop lines written after `step` (a resumed run writes them again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def baseline_from_metrics(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step") == 0 and "eval_loss" in record:
-            return record["eval_loss"]
-    return None
+def baseline_from_metrics(run_dir) -> float | None:
+    records, _ = read_metrics(run_dir)
+    return next((r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r),
+                None)

@@ -23,6 +23,7 @@ import yaml
 
 from dpkit.errors import Problem
 from dpkit.recipe import Recipe
+from dpkit.run_files import MERGED, MODEL
 
 
 def installed() -> bool:
@@ -105,9 +106,9 @@ def load_model(run_dir: Path, recipe: Recipe, device):
 
     options = {"dtype": DTYPES[recipe.model.dtype],
                "trust_remote_code": recipe.model.trust_remote_code}
-    path = run_dir / "model"
-    if recipe.peft is not None and (run_dir / "merged" / "config.json").is_file():
-        path = run_dir / "merged"
+    path = run_dir / MODEL
+    if recipe.peft is not None and (run_dir / MERGED / "config.json").is_file():
+        path = run_dir / MERGED
     elif recipe.peft is not None:  # base + adapter, merged in memory
         from peft import PeftModel
 

@@ -3,25 +3,15 @@ side, the model card each prompt's answer before and after training, both the lm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from dpkit.eval import SAMPLES
+from dpkit.run_files import SAMPLES, read_jsonl
 
 
 def read_samples(run_dir: Path) -> list[dict]:
     """samples.jsonl's records (a half-written last line is skipped)."""
-    path = Path(run_dir) / SAMPLES
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and {"step", "index", "completion"} <= record.keys():
-                records.append(record)
-    return records
+    records, _ = read_jsonl(Path(run_dir) / SAMPLES)
+    return [r for r in records if {"step", "index", "completion"} <= r.keys()]
 
 
 def by_prompt(records: list[dict]) -> list[tuple[str, dict[int, str]]]:

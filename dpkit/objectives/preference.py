@@ -39,8 +39,7 @@ from dpkit.data.preference import IGNORE, collate_pairs
 from dpkit.objectives.base import LossOut, Objective
 from dpkit.objectives.head import LossHead, shifted_labels
 from dpkit.objectives.sft import model_inputs
-
-REF_FILE = "ref_logps.pt"
+from dpkit.run_files import REF_LOGPS, write_atomic
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -174,7 +173,7 @@ class Preference(Objective):
         if self.reference != "precomputed":
             return
         rows = run.train_rows + run.eval_rows
-        path, key = run.out / REF_FILE, fingerprint(rows)
+        path, key = run.out / REF_LOGPS, fingerprint(rows)
         cached = torch.load(path) if path.is_file() else None
         if cached is not None and cached.get("fingerprint") == key:
             values = cached["logps"]
@@ -184,7 +183,7 @@ class Preference(Objective):
                                      run.batch.micro_batch_size, run.tokenizer.pad_token_id,
                                      run.env.device)
             if run.env.is_main:
-                torch.save({"fingerprint": key, "logps": values}, path)
+                write_atomic(path, lambda f: torch.save({"fingerprint": key, "logps": values}, f))
             run.say(f"[dpkit] reference log-probs of {len(rows)} pairs computed before step 1 "
                     f"(one forward per pair), cached in {path}")
         for row, (c, r) in zip(rows, values.tolist()):

@@ -18,7 +18,6 @@ Medians over the steps after WARMUP_STEPS, so a slow first step or a load spike 
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from dpkit.errors import RecipeError
 from dpkit.plan.recommend import DTYPE_BYTES, knobs, objective_load, recipe_shape
 from dpkit.plan.time import DEVICES, LINKS, Cluster, Device, Job, comm_time, flops_per_rank
+from dpkit.run_files import DS_CONFIG, METRICS, RECIPE, SUMMARY, read_json, read_metrics
 
 WARMUP_STEPS = 2
 """Logged steps skipped: the first steps build buckets, warm allocators and caches."""
@@ -55,19 +55,19 @@ def device_for(hardware: str) -> Device:
     for needle, key in order:
         if needle in h:
             return DEVICES[key or ("A100-40" if "40GB" in h else "A100-80")]
-    raise RecipeError.one("summary.json", f"hardware {hardware!r} is not a known device",
+    raise RecipeError.one(SUMMARY, f"hardware {hardware!r} is not a known device",
                           f"pass --gpu (one of {', '.join(DEVICES)})")
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """summary.json and the metrics.jsonl records that timed a training step."""
-    files = [run_dir / "summary.json", run_dir / "metrics.jsonl", run_dir / "recipe.yaml"]
+    files = [run_dir / SUMMARY, run_dir / METRICS, run_dir / RECIPE, run_dir / DS_CONFIG]
     for f in files:
         if not f.is_file():
             raise RecipeError.one(str(f), "is missing", "pass the directory of a finished "
                                   "`dpkit train` run (its output.dir)")
-    summary = json.loads(files[0].read_text())
-    records = [r for r in map(json.loads, files[1].read_text().splitlines())
+    summary = _json(files[0])
+    records = [r for r in read_metrics(run_dir)[0]  # a line torn by a crash is skipped
                if r.get("step_time_s") and r.get("flops")]
     if len(records) <= WARMUP_STEPS:
         raise RecipeError.one(str(files[1]), f"has {len(records)} timed steps, calibration "
@@ -76,12 +76,19 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, records
 
 
+def _json(path: Path) -> dict:
+    if (data := read_json(path)) is None:
+        raise RecipeError.one(str(path), "is not a readable JSON object", "pass the directory of "
+                              "a finished `dpkit train` run (its output.dir)")
+    return data
+
+
 def job_of_run(run_dir: Path, summary: dict, shape=None) -> Job:
     from dpkit.recipe import load_recipe
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / RECIPE)
     shape = shape or recipe_shape(recipe)
-    ds = json.loads((run_dir / "ds_config.json").read_text())
+    ds = _json(run_dir / DS_CONFIG)
     z = recipe.zero
     world = int(summary["world_size"])
     return Job(shape, int(summary["zero_stage"]), z.offload_optimizer, z.offload_params, world,

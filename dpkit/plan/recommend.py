@@ -21,9 +21,10 @@ from dpkit.plan.memory import (DTYPE_BYTES, Breakdown, GiB, Knobs, ModelShape, S
                                long_fields, model_shape)
 from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
+from dpkit.run_files import DS_CONFIG, RECIPE
 from dpkit.rundir import files_problem, make_dir
 
-PLAN_FILES = ["recipe.yaml", "ds_config.json", "launch.sh"]
+PLAN_FILES = [RECIPE, DS_CONFIG, "launch.sh"]  # named as in a run directory
 
 MAX_MICRO_BATCH = 64
 """Largest micro batch tried when the global batch does not bound it."""
