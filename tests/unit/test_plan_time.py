@@ -176,6 +176,19 @@ def test_calibration_recovers_a_known_efficiency(tmp_path, world, stage):
                                                                     rel=0.03)
 
 
+def test_calibration_reads_a_run_whose_last_line_is_half_written(tmp_path):
+    """A run killed mid-line (or read while it writes): the torn line is skipped, and the fit is
+    the one of the whole lines alone. Before, the calibration reader raised JSONDecodeError."""
+    cluster = Cluster(device=DEVICES["cpu-core"], intra=LINKS["nvlink4"])
+    run = write_run(tmp_path, 1, 2, 0.37, cluster)
+    whole = calibrate(run, cluster)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "flops": 1.5e9, "tokens": 4')
+    torn = calibrate(run, cluster)
+    assert torn.steps_used == whole.steps_used == 12 - WARMUP_STEPS
+    assert torn.cluster == whole.cluster
+
+
 # ------------------------------------------------------------------ the recommendation
 def eight_b(tmp_path) -> object:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
