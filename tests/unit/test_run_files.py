@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_a_writer_killed_midway_leaves_the_old_file_never_half_of_the_new(tmp_pa
     # what the killed writer left is hidden beside it, under a name no reader looks for
     assert [p.name.startswith(f".{F.SUMMARY}.") and p.name.endswith(".tmp")
             for p in safe.iterdir() if p.name != F.SUMMARY] == [True]
+
+
+def test_a_written_file_replaces_a_link_not_its_target_and_follows_the_umask(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = tmp_path / "elsewhere"
+    target.write_text("theirs")
+    (tmp_path / F.SUMMARY).symlink_to(target)
+    F.write_json(tmp_path / F.SUMMARY, {"steps": 8})
+    assert not (tmp_path / F.SUMMARY).is_symlink() and target.read_text() == "theirs"
+    assert F.read_summary(tmp_path) == {"steps": 8}
+    assert stat.S_IMODE((tmp_path / F.SUMMARY).stat().st_mode) == 0o666 & ~mask
+    folder = F.stage_dir(tmp_path / "export", unique=".export.partial-")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
 
 
 def test_a_folder_appears_whole_with_its_marker_or_not_at_all(tmp_path):
