@@ -5,6 +5,7 @@ name or hand-written temporary-then-rename anywhere else in dpkit."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ NEW = b'{"steps": 8, "final_loss": 1.5, "wall_time_s": 12.0}\n'
 
 
 # ----------------------------------------------------------------------- files written whole
-@pytest.mark.parametrize("old", [None, OLD])
+@pytest.mark.parametrize("old", [None, OLD], ids=["no-old-file", "old-file"])
 def test_a_writer_that_fails_midway_leaves_the_old_file(tmp_path, old):
     path = tmp_path / F.SUMMARY
     if old is not None:
@@ -166,12 +167,17 @@ ALLOWED_NAMES = {
 are report.py's and hub.py's: those names are not the run directory's and are not checked."""
 
 
+@functools.cache
+def parsed(source: str) -> ast.Module:
+    return ast.parse(source)
+
+
 def layout_literals(source: str) -> list[tuple[int, str]]:
     """(line, name) where code spells a run-directory name: `path / "summary.json"` (or
     `/ "model/x"`), or a file name ("metrics.jsonl") as a string of its own (docstrings and
     messages that mention a file in a sentence don't count)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parsed(source)):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and \
                 isinstance(node.right, ast.Constant) and isinstance(node.right.value, str) and \
                 node.right.value.split("/")[0] in LAYOUT:
@@ -211,7 +217,7 @@ ALLOWED_RENAMES = {
 def renames(source: str) -> list[tuple[str, int]]:
     """(function, line) of each os.replace / os.rename / `<path>.rename(...)` call."""
     found = []
-    for func in ast.walk(ast.parse(source)):
+    for func in ast.walk(parsed(source)):
         if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(func):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
