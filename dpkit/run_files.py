@@ -1,4 +1,4 @@
-"""The run directory's layout: the name of every file dpkit keeps there, one reader and one
+"""The run directory's files: the name of every file dpkit keeps there, one reader and one
 writer per file, and the one way dpkit writes a file or a folder whole.
 
     <output.dir>/
@@ -28,8 +28,8 @@ reader (`read_jsonl`) skips a line that does not parse, and a resume drops it
 (`truncate_jsonl`). A folder (a model, an export, a cache entry) is filled under a temporary
 name and appears whole (`stage_dir`, `publish_dir`), with its completion marker written last.
 
-A leaf: no torch, no dpkit runtime module; the checks before launch, `dpkit report` and the
-planner read run directories through it.
+A leaf (test_imports' base layer): it imports nothing of dpkit and no torch; the checks before
+launch, the ranks, `dpkit report` and the planner all name and read run directories through it.
 """
 
 from __future__ import annotations

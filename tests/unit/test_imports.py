@@ -213,7 +213,7 @@ def test_nothing_outside_a_method_names_one():
 # (docs/architecture.md draws them top down). A pattern ending in * takes a package and its
 # modules; the longest matching pattern places a module.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["dpkit", "dpkit.errors", "dpkit.shipped"]),
+    ("base", ["dpkit", "dpkit.errors", "dpkit.shipped", "dpkit.run_files"]),
     ("schema", ["dpkit.recipe", "dpkit.hub_schema", "dpkit.compute_schema", "dpkit.eval.schema",
                 "dpkit.schema_errors", "dpkit.overrides", "dpkit.methods*"]),
     ("infrastructure", ["dpkit.batch", "dpkit.layout", "dpkit.zero", "dpkit.rundir",
