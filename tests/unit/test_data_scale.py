@@ -482,6 +482,7 @@ def test_summary_records_the_prompts_extracted_from_implicit_prompt_pairs(tmp_pa
         data_stats=stats, eval_rows=evals, total_steps=1, tokens_seen=0, last_loss=None,
         last_eval=None, env=SimpleNamespace(world_size=1, device=SimpleNamespace(type="cpu")),
         attention="eager", objective=SimpleNamespace(card=dict, card_rows=list), n_params=0, n_train=0,
+        layout=SimpleNamespace(world_size=1, stage=2),
         evals=SimpleNamespace(summary=dict), started=0.0)
     data = Run.summary(run)["data"]
     assert data["prompts_extracted"] == 2 and data["rows"] == 3
