@@ -113,6 +113,20 @@ def leaf_problems(model, wanted: list[str] | None) -> list[Problem]:
     return out
 
 
+def problems(recipe, config, world_size: int) -> list[Problem]:
+    """What validate refuses about the `moe` section for this model and world size (the leaf
+    module names are checked on the model: `leaf_problems`)."""
+    out = autoep_problems(recipe, config, world_size)
+    experts = experts_of(config)
+    if experts is None:
+        return out
+    if recipe.train.sequence_parallel > 1:
+        out.append(Problem("train.sequence_parallel", "with a mixture-of-experts model is not "
+                           "supported: each rank would compute the router loss on a slice of "
+                           "the rows, not on the micro-batch", "set train.sequence_parallel: 1"))
+    return out
+
+
 # ------------------------------------------------------------------------- the router's loss
 def model_aux_coef(config) -> float | None:
     """The model's own load-balancing coefficient (None: its class computes no such loss)."""
