@@ -119,7 +119,7 @@ class Run:
         if self.sp is not None:  # DeepSpeed's batch check outside initialize (zero.Init) reads it
             self.ds_config["sequence_parallel_size"] = self.sp.size
         self.experts = moe.experts_of(self.model_config)  # None: a dense model
-        if r.moe.expert_parallel > 1:
+        if self.layout.expert_parallel > 1:
             self.ds_config["expert_parallel"] = moe.autoep_section(r, self.model_config)
         self.gradient_divisor = gradient_divisor(self.ds_config, self.batch.data_parallel,
                                                  env.world_size)
@@ -193,18 +193,19 @@ class Run:
                  + (f", {e.shared} shared" if e.shared else ""))
         self.aux, line = moe.aux_loss_for(model, self.model_config, r.moe.aux_loss_coef)
         self.say(f"[dpkit] {line}")
-        if r.zero.stage == 3:
+        if self.layout.partitions_parameters:
             classes, line = moe.leaf_classes(model, r.moe.zero3_leaf_modules)
             moe.declare_leaves(self.ds_config, classes)
             self.say(f"[dpkit] {line}")
             if self.env.is_main and classes is not None:
                 self._write_ds_config()
-        if r.moe.expert_parallel > 1:
+        ep = self.layout.expert_parallel
+        if ep > 1:
             moe.allow_autoep_with_transformers()
-            self.say(f"[dpkit] expert parallelism: each MoE layer's experts split over "
-                     f"{r.moe.expert_parallel} ranks (DeepSpeed AutoEP, preset "
-                     f"{self.ds_config['expert_parallel']['preset_model']}), "
-                     f"{e.routed // r.moe.expert_parallel} experts per rank")
+            self.say(f"[dpkit] expert parallelism: each MoE layer's experts split over {ep} "
+                     "ranks (DeepSpeed AutoEP, preset "
+                     f"{self.ds_config['expert_parallel']['preset_model']}), {e.routed // ep} "
+                     "experts per rank")
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0
