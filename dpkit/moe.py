@@ -179,6 +179,12 @@ class RouterAuxLoss:
 
 def aux_loss_for(model, config, coef: float | None) -> tuple[RouterAuxLoss | None, str]:
     """The run's router loss (None when off or the model computes none) and a line saying so."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "output_router_logits" not in inspect.signature(type(base).forward).parameters:
+        return None, (f"router loss: none ({type(base).__name__} computes no load-balancing "
+                      "loss; moe.aux_loss_coef has nothing to weigh)")
     own = model_aux_coef(config)
     chosen = own if coef is None else coef
     if chosen is None:
