@@ -296,8 +296,8 @@ def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_cod
                 shapes[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
     # A targeted parameter (PEFT's ParamWrapper): one adapter of rank r per expert, stacked —
     # for a 3-D [experts, out, in] weight A is [r·experts, in] and B [out, r·experts]; a 2-D
-    # [out, in] one is a single expert. Several on one module nest: the first wrapped sits deepest, one
-    # `base_layer.` per parameter wrapped after it.
+    # [out, in] one is a single expert. Several on one module nest: the first wrapped sits
+    # deepest, one `base_layer.` per parameter wrapped after it.
     wrapped = targeted_parameters(model, section)
     modules = dict(model.named_modules())
     for i, (name, _, shape) in enumerate(wrapped):

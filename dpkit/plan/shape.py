@@ -171,7 +171,10 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or h // heads,
         intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-                      or 4 * h),
+                      or 4 * h) if experts is None else
+        # a mixture of experts: a token's MLP activations are those of the experts it runs
+        (experts.active + experts.shared) * (getattr(text, "moe_intermediate_size", None)
+                                             or text.intermediate_size),
         vocab=text.vocab_size,
         mlp_factor=(3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else 1)
         + ACTIVATION_EXTRA.get(act, 1),

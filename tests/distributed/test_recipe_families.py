@@ -5,8 +5,8 @@ config.json (dpkit/resources/hub_configs) with its sizes shrunk (hidden 64, 2 la
 tokenizer's vocabulary) but every architectural switch kept (tied or untied embeddings, GQA or MHA,
 head_dim, biases, rope scaling, Gemma-2's soft-capping and sliding window, Phi-3's longrope and
 fused projections; a mixture of experts' routing, shrunk to 4 experts, 2 per token, and
-DeepSeek-V2's latent attention); the data is the bundled Self-Instruct rows in the recipe's own format (with its
-column mapping, and with the chat template the recipe uses); ZeRO stage and LoRA settings are the
+DeepSeek-V2's latent attention); the data is the bundled Self-Instruct rows in the recipe's own
+format (with its column mapping, and with the chat template the recipe uses); ZeRO stage and LoRA settings are the
 recipe's. All runs share ONE 2-rank launch (tests/distributed/run_recipes.py). Each trains 2 steps
 on the same 4 rows (2 epochs of one global batch), so the second loss must be lower.
 """
