@@ -31,8 +31,11 @@ def lr_lambda(recipe: Recipe, total_steps: int):
     return factor
 
 
-def build_optimizer(model, recipe: Recipe):
-    """AdamW with no decay on biases and norm weights. CPU offload needs DeepSpeed's CPU Adam."""
+def build_optimizer(model, recipe: Recipe, expert_groups: bool = False):
+    """AdamW with no decay on biases and norm weights. CPU offload needs DeepSpeed's CPU Adam.
+    `expert_groups` (expert parallelism): each group split into dense and expert parameters, as
+    DeepSpeed's ZeRO needs (the expert ones are reduced over the ranks holding the same
+    experts)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -40,6 +43,12 @@ def build_optimizer(model, recipe: Recipe):
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # LoRA has no norms: ZeRO-3 drops empty groups
+    if expert_groups:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        named = [{**g, "name": f"group{i}"} for i, g in enumerate(groups)]
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named)
+                  if g["params"]]
     t = recipe.train
     if recipe.zero.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -60,8 +69,17 @@ def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, 
 
     if env.device.type == "cuda" and recipe.zero.stage < 3 and recipe.peft is None:
         model.to(env.device)  # lets the optimizer use fused CUDA kernels
-    optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
+    if ds_config.get("expert_parallel", {}).get("enabled"):
+        # AutoEP replaces the MoE layers inside initialize: optimizer and schedule are built
+        # after that (DeepSpeed calls these), over the parameters that then exist.
+        def optimizer(_params):
+            return build_optimizer(model, recipe, expert_groups=True)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, total_steps))
+    else:
+        optimizer = build_optimizer(model, recipe)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     if recipe.train.compile:  # after initialize, in place: DeepSpeed's hooks stay on the path

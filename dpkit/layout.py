@@ -27,6 +27,10 @@ class Layout:
     """Where stage-3 parameters live between uses: none, cpu, nvme."""
     batch: BatchPlan
     """The batch on this world (global = micro × accumulation × data-parallel ranks)."""
+    expert_parallel: int = 1
+    """Ranks each mixture-of-experts layer's experts are split over (DeepSpeed AutoEP,
+    `moe.expert_parallel`); they still read different rows, so the data-parallel world is
+    unchanged, and ZeRO partitions a rank's experts over the ranks holding the same ones."""
 
     @property
     def world_size(self) -> int:
@@ -39,6 +43,11 @@ class Layout:
     @property
     def data_parallel(self) -> int:
         return self.batch.data_parallel
+
+    @property
+    def expert_data_parallel(self) -> int:
+        """Ranks holding the same experts (ZeRO partitions and reduces experts over these)."""
+        return self.data_parallel // self.expert_parallel
 
     @property
     def partitions_parameters(self) -> bool:
@@ -66,11 +75,17 @@ class Layout:
                  if self.offload_optimizer != "none" else "",
                  f"parameters on {self.offload_params}" if self.offload_params != "none" else ""]
         extra = "".join(f", {w}" for w in where if w)
+        if self.expert_parallel > 1:
+            extra += (f", experts split over {self.expert_parallel} ranks (tokens sent to "
+                      f"their experts all-to-all), each expert's states over "
+                      f"{self.expert_data_parallel}")
         return f"ZeRO stage {self.stage} ({self.partitioned()}{extra})"
 
 
 def layout_of(recipe, world_size: int) -> Layout:
     """The recipe's layout on `world_size` ranks (refuses a batch that does not split)."""
     z = recipe.zero
+    moe = getattr(recipe, "moe", None)
     return Layout(z.stage, z.offload_optimizer, z.offload_params,
-                  batch_arithmetic(recipe, world_size))
+                  batch_arithmetic(recipe, world_size),
+                  moe.expert_parallel if moe is not None else 1)

@@ -87,6 +87,22 @@ def resolve_targets(model, section: PeftSection) -> list[str]:
     return list(section.target_modules)
 
 
+def matches_parameter(module_name: str, param_name: str, target: str) -> bool:
+    """PEFT's rule for `target_parameters`: `module.param`, whole or its last dotted parts."""
+    return matches(f"{module_name}.{param_name}", target)
+
+
+def targeted_parameters(model, section: PeftSection) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(module path, parameter name, full shape) of every parameter `peft.target_parameters`
+    names, in the order PEFT wraps them (module by module, parameters in registration order)."""
+    out = []
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if any(matches_parameter(name, pname, t) for t in section.target_parameters):
+                out.append((name, pname, tuple(getattr(p, "ds_shape", p.shape))))
+    return out
+
+
 def target_problems(model, section: PeftSection) -> list[Problem]:
     """Every listed target and module to save must name a module this architecture has."""
     from difflib import get_close_matches
@@ -111,6 +127,22 @@ def target_problems(model, section: PeftSection) -> list[Problem]:
                 if bad:
                     problems.append(Problem(key, f"`{target}` matches {', '.join(bad)} modules, "
                                             "which LoRA can't adapt", "name Linear layers"))
+    params = [(m, n, len(p.shape)) for m, mod in model.named_modules()
+              for n, p in mod.named_parameters(recurse=False)]
+    for target in section.target_parameters:
+        hits = [(m, n, dims) for m, n, dims in params if matches_parameter(m, n, target)]
+        if not hits:
+            from dpkit.moe import is_expert_parameter
+
+            experts = sorted({f"{m.rsplit('.', 1)[-1]}.{n}" for m, n, dims in params
+                              if dims == 3 and is_expert_parameter(f"{m}.{n}")})
+            problems.append(Problem("peft.target_parameters", f"`{target}` matches no parameter of "
+                                    f"this {model.config.model_type} model",
+                                    f"expert parameters it has: {', '.join(experts)}" if experts
+                                    else "it has no 3-D expert parameters: use target_modules"))
+        elif any(dims not in (2, 3) for *_, dims in hits):
+            problems.append(Problem("peft.target_parameters", f"`{target}` matches a parameter "
+                                    "that is neither 2-D nor 3-D", "name expert weights"))
     return problems
 
 
@@ -174,6 +206,7 @@ def build_peft_model(recipe: Recipe, tokenizer, ds_config: dict | None, run_dir:
             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                         target_modules=resolve_targets(model, section), bias="none",
+                        target_parameters=list(section.target_parameters) or None,
                         modules_to_save=list(section.modules_to_save) or None,
                         task_type=TASK_TYPES[head])  # SEQ_CLS: the score head is trained too
     torch.manual_seed(seed)  # the LoRA A init draws from the global RNG: same on every rank
@@ -197,9 +230,14 @@ def count_parameters(model) -> tuple[int, int]:
 
 def describe(model, section: PeftSection) -> str:
     config = model.peft_config["default"]
-    targets = sorted(config.target_modules)
+    targets = sorted(config.target_modules) + sorted(config.target_parameters or [])
+    from dpkit.moe import experts_of
+
+    frozen = ("; the experts stay frozen (adapt them with peft.target_parameters)"
+              if experts_of(model.config) is not None and not section.target_parameters
+              and not any("expert" in t for t in targets) else "")
     return (f"{section.method}: r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
-            f" on {', '.join(targets)}"
+            f" on {', '.join(targets)}{frozen}"
             + (f"; trained in full: {', '.join(section.modules_to_save)}"
                if section.modules_to_save else "") + "; optimizer state for these only")
 
@@ -254,6 +292,20 @@ def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_cod
         elif any(matches(name, m) for m in section.modules_to_save):
             for pname, p in module.named_parameters():
                 shapes[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
+    # A targeted parameter (PEFT's ParamWrapper): one adapter of rank r per expert, stacked —
+    # for a 3-D [experts, out, in] weight A is [r·experts, in] and B [out, r·experts]; a 2-D
+    # [out, in] one is a single expert. Several on one module nest: the first wrapped sits
+    # deepest, one `base_layer.` per parameter wrapped after it.
+    wrapped = targeted_parameters(model, section)
+    modules = dict(model.named_modules())
+    for i, (name, _, shape) in enumerate(wrapped):
+        later = sum(1 for other, *_ in wrapped[i + 1:] if other == name)
+        experts, out, fan_in = shape if len(shape) == 3 else (1, *shape)
+        if len(shape) == 3 and getattr(modules[name], "is_transposed", False):
+            out, fan_in = fan_in, out  # gpt-oss stores [experts, in, out]
+        key = f"{PREFIX}{name}{'.base_layer' * later}"
+        shapes[f"{key}.lora_A.weight"] = (r * experts, fan_in)
+        shapes[f"{key}.lora_B.weight"] = (out, r * experts)
     return shapes
 
 

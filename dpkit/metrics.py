@@ -96,17 +96,24 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 def matmul_parameters(model) -> tuple[int, int]:
     """(all, trainable) parameters that take part in matrix multiplies: every parameter but the
     input embedding table (a lookup, and its gradient a scatter-add) unless it is tied to the
-    output head. Counts ZeRO-3 partitioned parameters in full."""
+    output head. Counts ZeRO-3 partitioned parameters in full. A mixture of experts' routed
+    experts count at the share each token runs (top-k / experts): the FLOPs a token costs come
+    from its active parameters, not from every expert it skips."""
+    from dpkit.moe import experts_of, is_expert_parameter
+
     emb = model.get_input_embeddings().weight
     tied = getattr(model.config, "tie_word_embeddings", False)
-    total = trainable = 0
-    for p in model.parameters():
+    experts = experts_of(model.config)
+    total = trainable = 0.0
+    for name, p in model.named_parameters():
         if p is emb and not tied:
             continue
         n = getattr(p, "ds_numel", p.numel())
+        if experts is not None and is_expert_parameter(name):
+            n = n * experts.active / experts.routed
         total += n
         trainable += n if p.requires_grad else 0
-    return total, trainable
+    return round(total), round(trainable)
 
 
 def model_flops(n_params: int, n_trainable: int, n_layers: int, hidden: int,

@@ -102,6 +102,14 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
         from dpkit.parallel.sequence import problems as sequence_problems
 
         problems.extend(sequence_problems(recipe, config))
+        from dpkit.moe import experts_of, leaf_problems
+        from dpkit.moe import problems as moe_problems
+
+        problems.extend(moe_problems(recipe, config, world_size))
+        if recipe.moe.zero3_leaf_modules and experts_of(config) is not None:
+            from dpkit.lora import meta_model
+
+            problems.extend(leaf_problems(meta_model(config), recipe.moe.zero3_leaf_modules))
         problems.extend(_build_problems(recipe, config, model_key))
         problems.extend(_position_problems(recipe, config))
     if recipe.model.name_or_path and Path(recipe.model.name_or_path).expanduser().is_dir() \

@@ -29,6 +29,7 @@ from dpkit.errors import RecipeError
 from dpkit.eval.schema import EvalSection
 from dpkit.hub_schema import HubSection
 from dpkit.methods import FORMAT_COLUMNS, METHODS, method_problems, sections
+from dpkit.moe_schema import MoeSection
 from dpkit.overrides import (  # noqa: F401
     DuplicateKeyError,
     _number_or_value,
@@ -309,6 +310,11 @@ class PeftSection(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (`[q_proj, v_proj]`, matched against the end of each module path),
     or `all-linear`: every linear layer except the output head."""
+    target_parameters: list[str] = Field(default_factory=list)
+    """Parameters to adapt directly, by name (matched against the end of each parameter path):
+    the experts of a mixture-of-experts model stored as 3-D tensors (`[experts.gate_up_proj,
+    experts.down_proj]`), which no linear layer — so not `all-linear` — reaches. Empty: the
+    experts stay frozen. Needs `dropout: 0` (PEFT's rule for parameter adapters)."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. `[lm_head]` after adding tokens)."""
     merge: bool = False
@@ -319,6 +325,9 @@ class PeftSection(_Section):
     def _some_targets(self) -> PeftSection:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("`peft.target_modules` is empty: list module names or use `all-linear`")
+        if self.target_parameters and self.dropout:
+            raise ValueError("`peft.target_parameters` needs `peft.dropout: 0` (PEFT can't apply "
+                             "dropout to a parameter's adapter)")
         return self
 
 
@@ -357,6 +366,9 @@ class _RecipeBase(_Section):
     zero: ZeroSection = Field(default_factory=ZeroSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
     """Loss head, tiled MLP, activation offload, fused kernels (dpkit/compute_schema.py)."""
+    moe: MoeSection = Field(default_factory=MoeSection)
+    """Mixture-of-experts models: router loss, ZeRO-3 leaf modules, expert parallelism
+    (dpkit/moe_schema.py, docs/moe.md); ignored for a dense model."""
     peft: PeftSection | None = None
     """Parameter-efficient fine-tuning (LoRA / QLoRA); leave out for full fine-tuning."""
     output: OutputSection

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dpkit import checkpoint as C
-from dpkit import distributed, kernels, logs, lora
+from dpkit import distributed, kernels, logs, lora, moe
 from dpkit.attention import NAME as ROWS_ATTENTION
 from dpkit.attention import describe_packed
 
@@ -129,6 +129,9 @@ class Run:
                                            on_cpu=env.backend == "gloo")
         if self.sp is not None:  # DeepSpeed's batch check outside initialize (zero.Init) reads it
             self.ds_config["sequence_parallel_size"] = self.sp.size
+        self.experts = moe.experts_of(self.model_config)  # None: a dense model
+        if self.layout.expert_parallel > 1:
+            self.ds_config["expert_parallel"] = moe.autoep_section(r, self.model_config)
         self.gradient_divisor = gradient_divisor(self.ds_config, self.batch.data_parallel,
                                                  env.world_size)
         self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
@@ -142,7 +145,7 @@ class Run:
             self.say(f"[dpkit] {warning}")
         if env.is_main:
             write_text(self.out / RECIPE, recipe_to_yaml(r))
-            write_json(self.out / DS_CONFIG, self.ds_config)
+            self._write_ds_config()
             if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
                 truncate_jsonl(self.out / METRICS, 0)
             (self.out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
@@ -151,6 +154,9 @@ class Run:
         if self.universal:
             C.convert_to_universal(self.resume_from, env, r.train.single_rank_work_timeout_s)
             self.ds_config["checkpoint"] = {"load_universal": True}
+
+    def _write_ds_config(self) -> None:
+        write_json(self.out / DS_CONFIG, self.ds_config)
 
     def _build(self) -> None:
         r, env = self.recipe, self.env
@@ -161,6 +167,9 @@ class Run:
             model = build_model(r.model, r.train.seed, self.layout.stage, self.ds_config,
                                 packed_len=r.data.max_seq_len if r.data.packing else None,
                                 head=method_spec(r).head, pad_token_id=self.tokenizer.pad_token_id)
+        self.aux = None
+        if self.experts is not None:
+            self._mixture_of_experts(model)
         if self.sp is not None:
             self.sp.install(model)
             self.say(f"[dpkit] {self.sp.describe()}")
@@ -175,6 +184,7 @@ class Run:
         self.n_train, self.n_params = lora.count_parameters(model)
         self.say(f"[dpkit] model: {self.n_params:,} parameters, {self.n_train:,} trainable "
                  f"({100 * self.n_train / max(self.n_params, 1):.2f}%)")
+        self._matmul = matmul_parameters(model)  # before AutoEP keeps a rank's experts only
         self.loss_head, how = LossHead.for_run(r, model, model.config,
                                                liger=kernels.liger_active(r, self.env.device))
         self.say(f"[dpkit] loss: {how}")
@@ -186,6 +196,27 @@ class Run:
                               self.objective.collate, flat, self.objective.step_examples)
         if self.sp is not None:  # every rank of a group reads the same rows, keeps its slice
             self.feed = self.sp.wrap(self.feed)
+
+    def _mixture_of_experts(self, model) -> None:
+        """Router loss, ZeRO-3 leaf modules and expert parallelism (dpkit/moe.py)."""
+        r, e = self.recipe, self.experts
+        self.say(f"[dpkit] mixture of experts: {e.routed} experts per layer, {e.active} per token"
+                 + (f", {e.shared} shared" if e.shared else ""))
+        self.aux, line = moe.aux_loss_for(model, self.model_config, r.moe.aux_loss_coef)
+        self.say(f"[dpkit] {line}")
+        if self.layout.partitions_parameters:
+            classes, line = moe.leaf_classes(model, r.moe.zero3_leaf_modules)
+            moe.declare_leaves(self.ds_config, classes)
+            self.say(f"[dpkit] {line}")
+            if self.env.is_main and classes is not None:
+                self._write_ds_config()
+        ep = self.layout.expert_parallel
+        if ep > 1:
+            moe.allow_autoep_with_transformers()
+            self.say(f"[dpkit] expert parallelism: each MoE layer's experts split over {ep} "
+                     "ranks (DeepSpeed AutoEP, preset "
+                     f"{self.ds_config['expert_parallel']['preset_model']}), {e.routed // ep} "
+                     "experts per rank")
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0
@@ -231,11 +262,14 @@ class Run:
                                  r.model_dump(mode="json"), env.is_main)
         self.progress = Progress(self.total_steps, self.start_step, env.is_main)
         self.last_loss, self.last_eval, self.skipped = float("nan"), None, 0
-        self._flops_args = (*matmul_parameters(self.engine.module),
+        self._flops_args = (*self._matmul,
                             getattr(self.model_config, "num_hidden_layers", 0), self.hidden or 0)
         self._peak = peak_flops(env.device, r.model.dtype)
         self.evals.before_training()  # step 0: the baseline eval (not on a resume past it)
         self.saved_step, self.stop_agreed = None, False
+        # from_pretrained returns a model in eval mode: without this, dropout (LoRA's too) and a
+        # MoE's router loss stayed off in runs with no eval before the first step
+        self.engine.train()
         distributed.STOP.install()  # SIGTERM: finish the step, checkpoint, exit (preempt)
         try:
             for step in range(self.start_step, self.total_steps):
@@ -259,7 +293,7 @@ class Run:
         result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank),
                             objective=self.objective, gradient_divisor=self.gradient_divisor,
-                            stop_vote=distributed.STOP.requested)
+                            stop_vote=distributed.STOP.requested, aux=self.aux)
         self.stop_agreed = result.stop
         result.times["data_s"] += collate_s
         result.times["step_time_s"] += collate_s
@@ -288,6 +322,7 @@ class Run:
             samples_per_s=result.samples / elapsed, flops=flops,
             mfu=flops / (elapsed * env.world_size * self._peak) if self._peak else None,
             skipped=not result.applied, skipped_steps=self.skipped, **result.metrics,
+            **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),
             **result.times)
         record.update(per_rank(memory_mb(env.device), env))
         self.metrics.write(**record)

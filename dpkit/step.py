@@ -5,6 +5,12 @@ number of units (target tokens for supervised fine-tuning, pairs for preference 
 counted over all ranks and accumulation micro-batches before the backward passes. So the step is
 the same whatever the world size and accumulation split: exactly what one process would compute
 on the same rows.
+
+A mixture-of-experts model's router loss (dpkit/moe.py RouterAuxLoss) is not a sum over units:
+the model computes it per forward, as a mean over that forward's tokens, so it is not linear in
+the batch. It is taken per micro-batch and averaged over the micro-batches of the global batch
+that hold rows (all ranks), weighted by its coefficient — equal to one process whenever the
+micro-batches are the same rows, which is how the equivalence runs compare.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, per unit
     grad_norm: float | None = None  # measured here where DeepSpeed keeps none (plain_grad_norm)
     stop: bool = False        # some rank was asked to stop (SIGTERM) before this step ended
+    aux_loss: float | None = None  # router loss, mean over the step's micro-batches with rows
 
 
 def plain_grad_norm(engine) -> float | None:
@@ -65,7 +72,8 @@ def _has_targets(batch: dict) -> bool:
 
 def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
                poison_loss: bool = False, objective: Objective | None = None,
-               gradient_divisor: int | None = None, stop_vote: bool = False) -> StepResult:
+               gradient_divisor: int | None = None, stop_vote: bool = False,
+               aux=None) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
     `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
@@ -74,28 +82,40 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     the summed gradients by (default the world size; under sequence parallelism see
     dpkit.parallel.sequence.gradient_divisor). `stop_vote`: this rank got SIGTERM; summed with
     the loss after the update, so every rank learns whether any was asked to stop, at the same
-    step, without a collective of its own.
+    step, without a collective of its own. `aux`: the run's dpkit.moe.RouterAuxLoss, or None.
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
     real = [b for b in micro_batches if _has_targets(b)]
     lengths = [n for b in real for n in row_lengths(b)]  # rows, also inside packed sequences
     local = [sum(objective.count(b) for b in micro_batches),
-             sum(int(b["attention_mask"].sum()) for b in real), len(lengths)]
-    units, tokens, samples = distributed.all_reduce_sum(local, env.device)
+             sum(int(b["attention_mask"].sum()) for b in real), len(lengths), len(real)]
+    units, tokens, samples, filled = distributed.all_reduce_sum(local, env.device)
     # engine.backward divides by the accumulation steps and the gradient reduction divides by
     # the ranks; multiplying by both turns the sum into "sum over the global batch / units".
     scale = grad_accum * (gradient_divisor or env.world_size) / max(units, 1)
+    # The router loss: the same undoing of both divisions, over the micro-batches with rows
+    # (`filled`, all ranks) — an empty micro-batch (an uneven epoch tail) weighs nothing, as it
+    # does not exist in one process.
+    aux_scale = grad_accum * (gradient_divisor or env.world_size) / max(filled, 1)
     micro_batches = [to_device(b, env.device) for b in micro_batches]
     objective.prepare(engine, micro_batches, env)  # global-batch quantities, before any backward
+    if aux is not None:
+        aux.take(env.device)  # a router loss belongs to a micro-batch's own forward, not these
     t1 = time.perf_counter()
     zero = torch.zeros((), device=env.device, dtype=torch.float64)
     step_loss, optimizer_s, grad_norm = zero.clone(), 0.0, None
     sums = {name: zero.clone() for name in objective.metric_names}
+    aux_sum = zero.clone()
     for i, micro in enumerate(micro_batches):
         out = objective.loss(engine, micro)
         loss = out.loss * float("nan") if poison_loss else out.loss
-        engine.backward(loss * scale)
+        total = loss * scale
+        if aux is not None:
+            router = aux.take(env.device) * float(_has_targets(micro))
+            total = total + router * (aux.coef * aux_scale)
+            aux_sum += router.detach()
+        engine.backward(total)
         if i == len(micro_batches) - 1:  # the boundary: gradient reduction + optimizer update
             grad_norm = plain_grad_norm(engine)
             _sync(env.device)
@@ -108,16 +128,17 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
         step_loss += loss.detach()  # stays on the device: no sync between micro-batches
         for name in objective.metric_names:
             sums[name] += out.metrics[name].detach()
-    reduced = distributed.all_reduce_sum([float(step_loss), float(stop_vote),
+    reduced = distributed.all_reduce_sum([float(step_loss), float(stop_vote), float(aux_sum),
                                           *(float(sums[n]) for n in sums)], env.device)
     t2 = time.perf_counter()
     applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
     times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
              "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
-    metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[2:])}
+    metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[3:])}
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
                       lengths, applied, times, metrics, grad_norm,
-                      stop=distributed.StopFlag.agreed(reduced[1]))
+                      stop=distributed.StopFlag.agreed(reduced[1]),
+                      aux_loss=reduced[2] / max(filled, 1) if aux is not None else None)
 
 
 def evaluate(engine, batches, env, objective: Objective | None = None

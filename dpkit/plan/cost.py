@@ -68,17 +68,20 @@ def time_lines(p, length: RunLength, price: float | None) -> list[str]:
     objective = build_objective(p.recipe)
     rows_per_item, precomputed = objective.rows_per_item, objective.reference == "precomputed"
     before = reference_pass_s(p, length) if precomputed else None
+    ep = bool(p.shape.experts)  # a mixture of experts: the expert-parallel degree of each row
     lines = [f"time: {c.device.name} at {c.efficiency:.0%} of its {c.device.peak_flops / 1e12:.0f}"
              f" TFLOP/s peak, inside a node {c.intra.name}, across nodes {c.inter.name}, "
              f"{c.overlap:.0%} of communication hidden (assumptions: docs/plan.md)",
-             f"{'stage':<6}{'offload':<22}{'micro×acc':>10}{'compute':>9}{'comm':>8}"
+             f"{'stage':<6}{'offload':<22}" + (f"{'EP':>3}" if ep else "")
+             + f"{'micro×acc':>10}{'compute':>9}{'comm':>8}"
              f"{'hidden':>8}{'optim':>7}{'offload':>8}{'step s':>8}{'tokens/s':>11}"
              + (f"{'steps':>8}{'run':>10}{'GPU-h':>9}" if length.source and known else "")
              + (f"{'cost':>10}" if known and price else "")]
     for o in sorted((o for o in p.options if o.fits), key=lambda o: -o.time.tokens_per_s):
         st: StepTime = o.time
         line = (f"{o.stage:<6}{o.breakdown.setup.label:<22}"
-                f"{f'{o.batch.micro_batch_size}×{o.batch.grad_accum}':>10}{st.compute_s:>9.3f}"
+                + (f"{o.expert_parallel:>3}" if ep else "")
+                + f"{f'{o.batch.micro_batch_size}×{o.batch.grad_accum}':>10}{st.compute_s:>9.3f}"
                 f"{st.comm_s:>8.3f}{st.comm_s - st.exposed_comm_s:>8.3f}{st.optimizer_s:>7.3f}"
                 f"{st.offload_s:>8.3f}{st.step_s:>8.3f}{st.tokens_per_s:>11,.0f}")
         if known:
@@ -88,6 +91,14 @@ def time_lines(p, length: RunLength, price: float | None) -> list[str]:
             if price:
                 line += f"{seconds * world / 3600 * price:>10,.0f}"
         lines.append(line)
+    split = [o for o in p.options if o.fits and o.expert_parallel > 1]
+    if split:  # the all-to-all traffic of the fastest expert-parallel option
+        from dpkit.plan.time import all_to_all_bytes
+
+        o = max(split, key=lambda o: o.time.tokens_per_s)
+        lines.append(f"expert parallelism: {all_to_all_bytes(o.time_job) / 2**30:.2f} GiB sent "
+                     f"all-to-all per GPU per step at EP {o.expert_parallel} ZeRO-{o.stage} "
+                     "(in comm, none of it hidden)")
     lines.append(f"run length: {length.source}" if known
                  else f"run length: unknown — {length.source}")
     if precomputed:

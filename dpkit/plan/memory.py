@@ -68,6 +68,7 @@ class Setup:
     loss_auto: bool = False  # compute.loss: auto, tiles only where they hold less
     tiled_mlp: bool = False
     offload_activations: bool = False  # saved activations in CPU memory
+    expert_parallel: int = 1  # ranks a MoE layer's experts are split over (moe.expert_parallel)
 
     @property
     def tokens(self) -> int:
@@ -252,8 +253,12 @@ def activation_bytes(shape: ModelShape, setup: Setup) -> int:
 def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
     """Per-rank memory of one (stage, offload, micro batch) choice, as DeepSpeed 0.19 allocates it."""
     s, n, b, k = setup.stage, setup.world_size, setup.dtype_bytes, setup.knobs
-    P, T = shape.total, shape.trainable
-    Tn = math.ceil(T / n) if s >= 1 else T  # optimizer partition (stage 1+), else everything
+    # Expert parallelism: a rank holds 1/ep of the routed experts (P, T: what one rank holds
+    # whole); ZeRO partitions those over the n/ep ranks holding the same experts, so a
+    # partition stays 1/n of the model's (the Tn and P/n below).
+    ep = setup.expert_parallel
+    P, T = shape.local(shape.total, ep), shape.local(shape.trainable, ep)
+    Tn = math.ceil(shape.trainable / n) if s >= 1 else T  # optimizer partition (stage 1+)
     opt_dev = "gpu" if setup.offload_optimizer == "none" else setup.offload_optimizer
     par_dev = "gpu" if setup.offload_params == "none" else setup.offload_params
     parts: list[Part] = []
@@ -264,10 +269,11 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
     if s < 3:
         add(Part("params", "weights", P, b, state=True))
     else:
-        add(Part("params", "partition", math.ceil(P / n), b, par_dev, state=True))
+        add(Part("params", "partition", math.ceil(shape.total / n), b, par_dev, state=True))
         persist = shape.persistent(k.param_persistence_threshold)
         add(Part("params", "persistent", persist, b))
-        gathered = min(k.max_live_parameters, shape.largest_layer + k.prefetch_bucket_size)
+        gathered = min(k.max_live_parameters,
+                       shape.largest_local_layer(ep) + k.prefetch_bucket_size)
         add(Part("params", "gathered", min(gathered, P - persist), b, phases=bwd))
 
     # Gradients, in the model dtype (DeepSpeed's default gradient accumulation dtype)

@@ -57,6 +57,9 @@ class Option:
     why_not: str = ""
     batch: BatchPlan | None = None  # when it fits
     time: StepTime | None = None  # predicted, when it fits
+    expert_parallel: int = 1  # ranks each MoE layer's experts are split over
+    moe: bool = False  # the model is a mixture of experts: its overrides name moe.expert_parallel
+    time_job: Job | None = None  # what was timed (when it fits)
 
     @property
     def fits(self) -> bool:
@@ -66,7 +69,8 @@ class Option:
     def overrides(self) -> list[str]:
         return [f"zero.stage={self.stage}", f"zero.offload_optimizer={self.offload_optimizer}",
                 f"zero.offload_params={self.offload_params}",
-                f"train.micro_batch_size={self.micro_batch}"]
+                f"train.micro_batch_size={self.micro_batch}",
+                *([f"moe.expert_parallel={self.expert_parallel}"] if self.moe else [])]
 
 
 @dataclass
@@ -80,8 +84,11 @@ class Plan:
 
 
 def variant(recipe: Recipe, stage: int, offload_optimizer: str, offload_params: str,
-            micro_batch: int | None = None, global_batch: int | None = None) -> Recipe:
+            micro_batch: int | None = None, global_batch: int | None = None,
+            expert_parallel: int | None = None) -> Recipe:
     raw, z = recipe.model_dump(mode="json"), recipe.zero
+    if expert_parallel is not None:
+        raw["moe"]["expert_parallel"] = expert_parallel
     if (stage, offload_optimizer, offload_params) != (z.stage, z.offload_optimizer,
                                                       z.offload_params):
         raw["zero"]["template"] = None  # a custom template belongs to the recipe's own choice
@@ -133,23 +140,26 @@ def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
 
 
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
-              kn: Knobs) -> Setup:
+              kn: Knobs, expert_parallel: int | None = None) -> Setup:
     m = recipe.model
     rows = micro * objective_load(recipe)["rows_per_item"]  # pairs: chosen + rejected, 1 forward
+    ep = recipe.moe.expert_parallel if expert_parallel is None else expert_parallel
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], rows,
                  recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
-                 **long_fields(recipe))
+                 **long_fields(recipe), expert_parallel=ep)
 
 
 def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,
-        candidates: list[int]) -> Option:
-    """The largest micro batch (of ascending `candidates`) this stage/offload fits with."""
+        candidates: list[int], expert_parallel: int | None = None) -> Option:
+    """The largest micro batch (of ascending `candidates`) this stage/offload (and expert
+    parallel degree: default the recipe's) fits with."""
+    ep = recipe.moe.expert_parallel if expert_parallel is None else expert_parallel
     cfg = resolved_ds_config(variant(recipe, stage, opt, par, 1, hw.world_size), hw.world_size,
                              shape.hidden)
     kn = knobs(cfg)
     best, why = None, ""
     for micro in candidates:
-        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, micro, kn))
+        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, micro, kn, ep))
         if b.gpu_total > hw.gpu_memory:
             why = f"needs {gib(b.gpu_total)} GiB per GPU"
         elif hw.cpu_memory is not None and b.cpu_per_node > hw.cpu_memory:
@@ -157,10 +167,21 @@ def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: H
         if why:
             break
         best = (micro, b)
+    moe = dict(expert_parallel=ep, moe=bool(shape.experts))
     if best is None:
-        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, candidates[0], kn))
-        return Option(stage, opt, par, None, b, why)
-    return Option(stage, opt, par, best[0], best[1])
+        b = estimate(shape, setup_for(recipe, stage, opt, par, hw, candidates[0], kn, ep))
+        return Option(stage, opt, par, None, b, why, **moe)
+    return Option(stage, opt, par, best[0], best[1], **moe)
+
+
+def expert_parallel_levels(recipe: Recipe, shape: ModelShape, world_size: int) -> list[int]:
+    """Expert-parallel degrees worth planning: powers of two above 1 that divide both the world
+    and the experts, where validate accepts expert parallelism (full fine-tuning, no sequence
+    parallelism; offload is not planned with it: dpkit.moe.autoep_problems)."""
+    if not shape.experts or recipe.peft is not None or recipe.train.sequence_parallel > 1:
+        return []
+    return [d for d in (2 ** i for i in range(1, world_size.bit_length()))
+            if d <= world_size and not world_size % d and not shape.experts % d]
 
 
 def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
@@ -177,7 +198,8 @@ def recipe_shape(recipe: Recipe, lora_rank: int | None = None,
     return model_shape(load_model_config(recipe.model), lora_rank, lora_targets,
                        recipe.model.trust_remote_code,
                        peft.dropout if lora_dropout is None else lora_dropout,
-                       heads.of_recipe(recipe))
+                       heads.of_recipe(recipe),
+                       lora_parameters=peft.target_parameters if lora_rank else None)
 
 
 def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | None = None,
@@ -194,22 +216,26 @@ def plan(recipe: Recipe, hw: Hardware, nvme: bool = False, shape: ModelShape | N
         candidates = [2**i for i in range(MAX_MICRO_BATCH.bit_length())]
     else:
         candidates = micro_candidates(recipe, hw.world_size)
-    choices = [c for c in CHOICES if nvme or "nvme" not in c]
-    options = [fit(shape, recipe, *choice, hw, candidates) for choice in choices]
+    choices = [(*c, 1) for c in CHOICES if nvme or "nvme" not in c]
+    # a mixture of experts: every stage without offload also with its experts split over ranks
+    choices += [(s, "none", "none", ep) for ep in expert_parallel_levels(recipe, shape,
+                                                                         hw.world_size)
+                for s in (0, 1, 2, 3)]
+    options = [fit(shape, recipe, *choice[:3], hw, candidates, choice[3]) for choice in choices]
     for o in options:
         if o.fits:
-            o.batch, o.time = timed(recipe, shape, o, hw, cluster, free_global_batch)
+            o.batch, o.time, o.time_job = timed(recipe, shape, o, hw, cluster, free_global_batch)
     fitting = [o for o in options if o.fits]
     # fastest first; on a tie (the model says equal) the larger micro batch, then the lower
     # stage and the order of CHOICES (less offload)
     recommended = min(fitting, default=None, key=lambda o: (
         -round(o.time.tokens_per_s, 6), -o.micro_batch, o.stage,
-        choices.index((o.stage, o.offload_optimizer, o.offload_params))))
+        choices.index((o.stage, o.offload_optimizer, o.offload_params, o.expert_parallel))))
     return Plan(recipe, shape, hw, options, recommended, cluster)
 
 
 def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: Cluster,
-          free_global_batch: bool) -> tuple[BatchPlan, StepTime]:
+          free_global_batch: bool) -> tuple[BatchPlan, StepTime, Job]:
     t = recipe.train
     sp = getattr(t, "sequence_parallel", 1)
     batch = (without_accumulation(o.micro_batch, hw.world_size, sp) if free_global_batch else
@@ -217,8 +243,9 @@ def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: C
     job = Job(shape, o.stage, o.offload_optimizer, o.offload_params, hw.world_size,
               hw.gpus_per_node, batch.micro_batch_size, batch.grad_accum,
               recipe.data.max_seq_len, DTYPE_BYTES[recipe.model.dtype],
-              o.breakdown.setup.knobs.reduce_bucket_size, **objective_load(recipe))
-    return batch, step_time(job, cluster)
+              o.breakdown.setup.knobs.reduce_bucket_size, **objective_load(recipe),
+              expert_parallel=o.expert_parallel)
+    return batch, step_time(job, cluster), job
 
 
 def objective_load(recipe: Recipe) -> dict:
@@ -245,14 +272,16 @@ def chosen_recipe(p: Plan, o: Option, free_global_batch: bool) -> Recipe:
     sp = getattr(p.recipe.train, "sequence_parallel", 1)
     gbs = (without_accumulation(o.micro_batch, p.hw.world_size, sp).global_batch_size
            if free_global_batch else None)
-    return variant(p.recipe, o.stage, o.offload_optimizer, o.offload_params, o.micro_batch, gbs)
+    return variant(p.recipe, o.stage, o.offload_optimizer, o.offload_params, o.micro_batch, gbs,
+                   o.expert_parallel)
 
 
 def option_name(o: Option) -> str:
     where = {"none": "no offload"}.get(o.offload_optimizer, f"optimizer on {o.offload_optimizer}")
     if o.offload_params != "none":
         where = f"optimizer and parameters on {o.offload_params}"
-    return f"ZeRO-{o.stage}, {where}"
+    experts = f", experts over {o.expert_parallel} ranks" if o.expert_parallel > 1 else ""
+    return f"ZeRO-{o.stage}, {where}{experts}"
 
 
 def preference_cost(r: Recipe, shape: ModelShape) -> list[str]:
@@ -285,22 +314,29 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
     s, r, hw = p.shape, p.recipe, p.hw
     lora = f", LoRA r={s.lora_rank}" if s.lora_rank else ""
     cpu = f", {gib(hw.cpu_memory)} GiB CPU per node" if hw.cpu_memory else ""
+    active = (f" ({count(s.active)} active: {s.experts_per_token} of {s.experts} experts per "
+              f"token in {s.moe_layers} layers; FLOPs and MFU count the active ones)"
+              if s.experts else "")
+    ep_col = bool(s.experts)
     lines = [
         f"model: {r.model.name_or_path or r.model.config.get('model_type')}: "
-        f"{count(s.total)} parameters, {count(s.trainable)} trained{lora}; "
+        f"{count(s.total)} parameters{active}, {count(s.trainable)} trained{lora}; "
         f"{r.model.dtype}, {r.data.max_seq_len} tokens, {r.model.attn_implementation}"
         f"{', gradient checkpointing' if r.model.gradient_checkpointing else ''}",
         f"hardware: {hw.world_size // hw.gpus_per_node} node(s) × {hw.gpus_per_node} GPUs × "
         f"{gib(hw.gpu_memory)} GiB{cpu}", "",
         "GiB per GPU at the micro batch shown ('no': at the smallest); each column at its own "
         "peak, total = the larger of the backward and the optimizer step, plus margin",
-        f"{'stage':<6}{'offload':<22}{'micro':>6}{'params':>8}{'grads':>8}{'optim':>8}"
+        f"{'stage':<6}{'offload':<22}" + (f"{'EP':>3}" if ep_col else "")
+        + f"{'micro':>6}{'params':>8}{'grads':>8}{'optim':>8}"
         f"{'activ':>8}{'comm':>7}{'margin':>8}{'total':>8}{'CPU/node':>10}  fits"]
     rows_per_item = objective_load(r)["rows_per_item"]  # preference pairs: 2 rows each
     for o in p.options:
         b = o.breakdown
         lines.append(
-            f"{o.stage:<6}{b.setup.label:<22}{b.setup.micro_batch // rows_per_item:>6}"
+            f"{o.stage:<6}{b.setup.label:<22}"
+            + (f"{o.expert_parallel:>3}" if ep_col else "")
+            + f"{b.setup.micro_batch // rows_per_item:>6}"
             f"{gib(b.gpu('params')):>8}"
             f"{gib(b.gpu('grads', 'step')):>8}{gib(b.gpu('optim')):>8}"
             f"{gib(b.gpu('activations')):>8}{gib(b.gpu('comm')):>7}{gib(b.gpu_margin):>8}"
@@ -385,7 +421,8 @@ def _check(recipe: Recipe, hw: Hardware, shape: ModelShape) -> list[Problem]:
         return [Problem("zero.stage", f"nothing fits: the recipe {need}",
                         "use more GPUs, LoRA, a shorter data.max_seq_len or "
                         f"model.gradient_checkpointing=true, {skip}")]
-    current = Option(*own, mbs, b).overrides
+    current = Option(*own, mbs, b, expert_parallel=recipe.moe.expert_parallel,
+                     moe=bool(shape.experts)).overrides
     changes = " ".join(c for c in o.overrides if c not in current)
     return [Problem("zero.stage", f"will not fit: ZeRO-{z.stage} (offload {z.offload_optimizer}) "
                     f"with micro batch {mbs} {need}",

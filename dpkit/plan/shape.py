@@ -35,6 +35,13 @@ class ModelShape:
     lora_inputs_per_layer: int = 0  # the adapted linear layers' input features, summed
     lora_dropout: bool = False
     matmul_params: int | None = None  # base parameters in matmuls (metrics.matmul_parameters)
+    # a mixture of experts (dpkit/moe.py): 0 experts is a dense model
+    experts: int = 0  # routed experts per MoE layer
+    experts_per_token: int = 0  # of them, run by each token (top-k)
+    expert_params: int = 0  # routed experts' weights, all layers (in param_numels)
+    moe_layers: int = 0  # layers with routed experts
+    largest_expert_layer: int = 0  # most expert elements one module owns (a layer's experts)
+    largest_dense_layer: int = 0  # most elements one module owns outside the experts
 
     @property
     def total(self) -> int:
@@ -61,6 +68,27 @@ class ModelShape:
             most = max(most, sum(b - a for a, b in spans if a < hi and b > lo))
         return most
 
+    @property
+    def active(self) -> int:
+        """Parameters one token runs through: the routed experts at top-k / experts."""
+        if not self.experts:
+            return self.total
+        return self.total - self.expert_params + round(
+            self.expert_params * self.experts_per_token / self.experts)
+
+    def local(self, elements: int, expert_parallel: int) -> int:
+        """`elements` (the whole model's or all its trained ones) less the routed experts other
+        ranks hold under expert parallelism: each rank keeps 1/ep of every layer's experts."""
+        if expert_parallel <= 1 or not self.expert_params:
+            return elements
+        return elements - self.expert_params + self.expert_params // expert_parallel
+
+    def largest_local_layer(self, expert_parallel: int) -> int:
+        """The most elements one module owns on a rank (what ZeRO-3 gathers at once)."""
+        if not self.expert_params:
+            return self.largest_layer
+        return max(self.largest_dense_layer, self.largest_expert_layer // expert_parallel)
+
     def persistent(self, threshold: int) -> int:
         """Elements ZeRO-3 keeps whole on every rank (parameters of at most `threshold` elements)."""
         return sum(n for n in self.param_numels if n <= threshold)
@@ -68,12 +96,15 @@ class ModelShape:
 
 def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = None,
                 trust_remote_code: bool = False, lora_dropout: float = 0.0,
-                head: str = "causal_lm") -> ModelShape:
+                head: str = "causal_lm",
+                lora_parameters: list[str] | None = None) -> ModelShape:
     """Count parameters on the meta device: no memory, no weights, any size.
 
     `lora_targets`: module names to adapt, matched like PEFT against the end of each module path
     (`q_proj`, `self_attn.q_proj`); None adapts every linear layer except the output head (PEFT's
-    "all-linear"). With `lora_rank` 0 it is full fine-tuning.
+    "all-linear"). `lora_parameters`: parameters adapted directly (`peft.target_parameters`: a
+    mixture of experts' 3-D weights, one rank-r adapter per expert). With `lora_rank` 0 it is
+    full fine-tuning.
     """
     import torch
 
@@ -105,12 +136,34 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
             fan_in, fan_out = (w[0], w[1]) if type(m).__name__ == "Conv1D" else (w[1], w[0])
             adapters += [lora_rank * fan_in, lora_rank * fan_out]  # A: r×in, B: out×r
             inputs += fan_in
+        for name, m in model.named_modules():  # PEFT's ParamWrapper (dpkit/lora.py)
+            for pname, p in m.named_parameters(recurse=False):
+                if any(f"{name}.{pname}" == t or f"{name}.{pname}".endswith("." + t)
+                       for t in lora_parameters or ()):
+                    e, out, fan_in = p.shape if p.dim() == 3 else (1, *p.shape)
+                    adapters += [lora_rank * e * fan_in, lora_rank * e * out]
         if not adapters:
             from dpkit.errors import RecipeError
 
             raise RecipeError.one("peft.target_modules", f"no linear layer named {lora_targets}"
                                   " in the model", f"choose among {sorted(names)}")
+    from dpkit.moe import experts_of, is_expert_parameter
+
+    experts = experts_of(config)
+    expert_owners: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if experts is not None and is_expert_parameter(name):
+            path = "." + name
+            owner = path[1:path.rindex(".experts.") + len(".experts")]
+            expert_owners[owner] = expert_owners.get(owner, 0) + p.numel()
     return ModelShape(
+        experts=experts.routed if experts else 0,
+        experts_per_token=experts.active if experts else 0,
+        expert_params=sum(expert_owners.values()), moe_layers=len(expert_owners),
+        largest_expert_layer=max(expert_owners.values(), default=0),
+        largest_dense_layer=max(sum(p.numel() for n, p in m.named_parameters(recurse=False)
+                                    if not is_expert_parameter(f"{name}.{n}"))
+                                for name, m in model.named_modules()),
         param_numels=tuple(numels + adapters),
         trainable_numels=tuple(adapters or numels),
         largest_layer=largest_layer,
@@ -118,7 +171,10 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or h // heads,
         intermediate=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-                      or 4 * h),
+                      or 4 * h) if experts is None else
+        # a mixture of experts: a token's MLP activations are those of the experts it runs
+        (experts.active + experts.shared) * (getattr(text, "moe_intermediate_size", None)
+                                             or text.intermediate_size),
         vocab=text.vocab_size,
         mlp_factor=(3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else 1)
         + ACTIVATION_EXTRA.get(act, 1),

@@ -16,6 +16,12 @@ overhead. Every term is arithmetic over named, documented assumptions (docs/plan
   (`Cluster.overlap`), never inferred.
 - **Offload**: gradients down and weights up over PCIe each step, Adam on the host's cores;
   parameters on CPU also cross PCIe on every gather.
+- **Mixture of experts**: compute from the active parameters (metrics.matmul_parameters counts
+  routed experts at top-k / experts). With expert parallelism (`moe.expert_parallel` = ep) a rank
+  holds 1/ep of the experts, so it reduces and gathers that much less, and every MoE layer sends
+  each token's hidden state to its k experts' ranks and back, forward and backward: 4 all-to-alls
+  of tokens·k·hidden per layer, (ep−1)/ep of it leaving the rank. Nothing computes while they
+  run (the experts wait for their tokens), so none of it is counted as hidden.
 """
 
 from __future__ import annotations
@@ -154,6 +160,7 @@ class Job:
     # attend within each original row, so their attention costs less than the token fill says
     rows_per_item: int = 1  # sequences per batch item: 2 for preference pairs
     reference_forwards: int = 0  # forwards without gradient per micro-batch (DPO adapter_off)
+    expert_parallel: int = 1  # ranks a MoE layer's experts are split over
 
     @property
     def rows_per_rank(self) -> int:
@@ -222,7 +229,8 @@ def collectives(job: Job) -> list[Collective]:
     """What a step communicates (the ZeRO paper's volumes; DeepSpeed's schedule per micro-batch)."""
     if job.world_size == 1:
         return []
-    psi, trained = job.shape.total, job.shape.trainable
+    ep = job.expert_parallel  # each rank holds, reduces and gathers 1/ep of the experts
+    psi, trained = job.shape.local(job.shape.total, ep), job.shape.local(job.shape.trainable, ep)
     buckets = max(1, math.ceil(trained / job.reduce_bucket))
     a = job.grad_accum
     if job.stage <= 1:  # gradients reduced once, at the accumulation boundary
@@ -248,6 +256,27 @@ def comm_volume(job: Job) -> float:
     return sum(bytes_sent(c, job.world_size, job.dtype_bytes) for c in collectives(job))
 
 
+def all_to_all_bytes(job: Job) -> float:
+    """Bytes one rank sends in a step's expert-parallel all-to-alls: per MoE layer and
+    micro-batch, forward dispatch and combine and their two backward mirrors, each moving
+    tokens·k hidden states of which (ep−1)/ep go to other ranks (gradient checkpointing's
+    recomputed forward, two more, is not counted)."""
+    ep, s = job.expert_parallel, job.shape
+    if ep <= 1 or not s.experts:
+        return 0.0
+    routed = job.tokens_per_rank * s.experts_per_token * s.hidden * job.dtype_bytes
+    return 4 * s.moe_layers * routed * (ep - 1) / ep
+
+
+def all_to_all_time(job: Job, cluster: Cluster) -> float:
+    """The all-to-alls over the ep ranks of an expert group (inside a node when ep fits)."""
+    if job.expert_parallel <= 1 or not job.shape.experts:
+        return 0.0
+    bandwidth, latency = cluster.ring(job.expert_parallel, job.gpus_per_node)
+    calls = 4 * job.shape.moe_layers * job.grad_accum
+    return all_to_all_bytes(job) / bandwidth + calls * latency
+
+
 def comm_time(job: Job, cluster: Cluster) -> float:
     bandwidth, latency = cluster.ring(job.world_size, job.gpus_per_node)
     total = 0.0
@@ -260,7 +289,8 @@ def comm_time(job: Job, cluster: Cluster) -> float:
 
 def optimizer_time(job: Job, cluster: Cluster) -> float:
     """Adam over this rank's partition (stages 1–3 partition the optimizer; stage 0 does not)."""
-    shard = job.shape.trainable / (job.world_size if job.stage >= 1 else 1)
+    shard = (job.shape.trainable / job.world_size if job.stage >= 1
+             else job.shape.local(job.shape.trainable, job.expert_parallel))
     if job.offload_optimizer != "none":
         ranks_per_node = min(job.world_size, job.gpus_per_node)
         return shard * ranks_per_node / cluster.cpu_adam_rate
@@ -293,7 +323,9 @@ def step_time(job: Job, cluster: Cluster) -> StepTime:
     compute = fill * flops_per_rank(job) / (cluster.efficiency * peak)
     comm = comm_time(job, cluster)
     hidden = min(cluster.overlap * comm, compute)
-    return StepTime(compute, optimizer_time(job, cluster), comm, comm - hidden,
+    a2a = all_to_all_time(job, cluster)  # on the critical path: never hidden
+    comm, exposed = comm + a2a, comm - hidden + a2a
+    return StepTime(compute, optimizer_time(job, cluster), comm, exposed,
                     offload_time(job, cluster), cluster.overhead_s,
                     job.tokens_per_rank * job.world_size)
 

@@ -4,8 +4,9 @@ For each family one library recipe is turned into a tiny run: the model is the f
 config.json (dpkit/resources/hub_configs) with its sizes shrunk (hidden 64, 2 layers, the bundled 2048-token
 tokenizer's vocabulary) but every architectural switch kept (tied or untied embeddings, GQA or MHA,
 head_dim, biases, rope scaling, Gemma-2's soft-capping and sliding window, Phi-3's longrope and
-fused projections); the data is the bundled Self-Instruct rows in the recipe's own format (with its
-column mapping, and with the chat template the recipe uses); ZeRO stage and LoRA settings are the
+fused projections; a mixture of experts' routing, shrunk to 4 experts, 2 per token, and
+DeepSeek-V2's latent attention); the data is the bundled Self-Instruct rows in the recipe's own
+format (with its column mapping, and with the chat template the recipe uses); ZeRO stage and LoRA settings are the
 recipe's. All runs share ONE 2-rank launch (tests/distributed/run_recipes.py). Each trains 2 steps
 on the same 4 rows (2 epochs of one global batch), so the second loss must be lower.
 """
@@ -31,6 +32,10 @@ FAMILIES = {  # model_type -> the recipe it trains (a spread of ZeRO stages, for
     "mistral": "recipes/mistral-7b/dolly-full-zero3-offload.yaml",  # column-mapped, ZeRO-3
     "gemma2": "recipes/gemma-2-2b/dolly-full-zero1.yaml",  # soft-capping, sliding window
     "phi3": "recipes/phi-3.5-mini/chat-lora-zero2.yaml",  # LoRA on fused qkv/gate_up, longrope
+    # mixtures of experts (docs/moe.md): LoRA on the experts' 3-D weights, router loss on
+    "qwen3_moe": "recipes/qwen3-30b-a3b/dolly-lora-zero3.yaml",
+    "mixtral": "recipes/mixtral-8x7b/dolly-lora-zero3.yaml",
+    "deepseek_v2": "recipes/deepseek-v2-lite/dolly-lora-zero2.yaml",  # MLA, shared experts
 }
 ROWS = 4  # = the global batch: each epoch is one step over the same rows
 
@@ -52,6 +57,14 @@ def shrink(config: dict, tokenizer) -> dict:
         c.update(query_pre_attn_scalar=16, sliding_window=32)  # rows are longer: both kinds used
     if c["model_type"] == "qwen2":
         c.update(max_window_layers=2, sliding_window=512)
+    if "num_experts_per_tok" in c:  # a mixture of experts: 4 small experts, 2 per token
+        c.update({k: 4 for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                  if k in c}, num_experts_per_tok=2)
+        c.update({k: v for k, v in (("moe_intermediate_size", 32), ("n_shared_experts", 1))
+                  if k in c})
+    if c["model_type"] == "deepseek_v2":  # multi-head latent attention, small
+        c.update(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        c["rope_scaling"] = {**c["rope_scaling"], "original_max_position_embeddings": 128}
     if c["model_type"] == "phi3":  # longrope: one factor per rotary frequency (head_dim / 2)
         rs = c["rope_scaling"]
         c["rope_scaling"] = {"type": rs["type"], "long_factor": rs["long_factor"][::6],

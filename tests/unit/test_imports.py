@@ -69,7 +69,7 @@ def imports(module: str) -> tuple[set[str], set[str]]:
 
 
 # The recipe schema: what `dpkit validate` needs and what every module may import.
-SCHEMA = {"dpkit.recipe", "dpkit.hub_schema", "dpkit.compute_schema",
+SCHEMA = {"dpkit.recipe", "dpkit.hub_schema", "dpkit.compute_schema", "dpkit.moe_schema",
           "dpkit.eval.schema", "dpkit.schema_errors", "dpkit.overrides",
           # the method declarations (their sections, formats and checks)
           *(m for m in MODULES if m == "dpkit.methods" or m.startswith("dpkit.methods."))}
@@ -215,12 +215,12 @@ def test_nothing_outside_a_method_names_one():
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["dpkit", "dpkit.errors", "dpkit.shipped", "dpkit.run_files"]),
     ("schema", ["dpkit.recipe", "dpkit.hub_schema", "dpkit.compute_schema", "dpkit.eval.schema",
-                "dpkit.schema_errors", "dpkit.overrides", "dpkit.methods*"]),
+                "dpkit.schema_errors", "dpkit.overrides", "dpkit.methods*", "dpkit.moe_schema"]),
     ("infrastructure", ["dpkit.batch", "dpkit.layout", "dpkit.zero", "dpkit.rundir",
                         "dpkit.distributed", "dpkit.logs", "dpkit.run_info"]),
     ("data", ["dpkit.data*"]),
     ("model", ["dpkit.heads", "dpkit.model", "dpkit.attention", "dpkit.kernels", "dpkit.lora",
-               "dpkit.parallel*"]),
+               "dpkit.parallel*", "dpkit.moe"]),
     ("training", ["dpkit.metrics", "dpkit.checkpoint", "dpkit.objectives*", "dpkit.eval*",
                   "dpkit.engine", "dpkit.step"]),
     ("readers of runs", ["dpkit.plan*", "dpkit.model_card", "dpkit.report", "dpkit.export",

@@ -52,7 +52,14 @@ PUBLISHED = {
     "HuggingFaceTB/SmolLM2-360M-Instruct": (360e6, None),
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": (1.7e9, None),
     "microsoft/Phi-3.5-mini-instruct": (3.8e9, None),
+    "Qwen/Qwen3-30B-A3B": (30.5e9, 29.9e9),
+    "mistralai/Mixtral-8x7B-v0.1": (46.7e9, None),
+    "deepseek-ai/DeepSeek-V2-Lite": (15.7e9, None),
 }
+# Mixtures of experts: the parameters one token runs through, as each card counts them (Qwen and
+# Mistral with the embeddings, DeepSeek without the input embedding).
+ACTIVE = {"Qwen/Qwen3-30B-A3B": (3.3e9, True), "mistralai/Mixtral-8x7B-v0.1": (12.9e9, True),
+          "deepseek-ai/DeepSeek-V2-Lite": (2.4e9, False)}
 
 
 def rel(p: Path) -> str:
@@ -253,6 +260,26 @@ def test_shipped_config_has_the_published_parameter_count(hub_id):
         embed = model.get_input_embeddings().weight.numel()
         head = 0 if config.tie_word_embeddings else model.get_output_embeddings().weight.numel()
         assert abs(total - embed - head - non_embedding) / non_embedding < 0.02
+
+
+@pytest.mark.parametrize("hub_id", sorted(ACTIVE))
+def test_mixture_of_experts_has_the_published_active_parameter_count(hub_id):
+    from transformers import AutoConfig
+
+    from dpkit.plan.shape import model_shape
+
+    config = AutoConfig.from_pretrained(HUB_CONFIGS / hub_id)
+    shape = model_shape(config)
+    published, with_embedding = ACTIVE[hub_id]
+    active = shape.active - (0 if with_embedding else config.vocab_size * config.hidden_size)
+    assert abs(active - published) / published < 0.03, f"{hub_id}: {active:,} vs {published:,.0f}"
+    assert shape.total == PUBLISHED_TOTALS[hub_id]  # the counts dpkit plan prints
+
+
+# the totals counted on the meta device (SOURCES.md), against which the active count is taken
+PUBLISHED_TOTALS = {"Qwen/Qwen3-30B-A3B": 30_532_122_624,
+                    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,
+                    "deepseek-ai/DeepSeek-V2-Lite": 15_706_484_224}
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=rel)
