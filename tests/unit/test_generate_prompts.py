@@ -128,6 +128,7 @@ def test_step0_samples_are_what_generate_gives_on_the_reference_prompt(
     run = SimpleNamespace(
         recipe=recipe, out=tmp_path, tokenizer=tok, eval_rows=[], start_step=0, say=print,
         batch=SimpleNamespace(sequence_parallel=1), engine=SimpleNamespace(module=tiny_model),
+        layout=SimpleNamespace(partitions_parameters=False),  # one process, ZeRO-0
         env=SimpleNamespace(rank=0, world_size=1, is_main=True, device="cpu"),
         trackers=SimpleNamespace(log_text=lambda *a: written.append(a)),
         log=SimpleNamespace(info=lambda *a: None))

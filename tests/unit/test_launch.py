@@ -566,7 +566,7 @@ def test_stop_vote_rides_the_steps_own_all_reduce(monkeypatch, vote):
             return 1
 
     calls = []
-    other_rank = {0: [3, 0, 0], 1: [0.0, 1.0]}  # the second reduction: loss, votes
+    other_rank = {0: [3, 0, 0, 0], 1: [0.0, 1.0]}  # the second reduction: loss, votes
     monkeypatch.setattr(dist, "all_reduce_sum", lambda values, device: (
         calls.append(list(values)) or [v + o for v, o in zip(values, other_rank[len(calls) - 1])]))
     env = dist.DistEnv(0, 0, 2, "gloo", torch.device("cpu"))
