@@ -64,6 +64,12 @@ def load(path: str):
     return getattr(import_module(module), attribute)
 
 
+def method_notes(recipe) -> list[str]:
+    """The method's lines for validate and train to print before any rank starts."""
+    s = spec(recipe)
+    return list(s.notes(recipe)) if s.notes else []
+
+
 def method_problems(recipe) -> list[str]:
     """Checks every recipe gets from the registry: a method's section without the method, data
     formats the method does not train on, streaming for methods that hold rows in memory; then
