@@ -443,7 +443,12 @@ class GRPO(Objective):
             local += [float(ok.sum()), float(v[ok].sum()), float((v[ok] ** 2).sum())]
         _, group_std = (group_advantages(rewards, self.G, "none") if n
                         else (None, torch.zeros(0, dtype=torch.float64)))
-        local += [float(group_std.sum()), float((group_std < 1e-12).sum()), len(prompts)]
+        # A checksum of every completion (with its prompt row and sample): equal on 1 and N
+        # ranks exactly when the completions are (tests compare it step by step).
+        checksum = sum(_digest(p.row, j, c) for p, group in zip(prompts, completions)
+                       for j, c in enumerate(group))
+        local += [float(checksum), float(group_std.sum()), float((group_std < 1e-12).sum()),
+                  len(prompts)]
         g = distributed.all_reduce_sum(local, env.device)
         longest = _all_reduce_max(max((len(c) for c in flat), default=0), env.device)
         N, total_sum, total_sq = g[0], g[1], g[2]
@@ -456,7 +461,7 @@ class GRPO(Objective):
              "reward_batch_std": batch_std, "frac_reward_zero_std": g[-2] / max(groups, 1),
              "completions/mean_length": g[3] / max(N, 1),
              "completions/max_length": float(longest),
-             "completions/clipped_ratio": g[4] / max(N, 1)}
+             "completions/clipped_ratio": g[4] / max(N, 1), "completions/checksum": g[-4]}
         for k, name in enumerate(names):
             cnt, sm, sq = g[6 + 3 * k: 9 + 3 * k]
             m[f"rewards/{name}/mean"] = sm / max(cnt, 1)
@@ -575,6 +580,13 @@ class GRPO(Objective):
                 "beta": self.beta, "scale_rewards": s.scale_rewards,
                 "mask_truncated": s.mask_truncated, "rollout": s.rollout,
                 "rewards": [f"{r.function} × {r.weight:g}" for r in s.rewards]}
+
+
+def _digest(row: int, sample: int, ids: list[int]) -> int:
+    """20 bits of a completion's hash: a sum of them over ≤ 2^33 completions is exact in
+    float64."""
+    data = f"{row}/{sample}/" + ",".join(map(str, ids))
+    return int.from_bytes(hashlib.sha256(data.encode()).digest()[:4], "little") >> 12
 
 
 def _std(n: float, total: float, squares: float) -> float:
