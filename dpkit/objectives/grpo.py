@@ -352,7 +352,7 @@ class GRPO(Objective):
     def setup(self, run) -> None:
         from dpkit.objectives.grpo_rewards import Rewards
 
-        self.stage = run.recipe.zero.stage
+        self.layout = run.layout  # whether generation must gather partitioned parameters
         self.tokenizer = run.tokenizer
         self.rewards = Rewards(self.s.rewards, run.say)
         self.run = run
@@ -397,7 +397,7 @@ class GRPO(Objective):
         module = engine.module
         was_training = module.training
         pad = self.tokenizer.pad_token_id
-        with full_weights(engine, self.stage) as model, plain_attention(model), torch.no_grad():
+        with full_weights(engine, self.layout) as model, plain_attention(model), torch.no_grad():
             model.eval()
             eos = self.eos_ids(model)
             seeds = [[sample_seed(self.seed, p.step, p.row, j) for j in range(self.G)]
