@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from dpkit.errors import Problem, RecipeError
-from dpkit.methods import spec
+from dpkit.methods import method_notes, spec
 from dpkit.recipe import Recipe
 
 
@@ -56,6 +56,7 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
         notes.append(remote_code_warning(recipe))
         recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
             update={"trust_remote_code": False})})
+    notes.extend(method_notes(recipe))  # e.g. reward code a GRPO recipe names: said first
     offline = hub_offline()
     batch = _collect(problems, batch_arithmetic, recipe, world_size)
     if batch:

@@ -86,6 +86,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
+    micro_batches = objective.rollout(engine, micro_batches, env)  # online methods generate
     real = [b for b in micro_batches if _has_targets(b)]
     lengths = [n for b in real for n in row_lengths(b)]  # rows, also inside packed sequences
     local = [sum(objective.count(b) for b in micro_batches),
@@ -135,6 +136,7 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
              "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
     metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[3:])}
+    metrics.update(objective.step_metrics())
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
                       lengths, applied, times, metrics, grad_norm,
                       stop=distributed.StopFlag.agreed(reduced[1]),
@@ -152,6 +154,7 @@ def evaluate(engine, batches, env, objective: Objective | None = None
     sums = {name: total.clone() for name in objective.metric_names}
     count = 0
     with torch.no_grad():
+        batches = objective.rollout(engine, batches, env)
         objective.prepare(engine, [to_device(b, env.device) for b in batches], env)
         for batch in batches:
             count += objective.count(batch)  # on the CPU copy: no device readback per batch
@@ -164,4 +167,5 @@ def evaluate(engine, batches, env, objective: Objective | None = None
                                          env.device)
     count = int(reduced[1])
     metrics = {n: v / max(count, 1) for n, v in zip(objective.metric_names, reduced[2:])}
+    metrics.update(objective.step_metrics())
     return reduced[0] / max(count, 1), count, metrics

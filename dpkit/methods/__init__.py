@@ -19,7 +19,7 @@ from importlib import import_module
 from dpkit.methods.spec import SEQUENCE_FORMATS, FormatSpec, MethodSpec  # noqa: F401
 
 
-MODULES = ("sft", "preference")
+MODULES = ("sft", "preference", "grpo")
 """The method declarations, in the order `objective:` lists them: one line per method."""
 
 METHODS: dict[str, MethodSpec] = {}
@@ -62,6 +62,12 @@ def load(path: str):
     """`module:attribute` → the object (a method's runtime class, a row kind)."""
     module, _, attribute = path.partition(":")
     return getattr(import_module(module), attribute)
+
+
+def method_notes(recipe) -> list[str]:
+    """The method's lines for validate and train to print before any rank starts."""
+    s = spec(recipe)
+    return list(s.notes(recipe)) if s.notes else []
 
 
 def method_problems(recipe) -> list[str]:

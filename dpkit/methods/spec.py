@@ -44,6 +44,9 @@ class MethodSpec:
     cache key and of the keys a resume must not change)."""
     streams: bool = True
     """Whether its rows can be read as a stream (`data.streaming`)."""
+    notes: Callable | None = None
+    """(recipe) -> list of lines validate and train print before any rank starts (a warning that
+    the recipe names Python code the run will execute)."""
     doc: str = ""
 
     def options(self, recipe) -> dict:

@@ -52,6 +52,20 @@ class Objective:
         Default: the picked rows. Override to pair a row with others of its global batch."""
         return plain_examples(rows, picks, step_rows, step)
 
+    def rollout(self, engine, micro_batches: list[dict], env) -> list[dict]:
+        """Called with this rank's collated CPU micro-batches of a step (or all its eval batches)
+        before anything in them is counted: an online method turns its prompts into the
+        sequences it trains on here (GRPO generates completions and scores them), so units,
+        tokens and rows are counted on what is trained. Every rank calls it, with as many
+        micro-batches as the others (collectives allowed). Default: unchanged."""
+        return micro_batches
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the last step (or eval pass) as a whole, already reduced over the ranks
+        (a rollout's reward mean and std, its longest completion): merged into the step's
+        metrics as they are, not divided by the units. Default: none."""
+        return {}
+
     def prepare(self, engine, micro_batches: list[dict], env) -> None:
         """Called with this rank's device micro-batches of a step (or all its eval batches)
         before any forward of the loss: a quantity of the whole global batch (KTO's KL

@@ -28,6 +28,7 @@ from dpkit.recipe import DataSection, PeftSection, TrainSection, ZeroSection
 from dpkit.zero import TEMPLATES
 
 PREFERENCE = methods_with("preference")
+ONLINE = methods_with("grpo")  # rows are prompts; completions are generated every step
 
 
 def zero_level(stage: int, opt: str, par: str) -> str:
@@ -95,6 +96,13 @@ REFUSED: tuple[Refusal, ...] = (
             "the sequence split would cut a pair's chosen/rejected rows and its pair mask"),
     Refusal({"method": PREFERENCE, "streaming": (True,)}, ("data.streaming", "objective"),
             "preference pairs are tokenized and held in memory; streaming reads rows only"),
+    Refusal({"method": ONLINE, "sequence_parallel": (2,)},
+            ("train.sequence_parallel", "objective"),
+            "rollouts generate whole sequences on each rank"),
+    Refusal({"method": ONLINE, "streaming": (True,)}, ("data.streaming", "objective"),
+            "prompts are tokenized and held in memory; streaming reads rows only"),
+    Refusal({"method": ONLINE, "packing": (True,)}, ("data.packing", "objective"),
+            "its rows are prompts whose completions are generated every step: nothing to pack"),
     Refusal({"zero": ("0",), "sequence_parallel": (2,)}, ("zero.stage",),
             "DeepSpeed clips ZeRO-0 gradients with tensor-parallel bookkeeping that sequence "
             "parallelism would skew"),
@@ -113,16 +121,29 @@ def _pairs(row: dict) -> set:
     return {(a, row[a], b, row[b]) for a, b in combinations(FACTORS, 2) if a in row and b in row}
 
 
+_PLAIN = {"packing": False, "sequence_parallel": 1, "streaming": False, "tail": "even",
+          "dropout": 0.0}
+REQUIRED: tuple[dict, ...] = tuple(
+    {"method": m, "zero": z, "peft": p, **_PLAIN}
+    for m in ONLINE for z in ("0", "1", "2", "3") for p in (None, "lora"))
+"""Rows beyond pairwise coverage, first in the array: GRPO's completions and losses must equal
+one process's under every ZeRO stage, full and LoRA (dropout 0). The greedy rows then cover
+only what these leave."""
+
+
 def covering_rows() -> list[dict]:
-    """Greedy pairwise covering array over FACTORS, deterministic. Rows that a Refusal matches
-    are never generated here (their pairs cannot be trained); refused_rows() adds one per
-    Refusal."""
+    """Greedy pairwise covering array over FACTORS, deterministic, after the REQUIRED rows.
+    Rows that a Refusal matches are never generated here (their pairs cannot be trained);
+    refused_rows() adds one per Refusal."""
     names = list(FACTORS)
     uncovered = {(a, la, b, lb) for a, b in combinations(names, 2)
                  for la in FACTORS[a] for lb in FACTORS[b]}
     # pairs refused whatever the other factors are: nothing to cover
     uncovered = {p for p in uncovered if refusal({p[0]: p[1], p[2]: p[3]}) is None}
-    rows: list[dict] = []
+    rows: list[dict] = [dict(r) for r in REQUIRED]
+    for row in rows:
+        assert refusal(row) is None, row
+        uncovered -= _pairs(row)
     while uncovered:
         a, la, b, lb = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]),
                                                      FACTORS[p[0]].index(p[1]),
@@ -173,16 +194,23 @@ GLOBAL_BATCH = 4
 ROWS = {"even": (12, 0.0), "uneven": (17, 0.18)}  # max_rows, eval_fraction
 
 
+PROMPT_DATA = "dpkit:data/letters.prompts.jsonl"
+GROUP = 2  # GRPO's completions per prompt in the matrix (a step trains on GROUP × its prompts)
+
+
 def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
            model_config: dict, steps: int | None = None) -> dict:
     """The row's recipe: a tiny fp32 model on the bundled data."""
     preference = row["method"] in PREFERENCE
+    online = row["method"] in ONLINE
     max_rows, eval_fraction = ROWS[row["tail"]]
     config = dict(model_config, attention_dropout=row["dropout"])
     r = {
         "model": {"config": config, "tokenizer": tokenizer, "dtype": "float32"},
-        "data": {"sources": [{"path": pref_data if preference else sft_data,
-                              "format": "preference" if preference else "messages",
+        "data": {"sources": [{"path": PROMPT_DATA if online else
+                              pref_data if preference else sft_data,
+                              "format": "prompts" if online else
+                              "preference" if preference else "messages",
                               "max_rows": max_rows}],
                  "max_seq_len": 96, "packing": row["packing"],
                  "streaming": row["streaming"], "eval_fraction": eval_fraction,
@@ -204,6 +232,9 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
         r["train"]["max_steps"] = 3
     if preference:
         r["preference"] = {"max_prompt_len": 24}
+    if online:  # short completions sampled at temperature 1 and scored by the toy reward
+        r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
+                     "rewards": [{"function": "char_share"}]}
     if row["peft"]:
         r["peft"] = {"method": row["peft"], "r": 4, "alpha": 8, "dropout": row["dropout"]}
     return r

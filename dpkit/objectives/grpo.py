@@ -1,0 +1,603 @@
+"""GRPO: group relative policy optimisation (Shao et al. 2024) — online RL with verifiable
+rewards. Its rows are prompts (`format: prompts`, the row kind `PROMPTS` below); every step, each
+data-parallel rank generates G completions of each of its prompts (`rollout`), scores them with
+the recipe's reward functions (dpkit/objectives/grpo_rewards.py) and trains on them.
+
+Per completion i of a prompt's group, with rewards r and tokens t (π the policy, π_old the policy
+that sampled, ρ the reference):
+    A_i = (r_i − mean(r_group)) / (std + 1e-4)      std: of the group (`scale_rewards: group`,
+                                                    unbiased, as torch.std), of the global batch
+                                                    (`batch`), or 1 (`none`: A_i = r_i − mean)
+    ratio_t = π(t) / π_old(t),   ℓ_t = −min(ratio_t A_i, clip(ratio_t, 1 − ε_low, 1 + ε_high) A_i)
+                                       + β (ρ(t)/π(t) − log(ρ(t)/π(t)) − 1)
+    dapo:    Σ_tokens ℓ_t / (completion tokens of the global batch)
+    grpo:    Σ_i (Σ_t ℓ_t / |i|) / (completions of the global batch)
+    dr_grpo: Σ_i (Σ_t ℓ_t / max_completion_len) / (completions of the global batch)
+(TRL's GRPOTrainer: `loss_type` dapo, grpo and dr_grpo.) So the unit is the completion token
+(dapo) or the completion (grpo, dr_grpo): the loss is the sum over this rank's units, and the loop
+(dpkit/step.py) divides by the global units, counted after the rollout — the same step on any
+world size. With one optimizer step per rollout (μ = 1, `grpo.iterations`), π_old is π detached:
+the ratio is 1 and only its gradient is used, as in TRL.
+
+Reproducible rollouts (the default): a prompt's G samples are generated as one unpadded batch
+(the same shape on any world size, so the same rounding), and sample j of row k at step s draws
+its tokens by Gumbel-max from its own generator seeded by (train.seed, s, k, j) — never from the
+global RNG, which rollouts leave as they found it. One process and N ranks then generate the same
+completions from the same weights. Weights that differ by rounding (a gradient all-reduced in
+another order) can still flip a near-tied token: docs/grpo.md. `rollout: fast` generates a rank's
+prompts in one left-padded batch from the same generators: faster, and the padding may change the
+rounding.
+
+Under ZeRO-3 the parameters are gathered once per rollout phase (dpkit/eval/generate.py
+`full_weights`), not once per generated token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dpkit import distributed
+from dpkit.data.rows import RowKind
+from dpkit.data.tokenize import IGNORE
+from dpkit.errors import Problem, RecipeError
+from dpkit.objectives.base import LossOut, Objective
+
+EPS = 1e-4  # added to the std before dividing (TRL's)
+
+
+# ----------------------------------------------------------------------------- the formulas
+def group_advantages(rewards: torch.Tensor, group: int, scale: str,
+                     batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, each group's std) for rewards laid out group after group ([n·G]).
+    `batch_std`: the global batch's std for `scale: batch` (computed over all ranks)."""
+    r = rewards.view(-1, group)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True)  # unbiased, as TRL's
+    centred = (r - mean).reshape(-1)
+    if scale == "group":
+        return centred / (std.expand_as(r).reshape(-1) + EPS), std.view(-1)
+    if scale == "batch":
+        return centred / (batch_std + EPS), std.view(-1)
+    return centred, std.view(-1)
+
+
+def token_losses(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor,
+                 eps_low: float, eps_high: float, beta: float = 0.0,
+                 ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss ℓ [B, T] (unmasked) and per-token indicators (clipped low/high, KL)."""
+    ratio = torch.exp(logp - old)
+    adv = advantages.unsqueeze(-1)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    extra = {"clip_low": ((ratio < 1 - eps_low) & (adv < 0)).to(logp.dtype),
+             "clip_high": ((ratio > 1 + eps_high) & (adv > 0)).to(logp.dtype)}
+    if beta:
+        d = ref - logp
+        kl = torch.exp(d) - d - 1
+        loss = loss + beta * kl
+        extra["kl"] = kl
+    return loss, extra
+
+
+def unit_loss_sum(kind: str, per_token: torch.Tensor, mask: torch.Tensor,
+                  seq_mask: torch.Tensor, max_completion_len: int) -> torch.Tensor:
+    """The loss summed over this batch's units (tokens for dapo, completions otherwise); the
+    loop divides by the global units. `mask` [B, T]: completion tokens trained on; `seq_mask`
+    [B]: real completions (1) or padding (0)."""
+    summed = (per_token * mask).sum(-1)
+    if kind == "dapo":
+        return (summed * seq_mask).sum()
+    if kind == "grpo":
+        return (summed / mask.sum(-1).clamp(min=1) * seq_mask).sum()
+    if kind == "dr_grpo":
+        return (summed / max_completion_len * seq_mask).sum()
+    raise ValueError(f"unknown grpo loss type {kind!r}")
+
+
+# ----------------------------------------------------------------------------------- sampling
+def sample_seed(seed: int, step: int, row: int, sample: int) -> int:
+    """The generator seed of one sample: a hash of (seed, step, row, sample), 63 bits."""
+    digest = hashlib.sha256(f"grpo/{seed}/{step}/{row}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class GumbelSampler:
+    """A logits processor for greedy `generate` that turns it into sampling: each row adds
+    Gumbel noise from its own generator to its (temperature-scaled, top-p-filtered) log-probs,
+    so argmax draws a sample — the same one whatever other rows share the batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = top_p_filter(logits, self.top_p)
+        # One uniform draw per vocabulary entry per row and step, float64 on the CPU: the same
+        # numbers on any device; -log(-log u) is a Gumbel(0, 1) draw.
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64)
+                         for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return logits.double() + gumbel.to(logits.device)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the smallest set of most likely tokens whose probability reaches top_p (the
+    most likely token always stays)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability mass strictly before each token
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def generate_group(model, prompts: list[list[int]], seeds: list[list[int]],
+                   max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float,
+                   top_p: float, device) -> list[list[list[int]]]:
+    """Completions (token ids, eos included when reached) of each prompt's samples, generated in
+    ONE batch: unpadded when all prompts have one length (a single prompt's group), else
+    left-padded (`rollout: fast`)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    rows = [(p, s) for p, ss in zip(prompts, seeds) for s in ss]
+    width = max(len(p) for p, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, _) in enumerate(rows):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos_ids, pad_token_id=pad_id)
+    sampler = GumbelSampler([s for _, s in rows], temperature, top_p)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         generation_config=config,
+                         logits_processor=LogitsProcessorList([sampler]))
+    completions = []
+    for row in out[:, width:].tolist():
+        end = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        completions.append(row[:end])
+    g = len(seeds[0])
+    return [completions[i * g:(i + 1) * g] for i in range(len(prompts))]
+
+
+# ----------------------------------------------------------------------------------- the rows
+@dataclass
+class PromptExample:
+    prompt_ids: list[int]
+    columns: dict = field(default_factory=dict)
+    """The row's other columns (and `prompt`, as the data holds it): what rewards read."""
+    position_ids = None
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    def sample_row(self) -> tuple[list[int], list[int]]:
+        """Eval generations' prompt: the whole row (nothing is trained on in it)."""
+        return self.prompt_ids, [IGNORE] * len(self.prompt_ids)
+
+
+def _in_chat(prompt, tokenizer) -> bool:
+    return not isinstance(prompt, str) or bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(prompt, tokenizer) -> tuple[str, bool]:
+    """(text, plain?): message lists — and strings, when the tokenizer has a chat template, as
+    one user turn — end in the assistant's header; plain strings are used as they are."""
+    if not _in_chat(prompt, tokenizer):
+        return prompt, True
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), False
+
+
+def encode_prompts(batch: dict, indices: list[int], source, tokenizer,
+                   max_prompt_len: int) -> dict:
+    col = source.column("prompt")
+    out = {"prompt_ids": [], "prompt_cut": [], "columns": []}
+    keys = list(batch)
+    for n, i in enumerate(indices):
+        row = {k: batch[k][n] for k in keys}
+        prompt = row.get(col)
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise ValueError(f"row {i}: `{col}` must be a non-empty string or message list")
+        text, plain = render_prompt(prompt, tokenizer)
+        ids = list(tokenizer(text, add_special_tokens=plain)["input_ids"])
+        out["prompt_cut"].append(len(ids) > max_prompt_len)
+        out["prompt_ids"].append(ids[-max_prompt_len:])
+        others = {k: v for k, v in row.items() if k != col}
+        out["columns"].append(json.dumps({"prompt": prompt, **others}, default=str))
+    return out
+
+
+def prompt_features():
+    from datasets import Features, Value
+    from datasets import Sequence as Seq
+
+    return Features({"prompt_ids": Seq(Value("int32")), "prompt_cut": Value("bool"),
+                     "columns": Value("string")})
+
+
+class PromptRows(RowKind):
+    """Prompt-only rows (`format: prompts`): tokenized prompts, their other columns kept (as
+    JSON) for the reward functions. `options["max_prompt_len"]` keeps each prompt's last
+    tokens."""
+
+    @property
+    def format(self):
+        from dpkit.data.formats import Format
+
+        def render(row, source, tokenizer, completion_only):
+            raise TypeError("prompt rows have no answer to train on: GRPO generates it")
+
+        def prompt(text, source, tokenizer, first_row):
+            return render_prompt(text, tokenizer)
+
+        return Format("prompts", ("prompt",), render, prompt,
+                      doc="prompts alone; the other columns reach the reward functions")
+
+    def check(self, raw, tokenizer):
+        problems, index = [], {"sources": 0, "eval_sources": 0}
+        for kind, source, ds in raw:
+            where = f"data.{kind}[{index[kind]}]"
+            index[kind] += 1
+            if len(ds) == 0:
+                continue
+            prompt = ds[0].get(source.column("prompt"))
+            if not isinstance(prompt, (str, list)):
+                problems.append(Problem(where, f"row 0 of '{source.path}': the prompt must be a "
+                                        f"string or a message list, got {type(prompt).__name__}",
+                                        "check the column mapping"))
+            elif isinstance(prompt, list) and not getattr(tokenizer, "chat_template", None):
+                problems.append(Problem(f"{where}.format", "conversational prompts need a chat "
+                                        "template and the tokenizer has none",
+                                        "set model.chat_template (e.g. chatml)"))
+        if problems:
+            raise RecipeError(problems)
+
+    def tokenize(self, ds, source, tokenizer, section, options, num_proc, fingerprint=None,
+                 cache_file=None):
+        import uuid
+
+        kwargs = dict(batched=True, batch_size=1000, with_indices=True,
+                      features=prompt_features(), remove_columns=ds.column_names,
+                      desc=f"tokenizing prompts of {source.path}",
+                      new_fingerprint=fingerprint or uuid.uuid4().hex,
+                      fn_kwargs=dict(source=source, tokenizer=tokenizer,
+                                     max_prompt_len=options.get("max_prompt_len")
+                                     or section.max_seq_len))
+        try:
+            if cache_file is None:
+                return ds.map(encode_prompts, keep_in_memory=True, **kwargs)
+            return ds.map(encode_prompts, cache_file_name=cache_file, **kwargs)
+        except ValueError as e:
+            raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
+                                  "see docs/grpo.md for the prompt layouts") from None
+
+    def assemble(self, parts, section, seed, need_train=True):
+        import random
+
+        from dpkit.data.tokenize import DataStats
+
+        stats, eval_stats = DataStats(), DataStats()
+        train, evals = [], []
+        for kind, source, tds in parts:
+            target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
+            table = tds.data.table if hasattr(tds.data, "table") else tds.data
+            ids = table.column("prompt_ids").to_pylist()
+            cols = table.column("columns").to_pylist()
+            cut = table.column("prompt_cut").to_pylist()
+            target.extend(PromptExample(i, json.loads(c)) for i, c in zip(ids, cols))
+            st.rows += len(ids)
+            st.prompt_truncated += sum(cut)
+            st.tokens += sum(len(i) for i in ids)
+            st.per_source[source.path] = st.per_source.get(source.path, 0) + len(ids)
+        if section.eval_fraction > 0 and train:
+            order = list(range(len(train)))
+            random.Random(seed).shuffle(order)
+            held = set(order[:max(1, round(len(train) * section.eval_fraction))])
+            evals = [train[i] for i in sorted(held)]
+            train = [ex for i, ex in enumerate(train) if i not in held]
+        if need_train and not train:
+            raise RecipeError.one("data.sources", "no prompts", "check the data")
+        return train, evals, stats
+
+
+PROMPTS = PromptRows()
+
+
+# ------------------------------------------------------------------------------ the objective
+@dataclass
+class _Prompt:
+    example: PromptExample
+    row: int    # the row's index in the data: with the step, what seeds its samples
+    step: int
+
+
+class GRPO(Objective):
+    name = "grpo"
+    packs_rows = False
+    metric_names = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                    "clip_ratio/region_mean")
+
+    def __init__(self, settings, seed: int = 0, max_seq_len: int = 512):
+        self.s = settings
+        self.kind = settings.loss_type
+        self.unit = "completion tokens" if self.kind == "dapo" else "completions"
+        self.G = settings.group_size
+        self.eps_low, self.eps_high = settings.epsilon, settings.resolved_epsilon_high()
+        self.beta = settings.beta
+        self.reference = "adapter_off" if self.beta > 0 else None
+        self.rows_per_item = self.G
+        self.seed = seed
+        if self.beta > 0:
+            self.metric_names = (*GRPO.metric_names, "kl")
+        self.rewards = None
+        self._step_metrics: dict[str, float] = {}
+        self.samples: list[dict] = []  # the last rollout's logged completions (rank 0)
+
+    @classmethod
+    def from_recipe(cls, recipe) -> GRPO:
+        from dpkit.methods.grpo import GRPOSection
+
+        return cls(recipe.grpo or GRPOSection(), recipe.train.seed, recipe.data.max_seq_len)
+
+    def setup(self, run) -> None:
+        from dpkit.objectives.grpo_rewards import Rewards
+
+        self.layout = run.layout  # whether generation must gather partitioned parameters
+        self.tokenizer = run.tokenizer
+        self.rewards = Rewards(self.s.rewards, run.say)
+        self.run = run
+        needed = {r.column for r in self.s.rewards
+                  if r.function in ("math_answer", "char_share")}
+        have = set(run.train_rows[0].columns) if run.train_rows else set()
+        missing = sorted(needed - have)
+        if missing:
+            raise RecipeError.one("grpo.rewards", f"the data has no column {missing[0]!r} "
+                                  f"(its columns: {sorted(have)})",
+                                  "set the reward's `column` to the answer column")
+
+    # ------------------------------------------------------------------------------- data
+    def step_examples(self, rows, picks, step_rows, step):
+        return [[_Prompt(rows[i], i, step) for i in idx] for idx in picks]
+
+    def collate(self, examples: list, pad_id: int, flatten: bool = False) -> dict:
+        return {"grpo_prompts": list(examples), "pad_id": pad_id}
+
+    def count(self, batch: dict) -> int:
+        if self.kind == "dapo":
+            return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return int(batch["seq_mask"].sum())
+
+    # ---------------------------------------------------------------------------- rollouts
+    def eos_ids(self, model) -> list[int]:
+        ids = set()
+        for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                      self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return sorted(ids)
+
+    def generate(self, engine, prompts: list[_Prompt], env) -> list[list[list[int]]]:
+        """Every prompt's G completions. Collective under ZeRO-3: every rank calls it once per
+        rollout phase (the parameters are gathered once, whatever its number of prompts)."""
+        from dpkit.eval.generate import full_weights, plain_attention
+
+        s, out = self.s, []
+        module = engine.module
+        was_training = module.training
+        pad = self.tokenizer.pad_token_id
+        with full_weights(engine, self.layout) as model, plain_attention(model), torch.no_grad():
+            model.eval()
+            eos = self.eos_ids(model)
+            seeds = [[sample_seed(self.seed, p.step, p.row, j) for j in range(self.G)]
+                     for p in prompts]
+            args = (s.max_completion_len, eos, pad, s.temperature, s.top_p, env.device)
+            if s.rollout == "fast" and prompts:
+                out = generate_group(model, [p.example.prompt_ids for p in prompts], seeds,
+                                     *args)
+            else:
+                for p, ss in zip(prompts, seeds):
+                    out.extend(generate_group(model, [p.example.prompt_ids], [ss], *args))
+        module.train(was_training)
+        return out
+
+    def rollout(self, engine, micro_batches: list[dict], env) -> list[dict]:
+        prompts = [p for b in micro_batches for p in b["grpo_prompts"]]
+        pad_id = micro_batches[0]["pad_id"] if micro_batches else 0
+        rng = torch.get_rng_state()
+        completions = self.generate(engine, prompts, env)
+        assert torch.equal(rng, torch.get_rng_state()), "a rollout moved the global RNG"
+        eos = set(self.eos_ids(engine.module))
+        flat = [c for group in completions for c in group]
+        texts = self.tokenizer.batch_decode(flat, skip_special_tokens=True)
+        truncated = [not (c and c[-1] in eos) for c in flat]
+        columns: dict[str, list] = {}
+        for p in prompts:
+            for key, value in p.example.columns.items():
+                columns.setdefault(key, []).extend([value] * self.G)
+        prompt_values = columns.pop("prompt", [])
+        names = self.rewards.names
+        per_fn, total = (self.rewards.score(texts, prompt_values, flat, columns) if flat
+                         else ([[] for _ in names], []))
+        rewards = torch.tensor(total, dtype=torch.float64)
+        # Global sums for the metrics, the batch std and the units: one collective.
+        n = len(flat)
+        mask_trunc = self.s.mask_truncated
+        trained = [0 if (mask_trunc and t) else len(c) for c, t in zip(flat, truncated)]
+        local = [n, float(rewards.sum()), float((rewards ** 2).sum()), sum(len(c) for c in flat),
+                 sum(truncated), sum(trained)]
+        for values in per_fn:
+            v = torch.tensor(values, dtype=torch.float64)
+            ok = ~torch.isnan(v)
+            local += [float(ok.sum()), float(v[ok].sum()), float((v[ok] ** 2).sum())]
+        _, group_std = (group_advantages(rewards, self.G, "none") if n
+                        else (None, torch.zeros(0, dtype=torch.float64)))
+        # A checksum of every completion (with its prompt row and sample): equal on 1 and N
+        # ranks exactly when the completions are (tests compare it step by step).
+        checksum = sum(_digest(p.row, j, c) for p, group in zip(prompts, completions)
+                       for j, c in enumerate(group))
+        local += [float(checksum), float(group_std.sum()), float((group_std < 1e-12).sum()),
+                  len(prompts)]
+        g = distributed.all_reduce_sum(local, env.device)
+        longest = _all_reduce_max(max((len(c) for c in flat), default=0), env.device)
+        N, total_sum, total_sq = g[0], g[1], g[2]
+        batch_std = _std(N, total_sum, total_sq)
+        advantages = (group_advantages(rewards, self.G, self.s.scale_rewards, batch_std)[0]
+                      if n else rewards)
+        self.global_tokens, self.global_completions = g[5], N
+        groups = g[-1]
+        m = {"reward": total_sum / max(N, 1), "reward_std": g[-3] / max(groups, 1),
+             "reward_batch_std": batch_std, "frac_reward_zero_std": g[-2] / max(groups, 1),
+             "completions/mean_length": g[3] / max(N, 1),
+             "completions/max_length": float(longest),
+             "completions/clipped_ratio": g[4] / max(N, 1), "completions/checksum": g[-4]}
+        for k, name in enumerate(names):
+            cnt, sm, sq = g[6 + 3 * k: 9 + 3 * k]
+            m[f"rewards/{name}/mean"] = sm / max(cnt, 1)
+            m[f"rewards/{name}/std"] = _std(cnt, sm, sq)
+        self._step_metrics = m
+        self._keep_samples(prompts, texts, per_fn, total, env)
+        # The trained micro-batches: each prompt's G sequences in its micro-batch.
+        out, k = [], 0
+        for b in micro_batches:
+            seqs = []
+            for p in b["grpo_prompts"]:
+                for j in range(self.G):
+                    seqs.append((p.example.prompt_ids, flat[k], float(advantages[k]),
+                                 truncated[k] and mask_trunc))
+                    k += 1
+            out.append(self.collate_sequences(seqs, pad_id))
+        return out
+
+    def _keep_samples(self, prompts, texts, per_fn, total, env) -> None:
+        """Rank 0's first `log_completions` prompts with their completions and rewards."""
+        self.samples = []
+        if not env.is_main:
+            return
+        for i, p in enumerate(prompts[:self.s.log_completions]):
+            sl = slice(i * self.G, (i + 1) * self.G)
+            self.samples.append({
+                "step": p.step + 1, "kind": "rollout", "row": p.row,
+                "prompt": self.tokenizer.decode(p.example.prompt_ids, skip_special_tokens=True),
+                "completions": texts[sl], "reward": total[sl],
+                "rewards": {n: v[sl] for n, v in zip(self.rewards.names, per_fn)}})
+        run = getattr(self, "run", None)
+        if run is not None and self.samples and prompts[0].step >= 0:  # not an eval pass
+            from dpkit.eval import SAMPLES
+
+            # beside the evals' generations; `dpkit report` reads only those (index, completion)
+            with open(run.out / SAMPLES, "a", encoding="utf-8") as f:
+                for record in self.samples:
+                    f.write(json.dumps(record) + "\n")
+
+    def collate_sequences(self, seqs: list, pad_id: int) -> dict:
+        """Prompt + completion rows, right-padded; labels on the completion tokens (none for a
+        masked truncated one); an empty list gives one all-masked row that adds nothing."""
+        real = len(seqs)
+        if not seqs:
+            seqs = [([pad_id], [pad_id], 0.0, True)]
+        width = max(len(p) + len(c) for p, c, _, _ in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (p, c, _, masked) in enumerate(seqs):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, :len(p) + len(c)] = 1
+            if not masked and i < real:
+                labels[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "advantages": torch.tensor([a for _, _, a, _ in seqs], dtype=torch.float64),
+                "seq_mask": torch.tensor([1.0] * real + [0.0] * (len(seqs) - real),
+                                         dtype=torch.float64)}
+
+    # -------------------------------------------------------------------------------- loss
+    def token_logps(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the labels [B, T−1] at the sampling temperature, and the
+        entropy of each position's distribution (both 0 where nothing is predicted)."""
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).logits[:, :-1]
+        logits = logits.float() / self.s.temperature
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        logp_all = F.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp * mask, entropy * mask
+
+    def loss(self, engine, batch: dict) -> LossOut:
+        logp, entropy = self.token_logps(engine, batch)
+        mask = (batch["labels"][:, 1:] != IGNORE).to(logp.dtype)
+        seq_mask = batch["seq_mask"].to(logp.dtype)
+        ref = None
+        if self.beta > 0:
+            with torch.no_grad(), getattr(engine, "module", engine).disable_adapter():
+                ref = self.token_logps(engine, batch)[0]
+        old = logp.detach()  # μ = 1: the policy that sampled is this one
+        per_token, extra = token_losses(logp, old, batch["advantages"].to(logp.dtype),
+                                        self.eps_low, self.eps_high, self.beta, ref)
+        loss = unit_loss_sum(self.kind, per_token, mask, seq_mask, self.s.max_completion_len)
+        # Token metrics are means over the completion tokens of the global batch; the loop
+        # divides them by the global units, so they are scaled by units / tokens here.
+        units = self.global_tokens if self.kind == "dapo" else self.global_completions
+        scale = units / max(self.global_tokens, 1)
+        low, high = extra["clip_low"] * mask, extra["clip_high"] * mask
+        metrics = {"entropy": entropy.sum().detach() * scale,
+                   "clip_ratio/low_mean": low.sum() * scale,
+                   "clip_ratio/high_mean": high.sum() * scale,
+                   "clip_ratio/region_mean": (low + high).sum() * scale}
+        if "kl" in extra:
+            metrics["kl"] = (extra["kl"] * mask).sum().detach() * scale
+        return LossOut(loss, metrics)
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self._step_metrics)
+
+    def progress(self, metrics):
+        return {"reward": f"{metrics.get('reward', float('nan')):.3f}"}
+
+    def describe(self) -> str:
+        return (f"grpo ({self.kind} loss, G {self.G}, {self.s.max_completion_len} completion "
+                f"tokens, temperature {self.s.temperature:g}, {self.s.rollout} rollouts"
+                + (f", beta {self.beta:g}, reference adapter_off" if self.beta else "") + ")")
+
+    def card(self) -> dict:
+        s = self.s
+        return {"objective": "grpo", "loss_type": self.kind, "group_size": self.G,
+                "max_completion_len": s.max_completion_len, "temperature": s.temperature,
+                "top_p": s.top_p, "epsilon": self.eps_low, "epsilon_high": self.eps_high,
+                "beta": self.beta, "scale_rewards": s.scale_rewards,
+                "mask_truncated": s.mask_truncated, "rollout": s.rollout,
+                "rewards": [f"{r.function} × {r.weight:g}" for r in s.rewards]}
+
+
+def _digest(row: int, sample: int, ids: list[int]) -> int:
+    """20 bits of a completion's hash: a sum of them over ≤ 2^33 completions is exact in
+    float64."""
+    data = f"{row}/{sample}/" + ",".join(map(str, ids))
+    return int.from_bytes(hashlib.sha256(data.encode()).digest()[:4], "little") >> 12
+
+
+def _std(n: float, total: float, squares: float) -> float:
+    """Unbiased std from a count, a sum and a sum of squares (float64)."""
+    if n < 2:
+        return float("nan") if n < 1 else 0.0
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+
+
+def _all_reduce_max(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
