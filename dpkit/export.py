@@ -2,13 +2,13 @@
 
 DeepSpeed's own consolidation does the work: `zero_to_fp32` merges the fp32 master partitions
 of ZeRO 1–3 checkpoints, whatever the number of ranks that wrote them; a ZeRO-0 checkpoint holds
-the whole module in its model-states file. Only complete checkpoints (COMPLETE marker) are read,
-and only from a path the user names: DeepSpeed checkpoints are pickles.
+the whole module in its model-states file. dpkit/consolidate.py writes the weights one at a time
+(never the whole model in memory). Only complete checkpoints (COMPLETE marker) are read, and only
+from a path the user names: DeepSpeed checkpoints are pickles.
 """
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dpkit import checkpoint as C
+from dpkit.consolidate import checkpoint_weights, materialize, save_model
 from dpkit.errors import Problem, RecipeError
 from dpkit.run_files import publish_dir, stage_dir
 from dpkit.rundir import mark, replace_dir, write_problem
@@ -36,23 +37,9 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full (unpartitioned) weights of a checkpoint: fp32 master weights for ZeRO 1–3."""
-    stage = C.read_state(ckpt).zero_stage
-    ds_dir = ckpt / "ds"
-    if stage == 0:
-        # DeepSpeed's ZeRO-0 file holds tensors, numbers, strings and dicts: weights_only=True
-        # reads it without running any pickled code (ZeRO 1-3 go through DeepSpeed's loader).
-        path = ds_dir / "mp_rank_00_model_states.pt"
-        try:
-            states = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = (str(e).strip().splitlines() or ["?"])[0]
-            raise RecipeError.one(str(path), f"holds more than tensors ({first}); dpkit does not "
-                                  "unpickle it", "export only checkpoints you made") from None
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    """Full (unpartitioned) weights of a checkpoint, all in memory: fp32 master weights for
+    ZeRO 1–3. (The export itself writes them one at a time: dpkit/consolidate.py.)"""
+    return {k: materialize(v) for k, v in checkpoint_weights(ckpt).items()}
 
 
 def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = "5GB",
@@ -67,19 +54,9 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
     config = AutoConfig.from_pretrained(ckpt / "hf")
     with torch.device("meta"):
         model = heads.auto_class(heads.of_config(config)).from_config(config)
-    state = consolidated_state_dict(ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model = model.to(DTYPES[dtype])
     model.generation_config = GenerationConfig.from_model_config(config)
-    with staging(out) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    with staging(out) as tmp:  # the weights one at a time, never the whole model in memory
+        save_model(model, checkpoint_weights(ckpt), tmp, DTYPES[dtype], max_shard_size)
         AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out
 

@@ -6,6 +6,7 @@ and a dead rank ending the job quickly.
 Everything is compared with an uninterrupted run of the same recipe ("U"; "D" with dropout for
 the crash chain)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -196,3 +197,44 @@ def test_export_matches_the_engine_weights(runs, tmp_path, name):
     assert moved > 1e-4, moved
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+
+
+def test_streamed_zero3_export_equals_zero_to_fp32_through_save_pretrained(runs, tmp_path):
+    """E3 is a 2-rank ZeRO-3 checkpoint. `export` writes it one weight at a time
+    (dpkit/consolidate.py); the reference is the export as it was before: DeepSpeed's
+    zero_to_fp32 state dict, all in memory, loaded into the model, cast, written by
+    save_pretrained. Same files and index, bitwise the same tensors, and from_pretrained loads
+    the same model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    tmp, _ = runs
+    ckpt = latest_complete(tmp / "E3")
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[1]
+        out = export(ckpt, tmp_path / name, dtype=name, max_shard_size="100KB")
+        reference = tmp_path / f"reference-{name}"
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf"))
+        model.load_state_dict(master)
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+        model.to(dtype).save_pretrained(reference, max_shard_size="100KB")
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert index == json.loads((reference / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1  # several shards
+        for file in ("config.json", "generation_config.json"):
+            assert json.loads((out / file).read_text()) == json.loads((reference / file)
+                                                                        .read_text())
+        files = sorted(p.name for p in reference.glob("*.safetensors"))
+        assert sorted(p.name for p in out.glob("*.safetensors")) == files
+        for f in files:
+            a, b = load_file(out / f), load_file(reference / f)
+            assert a.keys() == b.keys()
+            assert all(a[k].dtype == dtype and torch.equal(a[k], b[k]) for k in a)
+            if dtype == torch.float32:  # and the master weights themselves
+                assert all(torch.equal(a[k], master[k]) for k in a)
+        loaded, expected = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+                            for d in (out, reference))
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected(ids).logits)
