@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,9 @@ def point_latest(run_dir: Path, ckpt: Path) -> None:
 
 
 def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | None) -> Path:
-    """Write a checkpoint on every rank; it counts only once COMPLETE is written (rank 0, last)."""
+    """Write a checkpoint on every rank; it counts only once COMPLETE is written (rank 0, last).
+    With DeepSpeed's decoupled writer (output.async_save) the engine's files are still being
+    written when this returns: `complete` marks the checkpoint once they are committed."""
     ckpt = checkpoints_dir(run_dir) / step_name(state.step)
     if env.is_main and ckpt.exists():  # an incomplete leftover of a crashed save
         shutil.rmtree(ckpt)
@@ -121,13 +124,104 @@ def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | N
         engine.module.config.save_pretrained(ckpt / "hf")
         tokenizer.save_pretrained(ckpt / "hf")
     fault_point("save", state.step, env.rank)
+    if not decoupled(engine):
+        complete(engine, run_dir, ckpt, env, keep)
+    return ckpt
+
+
+def complete(engine, run_dir: Path, ckpt: Path, env, keep: int | None) -> None:
+    """Every rank: wait until the engine's files of `ckpt` are on disk (the decoupled writer's
+    commit; DeepSpeed also commits it in the next optimizer step, then this does not wait), then
+    rank 0 writes COMPLETE, moves `latest` and prunes."""
+    if decoupled(engine):
+        engine._commit_decoupled_checkpoint()  # DeepSpeed's commit (no-op if step() did it)
     distributed.barrier()  # every rank has written everything
     if env.is_main:
-        write_text(ckpt / MARKER, f"{state.step}\n")
+        write_text(ckpt / MARKER, f"{read_state(ckpt).step}\n")
         write_text(checkpoints_dir(run_dir) / LATEST, ckpt.name + "\n")
         prune(run_dir, keep)
     distributed.barrier()
-    return ckpt
+
+
+# ---------------------------------------------------------------- the decoupled writer (async)
+def decoupled(engine) -> bool:
+    ce = getattr(engine, "checkpoint_engine", None)
+    return ce is not None and ce.is_decoupled()
+
+
+def prepare_writer() -> None:
+    """Before deepspeed.initialize with the decoupled writer (on every rank).
+
+    DeepSpeed reads the node rank and count from CROSS_RANK / CROSS_SIZE, which only its own
+    launcher sets (KeyError under torchrun): set from the launcher's own names. And the writer
+    it spawns would outlive a rank killed with SIGKILL (out of memory, a scheduler), blocked
+    forever on its queue: it is started through `_writer_main`, which asks the kernel to kill it
+    when its rank dies."""
+    from deepspeed.runtime.checkpoint_engine import decoupled_checkpoint_engine as dce
+
+    info = distributed.launcher_info()
+    os.environ.setdefault("CROSS_RANK", str(info.node_rank))
+    os.environ.setdefault("CROSS_SIZE", str(info.nodes))
+    if dce.init_decoupled_checkpoint is not _writer_main:
+        dce.dpkit_original_writer = dce.init_decoupled_checkpoint
+        dce.init_decoupled_checkpoint = _writer_main
+
+
+def _writer_main(*args) -> None:
+    """The decoupled writer's process (spawned: a fresh interpreter, DeepSpeed unpatched)."""
+    die_with_parent()
+    from deepspeed.runtime.checkpoint_engine import decoupled_checkpoint_engine as dce
+
+    getattr(dce, "dpkit_original_writer", dce.init_decoupled_checkpoint)(*args)
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process (thread) that started it ends."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the writer may outlive a killed rank
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def clock_commits(engine) -> list[float]:
+    """The seconds each commit of the decoupled writer kept the ranks waiting for the writer
+    (DeepSpeed commits inside the next optimizer step, before it updates the weights the writer
+    is still reading): a list the caller reads and clears."""
+    ce = engine.checkpoint_engine
+    waits: list[float] = []
+    commit = ce.commit
+
+    def timed(info):
+        start = time.perf_counter()
+        try:
+            return commit(info)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    ce.commit = timed
+    return waits
+
+
+def stop_writer(engine) -> None:
+    """At a rank's exit (atexit, registered after the engine is built): end the decoupled writer.
+    multiprocessing's own exit hook would otherwise join it while it waits for work, forever.
+    A save still uncommitted there was never marked COMPLETE: its writer is killed, not waited
+    for (DeepSpeed's cleanup would commit it, with a barrier the other ranks may never reach)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not ce.is_decoupled():
+        return
+    process = getattr(ce, "ckpt_process", None)
+    if ce.get_commit_info() is not None and process is not None:
+        process.kill()
+        process.join(timeout=10)
+        ce.commit_info = None
+    ce.cleanup()
 
 
 def prune(run_dir: Path, keep: int | None) -> None:
@@ -330,8 +424,18 @@ def repair_universal_load(optimizer, reference_groups: list[dict]) -> None:
 def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
     """Restore engine, optimizer, scheduler and (same world size) RNG; returns the train state."""
     source = ckpt / "universal" if universal else ckpt
-    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    writer = engine.checkpoint_engine if decoupled(engine) else None
+    if writer is not None:  # DeepSpeed 0.19.8's decoupled engine reads with torch.load's default
+        # weights_only=True, which refuses DeepSpeed's own pickles: its plain engine reads them
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        engine.checkpoint_engine = TorchCheckpointEngine()
+    try:
+        path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        if writer is not None:
+            engine.checkpoint_engine = writer
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
     rng = ckpt / f"rng-rank{env.rank}.pt"

@@ -354,6 +354,11 @@ class OutputSection(_Section):
     position, RNG) to `<dir>/checkpoints/` every this many steps, and at the last step."""
     save_total_limit: int | None = Field(default=None, gt=0)
     """Keep only the newest this many complete checkpoints (default: keep all)."""
+    async_save: bool = False
+    """Write checkpoints in the background (DeepSpeed's decoupled checkpoint engine, ZeRO-3
+    only): the ranks wait only to hand the state to a writer process per rank and go on with the
+    next step; DeepSpeed waits for the writer before that step updates the weights, and the
+    checkpoint is marked COMPLETE once its files are written (docs/checkpoints.md)."""
 
 
 class _RecipeBase(_Section):

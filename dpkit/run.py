@@ -12,6 +12,7 @@ dpkit/batch.py. Launchers start `python -m dpkit.train` (dpkit/train.py: `main`)
 
 from __future__ import annotations
 
+import atexit
 import math
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ class Run:
             self.resume_from, self.layout)
         if self.universal:
             C.convert_to_universal(self.resume_from, env, r.train.single_rank_work_timeout_s)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     def _write_ds_config(self) -> None:
         write_json(self.out / DS_CONFIG, self.ds_config)
@@ -188,9 +189,14 @@ class Run:
         self.loss_head, how = LossHead.for_run(r, model, model.config,
                                                liger=kernels.liger_active(r, self.env.device))
         self.say(f"[dpkit] loss: {how}")
+        if r.output.async_save:  # DeepSpeed's decoupled writer: its environment, its end
+            C.prepare_writer()
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, r, self.ds_config, self.total_steps, env, self.say,
             mpu=self.sp.mpu if self.sp is not None else None)
+        if C.decoupled(self.engine):
+            self.writer_waits = C.clock_commits(self.engine)
+            atexit.register(C.stop_writer, self.engine)
         b = self.batch
         self.feed = make_feed(r, self.train_rows, self.tokenizer, b, self.dp_rank,
                               self.objective.collate, flat, self.objective.step_examples)
@@ -266,7 +272,7 @@ class Run:
                             getattr(self.model_config, "num_hidden_layers", 0), self.hidden or 0)
         self._peak = peak_flops(env.device, r.model.dtype)
         self.evals.before_training()  # step 0: the baseline eval (not on a resume past it)
-        self.saved_step, self.stop_agreed = None, False
+        self.saved_step, self.stop_agreed, self.pending = None, False, None
         # from_pretrained returns a model in eval mode: without this, dropout (LoRA's too) and a
         # MoE's router loss stayed off in runs with no eval before the first step
         self.engine.train()
@@ -274,9 +280,11 @@ class Run:
         try:
             for step in range(self.start_step, self.total_steps):
                 self.train_one_step(step)
+                self.complete_pending()  # handed to the writer before this step: committed
                 self.after_step(step + 1)
                 if self.stop_agreed and step + 1 < self.total_steps:
                     self.preempt(step + 1)
+            self.complete_pending()
         finally:
             distributed.STOP.uninstall()
         self.progress.close()
@@ -338,8 +346,8 @@ class Run:
             self.run_eval(step)
         if out.save_steps and (step % out.save_steps == 0 or last):
             ckpt = self.save_checkpoint(step)
-            self.progress.write(f"[dpkit] step {step}: checkpoint {ckpt}")
             if self.recipe.hub is not None and self.recipe.hub.push_checkpoints:
+                self.complete_pending()
                 push_checkpoint(ckpt, step, self.recipe, self.env, self.say, self.hub_user)
 
     def run_eval(self, step: int) -> float | None:
@@ -371,6 +379,7 @@ class Run:
         launcher 30 s; see docs/checkpoints.md): train.preemption_grace_s is what dpkit allows."""
         ckpt = (C.checkpoints_dir(self.out) / C.step_name(step_done)
                 if self.saved_step == step_done else self.save_checkpoint(step_done))
+        self.complete_pending()
         since = distributed.STOP.requested_at
         took = f" {time.monotonic() - since:.1f} s after SIGTERM" if since is not None else ""
         grace = self.recipe.train.preemption_grace_s
@@ -390,8 +399,40 @@ class Run:
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
                              data=self.feed.state_dict(), settings=C.data_settings(self.recipe))
         self.saved_step = step_done
-        return C.save(self.engine, self.out, state, self.tokenizer, self.env,
+        start = time.perf_counter()
+        ckpt = C.save(self.engine, self.out, state, self.tokenizer, self.env,
                       self.recipe.output.save_total_limit)
+        took = time.perf_counter() - start
+        if C.decoupled(self.engine):  # marked COMPLETE once the writer has it on disk
+            self.pending = (ckpt, step_done, took)
+            self._note(f"[dpkit] step {step_done}: checkpoint {ckpt} handed to the background "
+                       f"writer in {took:.2f} s (output.async_save)")
+        else:
+            self._note(f"[dpkit] step {step_done}: checkpoint {ckpt} (the ranks waited "
+                       f"{took:.2f} s for it)")
+        return ckpt
+
+    def _note(self, message: str) -> None:
+        """In the log, and above the progress bar."""
+        self.log.info(message)
+        self.progress.write(message)
+
+    def complete_pending(self) -> None:
+        """Mark the checkpoint handed to the background writer COMPLETE once its files are on
+        disk. DeepSpeed waits for the writer inside the next optimizer step (before the weights
+        it reads change), so after that step this does not wait; before a preemption exit, a
+        push or the end of training it waits here."""
+        if self.pending is None:
+            return
+        (ckpt, step, hand_off), self.pending = self.pending, None
+        before, start = len(self.writer_waits), time.perf_counter()
+        C.complete(self.engine, self.out, ckpt, self.env, self.recipe.output.save_total_limit)
+        here = time.perf_counter() - start - sum(self.writer_waits[before:])
+        writer = sum(self.writer_waits)
+        self.writer_waits.clear()
+        self._note(f"[dpkit] step {step}: checkpoint {ckpt} complete; the ranks waited "
+                   f"{hand_off + writer + here:.2f} s for it (hand-off {hand_off:.2f} s, writer "
+                   f"{writer:.2f} s, marking {here:.2f} s)")
 
     # --------------------------------------------------------------------------------- end
     def finish(self) -> dict:

@@ -136,6 +136,9 @@ def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
                                 "buckets over every rank and others over the data-parallel ranks",
                                 "remove it (true is DeepSpeed's default)"))
 
+    if recipe.output.async_save:
+        _async_writer(recipe, cfg, src, problems)
+
     leftover = list(_autos(cfg))
     for dotted in leftover:
         problems.append(Problem(f"{src}: {dotted}", "is \"auto\" but dpkit cannot resolve it",
@@ -148,6 +151,28 @@ def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None,
     if problems:
         raise RecipeError(problems)
     return cfg
+
+
+ASYNC_WRITER = {"type": "python", "decoupled": True}
+"""output.async_save: DeepSpeed 0.19's decoupled checkpoint engine (one writer process per rank,
+fed through shared memory) with plain Python file writes; its "fast" writer needs the async I/O
+op (libaio), which CPU machines lack."""
+
+
+def _async_writer(recipe: Recipe, cfg: dict, src: str, problems: list[Problem]) -> None:
+    if recipe.zero.stage != 3:
+        problems.append(Problem("output.async_save", f"needs zero.stage 3 (got "
+                                f"{recipe.zero.stage}): under ZeRO-1/2 DeepSpeed's decoupled "
+                                "writer makes every rank write the same model-states file at "
+                                "once, and ZeRO-0 is not tested with it",
+                                "set zero.stage: 3, or output.async_save: false"))
+        return
+    section = cfg.setdefault("checkpoint", {})
+    if section.get("writer") not in (None, ASYNC_WRITER):
+        problems.append(Problem(f"{src}: checkpoint.writer", f"is {section['writer']!r}, but "
+                                "output.async_save sets DeepSpeed's writer",
+                                "remove it from the template"))
+    section["writer"] = dict(ASYNC_WRITER)
 
 
 def _resolve_offload(recipe: Recipe, zo: dict, src: str, problems: list[Problem]) -> None:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from dpkit.checkpoint import MARKER, complete_checkpoints, latest_complete
 from dpkit.distributed import EXIT_REQUEUE
-from dpkit.export import export
+from dpkit.export import consolidated_state_dict, export
 from dpkit.model import build_model
 from dpkit.recipe import load_recipe
 
@@ -71,7 +71,10 @@ def runs(tmp_path_factory):
     references = [recipe(tmp, "U"), recipe(tmp, "D", dropout=0.2),
                   recipe(tmp, "E0", stage=0, save_steps=2, train={"max_steps": 2}),
                   recipe(tmp, "E3", stage=3, save_steps=2, train={"max_steps": 2}),
-                  recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2})]
+                  recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2}),
+                  # ZeRO-3 saving in the background (output.async_save): the same run as Z3
+                  recipe(tmp, "Z3", stage=3), recipe(tmp, "A", stage=3,
+                                                     output={"async_save": True})]
     torchrun(2, [str(p) for p in references], script=DRIVER, timeout=300)
 
     # The crash chain of one run K, three `dpkit train`s: rank 1 killed at step 3 (the job
@@ -88,8 +91,11 @@ def runs(tmp_path_factory):
     u4 = str(tmp / "U" / "checkpoints" / "step-00000004")
     torchrun(1, [str(recipe(tmp, "W21", resume=u4)), str(recipe(tmp, "S1"))], script=DRIVER)
     s1_4 = str(tmp / "S1" / "checkpoints" / "step-00000004")
+    a4 = str(tmp / "A" / "checkpoints" / "step-00000004")
     torchrun(2, [str(recipe(tmp, "W12", resume=s1_4)),
-                 str(recipe(tmp, "S23", stage=3, resume=u4))], script=DRIVER)
+                 str(recipe(tmp, "S23", stage=3, resume=u4)),
+                 str(recipe(tmp, "AR", stage=3, resume=a4, output={"async_save": True}))],
+             script=DRIVER)
     return tmp, chain
 
 
@@ -238,3 +244,34 @@ def test_streamed_zero3_export_equals_zero_to_fp32_through_save_pretrained(runs,
                             for d in (out, reference))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_background_saves_complete_after_their_files_and_resume_bitwise(runs):
+    """A saves through DeepSpeed's decoupled writer (output.async_save): its losses are Z3's
+    (same recipe, saving in the foreground); each checkpoint is marked COMPLETE only after the
+    writer's files are on disk (the first save's writer is still starting up when the ranks hand
+    the state over, so a marker written at hand-off would be seconds older than them); the
+    checkpoint read back equals the trained model; and AR, resumed from A's step 4 with the
+    writer on too, continues bitwise: losses and final weights."""
+    tmp, _ = runs
+    a = tmp / "A"
+    assert json.loads((a / "ds_config.json").read_text())["checkpoint"]["writer"] == \
+        {"type": "python", "decoupled": True}
+    log = (a / "logs" / "rank0.log").read_text()
+    assert "step 2: checkpoint" in log and "handed to the background writer" in log
+    assert train_losses(a) == train_losses(tmp / "Z3")
+    saved = complete_checkpoints(a)
+    assert [p.name for p in saved] == [f"step-{s:08d}" for s in (2, 4, 6, 8)]
+    assert (a / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+    for ckpt in saved:
+        files = [f for f in (ckpt / "ds").iterdir()]
+        assert len(files) == 4  # model states and optimizer partition of each of 2 ranks
+        assert (ckpt / MARKER).stat().st_mtime >= max(f.stat().st_mtime for f in files)
+    final = weights(a)
+    written = consolidated_state_dict(saved[-1])
+    assert final.keys() <= written.keys()
+    assert all(torch.equal(final[k], written[k]) for k in final)
+    assert train_losses(tmp / "AR") == train_losses(a)[4:]
+    resumed = weights(tmp / "AR")
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k])
+                                                  for k in final)

@@ -159,3 +159,57 @@ def test_a_stale_op_build_lock_is_named_by_doctor_and_validate(tmp_path, monkeyp
     finally:
         builder.kill()
         builder.wait()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ('' once it is gone; 'Z' a zombie: dead, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@pytest.mark.parametrize("dies", [True, False])
+def test_background_writer_dies_with_its_rank(dies):
+    """output.async_save's writer process (started through checkpoint._writer_main, which calls
+    die_with_parent) ends when its rank is SIGKILLed (out of memory, a scheduler) instead of
+    waiting on its queue forever. Without die_with_parent the child outlives its parent: the
+    check can fail."""
+    import signal
+    import sys
+
+    child = ("import time; from dpkit.checkpoint import die_with_parent; "
+             f"{'die_with_parent(); ' if dies else ''}print('ready', flush=True); time.sleep(60)")
+    parent = ("import subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + (10 if dies else 1)  # the control: it stays alive
+        while _state(pid) not in ("", "Z", "X") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (_state(pid) in ("", "Z", "X")) == dies
+    finally:
+        if _state(pid) not in ("", "Z", "X"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_async_save_starts_deepspeeds_writer_through_dpkit(monkeypatch):
+    """prepare_writer: the names DeepSpeed's decoupled engine reads (only its own launcher sets
+    them), and its writer process entered through _writer_main (which dies with its rank)."""
+    from deepspeed.runtime.checkpoint_engine import decoupled_checkpoint_engine as dce
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("CROSS_RANK", "CROSS_SIZE")})
+    monkeypatch.setattr(dce, "init_decoupled_checkpoint", dce.init_decoupled_checkpoint)
+    monkeypatch.setattr(dce, "dpkit_original_writer", None, raising=False)
+    original = dce.init_decoupled_checkpoint
+    C.prepare_writer()
+    C.prepare_writer()  # twice: still DeepSpeed's own function underneath
+    assert os.environ["CROSS_RANK"] == "0" and os.environ["CROSS_SIZE"] == "1"
+    assert dce.init_decoupled_checkpoint is C._writer_main
+    assert dce.dpkit_original_writer is original

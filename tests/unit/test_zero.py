@@ -169,3 +169,17 @@ def test_the_layout_says_what_is_partitioned_and_where():
         (False, False, True)
     assert Layout(0, "none", "none", batch).describe() == \
         "ZeRO stage 0 (nothing partitioned: every rank holds everything)"
+
+
+def test_async_save_turns_on_deepspeeds_decoupled_writer_under_zero3_only(tmp_path):
+    cfg = resolve_ds_config(recipe(tmp_path, zero={"stage": 3}, output={"async_save": True}),
+                            2, 32)
+    assert cfg["checkpoint"]["writer"] == {"type": "python", "decoupled": True}
+    assert "checkpoint" not in resolve_ds_config(recipe(tmp_path, zero={"stage": 3}), 2, 32)
+    for stage in (0, 1, 2):  # ZeRO-1/2: every rank would write the same model-states file
+        r = recipe(tmp_path, zero={"stage": stage}, output={"async_save": True})
+        with pytest.raises(RecipeError) as e:
+            resolve_ds_config(r, 2, 32)
+        assert len(e.value.problems) == 1
+        assert e.value.problems[0].where == "output.async_save"
+        assert f"needs zero.stage 3 (got {stage})" in str(e.value)

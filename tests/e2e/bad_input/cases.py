@@ -128,6 +128,7 @@ CASES = [
     Case("batch-not-divisible", "train.global_batch_size",
          over=["train.global_batch_size=10", "train.micro_batch_size=2"]),
     Case("compile-zero3", "train.compile", over=["train.compile=true", "zero.stage=3"]),
+    Case("async-save-zero2", "output.async_save", over=["output.async_save=true"]),
     Case("nan-skip-fp32-zero3", "train.nan_policy", over=["train.nan_policy=skip", "zero.stage=3"]),
     Case("train-section-scalar", "train", over=["train=fast"]),
     # ------------------------------------------------------------------ schema: data
