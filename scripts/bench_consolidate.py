@@ -142,6 +142,23 @@ def make_base(size: str, work: Path) -> Path:
     return base
 
 
+def lean_template(work: Path) -> Path:
+    """dpkit's ZeRO-3 template with at most 1e7 parameters gathered at a time (its own lets the
+    whole model be gathered) and the optimizer stepping sub-groups of 1e7 (else AdamW's
+    temporaries are the size of a rank's whole partition): with them, the 500M training step
+    fits 2 ranks in this machine's memory (the partitions are saved as 1e7-element groups,
+    which zero_to_fp32 reads as it reads one group)."""
+    from dpkit.shipped import DS_CONFIGS
+
+    config = json.loads((DS_CONFIGS / "zero3.json").read_text())
+    config["zero_optimization"].update(stage3_max_live_parameters=10_000_000,
+                                       stage3_max_reuse_distance=10_000_000,
+                                       sub_group_size=10_000_000)
+    path = work / "zero3-lean.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
 def make_checkpoint(size: str, work: Path) -> Path:
     from dpkit.checkpoint import latest_complete
     from dpkit.shipped import DATA, TOKENIZERS
@@ -157,8 +174,9 @@ def make_checkpoint(size: str, work: Path) -> Path:
               "data": {"sources": [{"path": str(DATA / "self_instruct_seed.messages.jsonl"),
                                     "format": "messages"}], "max_seq_len": 32},
               "train": {"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 1},
-              "zero": {"stage": 3},
-              "output": {"dir": str(run), "save_steps": 1, "save_model": False},
+              "zero": {"stage": 3, "template": str(lean_template(work))},
+              "output": {"dir": str(run), "save_steps": 1, "save_model": False,
+                         "overwrite": True},
               "eval": {"num_prompts": 0}}
     path = work / f"recipe-{size}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
