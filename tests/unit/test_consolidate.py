@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GenerationConfig,
     LlamaConfig,
     MixtralConfig,
@@ -36,17 +37,24 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 CONFIGS = {"llama-tied": lambda: LlamaConfig(**SMALL, tie_word_embeddings=True),
            "llama": lambda: LlamaConfig(**SMALL, tie_word_embeddings=False),
            # transformers fuses Mixtral's experts in memory and splits them again on save
-           "mixtral": lambda: MixtralConfig(**SMALL, num_local_experts=2)}
+           "mixtral": lambda: MixtralConfig(**SMALL, num_local_experts=2),
+           # a reward model's head (dpkit/heads.py: sequence_classification)
+           "llama-reward": lambda: LlamaConfig(**SMALL, num_labels=1, pad_token_id=0)}
+
+
+def auto_class(config):
+    return (AutoModelForSequenceClassification if config.num_labels == 1 and
+            getattr(config, "pad_token_id", None) == 0 else AutoModelForCausalLM)
 
 
 def real_model(config):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return auto_class(config).from_config(config).eval()
 
 
 def meta_model(config):
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        model = auto_class(config).from_config(copy.deepcopy(config))
     model.generation_config = GenerationConfig.from_model_config(config)
     return model
 
@@ -84,7 +92,7 @@ def test_streamed_save_equals_save_pretrained(tmp_path, kind, dtype):
     save_model(meta_model(config), weights, ours, dtype, "40KB")
     assert (ours / "model.safetensors.index.json").is_file()  # several shards
     assert_same_export(ours, reference)
-    loaded, expected = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    loaded, expected = (auto_class(config).from_pretrained(d, dtype=torch.float32).eval()
                         for d in (ours, reference))
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -224,6 +224,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("training", ["dpkit.metrics", "dpkit.checkpoint", "dpkit.objectives*", "dpkit.eval*",
                   "dpkit.engine", "dpkit.step"]),
     ("readers of runs", ["dpkit.plan*", "dpkit.model_card", "dpkit.report", "dpkit.export",
+                         "dpkit.consolidate",
                          "dpkit.hub"]),
     ("the loop", ["dpkit.run", "dpkit.train"]),
     ("commands", ["dpkit.preflight", "dpkit.launch", "dpkit.doctor", "dpkit.cli*"]),
