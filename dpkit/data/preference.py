@@ -16,6 +16,10 @@ the last prompt tokens; then each side is cut (or dropped, `data.overflow: drop`
 `data.max_seq_len`. Pairs whose answers are identical (as text, or once cut) carry no preference
 and are left out; all of it is counted in DataStats and reported at start. Pairs are tokenized
 once per node into the tokenized-data cache (dpkit/data/cache.py), like rows.
+
+A method may ask for numbers that come with each pair (a reward model's margin): its data options'
+`pair_numbers` name them and the column holding each (`number_columns`); they are read while
+tokenizing, kept in the cache beside the tokens and collated as a float64 tensor per name.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class PairExample:
     rejected_labels: list[int]
     ref: tuple[float, float] | None = None
     """Reference log-probs (chosen, rejected), set by a precomputed reference pass."""
+    numbers: dict[str, float] | None = None
+    """The per-pair numbers the method asked for (`pair_numbers`), by name."""
     position_ids = None  # never packed (the recipe refuses packing for preference objectives)
 
     def sample_row(self) -> tuple[list[int], list[int]]:
@@ -118,28 +124,50 @@ def tokenize_side(prompt: str, answer: str, tokenizer, plain: bool) -> tuple[lis
 
 
 IDENTICAL = 4  # a status beside dpkit/data/tokenize's KEPT, TRUNCATED, TOO_LONG, NO_TARGET
+NUMBER = "number_"  # the Arrow column of a per-pair number is this + its name
+
+
+def number_columns(options: dict) -> dict[str, dict]:
+    """name → {"column": the data's column, "key": the recipe key naming it} from a method's data
+    options (`pair_numbers`); {} when it asks for none."""
+    return dict((options or {}).get("pair_numbers") or {})
+
+
+def read_number(row: dict, name: str, spec: dict) -> float:
+    value = row.get(spec["column"])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"column '{spec['column']}' ({spec['key']}) holds {value!r}, not a number")
+    return float(value)
 
 
 def encode_pairs(batch: dict[str, list], indices: list[int], source, tokenizer,
-                 max_seq_len: int, overflow: str, max_prompt_len: int | None) -> dict[str, list]:
+                 max_seq_len: int, overflow: str, max_prompt_len: int | None,
+                 numbers: dict[str, dict] | None = None) -> dict[str, list]:
     """Columns of tokenized pairs for a batch of raw rows (a dict of columns): both sides' ids
     and labels, a status (pairs that can't be trained on are kept with one and no tokens, so the
     report's counts come from the Arrow columns, also when read back from the cache), whether
-    the prompt was cut to max_prompt_len and whether it was extracted (no `prompt` column)."""
+    the prompt was cut to max_prompt_len and whether it was extracted (no `prompt` column), and
+    the per-pair `numbers` asked for (name → its column, see `number_columns`)."""
     from dpkit.data.tokenize import KEPT, NO_TARGET, TOO_LONG, TRUNCATED
 
+    numbers = numbers or {}
     out: dict[str, list] = {k: [] for k in (*SIDES, "status", "prompt_cut", "extracted")}
+    out.update({NUMBER + name: [] for name in numbers})
+    values: dict[str, float] = {}
 
     def put(status, sides=((), ()), cut=False, extracted=False):
         (c_ids, c_labels), (r_ids, r_labels) = sides if status <= TRUNCATED else (([], []),) * 2
         for key, value in zip(out, (c_ids, c_labels, r_ids, r_labels, status, cut, extracted)):
             out[key].append(value)
+        for name in numbers:
+            out[NUMBER + name].append(values[name])
 
     keys = list(batch)
     for n, i in enumerate(indices):
+        row = {k: batch[k][n] for k in keys}
         try:
-            prompt, chosen, rejected, plain, extracted = render_pair(
-                {k: batch[k][n] for k in keys}, source, tokenizer)
+            prompt, chosen, rejected, plain, extracted = render_pair(row, source, tokenizer)
+            values = {name: read_number(row, name, spec) for name, spec in numbers.items()}
         except ValueError as e:
             raise ValueError(f"row {i}: {e}") from None
         if chosen == rejected:
@@ -169,27 +197,34 @@ def encode_pairs(batch: dict[str, list], indices: list[int], source, tokenizer,
 SIDES = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
 
 
-def pair_features():
+def pair_features(numbers: dict | None = None):
     from datasets import Features, Value
     from datasets import Sequence as Seq
 
     return Features({**{k: Seq(Value("int32")) for k in SIDES}, "status": Value("int8"),
-                     "prompt_cut": Value("bool"), "extracted": Value("bool")})
+                     "prompt_cut": Value("bool"), "extracted": Value("bool"),
+                     **{NUMBER + name: Value("float64") for name in numbers or {}}})
 
 
 def tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len: int | None,
                           num_proc: int = 1, fingerprint: str | None = None,
-                          cache_file: str | None = None):
+                          cache_file: str | None = None, numbers: dict | None = None):
     """`datasets.map` of `encode_pairs` over a source: written to `cache_file` (Arrow, the
     tokenized-data cache) when given, else in memory. A row that is no pair is one line."""
     import uuid
 
-    kwargs = dict(batched=True, batch_size=1000, with_indices=True, features=pair_features(),
-                  remove_columns=ds.column_names, desc=f"tokenizing pairs of {source.path}",
+    for name, spec in (numbers or {}).items():
+        if spec["column"] not in ds.column_names:
+            raise RecipeError.one(spec["key"], f"names column '{spec['column']}' (each pair's "
+                                  f"{name}), which data source {source.path} lacks; its columns "
+                                  f"are {ds.column_names}", "name one of them, or leave it out")
+    kwargs = dict(batched=True, batch_size=1000, with_indices=True,
+                  features=pair_features(numbers), remove_columns=ds.column_names,
+                  desc=f"tokenizing pairs of {source.path}",
                   new_fingerprint=fingerprint or uuid.uuid4().hex,
                   fn_kwargs=dict(source=source, tokenizer=tokenizer,
                                  max_seq_len=section.max_seq_len, overflow=section.overflow,
-                                 max_prompt_len=max_prompt_len))
+                                 max_prompt_len=max_prompt_len, numbers=numbers))
     procs = num_proc if len(ds) >= 20_000 * num_proc else None  # forking costs more on small sets
     try:
         if cache_file is None:
@@ -212,7 +247,11 @@ def pairs_of(tds, path: str, stats) -> list[PairExample]:
     flags = {k: table.column(k).to_numpy(zero_copy_only=False) & kept
              for k in ("prompt_cut", "extracted")}
     columns = {k: table.column(k).to_pylist() for k in SIDES}
-    pairs = [PairExample(*(columns[k][i] for k in SIDES)) for i in np.nonzero(kept)[0]]
+    names = [c[len(NUMBER):] for c in table.column_names if c.startswith(NUMBER)]
+    numbers = {n: table.column(NUMBER + n).to_numpy() for n in names}
+    pairs = [PairExample(*(columns[k][i] for k in SIDES),
+                         numbers={n: float(numbers[n][i]) for n in names} if names else None)
+             for i in np.nonzero(kept)[0]]
     stats.rows += len(pairs)
     stats.truncated += int((status == TRUNCATED).sum())
     stats.dropped_too_long += int((status == TOO_LONG).sum())
@@ -280,6 +319,9 @@ def collate_pairs(examples: list[PairExample], pad_id: int, flatten: bool = Fals
 def _with_ref(batch: dict, examples: list[PairExample], real: int) -> dict:
     if all(e.ref is not None for e in examples[:real]) and real:
         batch["ref_logps"] = torch.tensor([e.ref for e in examples], dtype=torch.float64)
+    if real and examples[0].numbers:  # (B,) per name; an all-masked pair has none: no key
+        for name in examples[0].numbers:
+            batch[name] = torch.tensor([e.numbers[name] for e in examples], dtype=torch.float64)
     return batch
 
 
@@ -338,7 +380,8 @@ def assemble_pairs(parts: list, section, seed: int):
 
 class PairRows(RowKind):
     """Preference pairs as a row kind (dpkit/data/rows.py): `options["max_prompt_len"]` is the
-    `preference.max_prompt_len` setting."""
+    `preference.max_prompt_len` setting; `options["pair_numbers"]` the numbers read with each
+    pair (`number_columns`)."""
 
     def check(self, raw, tokenizer):
         check_pairs(raw, tokenizer)
@@ -347,7 +390,8 @@ class PairRows(RowKind):
                  cache_file=None):
         return tokenize_pair_dataset(ds, source, tokenizer, section,
                                      options.get("max_prompt_len"), num_proc,
-                                     fingerprint=fingerprint, cache_file=cache_file)
+                                     fingerprint=fingerprint, cache_file=cache_file,
+                                     numbers=number_columns(options))
 
     def assemble(self, parts, section, seed, need_train=True):
         return assemble_pairs(parts, section, seed)

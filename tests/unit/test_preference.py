@@ -206,7 +206,8 @@ def test_empty_and_partly_masked_batches_give_finite_loss_and_gradients(tok, pai
     micro-batch: ORPO's log(1 − e^0) = −inf turned its loss and every gradient into NaN."""
     objective = registered(name, tmp_path)
     model = build_model(ModelSection(config=dict(TINY_LLAMA), tokenizer=str(TOKENIZER),
-                                     dtype="float32"), 1, 0)
+                                     dtype="float32"), 1, 0, head=METHODS[name].head,
+                        pad_token_id=tok.pad_token_id)
     if tiled:  # the run's head with 8-token tiles (set by setup() in a run)
         objective.head = LossHead(plain_head(model), tile=8)
     pad = tok.pad_token_id
@@ -473,3 +474,38 @@ def test_model_card_and_report_name_the_objective_and_show_rewards(tmp_path):
     report = write_report([run]).read_text()
     assert "## Reward margin" in report and "## Reward accuracy" in report
     assert "objective dpo, beta 0.25" in report and "last reward accuracy 0.9000" in report
+
+
+# ------------------------------------------------------------------------ numbers with pairs
+def test_numbers_asked_for_travel_with_their_pairs_through_the_split_and_the_cache(tok,
+                                                                                 tmp_path):
+    """A method's data options may ask for a number per pair (`pair_numbers`: a reward model's
+    margin); each pair keeps its own through tokenizing, the cache and the eval split, and
+    collate gives them in the batch's pair order."""
+    import json
+
+    from dpkit.data import load_datasets
+    from dpkit.data.cache import load_cached
+
+    rows = [{"prompt": f"Question {i}? ", "chosen": f"Answer number {i}.", "rejected": "No.",
+             "score_gap": i / 4} for i in range(20)]  # the chosen answer names its number
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = DataSection(sources=[DataSource(path=str(path), format="preference")],
+                          eval_fraction=0.25)
+    options = {"pair_numbers": {"margin": {"column": "score_gap", "key": "some.setting"}}}
+    for train, evals, _ in (load_datasets(section, tok, 0, options=options),
+                            load_cached(section, tok, 0, say=lambda m: None, progress=False,
+                                        options=options)):
+        assert len(train) == 15 and len(evals) == 5
+        for ex in train + evals:
+            text = tok.decode(ex.chosen_ids)
+            assert f"number {round(ex.numbers['margin'] * 4)}." in text, (text, ex.numbers)
+        batch = collate_pairs(evals, tok.pad_token_id)
+        assert batch["margin"].tolist() == [ex.numbers["margin"] for ex in evals]
+        flat = collate_pairs(evals, tok.pad_token_id, flatten=True)
+        assert flat["margin"].tolist() == batch["margin"].tolist()
+    assert "margin" not in collate_pairs([], tok.pad_token_id)  # a rank whose shard ran out
+    plain, _, _ = load_datasets(section, tok, 0)
+    assert all(ex.numbers is None for ex in plain)
+    assert "margin" not in collate_pairs(plain[:2], tok.pad_token_id)
