@@ -42,6 +42,59 @@ def of_adapter(adapter_dir) -> str:
     return "sequence_classification" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
 
 
+SCORE = "score"
+"""The attribute of transformers' sequence-classification models built on a causal LM (their
+`GenericForSequenceClassification` and the model-specific ones alike) holding the score layer."""
+
+
+def score_layer(model):
+    """The score layer (hidden → one number per token) of a sequence-classification model, under
+    a PEFT wrapper too (then PEFT's trained copy, `ModulesToSaveWrapper`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer = getattr(base, SCORE, None)
+    if layer is None:
+        raise ValueError(f"{type(base).__name__} has no `{SCORE}` layer: dpkit trains sequence "
+                         "classification on models built on a causal LM")
+    return layer
+
+
+def seed_new_head(model, head: str, seed: int) -> None:
+    """Give a score layer the model was just built with (an inline config, or a causal LM
+    checkpoint loaded for sequence classification: transformers creates it) weights drawn from
+    `seed` alone — normal(0, initializer_range) from its own generator, no bias — so it starts the
+    same under every ZeRO stage and world size. transformers initialises it from the global
+    random stream, which ZeRO-3's partitioned build (zero.Init) consumes in another order. Call
+    on every rank: under ZeRO-3 the layer is gathered, written on rank 0 and partitioned again."""
+    if head != "sequence_classification":
+        return
+    import torch
+
+    layer = score_layer(model)
+    if type(layer) is not torch.nn.Linear:  # a quantized layer (QLoRA) keeps transformers' init
+        return
+    params = list(layer.parameters())
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    gathered = _gathered(params)
+    with gathered, torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        layer.weight.copy_(torch.randn(tuple(layer.weight.shape), generator=generator,
+                                       dtype=torch.float32) * std)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.zero_()
+
+
+def _gathered(params):
+    """ZeRO-3's whole parameters for a write on rank 0 (a plain context elsewhere)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
 def configure(config, head: str, pad_token_id: int | None = None):
     """Set what a head needs in the config before the model is built: a score head is one
     number per row (`num_labels: 1`) and finds each row's end by `pad_token_id`."""

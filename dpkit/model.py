@@ -234,8 +234,10 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
     (dpkit/attention.py) instead of under a dense block mask.
 
     An inline config is built with the plain constructor under `seed`, so every rank and a
-    single-process reference start from identical weights. A pretrained model under ZeRO-3 is
-    loaded partitioned (transformers' HfDeepSpeedConfig), so no rank holds the whole model.
+    single-process reference start from identical weights; a score head the model did not have
+    is drawn from `seed` alone, the same under every ZeRO stage (`heads.seed_new_head`). A
+    pretrained model under ZeRO-3 is loaded partitioned (transformers' HfDeepSpeedConfig), so no
+    rank holds the whole model.
     `load_kwargs` go to `from_pretrained` (QLoRA's 4-bit quantization, from dpkit.lora).
     """
     dtype = DTYPES[section.dtype]
@@ -245,18 +247,23 @@ def build_model(section: ModelSection, seed: int, zero_stage: int, ds_config: di
         config = heads.configure(load_model_config(section), head, pad_token_id)
         torch.manual_seed(seed)
         model = auto.from_config(config, dtype=dtype, **common)
+        heads.seed_new_head(model, head, seed)
     else:
         keep_alive = None
         if zero_stage == 3 and ds_config is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (zero.Init while it lives)
+        saved_head = None
         if head != "causal_lm":  # the head's settings, on top of the checkpoint's config
-            load_kwargs = {"config": heads.configure(load_model_config(section), head,
-                                                     pad_token_id), **load_kwargs}
+            config = load_model_config(section)
+            saved_head = heads.of_config(config)
+            load_kwargs = {"config": heads.configure(config, head, pad_token_id), **load_kwargs}
         model = auto.from_pretrained(
             section.name_or_path, revision=section.revision, dtype=dtype,
             trust_remote_code=section.trust_remote_code, **common, **load_kwargs)
+        if saved_head != head:  # a new head (a causal LM loaded for scores): seeded, not random
+            heads.seed_new_head(model, head, seed)
         del keep_alive
     if packed_len is not None:
         # imported here, at build time: the benchmarks swap implementation_for for their
