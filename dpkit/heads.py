@@ -103,3 +103,19 @@ def configure(config, head: str, pad_token_id: int | None = None):
         if pad_token_id is not None:
             config.pad_token_id = pad_token_id
     return config
+
+
+def base_for_adapter(base, adapter_dir, **options):
+    """The base model a LoRA adapter is merged into, built with the adapter's head: a score head
+    gets one label and the pad token of the tokenizer saved with the adapter (a causal LM
+    checkpoint alone would give transformers' default of two labels and no pad token).
+    `options` go to `from_pretrained` (dtype, revision, trust_remote_code)."""
+    head = of_adapter(adapter_dir)
+    if head == "sequence_classification":
+        from transformers import AutoConfig, AutoTokenizer
+
+        remote = {k: options[k] for k in ("revision", "trust_remote_code") if k in options}
+        pad = AutoTokenizer.from_pretrained(adapter_dir).pad_token_id
+        options = {**options, "config": configure(AutoConfig.from_pretrained(base, **remote),
+                                                  head, pad)}
+    return auto_class(head).from_pretrained(base, **options)

@@ -141,8 +141,8 @@ def _merge_adapter(adapter_dir: Path, base: str | None, out: Path) -> Path:
     from peft import PeftModel
     from dpkit import heads
 
-    auto = heads.auto_class(heads.of_adapter(adapter_dir))
-    model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype="auto"), adapter_dir)
+    model = PeftModel.from_pretrained(heads.base_for_adapter(base, adapter_dir, dtype="auto"),
+                                      adapter_dir)
     model.merge_and_unload().save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (adapter_dir / name).is_file() and not (out / name).exists():

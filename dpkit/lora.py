@@ -57,12 +57,14 @@ def _adaptable_kinds() -> tuple[type, ...]:
 
 
 def linear_module_names(model) -> list[str]:
-    """`all-linear`: the short names of every Linear/Conv1D module except the output head (and
-    except layers inside existing adapters). A short name shared with the head is given as the
-    full paths instead, so the head is never picked up by accident."""
+    """`all-linear`: the short names of every Linear/Conv1D module except the output head — the
+    LM head, or a sequence classifier's score layer, which PEFT trains in full — (and except
+    layers inside existing adapters). A short name shared with the head is given as the full
+    paths instead, so the head is never picked up by accident."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head if head is not None else getattr(model, heads.SCORE, None)
     inside_adapters = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, BaseTunerLayer)
                        for s, _ in m.named_modules() if s}
     picked, excluded = [], set()
@@ -268,10 +270,14 @@ def write_adapter(model, state: dict[str, torch.Tensor], out_dir: Path, base: st
     config.save_pretrained(out_dir)
 
 
-def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_code: bool = False
-                            ) -> dict[str, tuple[int, ...]]:
-    """Every tensor a complete adapter holds, with its full shape, from the base config and r."""
-    model = meta_model(model_config, trust_remote_code)
+def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_code: bool = False,
+                            head: str = "causal_lm") -> dict[str, tuple[int, ...]]:
+    """Every tensor a complete adapter holds, with its full shape, from the base config and r;
+    for a sequence-classification head also its score layer, which PEFT trains in full."""
+    import copy
+
+    model_config = heads.configure(copy.deepcopy(model_config), head)
+    model = meta_model(model_config, trust_remote_code, head)
     targets, r = resolve_targets(model, section), section.r
     conv1d = _adaptable_kinds()[1]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -289,7 +295,8 @@ def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_cod
                 fan_in, fan_out = module.in_features, module.out_features
             shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, fan_in)
             shapes[f"{PREFIX}{name}.lora_B.weight"] = (fan_out, r)
-        elif any(matches(name, m) for m in section.modules_to_save):
+        elif any(matches(name, m) for m in section.modules_to_save) or (
+                head == "sequence_classification" and name == heads.SCORE):
             for pname, p in module.named_parameters():
                 shapes[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
     # A targeted parameter (PEFT's ParamWrapper): one adapter of rank r per expert, stacked —
@@ -310,12 +317,12 @@ def expected_adapter_shapes(model_config, section: PeftSection, trust_remote_cod
 
 
 def verify_adapter(adapter_dir: Path, model_config, section: PeftSection, trained: bool = True,
-                   trust_remote_code: bool = False) -> list[str]:
+                   trust_remote_code: bool = False, head: str = "causal_lm") -> list[str]:
     """What is wrong with a saved adapter (empty list: nothing). See the module docstring."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    expected = expected_adapter_shapes(model_config, section, trust_remote_code)
+    expected = expected_adapter_shapes(model_config, section, trust_remote_code, head)
     if not all((adapter_dir / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)):
         return [f"{adapter_dir} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG}"]
     saved = load_file(adapter_dir / ADAPTER_WEIGHTS)
@@ -360,7 +367,7 @@ def save_adapter(engine, tokenizer, run_dir: Path, env, recipe: Recipe, trained:
         write_adapter(model, state, tmp, adapter_base(recipe, run_dir))
         tokenizer.save_pretrained(tmp)
         problems = verify_adapter(tmp, load_model_config(recipe.model), recipe.peft, trained,
-                                  recipe.model.trust_remote_code)
+                                  recipe.model.trust_remote_code, heads.of_recipe(recipe))
         if not problems:
             publish_dir(tmp, out)
     (failed,) = distributed.all_reduce_sum([float(len(problems))], env.device)
@@ -402,8 +409,7 @@ def merge_adapter(base_model_dir_or_recipe, adapter_dir, out_dir, dtype: str = "
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base, opts = _base_and_options(base_model_dir_or_recipe, adapter_dir)
-    model = heads.auto_class(heads.of_adapter(adapter_dir)).from_pretrained(base, dtype=dtype,
-                                                                           **opts)
+    model = heads.base_for_adapter(base, adapter_dir, dtype=dtype, **opts)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     from dpkit.export import check_out, staging
 

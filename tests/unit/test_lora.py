@@ -240,6 +240,54 @@ def test_merge_adapter_equals_base_plus_adapter(tmp_path):
             assert (merged(input_ids=ids).logits - reference).abs().max() <= 1e-5, out
 
 
+# ------------------------------------------------------------------ a sequence-classification head
+def test_a_score_head_is_trained_in_full_checked_and_merged_with_one_label(tmp_path):
+    """A reward model's adapter (PEFT task type SEQ_CLS): `all-linear` leaves the score layer to
+    PEFT, which trains and saves it whole; the check expects it; a merge onto the causal LM the
+    run started from gives a one-label model with the tokenizer's pad token, scoring as base +
+    adapter do."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpkit import heads
+    from dpkit.model import load_tokenizer
+    from dpkit.recipe import ModelSection
+
+    head = "sequence_classification"
+    base_dir = tmp_path / "base"
+    plain_model(TINY_LLAMA).save_pretrained(base_dir)  # a causal LM checkpoint: no score layer
+    tok = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(
+        ROOT / "dpkit" / "resources" / "tokenizers" / "tiny-bpe")))
+    config = heads.configure(llama_config(), head, tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert lora.linear_module_names(model) == LLAMA_LINEAR  # not `score`
+    section = PeftSection(r=R, dropout=0.0)
+    adapted = get_peft_model(model, LoraConfig(r=R, target_modules=LLAMA_LINEAR,
+                                               task_type=lora.TASK_TYPES[head]))
+    pretend_trained(adapted)
+    with torch.no_grad():
+        heads.score_layer(adapted).modules_to_save["default"].weight.normal_(0, 0.5)
+    out = save(adapted, tmp_path / "model", base=str(base_dir))
+    tok.save_pretrained(out)
+    expected = lora.expected_adapter_shapes(llama_config(), section, head=head)
+    assert expected["base_model.model.score.weight"] == (1, 32)
+    assert lora.verify_adapter(out, llama_config(), section, head=head) == []
+    # The causal-LM view of the same adapter does not hold a score layer: the check says so.
+    assert lora.verify_adapter(out, llama_config(), section) == [
+        "base_model.model.score.weight: not part of this adapter"]
+    merged_dir = lora.merge_adapter(None, out, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert merged.config.num_labels == 1 and merged.config.pad_token_id == tok.pad_token_id
+    assert AutoTokenizer.from_pretrained(merged_dir).pad_token_id == tok.pad_token_id
+    ids = torch.randint(2, 2048, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(heads.base_for_adapter(base_dir, out),
+                                              out).eval()(input_ids=ids).logits
+        assert (merged(input_ids=ids).logits - reference).abs().max() <= 1e-5
+        assert reference.abs().max() > 1e-2  # the trained score layer, not a zero one
+
+
 # -------------------------------------------------------------------------------------- QLoRA
 def test_qlora_is_refused_before_launch_on_cpu(tmp_path, capsys):
     raw = tiny_recipe(tmp_path / "out", peft={"method": "qlora"})
