@@ -121,7 +121,11 @@ def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | N
                ckpt / f"rng-rank{env.rank}.pt")
     if env.is_main:
         (ckpt / "dpkit.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
-        engine.module.config.save_pretrained(ckpt / "hf")
+        module = engine.module
+        model = module.get_base_model() if hasattr(module, "get_base_model") else module
+        # named as save_pretrained names it: `dpkit export` builds the head it was trained with
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(ckpt / "hf")
         tokenizer.save_pretrained(ckpt / "hf")
     fault_point("save", state.step, env.rank)
     if not decoupled(engine):

@@ -186,9 +186,11 @@ class Run:
         self.say(f"[dpkit] model: {self.n_params:,} parameters, {self.n_train:,} trainable "
                  f"({100 * self.n_train / max(self.n_params, 1):.2f}%)")
         self._matmul = matmul_parameters(model)  # before AutoEP keeps a rank's experts only
-        self.loss_head, how = LossHead.for_run(r, model, model.config,
-                                               liger=kernels.liger_active(r, self.env.device))
-        self.say(f"[dpkit] loss: {how}")
+        self.loss_head = LossHead()  # next-token losses; a score head has no vocabulary logits
+        if method_spec(r).head == "causal_lm":
+            self.loss_head, how = LossHead.for_run(r, model, model.config,
+                                                   liger=kernels.liger_active(r, self.env.device))
+            self.say(f"[dpkit] loss: {how}")
         if r.output.async_save:  # DeepSpeed's decoupled writer: its environment, its end
             C.prepare_writer()
         self.engine, self.optimizer, self.scheduler = build_engine(

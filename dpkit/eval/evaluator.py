@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from dpkit import distributed
+from dpkit import distributed, heads
 from dpkit.eval import generate as G
 from dpkit.run_files import SAMPLES, append_jsonl, read_metrics, truncate_jsonl
 
@@ -27,11 +27,13 @@ class Evaluator:
         self.baseline_loss: float | None = None
         source = run.recipe.data.sources[0]  # eval.prompts are rendered in its format
         # Sequence parallelism splits each sequence's attention between ranks (a collective per
-        # layer): generation, each rank with its own prompt, is not wired for it yet.
-        generates = self.section.generates and run.batch.sequence_parallel == 1
+        # layer): generation, each rank with its own prompt, is not wired for it yet. A model
+        # with another head than a causal LM's (a reward model's score) has nothing to generate.
+        texts = heads.of_recipe(run.recipe) == "causal_lm"
+        generates = self.section.generates and run.batch.sequence_parallel == 1 and texts
         self.prompts = (G.choose_prompts(self.section, source, run.tokenizer, run.eval_rows)
                         if generates else [])
-        if self.section.generates and not generates:
+        if self.section.generates and texts and not generates:
             run.say("[dpkit] eval: no generations with sequence parallelism (eval loss only)")
         if run.env.is_main:
             if run.start_step == 0:
