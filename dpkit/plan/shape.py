@@ -24,7 +24,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     head_dim: int
-    vocab: int
+    vocab: int  # the output layer's width: the vocabulary, or 1 for a score head
     mlp_factor: int = 4  # intermediate-size tensors the MLP saves per token (4: SwiGLU)
     norms_per_layer: int = 2
     norm_out_fp32: bool = False  # Gemma's RMSNorm returns its fp32 product: 8h, not (4 + b)·h
@@ -106,14 +106,19 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
     mixture of experts' 3-D weights, one rank-r adapter per expert). With `lora_rank` 0 it is
     full fine-tuning.
     """
+    import copy
+
     import torch
 
     from dpkit import heads
     from dpkit.metrics import matmul_parameters
 
+    config = heads.configure(copy.deepcopy(config), head)  # a score head: one number per token
     with torch.device("meta"):
         model = heads.auto_class(head).from_config(config, trust_remote_code=trust_remote_code)
     numels = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
+    output_layer = (model.get_output_embeddings() if head == "causal_lm"
+                    else heads.score_layer(model))
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False))
                         for m in model.modules())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -126,10 +131,9 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
     adapters: list[int] = []
     inputs = 0
     if lora_rank:
-        head = model.get_output_embeddings()
         for name, m in model.named_modules():
             is_linear = isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-            if not is_linear or m is head or (lora_targets and not any(
+            if not is_linear or m is output_layer or (lora_targets and not any(
                     name == t or name.endswith("." + t) for t in lora_targets)):
                 continue
             w = m.weight.shape  # Conv1D stores in × out
@@ -156,6 +160,8 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
             path = "." + name
             owner = path[1:path.rindex(".experts.") + len(".experts")]
             expert_owners[owner] = expert_owners.get(owner, 0) + p.numel()
+    trained_in_full = ([output_layer.weight.numel()] if lora_rank and head != "causal_lm"
+                       else [])
     return ModelShape(
         experts=experts.routed if experts else 0,
         experts_per_token=experts.active if experts else 0,
@@ -164,8 +170,8 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         largest_dense_layer=max(sum(p.numel() for n, p in m.named_parameters(recurse=False)
                                     if not is_expert_parameter(f"{name}.{n}"))
                                 for name, m in model.named_modules()),
-        param_numels=tuple(numels + adapters),
-        trainable_numels=tuple(adapters or numels),
+        param_numels=tuple(numels + adapters + trained_in_full),  # PEFT copies the score layer
+        trainable_numels=tuple(adapters + trained_in_full or numels),
         largest_layer=largest_layer,
         hidden=h, layers=layers, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
@@ -175,7 +181,7 @@ def model_shape(config, lora_rank: int = 0, lora_targets: list[str] | None = Non
         # a mixture of experts: a token's MLP activations are those of the experts it runs
         (experts.active + experts.shared) * (getattr(text, "moe_intermediate_size", None)
                                              or text.intermediate_size),
-        vocab=text.vocab_size,
+        vocab=text.vocab_size if head == "causal_lm" else output_layer.out_features,  # score: 1
         mlp_factor=(3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} else 1)
         + ACTIVATION_EXTRA.get(act, 1),
         norms_per_layer=sum("norm" in type(m).__name__.lower() for m in block.modules()),

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpkit.errors import RecipeError
-from dpkit.plan.memory import Knobs, ModelShape, Setup, estimate, model_shape, saved_activations
+from dpkit.plan.memory import (Knobs, ModelShape, Setup, activation_bytes, estimate, model_shape,
+                               saved_activations)
 from dpkit.cli.plan import parse_size, register
 from dpkit.plan.recommend import Hardware, check_fits, plan
 from dpkit.recipe import load_recipe, recipe_from_dict
@@ -229,6 +230,33 @@ def test_lora_count_matches_peft():
         assert shape.total == sum(p.numel() for p in model.parameters())
     with pytest.raises(RecipeError):
         model_shape(config, lora_rank=8, lora_targets=["nope"])
+
+
+def test_a_score_head_counts_as_peft_trains_it_and_holds_no_vocabulary_logits():
+    """A reward model (sequence classification, one label): PEFT's SEQ_CLS trains the score
+    layer in full beside the adapters (counted as PEFT counts), `all-linear` leaves it out, and
+    the logits the loss sees are one number per token, not the vocabulary's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    sizes = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    config, head = AutoConfig.for_model("llama", **sizes), "sequence_classification"
+    one_label = AutoConfig.for_model("llama", num_labels=1, **sizes)
+    for targets in (None, ["q_proj", "v_proj"]):
+        model = get_peft_model(AutoModelForSequenceClassification.from_config(one_label),
+                               LoraConfig(r=8, target_modules=targets or "all-linear",
+                                          task_type="SEQ_CLS"))
+        shape = model_shape(config, lora_rank=8, lora_targets=targets, head=head)
+        assert shape.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert shape.total == sum(p.numel() for p in model.parameters())
+    full = model_shape(config, head=head)
+    assert full.vocab == 1 and model_shape(config).vocab == 300
+    setup = Setup(0, "none", "none", 1, 1, 4, 2, 40)
+    # per token, 299 outputs fewer: the fp32 log-softmax input kept (4 bytes each) and the
+    # logits with their gradient opening the backward (4 + 2·4)
+    assert activation_bytes(model_shape(config), setup) - activation_bytes(full, setup) == \
+        2 * 40 * (4 + 4 + 2 * 4) * (300 - 1)
 
 
 @pytest.mark.parametrize("dtype,dropout,targets", [
