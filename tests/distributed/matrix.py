@@ -29,6 +29,11 @@ from dpkit.zero import TEMPLATES
 
 PREFERENCE = methods_with("preference")
 ONLINE = methods_with("grpo")  # rows are prompts; completions are generated every step
+REWARD = methods_with("reward")  # a score model: whole pairs (no prompt cut), centred scores
+PAIRS = tuple(m for m, spec in METHODS.items() if "preference" in spec.formats)
+"""Methods trained on preference pairs (chosen and rejected rows side by side)."""
+NEW_HEAD = tuple(m for m, spec in METHODS.items() if spec.head != "causal_lm")
+"""Methods whose model has another head than a causal LM's (a reward model's score layer)."""
 
 
 def zero_level(stage: int, opt: str, par: str) -> str:
@@ -91,10 +96,10 @@ class Refusal:
 
 
 REFUSED: tuple[Refusal, ...] = (
-    Refusal({"method": PREFERENCE, "sequence_parallel": (2,)},
+    Refusal({"method": PAIRS, "sequence_parallel": (2,)},
             ("train.sequence_parallel", "objective"),
             "the sequence split would cut a pair's chosen/rejected rows and its pair mask"),
-    Refusal({"method": PREFERENCE, "streaming": (True,)}, ("data.streaming", "objective"),
+    Refusal({"method": PAIRS, "streaming": (True,)}, ("data.streaming", "objective"),
             "preference pairs are tokenized and held in memory; streaming reads rows only"),
     Refusal({"method": ONLINE, "sequence_parallel": (2,)},
             ("train.sequence_parallel", "objective"),
@@ -125,10 +130,11 @@ _PLAIN = {"packing": False, "sequence_parallel": 1, "streaming": False, "tail": 
           "dropout": 0.0}
 REQUIRED: tuple[dict, ...] = tuple(
     {"method": m, "zero": z, "peft": p, **_PLAIN}
-    for m in ONLINE for z in ("0", "1", "2", "3") for p in (None, "lora"))
-"""Rows beyond pairwise coverage, first in the array: GRPO's completions and losses must equal
-one process's under every ZeRO stage, full and LoRA (dropout 0). The greedy rows then cover
-only what these leave."""
+    for m in ONLINE + NEW_HEAD for z in ("0", "1", "2", "3") for p in (None, "lora"))
+"""Rows beyond pairwise coverage, first in the array: GRPO's completions and losses, and a model
+with a new head (a reward model's score layer: its seeded init, its ZeRO-3 gather, PEFT training
+it in full), must equal one process's under every ZeRO stage, full and LoRA (dropout 0). The
+greedy rows then cover only what these leave."""
 
 
 def covering_rows() -> list[dict]:
@@ -201,18 +207,19 @@ GROUP = 2  # GRPO's completions per prompt in the matrix (a step trains on GROUP
 def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
            model_config: dict, steps: int | None = None) -> dict:
     """The row's recipe: a tiny fp32 model on the bundled data."""
-    preference = row["method"] in PREFERENCE
-    online = row["method"] in ONLINE
+    preference, pairs = row["method"] in PREFERENCE, row["method"] in PAIRS
+    online, reward = row["method"] in ONLINE, row["method"] in REWARD
     max_rows, eval_fraction = ROWS[row["tail"]]
     config = dict(model_config, attention_dropout=row["dropout"])
     r = {
         "model": {"config": config, "tokenizer": tokenizer, "dtype": "float32"},
         "data": {"sources": [{"path": PROMPT_DATA if online else
-                              pref_data if preference else sft_data,
+                              pref_data if pairs else sft_data,
                               "format": "prompts" if online else
-                              "preference" if preference else "messages",
+                              "preference" if pairs else "messages",
                               "max_rows": max_rows}],
-                 "max_seq_len": 96, "packing": row["packing"],
+                 # whole pairs: 128 tokens hold all 17 (the preference rows cut prompts to 24)
+                 "max_seq_len": 128 if reward else 96, "packing": row["packing"],
                  "streaming": row["streaming"], "eval_fraction": eval_fraction,
                  "shuffle_buffer": 8},
         "train": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": 1, "lr": 1e-2,
@@ -232,6 +239,8 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
         r["train"]["max_steps"] = 3
     if preference:
         r["preference"] = {"max_prompt_len": 24}
+    if reward:
+        r["reward"] = {"center_rewards_coefficient": 0.01}
     if online:  # short completions sampled at temperature 1 and scored by the toy reward
         r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
                      "rewards": [{"function": "char_share"}]}

@@ -37,6 +37,7 @@ PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "log
 # gradient's norm, the entropy (a function of the weights), the rewards, and the completions
 # themselves (their checksum, compared exactly).
 ONLINE_KEYS = ("grad_norm", "entropy", "reward")
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
 CHECKSUM = "completions/checksum"
 ROWS = {M.row_name(r): r for r in M.covering_rows()}
 
@@ -102,7 +103,8 @@ def test_every_schema_level_is_in_the_matrix():
 
 def test_rows_cover_every_pair_of_levels():
     """Written independently of the generator: every pair of levels of two factors is in a row,
-    unless it is a refused pair."""
+    unless it is a refused pair; a method with another head than a causal LM's is compared with
+    one process under every ZeRO stage, full and LoRA."""
     rows = list(ROWS.values())
     for a, b in itertools.combinations(M.FACTORS, 2):
         for la, lb in itertools.product(M.FACTORS[a], M.FACTORS[b]):
@@ -110,6 +112,10 @@ def test_rows_cover_every_pair_of_levels():
                 continue
             assert any(r[a] == la and r[b] == lb for r in rows), (a, la, b, lb)
     assert all(M.refusal(r) is None for r in rows)
+    for method in (m for m, spec in M.METHODS.items() if spec.head != "causal_lm"):
+        for stage, peft in itertools.product("0123", (None, "lora")):
+            assert any(r["method"] == method and r["zero"] == stage and r["peft"] == peft
+                       and M.compares_to_one_process(r) for r in rows), (method, stage, peft)
 
 
 @pytest.mark.parametrize("row", M.refused_rows(), ids=M.row_name)
@@ -213,7 +219,7 @@ def test_combination_trains_as_promised(runs, name):
         assert len(evals) >= 2 and abs(evals[-1] - evals[0]) > 1e-4, evals
     if not row["streaming"] and not (row["packing"] and row["method"] == "sft"):
         # the fixture is as unkind as it says (packed rows are batched as the packer fills them)
-        per_item = (2 if row["method"] in M.PREFERENCE else  # a pair is two rows
+        per_item = (2 if row["method"] in M.PAIRS else  # a pair is two rows
                     M.GROUP if online else 1)  # G completions per prompt
         items = [m["samples"] / per_item for m in steps]
         if uneven:  # the last step leaves a rank an empty micro-batch
@@ -227,7 +233,8 @@ def test_combination_trains_as_promised(runs, name):
         assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= TOL, (a, b)
         ga, gb = steps[0]["grad_norm"], _steps(one)[0]["grad_norm"]  # what clipping acted on
         assert abs(ga - gb) <= TOL * max(1.0, gb), (ga, gb)
-        for key in PREFERENCE_KEYS if row["method"] in M.PREFERENCE else ():
+        for key in (PREFERENCE_KEYS if row["method"] in M.PREFERENCE else
+                    REWARD_KEYS if row["method"] in M.REWARD else ()):
             x, y = [m[key] for m in steps], [m[key] for m in _steps(one)]
             tol = TOL * max(1.0, *map(abs, y))  # log-probs are sums over ~50 tokens
             assert max(abs(p - q) for p, q in zip(x, y)) <= tol, (key, x, y)

@@ -429,7 +429,7 @@ def test_objective_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(objective="sft"), "is for `objective: dpo, ipo, simpo, orpo`"),
+    (dict(objective="sft"), "is for `objective: dpo, ipo, simpo, orpo, reward`"),
     (dict(preference={"reference": "adapter_off"}), "needs LoRA"),
     (dict(objective="ipo", preference={"label_smoothing": 0.1}), "no meaning"),
     (dict(objective="orpo", preference={"label_smoothing": 0.1}), "no meaning"),
