@@ -135,7 +135,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
     times = {"data_s": t1 - t0, "forward_backward_s": t2 - t1 - optimizer_s,
              "optimizer_s": optimizer_s, "step_time_s": t2 - t0}
-    metrics = {n: v / max(units, 1) for n, v in zip(objective.metric_names, reduced[3:])}
+    metrics = objective.per_unit({n: v / max(units, 1)
+                                  for n, v in zip(objective.metric_names, reduced[3:])})
     metrics.update(objective.step_metrics())
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
                       lengths, applied, times, metrics, grad_norm,
@@ -166,6 +167,7 @@ def evaluate(engine, batches, env, objective: Objective | None = None
     reduced = distributed.all_reduce_sum([float(total), count, *(float(v) for v in sums.values())],
                                          env.device)
     count = int(reduced[1])
-    metrics = {n: v / max(count, 1) for n, v in zip(objective.metric_names, reduced[2:])}
+    metrics = objective.per_unit({n: v / max(count, 1)
+                                  for n, v in zip(objective.metric_names, reduced[2:])})
     metrics.update(objective.step_metrics())
     return reduced[0] / max(count, 1), count, metrics

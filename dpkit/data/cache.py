@@ -6,7 +6,8 @@ nothing), hub dataset ids with their revision and the commit it resolves to now 
 dataset that changed upstream gets a new entry; global rank 0 asks the hub, once, and sends the
 answer to every rank), the tokenizer (its whole fast-tokenizer JSON and
 special tokens), the chat template, each source's format and column mapping, max_seq_len,
-overflow, masking, the method's data options (preference.max_prompt_len), and the source of the tokenization code itself.
+overflow, masking, the method's data options (preference.max_prompt_len), and the source of the tokenization code itself
+(formats.py, tokenize.py, preference.py and the module of the sources' row kind).
 The eval split and the seed are not in it: they are cheap and applied when the cache is read.
 Rows and preference pairs (dpkit/data/preference.py) both go through it.
 
@@ -129,9 +130,23 @@ def tokenizer_identity(tokenizer) -> dict:
             "probe": tokenizer("a b", add_special_tokens=True)["input_ids"]}
 
 
+def row_kind_code(section) -> bytes:
+    """The source of the modules holding the sources' row kind (`FormatSpec.rows`): a method
+    whose rows have their own shape tokenizes them in its own module (dpkit/objectives/<name>.py),
+    so an edit there must change the key as an edit of CODE does."""
+    from importlib.util import find_spec
+
+    from dpkit import methods
+
+    modules = sorted({methods.FORMATS[s.format].rows.partition(":")[0]
+                      for s in (*section.sources, *section.eval_sources)})
+    return b"".join(Path(find_spec(m).origin).read_bytes() for m in modules)
+
+
 def cache_key(section, tokenizer, kinds, options: dict | None = None) -> tuple[str, dict]:
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)
+                          + row_kind_code(section)).hexdigest()
     material = {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
                 "max_seq_len": section.max_seq_len, "overflow": section.overflow,
                 "completion_only_loss": section.completion_only_loss,

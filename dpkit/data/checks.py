@@ -61,6 +61,8 @@ def row_problems(ds, source: DataSource, where: str) -> list[Problem]:
         wrong_type = not (pa_is_list(values.type) if kind == "list" else pa_is_text(values.type))
         if spec.text_or_list:
             wrong_type = not (pa_is_list(values.type) or pa_is_text(values.type))
+        if canonical in spec.booleans:
+            kind, wrong_type = "true/false", not pa_is_bool(values.type)
         if wrong_type and not (canonical in fmt.optional and values.null_count == len(ds)):
             problems.append(Problem(f"{where}.path", f"'{source.path}': column '{col}' holds "
                                     f"{values.type} values, not {kind}", "fix the data, or map "
@@ -95,6 +97,12 @@ def pa_is_text(t) -> bool:
     import pyarrow as pa
 
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def pa_is_bool(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_boolean(t) or pa.types.is_null(t)
 
 
 def pa_is_list(t) -> bool:

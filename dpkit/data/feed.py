@@ -29,17 +29,26 @@ class RowFeed:
         self.steps_per_epoch = D.steps_per_epoch(len(rows), global_batch)
         self._order: tuple[int, list[int]] | None = None  # (epoch, its order): shuffled once
 
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, D.epoch_order(len(self.rows), self.seed, epoch))
+        return self._order[1]
+
+    def step_rows(self, step: int) -> list[int]:
+        """Every row index of step `step`'s global batch (the same on any world size): what a
+        method precomputing per-step quantities before step 1 reads for every planned step."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return self._epoch_order(epoch)[in_epoch * self.global_batch:
+                                        (in_epoch + 1) * self.global_batch]
+
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's collated CPU micro-batches for optimizer step `step` (0-based)."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, D.epoch_order(len(self.rows), self.seed, epoch))
         picks = D.step_micro_batches(len(self.rows), self.seed, epoch, in_epoch, self.dp_rank,
                                      self.dp_world, self.micro, self.accum, self.lengths,
-                                     order=self._order[1])
-        step_rows = self._order[1][in_epoch * self.global_batch:(in_epoch + 1) * self.global_batch]
+                                     order=self._epoch_order(epoch))
         return [self.collate(examples, self.pad_id, flatten=self.flatten)
-                for examples in self.examples(self.rows, picks, step_rows, step)]
+                for examples in self.examples(self.rows, picks, self.step_rows(step), step)]
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch

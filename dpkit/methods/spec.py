@@ -20,6 +20,8 @@ class FormatSpec:
     """Columns holding message lists rather than text."""
     text_or_list: bool = False
     """Its columns may hold text or message lists (TRL's standard and conversational layouts)."""
+    booleans: tuple[str, ...] = ()
+    """Columns holding true/false rather than text (an unpaired row's `label`)."""
     doc: str = ""
 
 

@@ -86,6 +86,19 @@ class Objective:
         """Forward the device batch through `engine`; the loss summed over the batch's units."""
         raise NotImplementedError
 
+    def per_unit(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics as logged, from the reduced sums of `metric_names` divided by the global
+        units (what the loop computes). A method whose metric is a mean over some units only
+        (KTO's desirable rows) returns their count as a metric too and divides here. Default:
+        unchanged."""
+        return metrics
+
+    @property
+    def forwards_without_grad(self) -> int:
+        """Forwards without gradient per micro-batch besides the loss's own, each of the batch's
+        size (the planner's step time and ZeRO-3 gathers): an adapter-off reference is one."""
+        return 1 if self.reference == "adapter_off" else 0
+
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
         """Short readings for the progress bar, from a step's metrics (per unit)."""
         return {}

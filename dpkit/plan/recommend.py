@@ -251,12 +251,12 @@ def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: C
 def objective_load(recipe: Recipe) -> dict:
     """What the recipe's objective puts through the model per batch item (the time model's Job
     fields): pairs are two rows; DPO with the adapter-off reference adds one forward without
-    gradient per micro-batch (a precomputed reference runs once before step 1: cost.py)."""
+    gradient per micro-batch, as the objective says (`Objective.forwards_without_grad`; a
+    precomputed reference runs once before step 1: cost.py)."""
     from dpkit.objectives import build_objective
 
     o = build_objective(recipe)
-    return {"rows_per_item": o.rows_per_item,
-            "reference_forwards": 1 if o.reference == "adapter_off" else 0}
+    return {"rows_per_item": o.rows_per_item, "reference_forwards": o.forwards_without_grad}
 
 
 # ----------------------------------------------------------------------------------- output
