@@ -19,7 +19,7 @@ from importlib import import_module
 from dpkit.methods.spec import SEQUENCE_FORMATS, FormatSpec, MethodSpec  # noqa: F401
 
 
-MODULES = ("sft", "preference", "grpo", "reward")
+MODULES = ("sft", "preference", "grpo", "reward", "kto")
 """The method declarations, in the order `objective:` lists them: one line per method."""
 
 METHODS: dict[str, MethodSpec] = {}

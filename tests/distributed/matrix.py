@@ -34,6 +34,11 @@ PAIRS = tuple(m for m, spec in METHODS.items() if "preference" in spec.formats)
 """Methods trained on preference pairs (chosen and rejected rows side by side)."""
 NEW_HEAD = tuple(m for m, spec in METHODS.items() if spec.head != "causal_lm")
 """Methods whose model has another head than a causal LM's (a reward model's score layer)."""
+UNPAIRED = tuple(m for m, spec in METHODS.items() if "unpaired" in spec.formats)  # KTO
+WHOLE_ROWS = PAIRS + UNPAIRED
+"""Methods whose loss sums each pair's or row's log-probs (or score) over its whole sequence."""
+HELD_IN_MEMORY = tuple(m for m, spec in METHODS.items() if not spec.streams)
+"""Methods whose rows are tokenized and held in memory (`MethodSpec.streams` false)."""
 
 
 def zero_level(stage: int, opt: str, par: str) -> str:
@@ -96,16 +101,16 @@ class Refusal:
 
 
 REFUSED: tuple[Refusal, ...] = (
-    Refusal({"method": PAIRS, "sequence_parallel": (2,)},
+    Refusal({"method": WHOLE_ROWS, "sequence_parallel": (2,)},
             ("train.sequence_parallel", "objective"),
-            "the sequence split would cut a pair's chosen/rejected rows and its pair mask"),
-    Refusal({"method": PAIRS, "streaming": (True,)}, ("data.streaming", "objective"),
-            "preference pairs are tokenized and held in memory; streaming reads rows only"),
+            "the sequence split would cut a pair's chosen/rejected rows and its pair mask, or a "
+            "KTO row from its log-prob sum"),
+    Refusal({"method": HELD_IN_MEMORY, "streaming": (True,)}, ("data.streaming", "objective"),
+            "the method's rows (pairs, KTO's rows, GRPO's prompts) are tokenized and held in "
+            "memory (MethodSpec.streams); streaming reads rows only"),
     Refusal({"method": ONLINE, "sequence_parallel": (2,)},
             ("train.sequence_parallel", "objective"),
             "rollouts generate whole sequences on each rank"),
-    Refusal({"method": ONLINE, "streaming": (True,)}, ("data.streaming", "objective"),
-            "prompts are tokenized and held in memory; streaming reads rows only"),
     Refusal({"method": ONLINE, "packing": (True,)}, ("data.packing", "objective"),
             "its rows are prompts whose completions are generated every step: nothing to pack"),
     Refusal({"zero": ("0",), "sequence_parallel": (2,)}, ("zero.stage",),
@@ -130,11 +135,16 @@ _PLAIN = {"packing": False, "sequence_parallel": 1, "streaming": False, "tail": 
           "dropout": 0.0}
 REQUIRED: tuple[dict, ...] = tuple(
     {"method": m, "zero": z, "peft": p, **_PLAIN}
-    for m in ONLINE + NEW_HEAD for z in ("0", "1", "2", "3") for p in (None, "lora"))
+    for m in ONLINE + NEW_HEAD for z in ("0", "1", "2", "3") for p in (None, "lora")) + tuple(
+    {"method": m, "zero": z, "peft": p, "dropout": 0.0}
+    for m in UNPAIRED for z in ("0", "1", "2", "3") for p in (None, "lora"))
 """Rows beyond pairwise coverage, first in the array: GRPO's completions and losses, and a model
 with a new head (a reward model's score layer: its seeded init, its ZeRO-3 gather, PEFT training
-it in full), must equal one process's under every ZeRO stage, full and LoRA (dropout 0). The
-greedy rows then cover only what these leave."""
+it in full), must equal one process's under every ZeRO stage, full and LoRA (dropout 0); so must
+KTO's losses and its reference point z₀ — all-reduced over the global batch before the backward
+passes — with both its references (precomputed for full fine-tuning, adapter off with LoRA).
+KTO's rows fix only those levels: the rest are chosen greedily like any row's, so they also
+cover packing and the uneven tail. The greedy rows then cover only what these leave."""
 
 
 def covering_rows() -> list[dict]:
@@ -146,15 +156,16 @@ def covering_rows() -> list[dict]:
                  for la in FACTORS[a] for lb in FACTORS[b]}
     # pairs refused whatever the other factors are: nothing to cover
     uncovered = {p for p in uncovered if refusal({p[0]: p[1], p[2]: p[3]}) is None}
-    rows: list[dict] = [dict(r) for r in REQUIRED]
-    for row in rows:
-        assert refusal(row) is None, row
-        uncovered -= _pairs(row)
-    while uncovered:
-        a, la, b, lb = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]),
-                                                     FACTORS[p[0]].index(p[1]),
-                                                     FACTORS[p[2]].index(p[3])))
-        row = {a: la, b: lb}
+    rows: list[dict] = []
+    seeds = [dict(r) for r in REQUIRED]
+    while uncovered or seeds:
+        if seeds:  # a required row, the levels it leaves open chosen as for any row
+            row = seeds.pop(0)
+        else:
+            a, la, b, lb = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]),
+                                                         FACTORS[p[0]].index(p[1]),
+                                                         FACTORS[p[2]].index(p[3])))
+            row = {a: la, b: lb}
         for f in names:
             if f in row:
                 continue
@@ -201,6 +212,7 @@ ROWS = {"even": (12, 0.0), "uneven": (17, 0.18)}  # max_rows, eval_fraction
 
 
 PROMPT_DATA = "dpkit:data/letters.prompts.jsonl"
+UNPAIRED_DATA = "dpkit:data/self_instruct_seed.unpaired.jsonl"  # KTO: 119 labelled rows
 GROUP = 2  # GRPO's completions per prompt in the matrix (a step trains on GROUP × its prompts)
 
 
@@ -209,13 +221,14 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
     """The row's recipe: a tiny fp32 model on the bundled data."""
     preference, pairs = row["method"] in PREFERENCE, row["method"] in PAIRS
     online, reward = row["method"] in ONLINE, row["method"] in REWARD
+    unpaired = row["method"] in UNPAIRED
     max_rows, eval_fraction = ROWS[row["tail"]]
     config = dict(model_config, attention_dropout=row["dropout"])
     r = {
         "model": {"config": config, "tokenizer": tokenizer, "dtype": "float32"},
-        "data": {"sources": [{"path": PROMPT_DATA if online else
+        "data": {"sources": [{"path": PROMPT_DATA if online else UNPAIRED_DATA if unpaired else
                               pref_data if pairs else sft_data,
-                              "format": "prompts" if online else
+                              "format": "prompts" if online else "unpaired" if unpaired else
                               "preference" if pairs else "messages",
                               "max_rows": max_rows}],
                  # whole pairs: 128 tokens hold all 17 (the preference rows cut prompts to 24)
@@ -241,6 +254,8 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
         r["preference"] = {"max_prompt_len": 24}
     if reward:
         r["reward"] = {"center_rewards_coefficient": 0.01}
+    if unpaired:
+        r[METHODS[row["method"]].section] = {"max_prompt_len": 24}
     if online:  # short completions sampled at temperature 1 and scored by the toy reward
         r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
                      "rewards": [{"function": "char_share"}]}

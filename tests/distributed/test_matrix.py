@@ -38,6 +38,9 @@ PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "log
 # themselves (their checksum, compared exactly).
 ONLINE_KEYS = ("grad_norm", "entropy", "reward")
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
+KTO_KEYS = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+"""KTO's z₀ (`kl`) is all-reduced over the global batch: equal to one process's too. A class
+absent from a step's batch has no entry (as in TRL's logs)."""
 CHECKSUM = "completions/checksum"
 ROWS = {M.row_name(r): r for r in M.covering_rows()}
 
@@ -205,9 +208,9 @@ def test_combination_trains_as_promised(runs, name):
     bad = [m for m in read_metrics(run) for v in _numbers(m) if not math.isfinite(v)]
     assert not bad, bad
     assert all(m["grad_norm"] > 0 for m in steps)  # it learned something at every step
-    if row["method"] in M.PREFERENCE:  # the reference is what the method and LoRA ask for
+    if row["method"] in M.PREFERENCE + M.UNPAIRED:  # the reference the method and LoRA ask for
         log = (run / "logs" / "rank0.log").read_text()
-        want = ("no reference model" if row["method"] not in ("dpo", "ipo") else
+        want = ("no reference model" if row["method"] not in ("dpo", "ipo", "kto") else
                 "reference adapter_off" if row["peft"] else "reference precomputed")
         assert want in log, want
     uneven = row["tail"] == "uneven"
@@ -234,10 +237,18 @@ def test_combination_trains_as_promised(runs, name):
         ga, gb = steps[0]["grad_norm"], _steps(one)[0]["grad_norm"]  # what clipping acted on
         assert abs(ga - gb) <= TOL * max(1.0, gb), (ga, gb)
         for key in (PREFERENCE_KEYS if row["method"] in M.PREFERENCE else
-                    REWARD_KEYS if row["method"] in M.REWARD else ()):
-            x, y = [m[key] for m in steps], [m[key] for m in _steps(one)]
+                    REWARD_KEYS if row["method"] in M.REWARD else
+                    KTO_KEYS if row["method"] in M.UNPAIRED else ()):
+            x, y = [m.get(key) for m in steps], [m.get(key) for m in _steps(one)]
+            assert [v is None for v in x] == [v is None for v in y], (key, x, y)
+            x, y = [v for v in x if v is not None], [v for v in y if v is not None]
             tol = TOL * max(1.0, *map(abs, y))  # log-probs are sums over ~50 tokens
-            assert max(abs(p - q) for p, q in zip(x, y)) <= tol, (key, x, y)
+            if key == "kl":  # a mean of differences of such sums: their fp32 resolution
+                tol = TOL * max(abs(m.get(k) or 0.0) for m in _steps(one)
+                                for k in ("logps/chosen", "logps/rejected"))
+            assert max((abs(p - q) for p, q in zip(x, y)), default=0.0) <= tol, (key, x, y)
+        if row["method"] in M.UNPAIRED:  # z₀ came into play: some step's was above its clamp
+            assert any(m["kl"] > 0 for m in steps), [m["kl"] for m in steps]
         if online:
             _same_rollouts(steps, _steps(one), TOL)
         ea, eb = _evals(run), _evals(one)
