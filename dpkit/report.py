@@ -199,6 +199,8 @@ def write_plots(runs: list[RunRecord], out_dir: Path) -> dict[str, Path]:
         plots["Reward margin"] = _save(_series_figure(
             runs, "rewards/margins", "Reward margin (chosen - rejected)", "margin"),
             out_dir / "reward_margin.png")
+    if any(r.get("rewards/accuracies") is not None for run in runs for r in run.train):
+        # Paired objectives only: KTO's rows have no pair to compare within.
         plots["Reward accuracy"] = _save(_series_figure(
             runs, "rewards/accuracies", "Reward accuracy (chosen above rejected)", "fraction"),
             out_dir / "reward_accuracy.png")

@@ -439,3 +439,26 @@ def test_a_kto_section_needs_the_kto_objective(tmp_path):
     r["kto"] = {"beta": 0.2}
     with pytest.raises(RecipeError, match="section is for `objective: kto`"):
         recipe_from_dict(r)
+
+
+def test_model_card_and_report_show_kto_and_no_pair_accuracy(tmp_path):
+    import json
+
+    from dpkit.model_card import render_card
+    from dpkit.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    kto = KTO(0.2, 1.33, 1.0, reference="adapter_off")
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "world_size": 2, **kto.card(),
+                                                  "method_card": kto.card_rows()}))
+    lines = [{"step": s, "loss": 0.5 - 0.1 * s, "tokens_seen": 100 * s, "kl": 0.1 * s,
+              "rewards/margins": 0.1 * s} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = render_card(run, repo_id="me/x", base_model=None, adapter=True, license=None, tags=[],
+                       has_plot=False)
+    assert "| objective | kto |" in text and "| desirable weight λ_D | 1.33 |" in text
+    assert "| reference model | adapter_off |" in text
+    report = write_report([run]).read_text()
+    assert "## Reward margin" in report and "## Reward accuracy" not in report  # rows, no pairs
+    assert "objective kto, beta 0.2" in report
