@@ -122,16 +122,18 @@ def _nll(hidden, weight, bias, labels, softcap):
 
 def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
               tile: int = DEFAULT_TILE, softcap: float | None = None,
-              always: bool = True) -> torch.Tensor:
+              always: bool = True, decide_on: int | None = None) -> torch.Tensor:
     """Per-token NLL [same shape as labels], 0 at label -100, never holding more than `tile`
     tokens' logits. `hidden` [..., hidden] are the final (normed) hidden states, `labels` the
     next-token targets aligned with them (already shifted).
 
     A batch of at most one tile goes through the full logits: they are no larger than a tile's,
     the numbers are the same, and the backward needs no second head matmul. `always=False`
-    (compute.loss: auto) also does so wherever tiling would hold more (`tiling_threshold`)."""
+    (compute.loss: auto) also does so wherever tiling would hold more (`tiling_threshold`).
+    `decide_on`: the token count that choice is made on (default: these labels'), so a caller
+    passing the labelled positions only chooses as the planner does, on the whole batch."""
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    n, w = flat_y.numel(), head.weight
+    n, w = (flat_y.numel() if decide_on is None else decide_on), head.weight
     if n <= tile or not (always or n >= tiling_threshold(tile, head.in_features, w.element_size(),
                                                           w.requires_grad, bool(softcap))):
         return plain_token_nll(hidden, head, labels, softcap)
@@ -220,7 +222,14 @@ class LossHead:
         inputs, already shifted; -100 where nothing is predicted), 0 where ignored."""
         if self.tiled:
             hidden = forward_hidden(engine, **inputs)
-            return token_nll(hidden, self.head, labels, self.tile, self.softcap, self.always)
+            # Only the positions with a label go through the output layer: prompt, template and
+            # padding tokens cost no logits (a preference or KTO batch's prompts are often half
+            # its tokens; the head is a quarter of a small model's FLOPs per token).
+            scored = labels != IGNORE
+            nll = token_nll(hidden[scored], self.head, labels[scored], self.tile, self.softcap,
+                            self.always, decide_on=labels.numel())
+            return torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(
+                scored, nll)
         logits = engine(use_cache=False, **inputs).logits  # the model applies its own softcap
         return F.cross_entropy(logits.to(wide(logits.dtype)).reshape(-1, logits.shape[-1]),
                                labels.reshape(-1), ignore_index=IGNORE,

@@ -63,7 +63,8 @@ def test_tiled_equals_plain_loss_and_gradients(tile, softcap, bias):
 
 def test_tiled_sft_loss_through_a_model_equals_full_logits():
     """A real tiny Llama: SFT's tiled loss and every parameter gradient equal the full-logits
-    loss_sum (the path dpkit used before), packed keywords included."""
+    loss_sum (the path dpkit used before), packed keywords included; the output layer sees only
+    the labelled positions."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
@@ -91,11 +92,16 @@ def test_tiled_sft_loss_through_a_model_equals_full_logits():
         loss.backward()
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    seen = []  # positions each call of the output layer scores
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
     ref_loss, ref = run(lambda: loss_sum(model, batch))
     got_loss, got = run(lambda: sft.loss(model, batch).loss)
     assert abs(got_loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
     assert all(close(got[n], ref[n]) for n in ref)
     assert shifted_labels(batch)[:, -1].eq(-100).all()
+    # the full path scores every position; the loss head only those with a label (no prompt;
+    # the model's own call of its head gets no position: logits_to_keep is empty)
+    assert seen == [ids.numel(), 0, int(shifted_labels(batch).ne(-100).sum())], seen
 
 
 def test_full_choice_and_rescaled_logits_fall_back():
