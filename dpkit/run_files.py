@@ -8,7 +8,8 @@ writer per file, and the one way dpkit writes a file or a folder whole.
         metrics.jsonl     METRICS: a JSON line per logged step, eval, restart  (append_jsonl)
         samples.jsonl     SAMPLES: a JSON line per prompt per eval (dpkit/eval; append_jsonl)
         summary.json      SUMMARY: written last; the run finished  (write_json)
-        ref_logps.pt      REF_LOGPS: reference log-probs of preference pairs (write_atomic)
+        ref_logps.pt      REF_LOGPS: reference log-probs a method precomputes before step 1
+                          (preference pairs; KTO's rows and mismatched rows) (write_atomic)
         PREEMPTED         the checkpoint the ranks wrote when stopped by SIGTERM
         checkpoints/      CHECKPOINTS: step-NNNNNNNN/ each, and LATEST (dpkit/checkpoint.py
                           owns what is inside a checkpoint)
