@@ -494,12 +494,10 @@ class GRPO(Objective):
                 "rewards": {n: v[sl] for n, v in zip(self.rewards.names, per_fn)}})
         run = getattr(self, "run", None)
         if run is not None and self.samples and prompts[0].step >= 0:  # not an eval pass
-            from dpkit.eval import SAMPLES
+            from dpkit.run_files import SAMPLES, append_jsonl
 
             # beside the evals' generations; `dpkit report` reads only those (index, completion)
-            with open(run.out / SAMPLES, "a", encoding="utf-8") as f:
-                for record in self.samples:
-                    f.write(json.dumps(record) + "\n")
+            append_jsonl(run.out / SAMPLES, *self.samples)
 
     def collate_sequences(self, seqs: list, pad_id: int) -> dict:
         """Prompt + completion rows, right-padded; labels on the completion tokens (none for a
