@@ -494,7 +494,7 @@ class GRPO(Objective):
                 "rewards": {n: v[sl] for n, v in zip(self.rewards.names, per_fn)}})
         run = getattr(self, "run", None)
         if run is not None and self.samples and prompts[0].step >= 0:  # not an eval pass
-            from dpkit.eval import SAMPLES
+            from dpkit.run_files import SAMPLES
 
             # beside the evals' generations; `dpkit report` reads only those (index, completion)
             with open(run.out / SAMPLES, "a", encoding="utf-8") as f:
