@@ -57,6 +57,7 @@ class TrainState:
     steps_per_epoch: int
     data: dict = field(default_factory=dict)  # a stream's position (in-memory rows: empty)
     settings: dict = field(default_factory=dict)  # data_settings(): what fixes the data order
+    source_counts: list = field(default_factory=list)  # tokens, then rows, seen per data source
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -273,13 +274,20 @@ def data_settings(recipe) -> dict:
            "data.overflow": d.overflow, "data.packing": d.packing,
            "data.completion_only_loss": d.completion_only_loss,  # rows with no target drop out
            "data.eval_fraction": d.eval_fraction, "data.streaming": d.streaming,
+           "data.mixture": d.mixture,
            "data.shuffle_buffer": d.shuffle_buffer,
            # the method's settings that change its tokenized rows, under its section's key
            **{f"{section}.{k}": v for k, v in method.options(recipe).items()}}
     for i, s in enumerate(d.sources):
-        for key in ("path", "name", "split", "revision", "format", "columns", "max_rows"):
+        for key in ("path", "name", "split", "revision", "format", "columns", "max_rows",
+                    "weight", "rows_per_epoch", "epochs"):
             out[f"data.sources[{i}].{key}"] = getattr(s, key)
     return json.loads(json.dumps(out))  # as dpkit.json gives it back (tuples as lists)
+
+
+SETTINGS_BEFORE = {"data.mixture": "concat"}
+"""Data-order settings added after checkpoints stored them, with the value every run had before
+(a missing per-source key — weight, rows_per_epoch, epochs — reads None, its default)."""
 
 
 def settings_problem(recipe, ckpt: Path) -> RecipeError | None:
@@ -290,6 +298,8 @@ def settings_problem(recipe, ckpt: Path) -> RecipeError | None:
     if not saved:
         return None
     now = data_settings(recipe)
+    # Keys a checkpoint may predate: read as the value that kept the order it was trained with
+    saved = {**{k: v for k, v in SETTINGS_BEFORE.items() if k in now}, **saved}
     differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if not differ:
         return None

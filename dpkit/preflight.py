@@ -301,8 +301,8 @@ def _check_stream(recipe: Recipe, tokenizer, skipped: list[str], problems: list[
         if tokenizer is not None and not found:
             found = format_problems(ds, source, tokenizer, where)
         problems.extend(found)
-    notes.append(f"data: streaming {len(recipe.data.sources)} source(s); each rank reads its "
-                 "own rows")
+    notes.append(f"data: streaming {len(recipe.data.sources)} source(s), mixture "
+                 f"{recipe.data.mixture}; the same stream on any world size")
 
 
 def _collect_model(problems: list[Problem], fn, section, key: str):

@@ -137,6 +137,15 @@ class DataSource(_Section):
     """Map the format's column names to this dataset's: `{instruction: question, output: answer}`."""
     max_rows: int | None = Field(default=None, gt=0)
     """Read at most this many rows (the first ones)."""
+    weight: float | None = Field(default=None, gt=0)
+    """With `data.mixture: first_exhausted` or `all_exhausted`: this source's share of the rows
+    drawn, relative to the other sources' weights (default 1; weights 3 and 7 draw 30% and 70%)."""
+    rows_per_epoch: int | None = Field(default=None, gt=0)
+    """With `data.mixture: fixed`: rows drawn from this source per epoch (fewer than it has: each
+    epoch goes on where the last stopped; more: it is read again, each pass in a new order)."""
+    epochs: float | None = Field(default=None, gt=0)
+    """With `data.mixture: fixed`: passes over this source per epoch (0.5: half its rows, 2: each
+    row twice); not with `data.streaming`, where a source's length is unknown."""
 
     _shipped = field_validator("path")(_shipped_path)
 
@@ -154,9 +163,21 @@ class DataSource(_Section):
         return self.columns.get(canonical, canonical)
 
 
+Mixture = Literal["concat", "first_exhausted", "all_exhausted", "fixed"]
+
+
 class DataSection(_Section):
     sources: list[DataSource] = Field(min_length=1)
-    """One or more datasets, concatenated in order before shuffling."""
+    """One or more datasets, combined as `mixture` says."""
+    mixture: Mixture = "concat"
+    """How the sources are combined (docs/data.md): `concat` every row of every source once per
+    epoch, shuffled together; `first_exhausted` / `all_exhausted` rows drawn in proportion to
+    each source's `weight`, an epoch ending when the first source has given all its rows / when
+    every source has (the smaller ones are drawn again); `fixed` each source's `rows_per_epoch`
+    or `epochs`. Draws follow a quota schedule: at every global batch each source is within one
+    row of its share, the same on any world size."""
+    eval_mixture: Mixture = "concat"
+    """The same for `eval_sources`: the eval rows are one epoch of this mixture."""
     max_seq_len: int = Field(default=2048, gt=1)
     """Longest tokenized row trained on."""
     overflow: Literal["truncate", "drop"] = "truncate"
@@ -181,11 +202,12 @@ class DataSection(_Section):
     num_proc: int | None = Field(default=None, gt=0)
     """Processes that tokenize (default: the CPU count, at most 8)."""
     streaming: bool = False
-    """Read the sources as streams (corpora larger than memory): each rank reads its own rows,
-    shuffled in a window of `shuffle_buffer` rows, packed on the fly; the position is saved in
-    checkpoints. Needs `train.max_steps`."""
+    """Read the sources as streams (corpora larger than memory): one stream, the same on any world
+    size, shuffled in windows of `shuffle_buffer` rows (each rank tokenizes its own rows of it),
+    packed on the fly; the position is saved in checkpoints (a resume reads one window, on any
+    world size). Needs `train.max_steps`."""
     shuffle_buffer: int = Field(default=1000, gt=0)
-    """Streaming: rows shuffled together (and packed together) at a time, per rank."""
+    """Streaming: rows shuffled together (and packed together) at a time."""
 
     @model_validator(mode="after")
     def _one_eval(self) -> DataSection:
@@ -200,7 +222,34 @@ class DataSection(_Section):
             raise ValueError("`data.streaming` reads each row once in stream order: it can't hold "
                              "out `data.eval_fraction` or `group_by_length`; use "
                              "`data.eval_sources` for eval data")
+        if self.eval_mixture != "concat" and not self.eval_sources:
+            raise ValueError("`data.eval_mixture` combines `data.eval_sources`, and there are "
+                             "none: set eval_sources or leave eval_mixture out")
+        for kind, strategy, key in (("sources", self.mixture, "mixture"),
+                                    ("eval_sources", self.eval_mixture, "eval_mixture")):
+            for i, source in enumerate(getattr(self, kind)):
+                _check_mixture_keys(source, f"data.{kind}[{i}]", strategy, f"data.{key}",
+                                    self.streaming and kind == "sources")
         return self
+
+
+def _check_mixture_keys(source: DataSource, where: str, strategy: str, key: str,
+                        stream: bool) -> None:
+    """A source's weight / rows_per_epoch / epochs against its mixture's strategy."""
+    weighted = strategy in ("first_exhausted", "all_exhausted")
+    if source.weight is not None and not weighted:
+        raise ValueError(f"`{where}.weight` is read by `{key}: first_exhausted` or "
+                         f"`all_exhausted`, and {key} is `{strategy}`: set one of them")
+    counted = [k for k in ("rows_per_epoch", "epochs") if getattr(source, k) is not None]
+    if counted and strategy != "fixed":
+        raise ValueError(f"`{where}.{counted[0]}` is read by `{key}: fixed`, and {key} is "
+                         f"`{strategy}`: set `{key}: fixed` or leave it out")
+    if strategy == "fixed" and len(counted) != 1:
+        raise ValueError(f"`{key}: fixed` needs one of `{where}.rows_per_epoch` or "
+                         f"`{where}.epochs`" + (", not both" if counted else ""))
+    if stream and source.epochs is not None:
+        raise ValueError(f"`{where}.epochs` needs the source's length, which a stream "
+                         f"(`data.streaming`) doesn't know: use `{where}.rows_per_epoch`")
 
 
 # ----------------------------------------------------------------------------------------- train

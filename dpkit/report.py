@@ -165,6 +165,32 @@ def memory_figure(runs: list[RunRecord]):
     return fig
 
 
+def source_names(run: Run) -> list[str]:
+    """The data sources' names (summary.json's paths; `source i` while in progress)."""
+    k = max((len(r.get("source_tokens_seen") or ()) for r in run.train), default=0)
+    paths = [s.get("path") for s in ((run.summary or {}).get("data") or {}).get("sources") or ()]
+    names = [Path(p).name if p else None for p in paths]
+    return [(names[i] if i < len(names) and names[i] else f"source {i}") + f" [{i}]"
+            for i in range(k)]
+
+
+def source_tokens_figure(runs: list[Run]):
+    """Tokens trained from each data source (cumulative) against step: one colour per run, one
+    line style per source, so a mixture's shares show as the lines' slopes."""
+    fig, ax = _new_figure("Tokens per data source", "step", "tokens seen (cumulative)")
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        records = [r for r in run.train if r.get("source_tokens_seen")]
+        for j, name in enumerate(source_names(run)):
+            points = [(r["step"], r["source_tokens_seen"][j]) for r in records
+                      if len(r["source_tokens_seen"]) > j]
+            if points:
+                ax.plot(*zip(*points), color=_colour(i), linestyle=styles[j % 4],
+                        label=f"{run.name} {name}")
+    ax.legend(fontsize="small")
+    return fig
+
+
 def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -204,6 +230,9 @@ def write_plots(runs: list[RunRecord], out_dir: Path) -> dict[str, Path]:
         plots["Reward accuracy"] = _save(_series_figure(
             runs, "rewards/accuracies", "Reward accuracy (chosen above rejected)", "fraction"),
             out_dir / "reward_accuracy.png")
+    if any(r.get("source_tokens_seen") for run in runs for r in run.train):
+        plots["Tokens per data source"] = _save(source_tokens_figure(runs),
+                                                out_dir / "source_tokens.png")
     if any(r.get("lr") is not None for run in runs for r in run.train):
         plots["Learning rate"] = _save(_series_figure(runs, "lr", "Learning rate", "lr"),
                                        out_dir / "lr.png")
@@ -257,6 +286,16 @@ def _details(run: RunRecord) -> list[str]:
                      f"{', '.join(map(str, s.get('datasets') or [])) or '—'}")
         if s.get("hardware"):
             lines.append(f"- hardware: {s['hardware']}")
+        data = s.get("data") or {}
+        for i, src in enumerate(data.get("sources") or ()):
+            share = src.get("token_share")
+            lines.append(f"- data source [{i}] `{src.get('path')}` ({src.get('format')}"
+                         + (f", weight {src['weight']:g}" if src.get("weight") else "")
+                         + f"): {fmt(src.get('rows_available'))} {src.get('unit', 'rows')} "
+                         f"available, {fmt(src.get('rows_per_epoch'))} drawn per epoch; the run "
+                         f"took {fmt(src.get('rows_seen'))} of them, {fmt(src.get('tokens_seen'))}"
+                         f" tokens ({'—' if share is None else f'{100 * share:.1f}%'} of the "
+                         f"run's tokens; mixture {data.get('mixture', 'concat')})")
         if s.get("objective", "sft") != "sft":
             last = run.train[-1] if run.train else {}
             lines.append(f"- objective {s['objective']}" + "".join(
@@ -274,7 +313,7 @@ def _details(run: RunRecord) -> list[str]:
 
 
 REPORT_FILES = ["report.md", "loss.png", "throughput.png", "memory.png", "lr.png",
-                "reward_margin.png", "reward_accuracy.png"]
+                "reward_margin.png", "reward_accuracy.png", "source_tokens.png"]
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:

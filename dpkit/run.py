@@ -25,6 +25,7 @@ from dpkit.attention import describe_packed
 from dpkit.data import load as D
 from dpkit.data.cache import load_cached
 from dpkit.data.feed import eval_batches, make_feed
+from dpkit.data.mixture import Mixture, describe_sources, source_summary
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.data.stream import check_stream
 from dpkit.engine import build_engine, lr_now, save_model
@@ -117,10 +118,15 @@ class Run:
         self.say(f"[dpkit] data: {self.data_stats.describe()}; eval rows: {len(self.eval_rows)}")
         if r.data.packing and self.objective.packs_rows:  # else: it lays out its own batches
             before = len(rows)
-            rows = pack(rows, r.data.max_seq_len, r.train.seed)
+            if isinstance(rows, Mixture):  # each source packed on its own: shares of sequences
+                rows = rows.packed(r.data.max_seq_len, r.train.seed)
+                describe_sources(self.data_stats, rows, rows.sizes, r.data.sources, "sequences")
+            else:
+                rows = pack(rows, r.data.max_seq_len, r.train.seed)
             self.say(f"[dpkit] packing: {before} rows into {len(rows)} sequences of up to "
                      f"{r.data.max_seq_len} tokens, "
-                     f"{100 * fill_ratio(rows, r.data.max_seq_len):.1f}% full")
+                     f"{100 * fill_ratio(rows, r.data.max_seq_len):.1f}% full"
+                     f"{self.data_stats.describe_sources()}")
         self.train_rows = rows
 
     def _resolve_config(self) -> None:
@@ -136,7 +142,9 @@ class Run:
         self.gradient_divisor = gradient_divisor(self.ds_config, self.batch.data_parallel,
                                                  env.world_size)
         self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
-                          D.steps_per_epoch(len(self.train_rows), self.batch.global_batch_size))
+                          D.steps_per_epoch(getattr(self.train_rows, "per_epoch",
+                                                    len(self.train_rows)),
+                                            self.batch.global_batch_size))
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
         self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
                  f"{self.total_steps} steps; {self.layout.describe()}, {r.model.dtype}; "
@@ -200,8 +208,10 @@ class Run:
             self.writer_waits = C.clock_commits(self.engine)
             atexit.register(C.stop_writer, self.engine)
         b = self.batch
+        sizes = [s["available"] for s in self.data_stats.sources] or None
         self.feed = make_feed(r, self.train_rows, self.tokenizer, b, self.dp_rank,
-                              self.objective.collate, flat, self.objective.step_examples)
+                              self.objective.collate, flat, self.objective.step_examples,
+                              sizes)
         if self.sp is not None:  # every rank of a group reads the same rows, keeps its slice
             self.feed = self.sp.wrap(self.feed)
 
@@ -228,6 +238,7 @@ class Run:
 
     def _resume(self) -> None:
         self.start_step, self.tokens_seen = 0, 0
+        self.source_counts = [0] * (2 * len(self.recipe.data.sources))  # tokens, then rows
         if self.resume_from is None:
             return
         r, ckpt = self.recipe, self.resume_from
@@ -246,6 +257,8 @@ class Run:
         if self.env.is_main:  # a rewind: this run's lineage goes on from here (C.latest_complete)
             C.point_latest(self.out, ckpt)
         self.start_step, self.tokens_seen = state.step, state.tokens_seen
+        if len(state.source_counts) == len(self.source_counts):  # not in older checkpoints
+            self.source_counts = list(state.source_counts)
         self.say(f"[dpkit] resumed from {ckpt} at step {self.start_step}"
                  + (" (universal checkpoint: world size or ZeRO stage changed)"
                     if self.universal else ""))
@@ -300,10 +313,15 @@ class Run:
         t0 = time.perf_counter()
         micro_batches = self.feed.micro_batches(step)
         collate_s = time.perf_counter() - t0
+        # What each source gave this step: counted once per sequence-parallel group
+        counts = (self.feed.last_counts if self.sp is None or self.sp.rank == 0 else
+                  [0] * len(self.feed.last_counts))
         result = train_step(self.engine, micro_batches, env, self.batch.grad_accum,
                             poison_loss=C.fault_requested("nan", step + 1, env.rank),
                             objective=self.objective, gradient_divisor=self.gradient_divisor,
-                            stop_vote=distributed.STOP.requested, aux=self.aux)
+                            stop_vote=distributed.STOP.requested, aux=self.aux, counts=counts)
+        if len(result.counts) == len(self.source_counts):
+            self.source_counts = [a + b for a, b in zip(self.source_counts, result.counts)]
         self.stop_agreed = result.stop
         result.times["data_s"] += collate_s
         result.times["step_time_s"] += collate_s
@@ -328,6 +346,8 @@ class Run:
             lr=lr_now(self.scheduler),
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             tokens=result.tokens, target_tokens=result.targets, tokens_seen=self.tokens_seen,
+            source_tokens_seen=self.source_counts[:len(self.source_counts) // 2],
+            source_rows_seen=self.source_counts[len(self.source_counts) // 2:],
             samples=result.samples, tokens_per_s=result.tokens / elapsed,
             samples_per_s=result.samples / elapsed, flops=flops,
             mfu=flops / (elapsed * env.world_size * self._peak) if self._peak else None,
@@ -399,7 +419,8 @@ class Run:
         state = C.TrainState(step=step_done, tokens_seen=self.tokens_seen,
                              world_size=self.layout.world_size, zero_stage=self.layout.stage,
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
-                             data=self.feed.state_dict(), settings=C.data_settings(self.recipe))
+                             data=self.feed.state_dict(), settings=C.data_settings(self.recipe),
+                             source_counts=self.source_counts)
         self.saved_step = step_done
         start = time.perf_counter()
         ckpt = C.save(self.engine, self.out, state, self.tokenizer, self.env,
@@ -482,7 +503,8 @@ class Run:
                      "dropped_no_target": s.dropped_no_target, "eval_rows": len(self.eval_rows),
                      "prompt_truncated": s.prompt_truncated,
                      "dropped_identical": s.dropped_identical,
-                     "prompts_extracted": s.prompts_extracted},
+                     "prompts_extracted": s.prompts_extracted, "mixture": r.data.mixture,
+                     "sources": source_summary(r.data.sources, s.sources, self.source_counts)},
             **self.evals.summary(),
             "wall_time_s": time.time() - self.started, "versions": versions(),
             "hardware": hardware(self.env),

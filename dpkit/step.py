@@ -40,6 +40,7 @@ class StepResult:
     grad_norm: float | None = None  # measured here where DeepSpeed keeps none (plain_grad_norm)
     stop: bool = False        # some rank was asked to stop (SIGTERM) before this step ended
     aux_loss: float | None = None  # router loss, mean over the step's micro-batches with rows
+    counts: list[int] = field(default_factory=list)  # `counts` summed over ranks
 
 
 def plain_grad_norm(engine) -> float | None:
@@ -73,7 +74,7 @@ def _has_targets(batch: dict) -> bool:
 def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
                poison_loss: bool = False, objective: Objective | None = None,
                gradient_divisor: int | None = None, stop_vote: bool = False,
-               aux=None) -> StepResult:
+               aux=None, counts: list[int] = ()) -> StepResult:
     """Forward/backward every micro-batch of this rank, then DeepSpeed's optimizer step.
 
     `micro_batches` are collated CPU batches: everything counted is counted there, so the GPU
@@ -83,6 +84,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     dpkit.parallel.sequence.gradient_divisor). `stop_vote`: this rank got SIGTERM; summed with
     the loss after the update, so every rank learns whether any was asked to stop, at the same
     step, without a collective of its own. `aux`: the run's dpkit.moe.RouterAuxLoss, or None.
+    `counts`: numbers of this rank's rows (tokens and rows per data source) summed over the ranks
+    in the collective that counts the step's units.
     """
     objective = objective or SFT()
     t0 = time.perf_counter()
@@ -91,7 +94,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     lengths = [n for b in real for n in row_lengths(b)]  # rows, also inside packed sequences
     local = [sum(objective.count(b) for b in micro_batches),
              sum(int(b["attention_mask"].sum()) for b in real), len(lengths), len(real)]
-    units, tokens, samples, filled = distributed.all_reduce_sum(local, env.device)
+    units, tokens, samples, filled, *summed = distributed.all_reduce_sum([*local, *counts],
+                                                                         env.device)
     # engine.backward divides by the accumulation steps and the gradient reduction divides by
     # the ranks; multiplying by both turns the sum into "sum over the global batch / units".
     scale = grad_accum * (gradient_divisor or env.world_size) / max(units, 1)
@@ -141,7 +145,8 @@ def train_step(engine, micro_batches: list[dict], env, grad_accum: int,
     return StepResult(reduced[0] / max(units, 1), int(units), int(tokens), int(samples),
                       lengths, applied, times, metrics, grad_norm,
                       stop=distributed.StopFlag.agreed(reduced[1]),
-                      aux_loss=reduced[2] / max(filled, 1) if aux is not None else None)
+                      aux_loss=reduced[2] / max(filled, 1) if aux is not None else None,
+                      counts=[int(c) for c in summed])
 
 
 def evaluate(engine, batches, env, objective: Objective | None = None

@@ -1,8 +1,9 @@
 """`dpkit prepare RECIPE [key=value ...]`: tokenize a recipe's data into the cache ahead of a job.
 
 Run it once (e.g. on a login node) before a cluster job: every rank of the job then finds the
-tokenized data under `data.cache_dir` and starts training at once. Prints where the cache is and
-the data report; shows a progress bar while tokenizing.
+tokenized data under `data.cache_dir` and starts training at once. Each source is tokenized once
+into its own entry (a source already there, e.g. from a recipe with other weights, is reused).
+Prints where each source's entry is and the data report; shows a progress bar while tokenizing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 
 
 def cmd_prepare(args) -> int:
-    from dpkit.data.cache import entry_dir, load_cached
+    from dpkit.data.cache import entries, load_cached
     from dpkit.methods import spec
     from dpkit.model import load_tokenizer
     from dpkit.recipe import load_recipe
@@ -24,11 +25,11 @@ def cmd_prepare(args) -> int:
         print(f"{args.recipe}: data.streaming reads its sources as streams; nothing to prepare")
         return 0
     options = spec(recipe).options(recipe)  # the method's settings that change the tokens
-    entry, _ = entry_dir(data, tokenizer, kinds, options)
     _, evals, stats = load_cached(data, tokenizer, recipe.train.seed,
                                   streaming=data.streaming, options=options)
     state = "already prepared" if stats.cached else "prepared"
-    print(f"[dpkit] {state}: {entry}")
+    for kind, i, source, entry, _ in entries(data, tokenizer, kinds, options):
+        print(f"[dpkit] {state}: data.{kind}[{i}] ({source.path}): {entry}")
     print(f"[dpkit] data: {stats.describe()}; eval rows: {len(evals)}")
     return 0
 

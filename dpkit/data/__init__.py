@@ -5,9 +5,10 @@
     load.py      sources (hub or local), column checks, sharding, collate
     rows.py      row kinds: how a format's rows are tokenized and assembled; `load_datasets`
     cache.py     tokenize once per node into an on-disk cache keyed by what changes the tokens
+    mixture.py   data mixtures: sources drawn by weight or count by a deterministic quota schedule
     stream.py    `StreamFeed`: corpora larger than memory, read as streams with a saved position
     packing.py   rows concatenated into sequences of max_seq_len, kept apart by position ids
-    feed.py      `RowFeed`: a rank's micro-batches for a step
+    feed.py      `RowFeed`, `MixtureFeed`: a rank's micro-batches for a step
 
 The names most callers need are re-exported here (`from dpkit import data as D`).
 """

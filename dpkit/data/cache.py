@@ -1,14 +1,18 @@
 """Tokenize once per node: an on-disk cache of tokenized data, keyed by what changes the tokens.
 
-The key hashes the data files' content (resolved path, size and a BLAKE2b digest of the bytes:
-an edit that keeps size and mtime, `cp -p` or `touch -r`, is seen; a `touch` alone rebuilds
-nothing), hub dataset ids with their revision and the commit it resolves to now (an unpinned
-dataset that changed upstream gets a new entry; global rank 0 asks the hub, once, and sends the
-answer to every rank), the tokenizer (its whole fast-tokenizer JSON and
-special tokens), the chat template, each source's format and column mapping, max_seq_len,
-overflow, masking, the method's data options (preference.max_prompt_len), and the source of the tokenization code itself
-(formats.py, tokenize.py, preference.py and the module of the sources' row kind).
-The eval split and the seed are not in it: they are cheap and applied when the cache is read.
+One entry per source: a source named again (in another recipe, as train and eval data, with
+another weight or mixture: dpkit/data/mixture.py) is read from the entry it was tokenized into,
+and `dpkit prepare` tokenizes each source once. An entry's key hashes the data file's content
+(resolved path, size and a BLAKE2b digest of the bytes: an edit that keeps size and mtime,
+`cp -p` or `touch -r`, is seen; a `touch` alone rebuilds nothing), a hub dataset id with its
+revision and the commit it resolves to now (an unpinned dataset that changed upstream gets a new
+entry; global rank 0 asks the hub, once, and sends the answer to every rank), the tokenizer (its
+whole fast-tokenizer JSON and special tokens), the chat template, the source's format, column
+mapping and max_rows, max_seq_len, overflow, masking, the method's data options
+(preference.max_prompt_len), and the source of the tokenization code itself (formats.py,
+tokenize.py, preference.py and the module of the sources' row kind). The eval split, the seed
+and the mixture (weights, rows or epochs per epoch) are not in it: they are cheap and applied
+when the cache is read.
 Rows and preference pairs (dpkit/data/preference.py) both go through it.
 
 On each node local rank 0 builds an entry (`datasets.map` in several processes, Arrow files),
@@ -111,8 +115,13 @@ def agree_on_hub_revisions(section, kinds, rank: int = 0, broadcast=broadcast_ob
     _RESOLVED.update(broadcast(answers))
 
 
+MIXTURE_KEYS = ("weight", "rows_per_epoch", "epochs")
+"""Source keys that choose how often rows are drawn, not what their tokens are: not in the key,
+so changing a weight reuses every source's entry."""
+
+
 def source_identity(source) -> dict:
-    ident = source.model_dump(mode="json")
+    ident = source.model_dump(mode="json", exclude=set(MIXTURE_KEYS))
     path = Path(source.path).expanduser()
     if path.exists():
         ident["file"] = _file_identity(path)
@@ -143,22 +152,46 @@ def row_kind_code(section) -> bytes:
     return b"".join(Path(find_spec(m).origin).read_bytes() for m in modules)
 
 
-def cache_key(section, tokenizer, kinds, options: dict | None = None) -> tuple[str, dict]:
-    here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)
-                          + row_kind_code(section)).hexdigest()
-    material = {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
-                "max_seq_len": section.max_seq_len, "overflow": section.overflow,
-                "completion_only_loss": section.completion_only_loss,
-                "options": dict(options or {}),
-                **{kind: [source_identity(s) for s in getattr(section, kind)] for kind in kinds}}
+def cache_key(section, tokenizer, source, options: dict | None = None,
+              shared: dict | None = None) -> tuple[str, dict]:
+    """The key of one source's entry: its identity and what every source shares (`shared`:
+    computed once per section by `shared_material`)."""
+    shared = shared if shared is not None else shared_material(section, tokenizer, options)
+    material = {**shared, "source": source_identity(source)}
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), material
 
 
-def entry_dir(section, tokenizer, kinds, options: dict | None = None) -> tuple[Path, dict]:
-    key, material = cache_key(section, tokenizer, kinds, options)
+def shared_material(section, tokenizer, options: dict | None = None) -> dict:
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in CODE)
+                          + row_kind_code(section)).hexdigest()
+    return {"dpkit": dpkit.__version__, "code": code, "tokenizer": tokenizer_identity(tokenizer),
+            "max_seq_len": section.max_seq_len, "overflow": section.overflow,
+            "completion_only_loss": section.completion_only_loss,
+            "options": dict(options or {})}
+
+
+def entry_dir(section, tokenizer, source, options: dict | None = None,
+              shared: dict | None = None) -> tuple[Path, dict]:
+    key, material = cache_key(section, tokenizer, source, options, shared)
     return cache_root(section) / f"tok-{key[:32]}", material
+
+
+def entries(section, tokenizer, kinds, options: dict | None = None) -> list[tuple]:
+    """[(kind, index, source, entry, material)]: one entry per source, tokenized once however
+    many times and under whichever kind it is named (`dpkit prepare` builds each once)."""
+    shared = shared_material(section, tokenizer, options)
+    return [(kind, i, source, *entry_dir(section, tokenizer, source, options, shared))
+            for kind in kinds for i, source in enumerate(getattr(section, kind))]
+
+
+def _distinct(found: list[tuple]) -> list[tuple]:
+    """The first (kind, index, source, entry, material) of each entry."""
+    seen: dict[Path, tuple] = {}
+    for item in found:
+        seen.setdefault(item[3], item)
+    return list(seen.values())
 
 
 def is_complete(entry: Path) -> bool:
@@ -191,16 +224,28 @@ def set_aside(entry: Path, why: str) -> str:
     return f"cache entry {entry.name} was damaged ({why}): tokenized again; the old one is {aside}"
 
 
-def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
-          say=print, progress: bool = True) -> None:
-    """Tokenize every source into `entry` (local rank 0 of a node, or `dpkit prepare`)."""
-    import datasets
-
+def build(section, tokenizer, kinds, found: list[tuple], rank: int = 0, say=print,
+          progress: bool = True) -> None:
+    """Tokenize each source of `found` [(kind, index, source, entry, material)] into its entry
+    (local rank 0 of a node, or `dpkit prepare`). Every source of `kinds` is loaded and checked
+    first (the row kind's checks name sources by their place in the recipe): bad data raises
+    RecipeError before anything is written."""
     from dpkit.data.rows import row_kind
 
-    raw = L.load_raw(section, tokenizer, kinds)  # bad data: RecipeError before anything is written
+    raw = L.load_raw(section, tokenizer, kinds)
     rows = row_kind(section)
     rows.check(raw, tokenizer)
+    places = [(k, i) for k in kinds for i in range(len(getattr(section, k)))]
+    loaded = {place: ds for place, (_, _, ds) in zip(places, raw)}
+    for kind, i, source, entry, material in found:
+        _build_one(section, tokenizer, rows, source, loaded[(kind, i)], entry, material, rank,
+                   say, progress)
+
+
+def _build_one(section, tokenizer, rows, source, ds, entry: Path, material: dict, rank: int,
+               say, progress: bool) -> None:
+    import datasets
+
     tmp = stage_dir(entry, unique=f".tmp-{entry.name}-{socket.gethostname()}-{os.getpid()}-")
     t0 = time.perf_counter()
     bars_were_off = datasets.utils.are_progress_bars_disabled()
@@ -209,14 +254,12 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
     else:
         datasets.disable_progress_bars()
     try:
-        files, procs = [], num_proc(section)
-        for n, (kind, source, ds) in enumerate(raw):
-            where = dict(fingerprint=f"{entry.name}-{n}", cache_file=str(tmp / f"{kind}-{n}.arrow"))
-            out = rows.tokenize(ds, source, tokenizer, section, material["options"], procs,
-                                **where)
-            files.append({"kind": kind, "path": source.path, "index": n,
-                          "files": [Path(f["filename"]).name for f in out.cache_files]})
-            del out
+        procs = num_proc(section)
+        where = dict(fingerprint=entry.name, cache_file=str(tmp / "rows.arrow"))
+        out = rows.tokenize(ds, source, tokenizer, section, material["options"], procs, **where)
+        files = [{"path": source.path, "files": [Path(f["filename"]).name
+                                                 for f in out.cache_files]}]
+        del out
         seconds = time.perf_counter() - t0
         meta = {"material": material, "parts": files, "seconds": seconds,
                 "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank}}
@@ -229,7 +272,8 @@ def build(section, tokenizer, kinds, entry: Path, material: dict, rank: int = 0,
         else:
             with open(entry.parent / "tokenize.log", "a") as log:
                 log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid "
-                          f"{os.getpid()} rank {rank} built {entry.name} in {seconds:.1f} s\n")
+                          f"{os.getpid()} rank {rank} built {entry.name} ({source.path}) in "
+                          f"{seconds:.1f} s\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only the directory made above
         raise
@@ -259,19 +303,15 @@ def wait_for(entry: Path, say_wait, timeout_s: float | None = None) -> float:
     return time.monotonic() - t0
 
 
-def read(entry: Path, section, seed: int, need_train: bool = True):
-    """(train rows, eval rows, stats) from a complete entry, memory-mapped."""
+def read(found: list[tuple], section, seed: int, need_train: bool = True):
+    """(train rows, eval rows, stats) from complete entries, memory-mapped."""
     import datasets
 
-    meta = json.loads((entry / "meta.json").read_text())
-    sources = {kind: getattr(section, kind) for kind in ("sources", "eval_sources")}
-    counters = {"sources": 0, "eval_sources": 0}
     parts = []
-    for part in meta["parts"]:
-        kind = part["kind"]
-        source = sources[kind][counters[kind]]
-        counters[kind] += 1
-        shards = [datasets.Dataset.from_file(str(entry / f)) for f in part["files"]]
+    for kind, _, source, entry, _ in found:
+        meta = json.loads((entry / "meta.json").read_text())
+        shards = [datasets.Dataset.from_file(str(entry / f)) for part in meta["parts"]
+                  for f in part["files"]]
         parts.append((kind, source, datasets.concatenate_datasets(shards)
                       if len(shards) > 1 else shards[0]))
     from dpkit.data.rows import row_kind
@@ -282,36 +322,42 @@ def read(entry: Path, section, seed: int, need_train: bool = True):
 def load_cached(section, tokenizer, seed: int, env=None, say=print, streaming: bool = False,
                 log=None, progress: bool = True, say_wait=None, options: dict | None = None):
     """(train rows, eval rows, stats): built here on local rank 0 if missing, waited for on the
-    other ranks of the node (`env`: this rank; None: one process), then read. Streaming: only
-    the eval sources go through the cache. `log`: this rank's log. Preference pairs go through
-    it too; `options`: the method's settings that change the tokens (`MethodSpec.options`)."""
+    other ranks of the node (`env`: this rank; None: one process), then read. One entry per
+    source. Streaming: only the eval sources go through the cache. `log`: this rank's log.
+    Preference pairs go through it too; `options`: the method's settings that change the tokens
+    (`MethodSpec.options`)."""
     local_rank, rank = (env.local_rank, env.rank) if env is not None else (0, 0)
     kinds = ("eval_sources",) if streaming else ("sources", "eval_sources")
     if not any(getattr(section, k) for k in kinds):
         return [], [], L.DataStats()
     agree_on_hub_revisions(section, kinds, rank)
-    entry, material = entry_dir(section, tokenizer, kinds, options)
+    found = entries(section, tokenizer, kinds, options)
+    distinct = _distinct(found)
     t0, rss_before = time.perf_counter(), _rss_mb()
     notes = []
-    if local_rank == 0 and (why := damaged(entry)):
-        notes.append(set_aside(entry, why))
-        say(f"[dpkit] data: {notes[-1]}")
-    if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
-        write_text(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
-    cached = usable(entry)
-    if not cached and local_rank == 0:
-        say(f"[dpkit] data: tokenizing into {entry} on local rank 0 of each node (the other "
-            f"ranks wait for its {MARKER} file)")
-        build(section, tokenizer, kinds, entry, material, rank, say, progress)
-    elif not cached:
-        wait_for(entry, say_wait or partial(_say_waiting, log, local_rank, rank))
-    train, evals, stats = read(entry, section, seed, need_train=not streaming)
-    stats.seconds, stats.cached = time.perf_counter() - t0, cached
+    for *_, entry, _ in distinct:
+        if local_rank == 0 and (why := damaged(entry)):
+            notes.append(set_aside(entry, why))
+            say(f"[dpkit] data: {notes[-1]}")
+        if local_rank == 0 and (entry / "meta.json").is_file() and not is_complete(entry):
+            write_text(entry / MARKER, "ok\n")  # renamed into place, marker not yet written
+    missing = [item for item in distinct if not usable(item[3])]
+    if missing and local_rank == 0:
+        names = ", ".join(item[3].name for item in missing)
+        say(f"[dpkit] data: tokenizing into {cache_root(section)}: {len(missing)} of "
+            f"{len(distinct)} source(s) ({names}) on local rank 0 of each node (the other ranks "
+            f"wait for each one's {MARKER} file)")
+        build(section, tokenizer, kinds, missing, rank, say, progress)
+    elif missing:
+        for *_, entry, _ in missing:
+            wait_for(entry, say_wait or partial(_say_waiting, log, local_rank, rank))
+    train, evals, stats = read(found, section, seed, need_train=not streaming)
+    stats.seconds, stats.cached = time.perf_counter() - t0, not missing
     stats.notes += notes
     stats.rss_before_mb = rss_before
     stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if log is not None:  # every rank's log: how long data setup took and what it cost
-        how = "cache hit" if cached else "built or waited for"
+        how = "cache hit" if not missing else "built or waited for"
         log(f"data setup: {stats.seconds:.2f} s ({how}), RSS {stats.rss_before_mb:.0f} MB "
             f"before, peak {stats.peak_rss_mb:.0f} MB")
     return train, evals, stats

@@ -1,7 +1,8 @@
 """A feed hands each rank its micro-batches for a step: the seam between data and the loop.
 
 `RowFeed` serves rows held in memory (the tokenized dataset, possibly packed) with the seeded
-per-epoch order of dpkit/data/load.py: its position is the step itself, so a checkpoint needs no
+per-epoch order of dpkit/data/load.py, `MixtureFeed` the draws of a data mixture's quota
+schedule (dpkit/data/mixture.py): their position is the step itself, so a checkpoint needs no
 data state. A feed for data that does not fit in memory (a stream) keeps its own position and
 returns it from `state_dict()`, which the checkpoint stores with the run.
 
@@ -11,15 +12,20 @@ sequence-parallel group read the same rows (and split each row's sequence betwee
 
 from __future__ import annotations
 
+import numpy as np
+
 from dpkit.data import load as D
+from dpkit.data import mixture as M
 
 
 class RowFeed:
     def __init__(self, rows: list, seed: int, micro: int, accum: int, dp_rank: int,
                  dp_world: int, global_batch: int, collate, pad_id: int, flatten: bool = False,
-                 group_by_length: bool = False, examples=None):
+                 group_by_length: bool = False, examples=None, counter=None):
         self.rows, self.seed, self.micro, self.accum = rows, seed, micro, accum
         self.global_batch, self.examples = global_batch, examples or plain_examples
+        self.counter = counter  # tokens and rows per source (dpkit/data/mixture.SourceCounter)
+        self.last_counts: list[int] = counter.count([]) if counter is not None else []
         self.dp_rank, self.dp_world, self.collate = dp_rank, dp_world, collate
         self.pad_id, self.flatten = pad_id, flatten
         self.lengths = None
@@ -47,8 +53,57 @@ class RowFeed:
         picks = D.step_micro_batches(len(self.rows), self.seed, epoch, in_epoch, self.dp_rank,
                                      self.dp_world, self.micro, self.accum, self.lengths,
                                      order=self._epoch_order(epoch))
+        if self.counter is not None:
+            self.last_counts = self.counter.count([i for idx in picks for i in idx])
         return [self.collate(examples, self.pad_id, flatten=self.flatten)
                 for examples in self.examples(self.rows, picks, self.step_rows(step), step)]
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {}  # the position is the step
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MixtureFeed:
+    """This data-parallel rank's micro-batches of a `Mixture` (the position is the step, as for
+    RowFeed): step s of an epoch takes the epoch's draws s·B … (s+1)·B-1 and rank r reads draws
+    r, r+W, … of them — the same rows on any world size."""
+
+    def __init__(self, mixture: M.Mixture, seed: int, micro: int, accum: int, dp_rank: int,
+                 dp_world: int, global_batch: int, collate, pad_id: int, flatten: bool = False,
+                 group_by_length: bool = False, examples=None):
+        self.mixture, self.seed, self.micro, self.accum = mixture, seed, micro, accum
+        self.dp_rank, self.dp_world, self.batch = dp_rank, dp_world, global_batch
+        self.collate, self.pad_id, self.flatten = collate, pad_id, flatten
+        self.examples = examples or plain_examples
+        self.lengths = M.item_lengths(mixture.items) if group_by_length else None
+        self.steps_per_epoch = D.steps_per_epoch(mixture.per_epoch, global_batch)
+        self.counter = M.SourceCounter(mixture.items, mixture.offsets)
+        self.last_counts: list[int] = [0] * (2 * len(mixture.sizes))
+
+    def step_rows(self, step: int) -> list[int]:
+        """Every item (index into the mixture) of step `step`'s global batch, in draw order:
+        the same on any world size."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        start = in_epoch * self.batch
+        return self.mixture.epoch_items(epoch, self.seed, self.batch, start,
+                                        min(start + self.batch, self.mixture.per_epoch))
+
+    def micro_batches(self, step: int) -> list[dict]:
+        order = self.step_rows(step)
+        picks = D.step_micro_batches(len(order), self.seed, 0, 0, self.dp_rank, self.dp_world,
+                                     self.micro, self.accum,
+                                     None if self.lengths is None else
+                                     {j: self.lengths[i] for j, i in enumerate(order)},
+                                     order=list(range(len(order))))
+        mine = [[order[j] for j in idx] for idx in picks]
+        self.last_counts = self.counter.count([i for idx in mine for i in idx])
+        return [self.collate(examples, self.pad_id, flatten=self.flatten)
+                for examples in self.examples(self.mixture, mine, order, step)]
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -80,14 +135,24 @@ def eval_batches(rows: list, dp_rank: int, dp_world: int, micro: int, collate,
 
 
 def make_feed(recipe, rows, tokenizer, batch, dp_rank: int, collate, flatten: bool,
-              examples=None):
-    """The feed of a run: rows in memory (or read lazily from the cache), or a stream (rows None)."""
+              examples=None, sizes: list[int] | None = None):
+    """The feed of a run: rows in memory (or read lazily from the cache) — a mixture's drawn by
+    its schedule (dpkit/data/mixture.py) — or a stream (rows None). `sizes`: rows of each source
+    (concatenated in `rows`), for the tokens and rows counted per source."""
+    from dpkit.data.packing import PackedRows
     from dpkit.data.stream import StreamFeed
 
     seed, pad = recipe.train.seed, tokenizer.pad_token_id
+    args = (seed, batch.micro_batch_size, batch.grad_accum, dp_rank, batch.data_parallel)
     if rows is None:
-        return StreamFeed(recipe.data, tokenizer, seed, batch.micro_batch_size, batch.grad_accum,
-                          dp_rank, batch.data_parallel, collate, pad, flatten=flatten)
-    return RowFeed(rows, seed, batch.micro_batch_size, batch.grad_accum, dp_rank,
-                   batch.data_parallel, batch.global_batch_size, collate, pad, flatten=flatten,
-                   group_by_length=recipe.data.group_by_length, examples=examples)
+        return StreamFeed(recipe.data, tokenizer, *args, collate, pad, flatten=flatten)
+    if isinstance(rows, M.Mixture):
+        return MixtureFeed(rows, *args, batch.global_batch_size, collate, pad, flatten=flatten,
+                           group_by_length=recipe.data.group_by_length, examples=examples)
+    counter = None
+    if sizes is not None:
+        offsets = [0, *np.cumsum(sizes).tolist()]
+        counter = M.SourceCounter(rows, offsets, within_packed=isinstance(rows, PackedRows))
+    return RowFeed(rows, *args, batch.global_batch_size, collate, pad, flatten=flatten,
+                   group_by_length=recipe.data.group_by_length, examples=examples,
+                   counter=counter)

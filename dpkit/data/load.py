@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dpkit.data import formats, mixture
 from dpkit.data.checks import bad_json_line, row_problems
 from dpkit.data.packing import row_boundaries
-from dpkit.data import formats
 from dpkit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS  # noqa: F401
 from dpkit.data.tokenize import (  # noqa: F401
     IGNORE,
@@ -143,11 +143,15 @@ def column_problems(ds, source: DataSource, where: str) -> list[Problem]:
 
 
 # ------------------------------------------------------------------------------- tokenizing
-def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources")) -> list:
-    """[(kind, source, datasets.Dataset)] for every source; every problem is raised at once."""
+def load_raw(section: DataSection, tokenizer, kinds=("sources", "eval_sources"),
+             only: set | None = None) -> list:
+    """[(kind, source, datasets.Dataset)] for every source (`only`: those whose (kind, index)
+    it holds); every problem is raised at once."""
     raw, problems = [], []
     for kind in kinds:
         for i, source in enumerate(getattr(section, kind)):
+            if only is not None and (kind, i) not in only:
+                continue
             where = f"data.{kind}[{i}]"
             try:
                 ds = load_source(source, where)
@@ -188,25 +192,30 @@ def assemble(parts: list, section: DataSection, seed: int, need_train: bool = Tr
     def rows_of(kind):
         found = by_kind[kind]
         if not found:
-            return []
+            return [], []
         table = pa.concat_tables([t.select(["input_ids", "labels"]) for t, _, _ in found])
         status = np.concatenate([s for _, s, _ in found])
         lengths = np.concatenate([n for _, _, n in found])
         kept = np.nonzero(status <= TRUNCATED)[0]
-        return ArrowRows(table, kept, lengths[kept])
+        return ArrowRows(table, kept, lengths[kept]), [int((s <= TRUNCATED).sum())
+                                                       for _, s, _ in found]
 
-    train, evals = rows_of("sources"), rows_of("eval_sources")
-    if section.eval_fraction > 0 and len(train):
+    (train, sizes), (evals, eval_sizes) = rows_of("sources"), rows_of("eval_sources")
+    if section.eval_fraction > 0 and len(train) and section.mixture != "concat":
+        train, sizes, evals = mixture.hold_out(train, sizes, section.eval_fraction, seed)
+    elif section.eval_fraction > 0 and len(train):
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(train) * section.eval_fraction))
         held = np.zeros(len(train), dtype=bool)
         held[order[:n_eval]] = True
+        sizes = mixture.sizes_left(sizes, ~held)
         evals, train = train.select(np.nonzero(held)[0]), train.select(np.nonzero(~held)[0])
     if need_train and not len(train):
         raise RecipeError.one("data.sources", "no training rows left after tokenization "
                               f"({stats.describe()})",
                               "raise data.max_seq_len, use overflow: truncate, or check the data")
+    train, evals = mixture.arrange(train, sizes, evals, eval_sizes, section, seed, stats)
     return train, evals, stats
 
 

@@ -358,23 +358,31 @@ def assemble_pairs(parts: list, section, seed: int):
     (in memory, or read back from the tokenized-data cache); pairs are held in memory."""
     import random
 
+    from dpkit.data import mixture
     from dpkit.data.tokenize import DataStats
 
     stats, eval_stats = DataStats(), DataStats()
-    train, evals = [], []
+    train, evals, sizes, eval_sizes = [], [], [], []
     for kind, source, tds in parts:
-        target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
-        target.extend(pairs_of(tds, source.path, st))
-    if section.eval_fraction > 0:
+        target, st, n = ((train, stats, sizes) if kind == "sources" else
+                         (evals, eval_stats, eval_sizes))
+        got = pairs_of(tds, source.path, st)
+        target.extend(got)
+        n.append(len(got))
+    if section.eval_fraction > 0 and train and section.mixture != "concat":
+        train, sizes, evals = mixture.hold_out(train, sizes, section.eval_fraction, seed)
+    elif section.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         held = set(order[:max(1, round(len(train) * section.eval_fraction))])
+        sizes = mixture.sizes_left(sizes, [i not in held for i in range(len(train))])
         evals = [train[i] for i in sorted(held)]
         train = [ex for i, ex in enumerate(train) if i not in held]
     if not train:
         raise RecipeError.one("data.sources", "no training pairs left after tokenization "
                               f"({stats.describe()})",
                               "raise data.max_seq_len, use overflow: truncate, or check the data")
+    train, evals = mixture.arrange(train, sizes, evals, eval_sizes, section, seed, stats)
     return train, evals, stats
 
 

@@ -1,19 +1,27 @@
 """Streams: corpora larger than memory, read in order with a position that checkpoints keep.
 
-Rows of the sources are read one after another (a .jsonl file line by line from a byte offset;
-anything else through `datasets` streaming, skipping to a row count only when a run resumes: the
-windows of one epoch read on from one open stream), and numbered globally:
-data-parallel rank r keeps rows r, r+W, r+2W, … — disjoint across ranks, together the whole
-stream, and only its own rows are parsed and tokenized. A rank's rows come in windows of
-`data.shuffle_buffer`: each window is tokenized in one batch, shuffled with a seed made of
-(train.seed, epoch, rank, window) and, with packing, packed within the window. Memory is one
-window, whatever the size of the corpus. When the stream ends the next epoch starts it again
-with new window seeds.
+One global stream, the same on any world size. The sources' rows are drawn as `data.mixture`
+says — `concat`: one source after another; otherwise dpkit/data/mixture.py's quota schedule —
+and cut into windows of `data.shuffle_buffer` draws. Each window's draws are put in an order
+seeded by (train.seed, epoch, window): a permutation of positions, known before any row is
+parsed. Step s takes the items s·B … (s+1)·B-1 of the windows laid end to end (B: the global
+batch), and data-parallel rank r takes the items r, r+W, r+2W, … of them:
+- unpacked, the items are the draws in that order; a rank parses and tokenizes only its own, and
+  a row tokenization leaves out (too long with `overflow: drop`, no trained token) leaves its
+  place empty, so a step has the same rows on any world size;
+- packed, every rank tokenizes the whole window (packing needs every row's length) and packs it
+  with the window's seed: the items are the packed sequences, the same on every rank.
 
-The position is (epoch, window, where the window's first row is read from, items taken of it):
-a window is rebuilt exactly from it, so a run resumed from a checkpoint — also after SIGKILL —
-sees the same batches as one that never stopped. `state_dict` gathers every rank's position
-(rank 0 writes the checkpoint's dpkit.json).
+A source is read through a cursor (its pass, the row in it and, for a local .jsonl, the byte
+offset: `seek`); one that runs out starts its next pass from its beginning. The epoch ends
+(`concat`) after the last source, (`first_exhausted`) when a source runs out, (`all_exhausted`)
+once every source has run out in it, (`fixed`) after the sources' rows_per_epoch draws.
+
+The position is (epoch, window, draws of the epoch before the window, each source's cursor and
+whether it ran out this epoch, the global item the window starts at, items taken of it): the same
+on every rank, so a run resumes on any world size, and a resume opens each source at its cursor
+and reads one window — no row before it is read again (a source that is not a local .jsonl is
+skipped to its row by `datasets`, which reads the rows it skips).
 """
 
 from __future__ import annotations
@@ -22,22 +30,24 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
+from dpkit.data import mixture as M
 from dpkit.data.checks import bad_json_line
-from dpkit.data.packing import pack
+from dpkit.data.packing import pack, pack_plan
 from dpkit.data.tokenize import TRUNCATED, Example, encode_batch
 from dpkit.errors import RecipeError
 
-ORIGIN = {"source": 0, "row": 0, "byte": 0, "g": 0}
 HEAD_BYTES = 32 << 20  # of a streamed .jsonl checked by validate: well under a second to parse
+START = {"pass": 0, "row": 0, "byte": 0}
 
 
-class Reader:
-    """Raw rows of the sources in order from a position; `pos` is where the next row is."""
+class SourceReader:
+    """One source's raw rows from a cursor on; `cursor` is where the next row is. A local
+    .jsonl gives its lines unparsed (`parse` parses one), anything else `datasets` rows."""
 
-    def __init__(self, sources, pos: dict, keep):
-        self.sources, self.pos, self.keep = sources, dict(pos), keep
+    def __init__(self, source, cursor: dict):
+        self.source, self.cursor = source, dict(cursor)
+        self.path = Path(source.path).expanduser()
+        self.lines = self.path.suffix == ".jsonl" and self.path.is_file()
         self._it = self._rows()
 
     def close(self) -> None:
@@ -45,50 +55,41 @@ class Reader:
         only the cyclic garbage collector would otherwise end)."""
         self._it.close()
 
-    def take(self, n: int) -> list[tuple[int, dict]]:
-        """Up to n (source index, row) pairs of this rank's rows; fewer at the end."""
-        out = []
-        for item in self._it:
-            out.append(item)
-            if len(out) == n:
-                break
-        return out
+    def next(self):
+        """The next raw row, or None at the end of the pass (the cursor stays at its end)."""
+        return next(self._it, None)
+
+    def next_pass(self) -> None:
+        self.close()
+        self.cursor = {"pass": self.cursor["pass"] + 1, "row": 0, "byte": 0}
+        self._it = self._rows()
+
+    def parse(self, raw) -> dict:
+        return parse_line(*raw) if self.lines else raw
 
     def _rows(self):
-        while self.pos["source"] < len(self.sources):
-            i = self.pos["source"]
-            yield from self._rows_of(i, self.sources[i])
-            self.pos = {"source": i + 1, "row": 0, "byte": 0, "g": self.pos["g"]}
-
-    def _advance(self, byte: int = 0) -> bool:
-        g = self.pos["g"]
-        self.pos = {**self.pos, "row": self.pos["row"] + 1, "byte": byte, "g": g + 1}
-        return self.keep(g)
-
-    def _rows_of(self, i: int, source):
-        limit = source.max_rows
-        path = Path(source.path).expanduser()
-        if path.suffix == ".jsonl" and path.is_file():  # our own line reader: seekable
-            with open(path, "rb") as f:
-                f.seek(self.pos["byte"])
-                byte = self.pos["byte"]
+        limit = self.source.max_rows
+        if self.lines:  # our own line reader: seekable
+            with open(self.path, "rb") as f:
+                f.seek(self.cursor["byte"])
+                byte = self.cursor["byte"]
                 for line in f:
                     start, byte = byte, byte + len(line)
-                    if limit is not None and self.pos["row"] >= limit:
+                    if limit is not None and self.cursor["row"] >= limit:
                         return
                     if not line.strip():
-                        self.pos = {**self.pos, "byte": byte}
+                        self.cursor["byte"] = byte
                         continue
-                    if self._advance(byte):
-                        yield i, parse_line(line, path, start)
+                    self.cursor = {**self.cursor, "row": self.cursor["row"] + 1, "byte": byte}
+                    yield line, self.path, start
             return
-        ds = open_stream(source)
-        skip = self.pos["row"]
+        ds = open_stream(self.source)
+        skip = self.cursor["row"]
         for row in (ds.skip(skip) if skip else ds):
-            if limit is not None and self.pos["row"] >= limit:
+            if limit is not None and self.cursor["row"] >= limit:
                 return
-            if self._advance():
-                yield i, row
+            self.cursor = {**self.cursor, "row": self.cursor["row"] + 1}
+            yield row
 
 
 def parse_line(line: bytes, path: Path, start: int) -> dict:
@@ -129,8 +130,12 @@ def first_row(source) -> dict | None:
     path = Path(source.path).expanduser()
     if path.suffix == ".jsonl" and path.is_file() and (bad := bad_json_line(path, HEAD_BYTES)):
         raise ValueError(bad)
-    got = Reader([source], ORIGIN, keep=lambda g: True).take(1)
-    return got[0][1] if got else None
+    reader = SourceReader(source, START)
+    try:
+        raw = reader.next()
+        return None if raw is None else reader.parse(raw)
+    finally:
+        reader.close()
 
 
 def check_stream(run) -> None:
@@ -141,10 +146,78 @@ def check_stream(run) -> None:
     if recipe.train.max_steps is None:
         raise RecipeError.one("train.max_steps", "a stream has no known length",
                               "set train.max_steps with data.streaming: true")
-    say(f"[dpkit] data: streaming {[s.path for s in recipe.data.sources]} (shuffled in windows "
-        f"of {recipe.data.shuffle_buffer} rows per rank)")
+    say(f"[dpkit] data: streaming {[s.path for s in recipe.data.sources]} (mixture "
+        f"{recipe.data.mixture}; shuffled in windows of {recipe.data.shuffle_buffer} rows, the "
+        "same on any world size)")
 
 
+# -------------------------------------------------------------------------------- the draws
+class Draws:
+    """The global sequence of draws (source, raw row), epoch by epoch, from a position."""
+
+    def __init__(self, section, seed: int, batch: int, state: dict):
+        self.sources, self.strategy = list(section.sources), section.mixture
+        spec = M.MixSpec.of(self.strategy, self.sources)
+        self.schedule = None
+        if self.strategy in M.WEIGHTED:
+            self.schedule = M.Schedule(M.integer_shares(spec.weights), batch)
+        elif self.strategy == "fixed":
+            self.schedule = M.Schedule(tuple(spec.rows), batch, sum(spec.rows))
+        self.seed = seed
+        self.epoch, self.t = state["epoch"], state["t"]
+        self.done = list(state["done"])
+        self.readers = [SourceReader(s, c) for s, c in zip(self.sources, state["cursors"])]
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "t": self.t, "done": list(self.done),
+                "cursors": [dict(r.cursor) for r in self.readers]}
+
+    def take(self, n: int) -> tuple[list[tuple[int, object]], bool]:
+        """Up to n draws of this epoch and whether the epoch ended after them."""
+        out: list[tuple[int, object]] = []
+        while len(out) < n:
+            i = self._next_source()
+            if i is None:
+                return out, True
+            raw = self.readers[i].next()
+            if raw is None:  # source i ran out: its next pass, and maybe the epoch's end
+                if self.readers[i].cursor["row"] == 0:
+                    raise RecipeError.one(f"data.sources[{i}]", f"'{self.sources[i].path}' has "
+                                          "no rows to stream", "point it at a file with rows")
+                self.readers[i].next_pass()
+                self.done[i] = True
+                if self._ends_epoch(i):
+                    return out, True
+                continue
+            out.append((i, raw))
+            self.t += 1
+        return out, False
+
+    def _next_source(self) -> int | None:
+        """The source of the epoch's next draw (None: the epoch is over)."""
+        if self.strategy == "concat":
+            return next((i for i, d in enumerate(self.done) if not d), None)
+        if self.schedule.total is not None and self.t >= self.schedule.total:
+            return None
+        b, k = divmod(self.t, self.schedule.block)
+        return M.block_draws(self.schedule, b, f"{self.seed}:{self.epoch}")[k][0]
+
+    def _ends_epoch(self, i: int) -> bool:
+        if self.strategy == "first_exhausted":
+            return True
+        if self.strategy in ("all_exhausted", "concat"):
+            return all(self.done)
+        return False  # fixed: a count of draws ends it
+
+    def next_epoch(self) -> None:
+        self.epoch, self.t, self.done = self.epoch + 1, 0, [False] * len(self.sources)
+
+
+# ------------------------------------------------------------------------------------ the feed
 class StreamFeed:
     """This data-parallel rank's micro-batches, read from the stream (see the module doc)."""
 
@@ -152,47 +225,81 @@ class StreamFeed:
                  dp_world: int, collate, pad_id: int, flatten: bool = False):
         self.section, self.tokenizer, self.seed = section, tokenizer, seed
         self.micro, self.accum, self.dp_rank, self.dp_world = micro, accum, dp_rank, dp_world
+        self.batch = micro * accum * dp_world
         self.collate, self.pad_id, self.flatten = collate, pad_id, flatten
         self.sources = list(section.sources)
-        self.position = {"epoch": 0, "window": 0, "start": dict(ORIGIN), "taken": 0}
-        self.items: list[Example] | None = None
+        k = len(self.sources)
+        start = {"epoch": 0, "t": 0, "done": [False] * k, "cursors": [START] * k}
+        self.position = {"window": 0, "start": start, "item": 0, "taken": 0}
+        self.items: list | None = None   # the window's items (None where not this rank's)
+        self.sources_of: list = []       # per item: [(source, tokens), ...] of its rows
         self.next_step: int | None = None
-        self.reader: Reader | None = None
+        self.draws: Draws | None = None
+        self.last_counts = [0] * (2 * k)
 
     # ------------------------------------------------------------------------ reading
-    def _keep(self, g: int) -> bool:
-        return g % self.dp_world == self.dp_rank
-
     def _open_window(self) -> None:
-        """Read, tokenize, shuffle (and pack) the window the position names."""
+        """Read the window the position names; order, tokenize (and pack) it."""
         p = self.position
-        if self.reader is None or self.reader.pos != p["start"]:
-            # a new epoch or a resumed position; otherwise the window goes on where the last
-            # one stopped, from the same open file or stream: reopening one that is not a local
-            # .jsonl would skip every row read so far again, for every window
-            if self.reader is not None:
-                self.reader.close()
-            self.reader = Reader(self.sources, p["start"], self._keep)
-        raw = self.reader.take(self.section.shuffle_buffer)
-        if not raw:
-            if p["start"] == ORIGIN:
-                raise RecipeError.one("data.sources", f"the stream has no rows for data-parallel "
-                                      f"rank {self.dp_rank} of {self.dp_world}",
-                                      "use more data or fewer ranks")
-            self.position = {"epoch": p["epoch"] + 1, "window": 0, "start": dict(ORIGIN),
+        if self.draws is None or self.draws.state() != p["start"]:
+            # a resumed position, or the first window; otherwise the window goes on where the last
+            # one stopped, from the same open files and streams: reopening one that is not a
+            # local .jsonl would skip every row read so far again, for every window
+            if self.draws is not None:
+                self.draws.close()
+            self.draws = Draws(self.section, self.seed, self.batch, p["start"])
+        raw, ended = self.draws.take(self.section.shuffle_buffer)
+        if not raw and ended:
+            if p["start"]["t"] == 0 and p["window"] == 0 and p["start"]["epoch"] == 0:
+                raise RecipeError.one("data.sources", "the stream has no rows",
+                                      "use more data")
+            self.draws.next_epoch()
+            self.position = {"window": 0, "start": self.draws.state(), "item": p["item"],
                              "taken": 0}
             return self._open_window()
-        self.items = self._examples(raw, random.Random(
-            f"{self.seed}:{p['epoch']}:{self.dp_rank}:{p['window']}"))
+        epoch = p["start"]["epoch"]
+        order = list(range(len(raw)))
+        random.Random(f"{self.seed}:{epoch}:{p['window']}").shuffle(order)
+        raw = [raw[k] for k in order]
+        if self.section.packing:
+            self._pack(raw, random.Random(f"{self.seed}:{epoch}:{p['window']}:pack"))
+        else:
+            self._mine(raw, p["item"])
+        if ended:  # the next window starts the next epoch
+            self.draws.next_epoch()
 
-    def _examples(self, raw, rng: random.Random) -> list[Example]:
+    def _mine(self, raw: list, first: int) -> None:
+        """Unpacked: this rank's items of the window (global item `first` + k for the k-th)."""
+        mine = [k for k in range(len(raw)) if (first + k) % self.dp_world == self.dp_rank]
+        examples = self._tokenize([raw[k] for k in mine])
+        self.items = [None] * len(raw)
+        self.sources_of = [[]] * len(raw)
+        for k, ex in zip(mine, examples):
+            if ex is not None:
+                self.items[k] = ex
+                self.sources_of[k] = [(raw[k][0], len(ex.input_ids))]
+
+    def _pack(self, raw: list, rng: random.Random) -> None:
+        """Packed: the window's sequences, the same on every rank."""
+        examples = self._tokenize(raw)
+        kept = [(i, ex) for (i, _), ex in zip(raw, examples) if ex is not None]
+        rows = [ex for _, ex in kept]
+        seed = rng.randrange(2**31)
+        lengths = [len(ex.input_ids) for ex in rows]
+        order, starts = pack_plan(lengths, self.section.max_seq_len, seed)
+        self.items = pack(rows, self.section.max_seq_len, seed)
+        self.sources_of = [[(kept[int(j)][0], lengths[int(j)]) for j in order[a:b]]
+                           for a, b in zip(starts[:-1], starts[1:])]
+
+    def _tokenize(self, raw: list) -> list[Example | None]:
+        """Examples of raw draws [(source, raw row)] (None: left out by tokenization)."""
         s = self.section
         out: list[Example | None] = [None] * len(raw)
         for i, source in enumerate(self.sources):
             where = [k for k, (src, _) in enumerate(raw) if src == i]
             if not where:
                 continue
-            rows = [raw[k][1] for k in where]
+            rows = [self.draws.readers[i].parse(raw[k][1]) for k in where]
             # Every key of the window, not its first row's: a row without an optional column
             # (alpaca's `input`) reads it as None, as the in-memory path does
             keys = dict.fromkeys(key for row in rows for key in row)
@@ -203,55 +310,62 @@ class StreamFeed:
                                               enc["status"]):
                 if status <= TRUNCATED:
                     out[k] = Example(ids, labels)
-        examples = [ex for ex in out if ex is not None]
-        if s.packing:
-            return pack(examples, s.max_seq_len, rng.randrange(2**31))
-        rng.shuffle(examples)
-        return examples
+        return out
 
-    def _next_item(self) -> Example:
+    def _next_item(self) -> tuple[Example | None, list]:
+        """The next global item: this rank's (None if another rank's, or left out), and the
+        (source, tokens) of its rows."""
         if self.items is None:
             self._open_window()
         while self.position["taken"] >= len(self.items):
             p = self.position
-            self.position = {"epoch": p["epoch"], "window": p["window"] + 1,
-                             "start": dict(self.reader.pos), "taken": 0}
+            self.position = {"window": p["window"] + 1 if self.draws.t else 0,
+                             "start": self.draws.state(), "item": p["item"] + len(self.items),
+                             "taken": 0}
             self._open_window()
-        item = self.items[self.position["taken"]]
+        k = self.position["taken"]
         self.position["taken"] += 1
-        return item
+        return self.items[k], self.sources_of[k]
 
     # --------------------------------------------------------------------------- feed
     def micro_batches(self, step: int) -> list[dict]:
         if self.next_step is not None and step != self.next_step:
             raise RuntimeError(f"a stream is read in order: step {step} after {self.next_step - 1}")
-        items = [self._next_item() for _ in range(self.micro * self.accum)]
+        k = len(self.sources)
+        counts = [0] * (2 * k)
+        mine = []
+        for g in range(self.batch):  # every rank steps through the step's B global items
+            item, rows = self._next_item()
+            if g % self.dp_world == self.dp_rank:
+                mine.append(item)
+                for i, n in rows if item is not None else ():
+                    counts[i] += n
+                    counts[k + i] += 1
         self.next_step = step + 1
-        return [self.collate(items[i * self.micro:(i + 1) * self.micro], self.pad_id,
-                             flatten=self.flatten) for i in range(self.accum)]
+        self.last_counts = counts
+        parts = [mine[i * self.micro:(i + 1) * self.micro] for i in range(self.accum)]
+        return [self.collate([ex for ex in part if ex is not None], self.pad_id,
+                             flatten=self.flatten) for part in parts]
 
     def epoch(self, step: int) -> int:
-        return self.position["epoch"]
+        return self.position["start"]["epoch"]
 
     def state_dict(self) -> dict:
-        """Every data-parallel rank's position (a collective: all ranks call it together)."""
-        mine = (self.dp_rank, json.loads(json.dumps(self.position)))
-        gathered = [mine]
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, mine)
-        return {"stream": True, "dp_world": self.dp_world,
-                "ranks": {str(rank): pos for rank, pos in gathered}}
+        """The stream's position: global, the same on every rank (rank 0 writes it)."""
+        return {"stream": True, "version": 2, "position": json.loads(json.dumps(self.position))}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             raise RecipeError.one("resume", "the checkpoint holds no stream position (it was "
                                   "made without data.streaming)", "resume with the same data")
-        if state["dp_world"] != self.dp_world:
-            raise RecipeError.one("resume", f"a stream is split between {state['dp_world']} "
-                                  f"data-parallel ranks in the checkpoint, {self.dp_world} now",
-                                  "resume a streaming run on the same number of ranks")
-        self.position = dict(state["ranks"][str(self.dp_rank)])
+        if state.get("version") != 2:
+            raise RecipeError.one("resume", "the checkpoint's stream position is per rank (made "
+                                  "by a dpkit that shuffled streams per rank)", "resume with the "
+                                  "dpkit that made it, or train anew")
+        self.position = json.loads(json.dumps(state["position"]))
         self.items = None
+        if self.draws is not None:
+            self.draws.close()
+            self.draws = None
         if self.position["taken"]:
             self._open_window()  # the window in progress, rebuilt; `taken` of it already used

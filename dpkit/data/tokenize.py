@@ -53,6 +53,9 @@ class DataStats:
     and rejected (dpkit/data/preference.render_pair)."""
     notes: list[str] = field(default_factory=list)
     """What data setup repaired on its way (a damaged cache entry rebuilt)."""
+    sources: list[dict] = field(default_factory=list)
+    """Per train source (dpkit/data/mixture.describe_sources): path, items available, drawn per
+    epoch, expected share of an epoch's tokens, unit (rows or packed sequences)."""
 
     def describe(self) -> str:
         where = "from the cache" if self.cached else "tokenized"
@@ -64,7 +67,17 @@ class DataStats:
         notes = "".join(f"; note: {n}" for n in self.notes)
         return (f"{self.rows} rows, {self.tokens} tokens ({where} in {self.seconds:.1f} s); "
                 f"longer than max_seq_len: {self.truncated} truncated, {self.dropped_too_long} "
-                f"dropped; {self.dropped_no_target} dropped with no trained token{pairs}{notes}")
+                f"dropped; {self.dropped_no_target} dropped with no trained token{pairs}{notes}"
+                f"{self.describe_sources()}")
+
+    def describe_sources(self) -> str:
+        """Per source, when there are several or some are not drawn once per epoch."""
+        if len(self.sources) < 2 and all(s["available"] == s["per_epoch"] for s in self.sources):
+            return ""
+        return "; per source: " + ", ".join(
+            f"[{i}] {s['path']} {s['available']} {s['unit']}, {s['per_epoch']} drawn per epoch "
+            f"({100 * s['token_share']:.1f}% of an epoch's tokens)"
+            for i, s in enumerate(self.sources))
 
     def add(self, status: np.ndarray, lengths: np.ndarray, path: str) -> None:
         kept = status <= TRUNCATED

@@ -172,7 +172,7 @@ class Preference(Objective):
         self.head = run.loss_head  # tiled as compute.loss says, like SFT
         if self.reference != "precomputed":
             return
-        rows = run.train_rows + run.eval_rows
+        rows = [*run.train_rows, *run.eval_rows]  # a mixture: its distinct pairs
         path, key = run.out / REF_LOGPS, fingerprint(rows)
         cached = torch.load(path) if path.is_file() else None
         if cached is not None and cached.get("fingerprint") == key:

@@ -56,6 +56,15 @@ EXCLUDED: dict[tuple[str, str], str] = {
 EXCLUDED[("peft", "qlora")] = ("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); validate refuses it "
                                "on CPU, scripts/gpu_qlora_check.py runs it on a GPU")
 
+def schema_levels(model: type, field: str) -> tuple | None:
+    """A field's levels from its type (None for an open number)."""
+    kind = model.model_fields[field].annotation
+    if kind is bool:
+        return (False, True)
+    args = typing.get_args(kind)
+    return args if typing.get_origin(kind) is typing.Literal else None
+
+
 FACTORS: dict[str, tuple] = {
     "method": tuple(METHODS),
     "zero": tuple(zero_level(*k) for k in TEMPLATES if "nvme" not in k),
@@ -65,6 +74,9 @@ FACTORS: dict[str, tuple] = {
     "streaming": (False, True),
     "tail": ("even", "uneven"),
     "dropout": (0.0, 0.1),
+    # last: the greedy rows for the factors above stay as they were (the KNOWN ZeRO-3 + offload
+    # + LoRA resume rows among them)
+    "mixture": schema_levels(DataSection, "mixture"),
 }
 """Factor → its levels. `tail` and `dropout` are properties of the data and the model: an uneven
 tail leaves a rank empty micro-batches at the epoch's end and an odd number of eval rows."""
@@ -74,21 +86,13 @@ tail leaves a rank empty micro-batches at the epoch's end and an odd number of e
 SCHEMA_FIELDS: dict[str, tuple[type, str]] = {
     "packing": (DataSection, "packing"),
     "streaming": (DataSection, "streaming"),
+    "mixture": (DataSection, "mixture"),
     "peft": (PeftSection, "method"),
     "zero.stage": (ZeroSection, "stage"),
     "zero.offload_optimizer": (ZeroSection, "offload_optimizer"),
     "zero.offload_params": (ZeroSection, "offload_params"),
     "sequence_parallel": (TrainSection, "sequence_parallel"),
 }
-
-
-def schema_levels(model: type, field: str) -> tuple | None:
-    """A field's levels from its type (None for an open number)."""
-    kind = model.model_fields[field].annotation
-    if kind is bool:
-        return (False, True)
-    args = typing.get_args(kind)
-    return args if typing.get_origin(kind) is typing.Literal else None
 
 
 @dataclass(frozen=True)
@@ -188,14 +192,22 @@ def row_name(row: dict) -> str:
     return "-".join([row["method"], "z" + row["zero"].replace("+", "_"),
                      row["peft"] or "full", *(["packed"] if row["packing"] else []),
                      *([f"sp{row['sequence_parallel']}"] if row["sequence_parallel"] > 1 else []),
-                     *(["stream"] if row["streaming"] else []), row["tail"],
+                     *(["stream"] if row["streaming"] else []),
+                     *([f"mix_{row['mixture']}"] if row["mixture"] != "concat" else []),
+                     row["tail"],
                      *(["dropout"] if row["dropout"] else [])])
 
 
 def compares_to_one_process(row: dict) -> bool:
-    """Dropout draws its masks per rank and streaming shuffles per rank: by design a world size
-    changes those numbers, so they are held to a bitwise resume instead."""
-    return not row["dropout"] and not row["streaming"]
+    """Dropout draws its masks per rank: by design a world size changes those numbers, so they
+    are held to a bitwise rerun and resume instead. A stream is the same on any world size."""
+    return not row["dropout"]
+
+
+def resumes(row: dict) -> bool:
+    """Rows also resumed from their step-2 checkpoint (bitwise): dropout (its per-rank masks),
+    and streams (their saved position)."""
+    return bool(row["dropout"]) or row["streaming"]
 
 
 def parse_zero(level: str) -> dict:
@@ -209,6 +221,43 @@ def parse_zero(level: str) -> dict:
 # 3 eval rows over 2 ranks. test_matrix checks the counts from each run's metrics and summary.
 GLOBAL_BATCH = 4
 ROWS = {"even": (12, 0.0), "uneven": (17, 0.18)}  # max_rows, eval_fraction
+
+# A mixture: three sources (rows, pairs) of these sizes (all kept by tokenization; uneven: one
+# of each is held out for eval, 3 in all, leaving 2, 7 and 5), drawn so that an epoch has a
+# multiple of the global batch (even: 8, 16, 12 draws) or not (uneven: 13, 15, 13 draws: 4 steps,
+# so a resume from step 2 runs two), with a source drawn less than its size and one drawn again.
+# SFT sources: messages, alpaca's output as text (a column mapping), alpaca (its first 13 rows
+# keep 6 at max_seq_len 96); other methods: their bundled data three times.
+MIX_SIZES = {"even": (2, 4, 6), "uneven": (3, 8, 6)}
+MIX_KEYS = {
+    ("first_exhausted", "even"): [{"weight": 1}, {"weight": 2}, {"weight": 1}],     # 2+4+2
+    ("all_exhausted", "even"): [{"weight": 2}, {"weight": 3}, {"weight": 3}],       # 4+6+6
+    ("fixed", "even"): [{"rows_per_epoch": 5}, {"rows_per_epoch": 1}, {"epochs": 1.0}],
+    ("first_exhausted", "uneven"): [{"weight": 1}, {"weight": 3}, {"weight": 3}],   # 2+6+5
+    ("all_exhausted", "uneven"): [{"weight": 1}, {"weight": 3}, {"weight": 3}],     # 2+7+6
+    ("fixed", "uneven"): [{"rows_per_epoch": 3}, {"rows_per_epoch": 4}, {"epochs": 1.2}],
+}
+ALPACA_ROWS = {1: 7, 6: 13}  # alpaca's max_rows that keeps this many rows at max_seq_len 96
+
+
+def mixture_sources(row: dict, base: dict) -> list[dict]:
+    """Three sources: for SFT three formats, for the other methods their data three times
+    (its first rows of each size)."""
+    sizes = MIX_SIZES[row["tail"]]
+    if base["format"] == "messages":
+        alpaca = "dpkit:data/self_instruct_seed.alpaca.jsonl"
+        sources = [{**base, "max_rows": sizes[0]},
+                   {"path": alpaca, "format": "text", "columns": {"text": "output"},
+                    "max_rows": sizes[1]},
+                   {"path": alpaca, "format": "alpaca", "max_rows": ALPACA_ROWS[sizes[2]]}]
+    else:
+        sources = [{**base, "max_rows": n} for n in sizes]
+    if row["mixture"] == "concat":
+        return sources
+    keys = MIX_KEYS[(row["mixture"], row["tail"])]
+    if row["streaming"] and "epochs" in keys[2]:  # a stream's length is unknown: rows instead
+        keys = [*keys[:2], {"rows_per_epoch": round(keys[2]["epochs"] * sizes[2])}]
+    return [{**s, **k} for s, k in zip(sources, keys)]
 
 
 PROMPT_DATA = "dpkit:data/letters.prompts.jsonl"
@@ -224,13 +273,15 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
     unpaired = row["method"] in UNPAIRED
     max_rows, eval_fraction = ROWS[row["tail"]]
     config = dict(model_config, attention_dropout=row["dropout"])
+    mixed = row.get("mixture", "concat") != "concat"
+    base = {"path": PROMPT_DATA if online else UNPAIRED_DATA if unpaired else
+            pref_data if pairs else sft_data,
+            "format": "prompts" if online else "unpaired" if unpaired else
+            "preference" if pairs else "messages"}
+    sources = mixture_sources(row, base) if mixed else [{**base, "max_rows": max_rows}]
     r = {
         "model": {"config": config, "tokenizer": tokenizer, "dtype": "float32"},
-        "data": {"sources": [{"path": PROMPT_DATA if online else UNPAIRED_DATA if unpaired else
-                              pref_data if pairs else sft_data,
-                              "format": "prompts" if online else "unpaired" if unpaired else
-                              "preference" if pairs else "messages",
-                              "max_rows": max_rows}],
+        "data": {"sources": sources, "mixture": row.get("mixture", "concat"),
                  # whole pairs: 128 tokens hold all 17 (the preference rows cut prompts to 24)
                  "max_seq_len": 128 if reward else 96, "packing": row["packing"],
                  "streaming": row["streaming"], "eval_fraction": eval_fraction,
@@ -245,7 +296,11 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
     }
     if row["streaming"] and eval_fraction:  # a stream holds nothing out: eval rows of their own
         r["data"]["eval_fraction"] = 0.0
-        r["data"]["eval_sources"] = [{**r["data"]["sources"][0], "max_rows": 3}]
+        plain = [{k: v for k, v in s.items() if k not in ("weight", "rows_per_epoch", "epochs")}
+                 for s in sources]
+        r["data"]["eval_sources"] = ([{**s, "max_rows": ALPACA_ROWS[1] if s["format"] == "alpaca"
+                                       else 1} for s in plain] if mixed else
+                                     [{**plain[0], "max_rows": 3}])
     if steps is not None:
         r["train"]["max_steps"] = steps
     elif row["streaming"]:  # a stream has no known length

@@ -4,7 +4,9 @@ code 143), exact resume, resume on another world size and ZeRO stage, export, th
 and a dead rank ending the job quickly.
 
 Everything is compared with an uninterrupted run of the same recipe ("U"; "D" with dropout for
-the crash chain)."""
+the crash chain). Every run trains on a data mixture — three sources weighted 5:3:2, drawn until
+each has run out (dpkit/data/mixture.py) — so the crash chain and the resumes on another world
+size or stage are also those of a mixture, whose in-memory position is the step."""
 
 import json
 import subprocess
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    ALPACA,
+    MESSAGES,
     ROOT,
     rank_env,
     read_metrics,
@@ -38,9 +42,17 @@ TRAIN = {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2, "weight_
          "lr_schedule": "cosine", "warmup_ratio": 0.2}
 
 
+MIXTURE = {"mixture": "all_exhausted", "max_seq_len": 128, "sources": [
+    {"path": str(ALPACA), "format": "alpaca", "max_rows": 40, "weight": 5},
+    {"path": str(MESSAGES), "format": "messages", "max_rows": 30, "weight": 3},
+    {"path": str(ALPACA), "format": "text", "columns": {"text": "output"}, "max_rows": 10,
+     "weight": 2}]}
+
+
 def recipe(tmp: Path, name: str, stage=2, save_steps=2, dropout=0.0, **extra) -> Path:
     r = tiny_recipe(tmp / name, train={**TRAIN, **extra.pop("train", {})}, zero={"stage": stage},
-                    output={"save_steps": save_steps, "save_model": True, **extra.pop("output", {})})
+                    output={"save_steps": save_steps, "save_model": True, **extra.pop("output", {})},
+                    data=MIXTURE)
     r["model"]["config"]["attention_dropout"] = dropout  # > 0: resume must restore the RNG
     r.update(extra)
     return write_recipe(tmp / f"{name}.yaml", r)
@@ -155,6 +167,9 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(runs):
     assert train_losses(tmp / "K") == train_losses(tmp / "D")
     a, b = weights(tmp / "K"), weights(tmp / "D")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sources = [json.loads((tmp / n / "summary.json").read_text())["data"]["sources"]
+               for n in ("K", "D")]
+    assert sources[0] == sources[1] and all(s["rows_seen"] for s in sources[0])
 
 
 @pytest.mark.parametrize("name", ["W21", "W12", "S23"])

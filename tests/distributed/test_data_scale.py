@@ -3,8 +3,10 @@
 - tokenize once per node: two ranks started by torchrun (no preflight) on a 2,000-row set;
   local rank 0 builds the cache, rank 1 waits for its file; a second run with the same data
   reuses it (tokenize.log counts builds);
-- a stream (data.streaming, packed on the fly) killed with SIGKILL at step 5 and resumed gives
-  bitwise the weights of the uninterrupted run."""
+- a 3-source weighted mixture streamed (packed on the fly), rank 1 SIGKILLed as step 5 starts
+  and the group restarted by `dpkit train` (train.max_restarts) from the step-4 checkpoint:
+  bitwise the losses, weights and per-source counts of the uninterrupted run. (The same in
+  memory: tests/distributed/test_checkpoint.py's crash chain trains on a mixture.)"""
 
 import json
 import subprocess
@@ -33,14 +35,22 @@ def alpaca_rows(path: Path, n: int) -> Path:
     return path
 
 
-def stream_recipe(tmp: Path, name: str, data: Path) -> Path:
+def mixture_recipe(tmp: Path, name: str, sources: list[dict], **data) -> Path:
+    """Three sources weighted 5:3:2, drawn until each has run out (the small ones again)."""
+    weighted = [{**s, "weight": w} for s, w in zip(sources, (5, 3, 2))]
     r = tiny_recipe(tmp / name,
-                    data={"sources": [{"path": str(data), "format": "text"}], "max_seq_len": 64,
-                          "streaming": True, "shuffle_buffer": 16, "packing": True},
+                    data={"sources": weighted, "mixture": "all_exhausted", "max_seq_len": 64,
+                          **data},
                     train={"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2,
                            "lr_schedule": "cosine", "warmup_ratio": 0.2},
                     output={"save_steps": 2, "save_model": True})
     return write_recipe(tmp / f"{name}.yaml", r)
+
+
+def text_rows(path: Path, name: str, n: int) -> Path:
+    path.write_text("".join(json.dumps({"text": f"{name} {i}: " + "word " * (i % 9)}) + "\n"
+                            for i in range(n)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +62,12 @@ def runs(tmp_path_factory):
         tmp / name, data={"sources": [{"path": str(data), "format": "alpaca"}],
                           "max_seq_len": 64, "cache_dir": str(cache), "num_proc": 2},
         train={"max_steps": 2})) for name in ("C1", "C2")]
-    text = tmp / "stream.jsonl"
-    text.write_text("".join(json.dumps({"text": f"line {i}: " + "word " * (i % 9)}) + "\n"
-                            for i in range(200)))
-    u, k = stream_recipe(tmp, "SU", text), stream_recipe(tmp, "SK", text)
-    first = torchrun(2, [str(p) for p in cached + [u]], script=DRIVER, timeout=400)
-    chain = [dpkit_train(k, fault="kill@step:5:1"), dpkit_train(k, "resume=auto")]
+    streamed = [{"path": str(text_rows(tmp / f"{x}.jsonl", x, n)), "format": "text"}
+                for x, n in (("a", 200), ("b", 30), ("c", 7))]
+    stream = dict(streaming=True, shuffle_buffer=16, packing=True)
+    su, sk = (mixture_recipe(tmp, n, streamed, **stream) for n in ("SU", "SK"))
+    first = torchrun(2, [str(p) for p in cached + [su]], script=DRIVER, timeout=400)
+    chain = dpkit_train(sk, "train.max_restarts=1", fault="kill@step:5:1")
     return tmp, cache, first, chain
 
 
@@ -73,14 +83,19 @@ def test_tokenized_once_per_node_and_reused(runs):
     assert train_losses(tmp / "C2") == train_losses(tmp / "C1")  # the same rows, read back
 
 
-def test_stream_killed_and_resumed_is_bitwise_the_uninterrupted_run(runs):
-    tmp, _, _, chain = runs
-    killed, resumed = chain
-    assert killed.returncode != 0
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    assert train_losses(tmp / "SK") == train_losses(tmp / "SU")
-    a, b = (load_file(tmp / n / "model" / "model.safetensors") for n in ("SK", "SU"))
+def test_streamed_mixture_killed_and_resumed_is_bitwise_the_uninterrupted_run(runs):
+    tmp, _, _, proc = runs
+    killed, whole = "SK", "SU"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step4 = tmp / killed / "checkpoints" / "step-00000004"
+    assert "restart 1 of 1 (train.max_restarts)" in proc.stderr
+    assert f"[dpkit] restart 1: resumed from {step4} at step 4" in proc.stdout
+    assert train_losses(tmp / killed) == train_losses(tmp / whole)
+    a, b = (load_file(tmp / n / "model" / "model.safetensors") for n in (killed, whole))
     assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
-    state = json.loads((tmp / "SK" / "checkpoints" / "step-00000008" / "dpkit.json").read_text())
-    assert set(state["data"]["ranks"]) == {"0", "1"} and state["data"]["dp_world"] == 2
+    sources = [json.loads((tmp / n / "summary.json").read_text())["data"]["sources"]
+               for n in (killed, whole)]
+    assert sources[0] == sources[1]  # what each source gave, kept across the restart
+    assert all(s["rows_seen"] > 0 for s in sources[0])
+    state = json.loads((step4 / "dpkit.json").read_text())  # the stream's position: global
+    assert len(state["data"]["position"]["start"]["cursors"]) == 3 and state["data"]["version"] == 2

@@ -4,11 +4,12 @@ the rows from the schema and the registries).
 Each row is run through `dpkit validate` first: a refused combination must be one of
 matrix.REFUSED and say so in one line naming its keys (exit 2); every other row must pass and then
 train on 2 real ranks with every logged number finite, and
-- where the world size cannot change the numbers (dropout 0, no streaming): per-step losses and
-  eval losses equal one process within 1e-5 (fp32);
-- where it can by design (dropout masks and streaming shuffle windows are drawn per rank): a rerun
-  of its first two steps from scratch is bitwise equal, and a resume from the step-2 checkpoint
-  continues bitwise equal.
+- where the world size cannot change the numbers (dropout 0; streams and data mixtures included):
+  per-step losses and eval losses equal one process within 1e-5 (fp32), and the tokens and rows
+  counted per data source are one process's;
+- where it can by design (dropout masks are drawn per rank): a rerun of its first two steps from
+  scratch is bitwise equal;
+- with dropout or a stream: a resume from the step-2 checkpoint continues bitwise equal.
 Two launches in all: every 1-process reference, then every 2-rank row, rerun and resume."""
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def runs(tmp_path_factory) -> Path:
         r = build(row, tmp / name)
         if M.compares_to_one_process(row):
             single[f"{name}.one"] = build({**row, "sequence_parallel": 1}, tmp / f"{name}.one")
-        else:  # steps 1-2 rerun from scratch, steps 3- resumed from the step-2 checkpoint
-            r["output"]["save_steps"] = 2
+        else:  # steps 1-2 rerun from scratch
             resumed[f"{name}.rerun"] = build(row, tmp / f"{name}.rerun", steps=2)
+        if M.resumes(row):  # steps 3- resumed from the step-2 checkpoint
+            r["output"]["save_steps"] = 2
             resumed[f"{name}.resumed"] = {**build(row, tmp / f"{name}.resumed"),
                                           "resume": str(tmp / name / "checkpoints" /
                                                         "step-00000002")}
@@ -198,7 +200,7 @@ def _numbers(line: dict):
 KNOWN = {name: pytest.mark.xfail(strict=True, reason="CPU optimizer offload + packed rows: "
                                  "resume not bitwise (~1e-6 at the second step)")
          for name, row in ROWS.items()
-         if "+opt" in row["zero"] and row["packing"] and not M.compares_to_one_process(row)}
+         if "+opt" in row["zero"] and row["packing"] and M.resumes(row)}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in ROWS])
@@ -256,9 +258,17 @@ def test_combination_trains_as_promised(runs, name):
             _same_rollouts(steps, _steps(one), TOL)
         ea, eb = _evals(run), _evals(one)
         assert len(ea) == len(eb) and all(abs(x - y) <= TOL for x, y in zip(ea, eb)), (ea, eb)
-    else:  # the same world size reproduces it: from scratch, and from a checkpoint
+        per_source = [s["data"]["sources"] for s in (summary, json.loads(
+            (one / "summary.json").read_text()))]
+        assert per_source[0] == per_source[1]  # the same rows and tokens from each source
+    else:  # the same world size reproduces it from scratch
         rerun = _steps(runs / f"{name}.rerun")
         assert [m["loss"] for m in rerun] == [m["loss"] for m in steps[:2]]
+    tokens = summary["data"]["sources"]
+    assert sum(s["tokens_seen"] for s in tokens) == summary["tokens_seen"], tokens
+    if not row["streaming"]:  # one epoch: each source gave its draws per epoch exactly
+        assert [s["rows_seen"] for s in tokens] == [s["rows_per_epoch"] for s in tokens], tokens
+    if M.resumes(row):  # and from a checkpoint
         resumed = _steps(runs / f"{name}.resumed")
         assert [m["step"] for m in resumed] == [m["step"] for m in steps[2:]]
         assert [m["loss"] for m in resumed] == [m["loss"] for m in steps[2:]]

@@ -123,6 +123,24 @@ def test_ranks_refuse_a_changed_data_source_too(tmp_path):
     assert "data.sources[0].max_rows None -> 10" in text and "data.packing False -> True" in text
 
 
+def test_a_checkpoint_from_before_mixtures_resumes_and_a_new_weight_is_refused(tmp_path):
+    """A checkpoint whose settings predate data.mixture and the per-source weights trained with
+    concat: resuming it with concat is fine; drawing the sources by weight is another order."""
+    run, raw = resumable(tmp_path)
+    ckpt = run / "checkpoints" / "step-00000004"
+    state = json.loads((ckpt / "dpkit.json").read_text())
+    state["settings"] = {k: v for k, v in state["settings"].items()
+                         if k != "data.mixture" and not k.endswith(
+                             (".weight", ".rows_per_epoch", ".epochs"))}
+    (ckpt / "dpkit.json").write_text(json.dumps(state))
+    assert C.settings_problem(recipe_from_dict(raw), ckpt) is None
+    raw["data"]["mixture"] = "all_exhausted"
+    raw["data"]["sources"][0]["weight"] = 2
+    problem = str(C.settings_problem(recipe_from_dict(raw), ckpt))
+    assert "data.mixture 'concat' -> 'all_exhausted'" in problem
+    assert "data.sources[0].weight None -> 2.0" in problem
+
+
 def test_micro_batch_size_does_not_change_the_data_order(tmp_path):
     _, raw = resumable(tmp_path)
     raw["train"]["micro_batch_size"] = 4

@@ -1,6 +1,6 @@
 """Data at scale without ranks: the format registry, prompt/completion rendering and masking
-against hand-written expectations, the tokenized-data cache key, and a stream's per-rank sharding
-and saved position (two feeds in one process stand for two ranks)."""
+against hand-written expectations, the tokenized-data cache key, and how a stream is split
+between ranks and its saved position (two feeds in one process stand for two ranks)."""
 
 import json
 import os
@@ -93,19 +93,22 @@ def test_cache_key_follows_what_changes_the_tokens(tmp_path, tok):
     data = tmp_path / "d.jsonl"
     data.write_text(MESSAGES.read_text())
     base = dict(sources=[{"path": str(data), "format": "messages"}], max_seq_len=128)
-    kinds = ("sources", "eval_sources")
-    key = cache_key(DataSection(**base), tok, kinds)[0]
-    assert key == cache_key(DataSection(**base, eval_fraction=0.1), tok, kinds)[0]  # applied later
+
+    def cache_key_of(section, tokenizer):
+        return cache_key(section, tokenizer, section.sources[0])[0]
+
+    key = cache_key_of(DataSection(**base), tok)
+    assert key == cache_key_of(DataSection(**base, eval_fraction=0.1), tok)  # applied later
     changed = [DataSection(**{**base, "max_seq_len": 64}), DataSection(**base, overflow="drop"),
                DataSection(**base, completion_only_loss=False),
                DataSection(**{**base, "sources": [{"path": str(data), "format": "messages",
                                                     "max_rows": 5}]})]
-    assert all(cache_key(s, tok, kinds)[0] != key for s in changed)
+    assert all(cache_key_of(s, tok) != key for s in changed)
     chatml = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=str(TOKENIZER),
                                          chat_template="chatml"))
-    assert cache_key(DataSection(**base), chatml, kinds)[0] != key
+    assert cache_key_of(DataSection(**base), chatml) != key
     os.utime(data, ns=(1, 1))  # touched, not changed: the same tokens
-    assert cache_key(DataSection(**base), tok, kinds)[0] == key
+    assert cache_key_of(DataSection(**base), tok) == key
 
 
 def test_cached_rows_equal_rows_tokenized_in_memory(tmp_path, tok):
@@ -133,12 +136,12 @@ from dpkit.recipe import DataSection, ModelSection
 KINDS = ("sources", "eval_sources")  # what a non-streaming run reads
 section = DataSection.model_validate_json(sys.argv[1])
 tok = load_tokenizer(ModelSection(config={"model_type": "llama"}, tokenizer=sys.argv[2]))
-entry, material = cache.entry_dir(section, tok, KINDS)
+found = cache.entries(section, tok, KINDS)
 go = Path(sys.argv[3])
 while not go.exists():  # both processes start tokenizing together
     time.sleep(0.01)
-cache.build(section, tok, KINDS, entry, material, progress=False)
-print("entry", entry)
+cache.build(section, tok, KINDS, found, progress=False)
+print("entry", found[0][3])
 """
 
 
@@ -192,10 +195,10 @@ def stream_file(tmp_path, n: int, layout: str = "jsonl"):
     return repo
 
 
-def feeds(tok, path, world, **data):
+def feeds(tok, path, world, accum=1, **data):
     section = DataSection(sources=[{"path": str(path), "format": "text"}], max_seq_len=32,
                           streaming=True, shuffle_buffer=7, **data)
-    return [StreamFeed(section, tok, seed=1, micro=1, accum=1, dp_rank=r, dp_world=world,
+    return [StreamFeed(section, tok, seed=1, micro=1, accum=accum, dp_rank=r, dp_world=world,
                        collate=collate, pad_id=tok.pad_token_id) for r in range(world)]
 
 
@@ -206,35 +209,46 @@ def row_number(tok, batch) -> int:
 
 @pytest.mark.parametrize("layout", ["jsonl", "repo"])
 def test_stream_ranks_read_disjoint_rows_that_cover_the_stream(tmp_path, tok, layout):
+    """Two ranks read disjoint rows which, step by step, are the rows one process reads; an
+    epoch covers the stream once, shuffled within windows; the next epoch reshuffles."""
     n = 103
     path = stream_file(tmp_path, n, layout)
-    seen = []
-    for r, feed in enumerate(feeds(tok, path, world=2)):
-        mine = [row_number(tok, feed.micro_batches(s)[0]) for s in range((n - r + 1) // 2)]
-        assert all(i % 2 == r for i in mine) and len(set(mine)) == len(mine)
-        assert mine != sorted(mine)  # shuffled within windows
-        assert feed.epoch(0) == 0
-        second = [row_number(tok, feed.micro_batches(s)[0]) for s in range(len(mine), 2 * len(mine))]
-        assert sorted(second) == sorted(mine) and second != mine  # next epoch, reshuffled
-        seen += mine
-    assert sorted(seen) == list(range(n))
+    one, = feeds(tok, path, world=1, accum=2)
+    two = feeds(tok, path, world=2)
+    seen, split = [], []
+    for s in range(-(-n // 2)):
+        single = [row_number(tok, b) for b in one.micro_batches(s) if b["attention_mask"].any()]
+        mine = [[row_number(tok, f.micro_batches(s)[0])] for f in two]
+        assert sorted(single) == sorted(mine[0] + mine[1]) and mine[0] != mine[1]
+        seen += single
+        split.append(mine)
+    assert sorted(seen[:n]) == list(range(n)) and seen[:n] != sorted(seen[:n])
+    second = [row_number(tok, b) for s in range(-(-n // 2), n) for b in one.micro_batches(s)
+              if b["attention_mask"].any()]
+    assert sorted(seen[n:] + second)[:n] == list(range(n)) and second != seen[1:n]
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "repo"])
 def test_stream_position_resumes_exactly(tmp_path, tok, layout):
+    """A position saved at step 11 continues exactly, on the same world size and on another
+    (saved by two ranks, read by one process: the position is global)."""
     path = stream_file(tmp_path, 61, layout)
     for packing in (False, True):
-        a, = feeds(tok, path, world=1, packing=packing)
+        a, = feeds(tok, path, world=1, packing=packing, accum=2)
         [a.micro_batches(s) for s in range(11)]
-        state = json.loads(json.dumps(a.state_dict()))  # as stored in a checkpoint
-        b, = feeds(tok, path, world=1, packing=packing)
-        b.load_state_dict(state)
-        for s in range(11, 60):
-            x, y = a.micro_batches(s)[0], b.micro_batches(s)[0]
-            assert all((x[k] == y[k]).all() for k in ("input_ids", "labels")), s
+        two = feeds(tok, path, world=2, packing=packing)
+        [f.micro_batches(s) for s in range(11) for f in two]
+        states = [json.loads(json.dumps(f.state_dict())) for f in (a, *two)]
+        assert states[0] == states[1] == states[2]  # as stored in a checkpoint
+        b, = feeds(tok, path, world=1, packing=packing, accum=2)
+        b.load_state_dict(states[1])
+        for s in range(11, 40):
+            x, y = a.micro_batches(s), b.micro_batches(s)
+            assert all((p[k] == q[k]).all() for p, q in zip(x, y)
+                       for k in ("input_ids", "labels")), s
     c, = feeds(tok, path, world=1)
-    with pytest.raises(RecipeError, match="same number of ranks"):
-        c.load_state_dict({**state, "dp_world": 2})
+    with pytest.raises(RecipeError, match="per rank"):
+        c.load_state_dict({"stream": True, "dp_world": 2, "ranks": {}})
 
 
 def test_a_stream_holds_a_window_not_the_file(tmp_path, tok):
@@ -316,10 +330,10 @@ def test_a_malformed_stream_line_is_named_by_file_and_line(tmp_path, tok):
         feed.micro_batches(0)
     assert len(str(e.value).splitlines()) == 1
     path.write_text('{"text": "row 0"}\n[1, 2]\n')
-    resumed = stream.Reader([DataSource(path=str(path), format="text")],
-                            {**stream.ORIGIN, "byte": 18, "row": 1, "g": 1}, keep=lambda g: True)
+    resumed = stream.SourceReader(DataSource(path=str(path), format="text"),
+                                  {"pass": 0, "byte": 18, "row": 1})
     with pytest.raises(RecipeError, match="line 2 is a JSON list, not an object"):
-        resumed.take(1)
+        resumed.parse(resumed.next())
 
 
 def test_validate_refuses_a_malformed_stream_line_in_one_line(tmp_path, capsys):
@@ -365,7 +379,7 @@ def test_a_hub_dataset_that_moved_upstream_gets_a_new_key(tok, monkeypatch):
     keys = []
     for sha in ("a" * 40, "b" * 40, "b" * 40):
         monkeypatch.setattr(cache, "resolved_revision", lambda source, sha=sha: sha)
-        keys.append(cache_key(section, tok, ("sources",))[0])
+        keys.append(cache_key(section, tok, section.sources[0])[0])
     assert keys[0] != keys[1] == keys[2]
 
 
@@ -392,7 +406,7 @@ def test_ranks_the_hub_answers_differently_agree_on_rank_0s_commit(tok, monkeypa
         monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", hub(answer))
         if broadcast is not None:
             cache.agree_on_hub_revisions(section, ("sources",), rank, broadcast)
-        return cache_key(section, tok, ("sources",))[0]
+        return cache_key(section, tok, section.sources[0])[0]
 
     for other in (None, "b" * 40):
         sent = []
@@ -417,8 +431,8 @@ def test_preference_pairs_are_tokenized_once_into_the_cache(tmp_path, tok, monke
     again = load_cached(section, tok, seed=2, say=lambda m: None, options={"max_prompt_len": 16})
     assert not first[2].cached and again[2].cached
     entry, = (tmp_path / "c").glob("tok-*")
-    assert [p["kind"] for p in json.loads((entry / "meta.json").read_text())["parts"]] == \
-        ["sources"]
+    assert [p["path"] for p in json.loads((entry / "meta.json").read_text())["parts"]] == \
+        [section.sources[0].path]
 
     def sides(pairs):
         return [(p.chosen_ids, p.chosen_labels, p.rejected_ids, p.rejected_labels) for p in pairs]
@@ -475,14 +489,15 @@ def test_summary_records_the_prompts_extracted_from_implicit_prompt_pairs(tmp_pa
                           cache_dir=str(tmp_path / "c"))
     _, evals, stats = load_cached(section, tok, seed=0, say=lambda m: None)
     run = SimpleNamespace(  # a finished run's state, as summary() reads it
-        recipe=SimpleNamespace(zero=SimpleNamespace(stage=2), data=section,
+        recipe=SimpleNamespace(zero=SimpleNamespace(stage=2), data=section, objective="dpo",
                                model=SimpleNamespace(dtype="float32", name_or_path="tiny")),
         batch=SimpleNamespace(global_batch_size=8, micro_batch_size=2, grad_accum=1,
                               sequence_parallel=1),
         data_stats=stats, eval_rows=evals, total_steps=1, tokens_seen=0, last_loss=None,
         last_eval=None, env=SimpleNamespace(world_size=1, device=SimpleNamespace(type="cpu")),
-        attention="eager", objective=SimpleNamespace(card=dict, card_rows=list), n_params=0, n_train=0,
-        layout=SimpleNamespace(world_size=1, stage=2),
-        evals=SimpleNamespace(summary=dict), started=0.0)
+        attention="eager", objective=SimpleNamespace(card=dict, card_rows=list), n_params=0,
+        n_train=0, layout=SimpleNamespace(world_size=1, stage=2),
+        evals=SimpleNamespace(summary=dict), started=0.0, source_counts=[0, 0])
     data = Run.summary(run)["data"]
     assert data["prompts_extracted"] == 2 and data["rows"] == 3
+    assert data["sources"][0]["rows_available"] == 3 and data["mixture"] == "concat"

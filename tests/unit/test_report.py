@@ -159,3 +159,33 @@ def test_cli_subcommand(two_runs):
     assert args.func(args) == 0
     assert (tmp / "cli" / "report.md").is_file()
     assert_real_png(tmp / "cli" / "loss.png")
+
+
+def test_tokens_per_source_are_plotted_and_listed(tmp_path):
+    """A mixture run's cumulative tokens per source: a plot, and report.md's line per source
+    written from summary.json (the fixture's numbers, not dpkit's reader)."""
+    run = tmp_path / "mix"
+    lines = make_run(run, steps=12, seed=1.0, finished=True)
+    records = [json.loads(ln) for ln in lines]
+    seen = [0, 0, 0]
+    for r in records:
+        if "loss" in r:  # 50/30/20 of each step's tokens
+            seen = [seen[0] + r["tokens"] // 2, seen[1] + 3 * r["tokens"] // 10,
+                    seen[2] + r["tokens"] - r["tokens"] // 2 - 3 * r["tokens"] // 10]
+            r["source_tokens_seen"] = list(seen)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["data"] = {"mixture": "all_exhausted", "sources": [
+        {"path": f"data/{n}.jsonl", "format": "text", "weight": w, "rows_available": 10 * w,
+         "rows_per_epoch": 20 * w, "unit": "rows", "rows_seen": 30 * w, "tokens_seen": t,
+         "token_share": t / sum(seen)} for n, w, t in zip("abc", (5, 3, 2), seen)]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    path = report.write_report([run])
+    assert_real_png(path.parent / "source_tokens.png")
+    text = path.read_text()
+    assert "## Tokens per data source" in text
+    share = 100 * seen[0] / sum(seen)
+    assert (f"- data source [0] `data/a.jsonl` (text, weight 5): 50 rows available, 100 drawn "
+            f"per epoch; the run took 150 of them, {seen[0]:,} tokens ({share:.1f}%") in text
+    assert report.source_names(report.load_run(run)) == ["a.jsonl [0]", "b.jsonl [1]",
+                                                          "c.jsonl [2]"]

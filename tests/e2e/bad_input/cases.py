@@ -144,6 +144,9 @@ CASES = [
     Case("eval-fraction-and-sources", "data.eval_sources",
          over=["data.eval_fraction=0.1", f"data.eval_sources=[{{path: '{ALPACA}'}}]"]),
     Case("source-without-path", "data.sources.0.path", over=["data.sources=[{format: alpaca}]"]),
+    Case("mixture-unknown", "data.mixture", over=["data.mixture=random"]),
+    Case("weight-without-mixture", "data.sources[0].weight", over=["data.sources.0.weight=2"]),
+    Case("fixed-without-count", "data.sources[0].rows_per_epoch", over=["data.mixture=fixed"]),
     # ------------------------------------------------------------------ schema: model
     Case("dtype-unknown", "model.dtype", over=["model.dtype=fp32"]),
     Case("attn-unknown", "model.attn_implementation", over=["model.attn_implementation=flash"]),
