@@ -277,6 +277,22 @@ def hold_out(items: Sequence, sizes: Sequence[int], fraction: float, seed: int):
     return select(items, train), new_sizes, select(items, held)
 
 
+def eval_split(train: list, sizes: list[int], evals: list, section, seed: int):
+    """(train, sizes, evals) after `data.eval_fraction`, for examples held in lists (pairs,
+    unpaired rows, prompts: every row kind's `assemble` calls it): a mixture holds out of each
+    source (`hold_out`), concat one seeded draw over all rows, as before mixtures."""
+    if section.eval_fraction <= 0 or not train:
+        return train, sizes, evals
+    if section.mixture != "concat":
+        return hold_out(train, sizes, section.eval_fraction, seed)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(len(train) * section.eval_fraction))])
+    kept = [i not in held for i in range(len(train))]
+    return ([x for x, k in zip(train, kept) if k], sizes_left(sizes, kept),
+            [train[i] for i in sorted(held)])
+
+
 def sizes_left(sizes: Sequence[int], kept) -> list[int]:
     """Items left of each source where `kept` (one flag per item, source after source) is true."""
     kept = np.asarray(kept, dtype=bool)
@@ -319,9 +335,12 @@ def item_lengths(items) -> np.ndarray:
 
 
 def _tokens(ex) -> int:
-    """Tokens an item puts through the model: both sides of a preference pair."""
+    """Tokens an item puts through the model: both sides of a preference pair, an unpaired row's
+    prompt and completion."""
     if hasattr(ex, "chosen_ids"):
         return len(ex.chosen_ids) + len(ex.rejected_ids)
+    if hasattr(ex, "completion_ids"):
+        return len(ex.prompt_ids) + len(ex.completion_ids)
     return len(ex.input_ids)
 
 

@@ -356,8 +356,6 @@ def check_pairs(raw: list, tokenizer) -> None:
 def assemble_pairs(parts: list, section, seed: int):
     """(train pairs, eval pairs, stats) from tokenized sources [(kind, source, tokenized ds)]
     (in memory, or read back from the tokenized-data cache); pairs are held in memory."""
-    import random
-
     from dpkit.data import mixture
     from dpkit.data.tokenize import DataStats
 
@@ -369,15 +367,7 @@ def assemble_pairs(parts: list, section, seed: int):
         got = pairs_of(tds, source.path, st)
         target.extend(got)
         n.append(len(got))
-    if section.eval_fraction > 0 and train and section.mixture != "concat":
-        train, sizes, evals = mixture.hold_out(train, sizes, section.eval_fraction, seed)
-    elif section.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[:max(1, round(len(train) * section.eval_fraction))])
-        sizes = mixture.sizes_left(sizes, [i not in held for i in range(len(train))])
-        evals = [train[i] for i in sorted(held)]
-        train = [ex for i, ex in enumerate(train) if i not in held]
+    train, sizes, evals = mixture.eval_split(train, sizes, evals, section, seed)
     if not train:
         raise RecipeError.one("data.sources", "no training pairs left after tokenization "
                               f"({stats.describe()})",

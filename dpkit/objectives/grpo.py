@@ -282,31 +282,28 @@ class PromptRows(RowKind):
                                   "see docs/grpo.md for the prompt layouts") from None
 
     def assemble(self, parts, section, seed, need_train=True):
-        import random
-
+        from dpkit.data import mixture
         from dpkit.data.tokenize import DataStats
 
         stats, eval_stats = DataStats(), DataStats()
-        train, evals = [], []
+        train, evals, sizes, eval_sizes = [], [], [], []
         for kind, source, tds in parts:
-            target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
+            target, st, n = ((train, stats, sizes) if kind == "sources" else
+                             (evals, eval_stats, eval_sizes))
             table = tds.data.table if hasattr(tds.data, "table") else tds.data
             ids = table.column("prompt_ids").to_pylist()
             cols = table.column("columns").to_pylist()
             cut = table.column("prompt_cut").to_pylist()
             target.extend(PromptExample(i, json.loads(c)) for i, c in zip(ids, cols))
+            n.append(len(ids))
             st.rows += len(ids)
             st.prompt_truncated += sum(cut)
             st.tokens += sum(len(i) for i in ids)
             st.per_source[source.path] = st.per_source.get(source.path, 0) + len(ids)
-        if section.eval_fraction > 0 and train:
-            order = list(range(len(train)))
-            random.Random(seed).shuffle(order)
-            held = set(order[:max(1, round(len(train) * section.eval_fraction))])
-            evals = [train[i] for i in sorted(held)]
-            train = [ex for i, ex in enumerate(train) if i not in held]
+        train, sizes, evals = mixture.eval_split(train, sizes, evals, section, seed)
         if need_train and not train:
             raise RecipeError.one("data.sources", "no prompts", "check the data")
+        train, evals = mixture.arrange(train, sizes, evals, eval_sizes, section, seed, stats)
         return train, evals, stats
 
 

@@ -308,21 +308,22 @@ class UnpairedRows(RowKind):
         """(train rows, eval rows, stats), held in memory; the eval split as for pairs."""
         from dpkit.data.tokenize import DataStats
 
+        from dpkit.data import mixture
+
         stats, eval_stats = DataStats(), DataStats()
-        train, evals = [], []
+        train, evals, sizes, eval_sizes = [], [], [], []
         for kind, source, tds in parts:
-            target, st = (train, stats) if kind == "sources" else (evals, eval_stats)
-            target.extend(rows_of(tds, source.path, st))
-        if section.eval_fraction > 0 and train:
-            order = list(range(len(train)))
-            random.Random(seed).shuffle(order)
-            held = set(order[:max(1, round(len(train) * section.eval_fraction))])
-            evals = [train[i] for i in sorted(held)]
-            train = [row for i, row in enumerate(train) if i not in held]
+            target, st, n = ((train, stats, sizes) if kind == "sources" else
+                             (evals, eval_stats, eval_sizes))
+            got = rows_of(tds, source.path, st)
+            target.extend(got)
+            n.append(len(got))
+        train, sizes, evals = mixture.eval_split(train, sizes, evals, section, seed)
         if need_train and not train:
             raise RecipeError.one("data.sources", "no training rows left after tokenization "
                                   f"({stats.describe()})", "raise data.max_seq_len, use "
                                   "overflow: truncate, or check the data")
+        train, evals = mixture.arrange(train, sizes, evals, eval_sizes, section, seed, stats)
         return train, evals, stats
 
 
