@@ -53,6 +53,8 @@ def build_optimizer(model, recipe: Recipe, expert_groups: bool = False):
     if recipe.zero.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        _remember_cpu_info()
+
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
                                 adamw_mode=True)
     # On GPU under ZeRO 0-2 the parameters are already on the device (see build_engine): torch's
@@ -60,6 +62,19 @@ def build_optimizer(model, recipe: Recipe, expert_groups: bool = False):
     fused = all(p.is_cuda for g in groups for p in g["params"]) and recipe.zero.stage < 3
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
                              fused=fused or None)
+
+
+def _remember_cpu_info() -> None:
+    """DeepSpeedCPUAdam asks py-cpuinfo for the CPU vendor on every construction, and py-cpuinfo
+    answers by starting a Python subprocess (~1.2 s on 2 cores). The CPU does not change within a
+    process: ask once. (A process that builds several engines, as the test drivers and a resume in
+    the same job do, paid it each time.)"""
+    import functools
+
+    import cpuinfo
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 def build_engine(model, recipe: Recipe, ds_config: dict, total_steps: int, env, say, mpu=None):
