@@ -211,28 +211,20 @@ def tokenize_pair_dataset(ds, source, tokenizer, section, max_prompt_len: int | 
                           cache_file: str | None = None, numbers: dict | None = None):
     """`datasets.map` of `encode_pairs` over a source: written to `cache_file` (Arrow, the
     tokenized-data cache) when given, else in memory. A row that is no pair is one line."""
-    import uuid
+    from dpkit.data.tokenize import map_source
 
     for name, spec in (numbers or {}).items():
         if spec["column"] not in ds.column_names:
             raise RecipeError.one(spec["key"], f"names column '{spec['column']}' (each pair's "
                                   f"{name}), which data source {source.path} lacks; its columns "
                                   f"are {ds.column_names}", "name one of them, or leave it out")
-    kwargs = dict(batched=True, batch_size=1000, with_indices=True,
-                  features=pair_features(numbers), remove_columns=ds.column_names,
-                  desc=f"tokenizing pairs of {source.path}",
-                  new_fingerprint=fingerprint or uuid.uuid4().hex,
-                  fn_kwargs=dict(source=source, tokenizer=tokenizer,
-                                 max_seq_len=section.max_seq_len, overflow=section.overflow,
-                                 max_prompt_len=max_prompt_len, numbers=numbers))
-    procs = num_proc if len(ds) >= 20_000 * num_proc else None  # forking costs more on small sets
-    try:
-        if cache_file is None:
-            return ds.map(encode_pairs, keep_in_memory=True, num_proc=procs, **kwargs)
-        return ds.map(encode_pairs, cache_file_name=cache_file, num_proc=procs, **kwargs)
-    except ValueError as e:
-        raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
-                              "see the preference layouts in docs/preference.md") from None
+    return map_source(ds, encode_pairs, source, pair_features(numbers),
+                      f"tokenizing pairs of {source.path}",
+                      dict(source=source, tokenizer=tokenizer, max_seq_len=section.max_seq_len,
+                           overflow=section.overflow, max_prompt_len=max_prompt_len,
+                           numbers=numbers),
+                      num_proc=num_proc, fingerprint=fingerprint, cache_file=cache_file,
+                      with_indices=True, layouts="the preference layouts in docs/preference.md")
 
 
 def pairs_of(tds, path: str, stats) -> list[PairExample]:

@@ -215,20 +215,39 @@ def features():
 
 def tokenize_dataset(ds, source, tokenizer, section, num_proc: int, fingerprint: str,
                      cache_file: str | None = None):
-    """`datasets.map` of `encode_batch` over a whole source: in several processes and written to
-    `cache_file` (Arrow) when given, else in memory. `fingerprint` (the cache key) stands in for
-    datasets' own hash of the function, which would pickle and hash the whole tokenizer."""
-    kwargs = dict(batched=True, batch_size=1000, remove_columns=ds.column_names,
-                  features=features(), new_fingerprint=fingerprint, desc=f"tokenizing {source.path}",
-                  fn_kwargs=dict(source=source, tokenizer=tokenizer, max_seq_len=section.max_seq_len,
-                                 overflow=section.overflow,
-                                 completion_only=section.completion_only_loss))
-    procs = num_proc if len(ds) >= 20_000 * num_proc else 1  # forking costs more on small sets
-    if cache_file is None:
-        return ds.map(encode_batch, keep_in_memory=True, num_proc=procs if procs > 1 else None,
-                      **kwargs)
-    return ds.map(encode_batch, cache_file_name=cache_file, num_proc=procs if procs > 1 else None,
-                  **kwargs)
+    """`encode_batch` over a whole source (see `map_source`)."""
+    return map_source(ds, encode_batch, source, features(), f"tokenizing {source.path}",
+                      dict(source=source, tokenizer=tokenizer, max_seq_len=section.max_seq_len,
+                           overflow=section.overflow,
+                           completion_only=section.completion_only_loss),
+                      num_proc=num_proc, fingerprint=fingerprint, cache_file=cache_file)
+
+
+def map_source(ds, encode, source, features, desc: str, fn_kwargs: dict, num_proc: int = 1,
+               fingerprint: str | None = None, cache_file: str | None = None,
+               with_indices: bool = False, layouts: str | None = None):
+    """`datasets.map` of a row kind's batched `encode` over a whole source: in several processes
+    (large sources only: forking costs more on small ones) and written to `cache_file` (Arrow, the
+    tokenized-data cache) when given, else in memory. `fingerprint` (the cache key) stands in for
+    datasets' own hash of the function, which would pickle and hash the whole tokenizer.
+    `layouts`: where the docs show the row layouts; a row `encode` refuses (ValueError) is then
+    one line naming the source and that page."""
+    import uuid
+
+    kwargs = dict(batched=True, batch_size=1000, with_indices=with_indices, features=features,
+                  remove_columns=ds.column_names, desc=desc,
+                  new_fingerprint=fingerprint or uuid.uuid4().hex, fn_kwargs=fn_kwargs,
+                  num_proc=num_proc if len(ds) >= 20_000 * num_proc and num_proc > 1 else None)
+    where = dict(keep_in_memory=True) if cache_file is None else dict(cache_file_name=cache_file)
+    try:
+        return ds.map(encode, **where, **kwargs)
+    except ValueError as e:
+        if layouts is None:
+            raise
+        from dpkit.errors import RecipeError
+
+        raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
+                              f"see {layouts}") from None
 
 
 def status_and_lengths(ds) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from dpkit import distributed
 from dpkit.data.rows import RowKind
-from dpkit.data.tokenize import IGNORE
+from dpkit.data.tokenize import IGNORE, map_source
 from dpkit.errors import Problem, RecipeError
 from dpkit.objectives.base import LossOut, Objective
 
@@ -264,22 +264,14 @@ class PromptRows(RowKind):
 
     def tokenize(self, ds, source, tokenizer, section, options, num_proc, fingerprint=None,
                  cache_file=None):
-        import uuid
-
-        kwargs = dict(batched=True, batch_size=1000, with_indices=True,
-                      features=prompt_features(), remove_columns=ds.column_names,
-                      desc=f"tokenizing prompts of {source.path}",
-                      new_fingerprint=fingerprint or uuid.uuid4().hex,
-                      fn_kwargs=dict(source=source, tokenizer=tokenizer,
-                                     max_prompt_len=options.get("max_prompt_len")
-                                     or section.max_seq_len))
-        try:
-            if cache_file is None:
-                return ds.map(encode_prompts, keep_in_memory=True, **kwargs)
-            return ds.map(encode_prompts, cache_file_name=cache_file, **kwargs)
-        except ValueError as e:
-            raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
-                                  "see docs/grpo.md for the prompt layouts") from None
+        # One process: a prompt's tokenization is cheap next to its rollouts.
+        return map_source(ds, encode_prompts, source, prompt_features(),
+                          f"tokenizing prompts of {source.path}",
+                          dict(source=source, tokenizer=tokenizer,
+                               max_prompt_len=options.get("max_prompt_len")
+                               or section.max_seq_len),
+                          fingerprint=fingerprint, cache_file=cache_file, with_indices=True,
+                          layouts="docs/grpo.md for the prompt layouts")
 
     def assemble(self, parts, section, seed, need_train=True):
         from dpkit.data import mixture

@@ -47,7 +47,7 @@ from dpkit.data.formats import Format
 from dpkit.data.load import eval_micro_batches
 from dpkit.data.preference import tokenize_side
 from dpkit.data.rows import RowKind
-from dpkit.data.tokenize import IGNORE, KEPT, NO_TARGET, TOO_LONG, TRUNCATED
+from dpkit.data.tokenize import IGNORE, KEPT, NO_TARGET, TOO_LONG, TRUNCATED, map_source
 from dpkit.errors import Problem, RecipeError
 from dpkit.objectives.base import LossOut, Objective
 from dpkit.objectives.head import LossHead, shifted_labels
@@ -210,23 +210,13 @@ def tokenize_unpaired(ds, source, tokenizer, section, max_prompt_len: int | None
                       cache_file: str | None = None):
     """`datasets.map` of `encode_unpaired` over a source: written to `cache_file` (Arrow, the
     tokenized-data cache) when given, else in memory. A malformed row is one line."""
-    import uuid
-
-    kwargs = dict(batched=True, batch_size=1000, with_indices=True,
-                  features=unpaired_features(), remove_columns=ds.column_names,
-                  desc=f"tokenizing unpaired rows of {source.path}",
-                  new_fingerprint=fingerprint or uuid.uuid4().hex,
-                  fn_kwargs=dict(source=source, tokenizer=tokenizer,
-                                 max_seq_len=section.max_seq_len, overflow=section.overflow,
-                                 max_prompt_len=max_prompt_len))
-    procs = num_proc if len(ds) >= 20_000 * num_proc else None  # forking costs more on small sets
-    try:
-        if cache_file is None:
-            return ds.map(encode_unpaired, keep_in_memory=True, num_proc=procs, **kwargs)
-        return ds.map(encode_unpaired, cache_file_name=cache_file, num_proc=procs, **kwargs)
-    except ValueError as e:
-        raise RecipeError.one(f"data source {source.path}", str(e).splitlines()[0],
-                              "see the unpaired layouts in docs/preference.md (KTO)") from None
+    return map_source(ds, encode_unpaired, source, unpaired_features(),
+                      f"tokenizing unpaired rows of {source.path}",
+                      dict(source=source, tokenizer=tokenizer, max_seq_len=section.max_seq_len,
+                           overflow=section.overflow, max_prompt_len=max_prompt_len),
+                      num_proc=num_proc, fingerprint=fingerprint, cache_file=cache_file,
+                      with_indices=True,
+                      layouts="the unpaired layouts in docs/preference.md (KTO)")
 
 
 def rows_of(tds, path: str, stats) -> list[UnpairedRow]:
