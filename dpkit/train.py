@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             print(f"error: {e}", file=sys.stderr, flush=True)
         return distributed.EXIT_NONFINITE  # not 1: the supervisor must not restart into it
+    except distributed.MainWorkTimeout as e:  # the waiting rank's one line, not a traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except distributed.RendezvousError as e:  # one line per node, not a traceback per rank
         if distributed.launcher_info().local_rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

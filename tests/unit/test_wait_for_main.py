@@ -180,3 +180,23 @@ def test_a_finished_conversion_is_reused_and_one_cut_short_is_redone(waits, tmp_
     C.convert_to_universal(tmp_path, main, 123)
     assert len(converted) == 2 and (target / C.MARKER).is_file()
     assert not (target / "ds" / "half-written").exists()
+
+
+def test_a_rank_that_gives_up_says_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    """The rank's entry point turns the give-up into its one line (exit 1, which a supervised
+    run may restart), not a traceback."""
+    from conftest import write_recipe
+
+    import dpkit.train
+
+    line = ("rank 1 gave up waiting for rank 0 to save the final model after 5 s "
+            "(train.single_rank_work_timeout_s) — raise it")
+
+    def gives_up(*args, **kwargs):
+        raise distributed.MainWorkTimeout(line)
+
+    monkeypatch.setattr(dpkit.train, "run", gives_up)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    assert dpkit.train.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {line}\n"
