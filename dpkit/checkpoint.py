@@ -5,6 +5,8 @@ Layout of `<run>/checkpoints/`:
     step-00000004/            one checkpoint (DeepSpeed's per-rank files live in step-00000004/ds/)
         ds/                   engine, optimizer and ZeRO partitions, LR scheduler (DeepSpeed)
         rng-rank{r}.pt        each rank's RNG states
+        objective.pt          the objective's own state, when it has one (GRPO's rollout
+                              batch between its μ optimizer steps)
         dpkit.json            data position, world size, ZeRO stage, tokens seen
         hf/                   config + tokenizer, so `dpkit export` needs nothing else
         universal/            cached universal conversion (made when resuming elsewhere)
@@ -43,6 +45,7 @@ from dpkit.methods import spec
 from dpkit.run_files import CHECKPOINTS, LATEST, PREEMPTED, read_metrics, write_text
 
 MARKER = "COMPLETE"
+OBJECTIVE_STATE = "objective.pt"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -108,8 +111,11 @@ def point_latest(run_dir: Path, ckpt: Path) -> None:
         write_text(root / LATEST, Path(ckpt).name + "\n")
 
 
-def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | None) -> Path:
+def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | None,
+         objective_state: dict | None = None) -> Path:
     """Write a checkpoint on every rank; it counts only once COMPLETE is written (rank 0, last).
+    `objective_state`: what the objective needs to continue (Objective.state_dict, gathered
+    onto rank 0; tensors, numbers, strings and lists only), or None.
     With DeepSpeed's decoupled writer (output.async_save) the engine's files are still being
     written when this returns: `complete` marks the checkpoint once they are committed."""
     ckpt = checkpoints_dir(run_dir) / step_name(state.step)
@@ -121,6 +127,8 @@ def save(engine, run_dir: Path, state: TrainState, tokenizer, env, keep: int | N
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                ckpt / f"rng-rank{env.rank}.pt")
     if env.is_main:
+        if objective_state is not None:
+            torch.save(objective_state, ckpt / OBJECTIVE_STATE)
         (ckpt / "dpkit.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         module = engine.module
         model = module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -314,7 +322,7 @@ def damaged_files(ckpt: Path) -> list[Path]:
     archive (torch.save writes zip archives, whose directory is at the very end: a truncated file
     has none), an empty file, or an unreadable dpkit.json. Reads only each archive's directory."""
     ckpt = Path(ckpt)
-    parts = [ckpt / "ds", *ckpt.glob("rng-rank*.pt")]
+    parts = [ckpt / "ds", *ckpt.glob("rng-rank*.pt"), *ckpt.glob(OBJECTIVE_STATE)]
     if is_complete(ckpt / "universal"):  # a cached conversion is used as it is
         parts.append(ckpt / "universal")
     files = sorted(f for p in parts for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
@@ -459,6 +467,12 @@ def load(engine, ckpt: Path, env, universal: bool) -> TrainState:
         if states.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
     return read_state(ckpt)
+
+
+def objective_state(ckpt: Path) -> dict | None:
+    """The objective's state saved with a checkpoint (read as data: weights_only), or None."""
+    path = Path(ckpt) / OBJECTIVE_STATE
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def fault_requested(what: str, step: int, rank: int) -> bool:

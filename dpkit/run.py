@@ -25,7 +25,7 @@ from dpkit.attention import describe_packed
 
 from dpkit.data import load as D
 from dpkit.data.cache import load_cached
-from dpkit.data.feed import eval_batches, make_feed
+from dpkit.data.feed import RepeatedFeed, eval_batches, make_feed
 from dpkit.data.mixture import Mixture, describe_sources, source_summary
 from dpkit.data.packing import fill_ratio, pack
 from dpkit.data.stream import check_stream
@@ -142,10 +142,12 @@ class Run:
             self.ds_config["expert_parallel"] = moe.autoep_section(r, self.model_config)
         self.gradient_divisor = gradient_divisor(self.ds_config, self.batch.data_parallel,
                                                  env.world_size)
+        # optimizer steps: each global batch gives the objective's steps_per_batch (GRPO's μ)
         self.per_epoch = (0 if self.train_rows is None else  # a stream: unknown length
                           D.steps_per_epoch(getattr(self.train_rows, "per_epoch",
                                                     len(self.train_rows)),
-                                            self.batch.global_batch_size))
+                                            self.batch.global_batch_size)
+                          * self.objective.steps_per_batch)
         self.total_steps = r.train.max_steps or r.train.epochs * self.per_epoch
         self.say(f"[dpkit] {self.batch.describe()}; {self.per_epoch} steps per epoch, "
                  f"{self.total_steps} steps; {self.layout.describe()}, {r.model.dtype}; "
@@ -215,6 +217,8 @@ class Run:
                               sizes)
         if self.sp is not None:  # every rank of a group reads the same rows, keeps its slice
             self.feed = self.sp.wrap(self.feed)
+        if self.objective.steps_per_batch > 1:  # GRPO's μ optimizer steps per rollout batch
+            self.feed = RepeatedFeed(self.feed, self.objective.steps_per_batch)
 
     def _mixture_of_experts(self, model) -> None:
         """Router loss, ZeRO-3 leaf modules and expert parallelism (dpkit/moe.py)."""
@@ -255,6 +259,7 @@ class Run:
                                   f"this run has {self.per_epoch} and {r.train.seed}",
                                   "resume with the same data, global batch and seed")
         self.feed.load_state_dict(state.data)
+        self.objective.load_state_dict(C.objective_state(ckpt))
         if self.env.is_main:  # a rewind: this run's lineage goes on from here (C.latest_complete)
             C.point_latest(self.out, ckpt)
         self.start_step, self.tokens_seen = state.step, state.tokens_seen
@@ -425,7 +430,7 @@ class Run:
         self.saved_step = step_done
         start = time.perf_counter()
         ckpt = C.save(self.engine, self.out, state, self.tokenizer, self.env,
-                      self.recipe.output.save_total_limit)
+                      self.recipe.output.save_total_limit, self.objective.state_dict(self.env))
         took = time.perf_counter() - start
         if C.decoupled(self.engine):  # marked COMPLETE once the writer has it on disk
             self.pending = (ckpt, step_done, took)

@@ -115,6 +115,38 @@ class MixtureFeed:
         pass
 
 
+class RepeatedFeed:
+    """Each global batch of `feed` served `times` optimizer steps in a row (GRPO's μ steps per
+    rollout batch): step s is the inner feed's step s // times, its micro-batches marked with
+    `"iteration": s % times` so the objective knows a repeat from a new batch on every rank
+    (also on one that holds no rows this step). Its rows are counted per source once, on the
+    first of its steps. The position is the step, as the inner feed's."""
+
+    def __init__(self, feed, times: int):
+        self.feed, self.times = feed, times
+        self.steps_per_epoch = feed.steps_per_epoch * times
+        self.last_counts: list[int] = list(feed.last_counts)
+
+    def step_rows(self, step: int) -> list[int]:
+        return self.feed.step_rows(step // self.times)
+
+    def micro_batches(self, step: int) -> list[dict]:
+        batches = self.feed.micro_batches(step // self.times)
+        iteration = step % self.times
+        self.last_counts = (list(self.feed.last_counts) if iteration == 0 else
+                            [0] * len(self.feed.last_counts))
+        return [{**b, "iteration": iteration} for b in batches]
+
+    def epoch(self, step: int) -> int:
+        return self.feed.epoch(step // self.times)
+
+    def state_dict(self) -> dict:
+        return self.feed.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.feed.load_state_dict(state)
+
+
 def plain_examples(rows, picks: list[list[int]], step_rows: list[int], step: int) -> list[list]:
     """The examples of each micro-batch: the picked rows themselves (a method whose examples
     need other rows of the global batch — KTO's mismatched pairs — brings its own function,

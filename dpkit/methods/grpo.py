@@ -87,10 +87,15 @@ class GRPOSection(_Section):
     epsilon_high: float | None = Field(default=None, gt=0)
     """Clip ε high: clipped above at 1 + ε_high (DAPO's clip-higher); default `epsilon`."""
     beta: float = Field(default=0.0, ge=0)
-    """KL weight β (k3 estimator against the reference). 0: no reference model. With β > 0 the
-    reference is the base model with the LoRA adapter turned off (LoRA only, for now)."""
+    """KL weight β: β·(ρ/π − log(ρ/π) − 1) per completion token (the k3 estimator, TRL's),
+    logged as `kl`. 0: no reference model. β > 0: the reference is the base model with the
+    adapter off under LoRA (one more forward per micro-batch), else a frozen copy of the initial
+    model partitioned like the policy (under ZeRO-3 over the ranks; `dpkit plan` counts it)."""
     iterations: int = Field(default=1, ge=1)
-    """μ: optimizer steps per rollout batch (old log-probs kept). Only 1 is supported yet."""
+    """μ: optimizer steps per rollout batch. Each batch is trained on μ steps in a row against
+    the old log-probs computed once after its rollout (the clip bounds the ratio); steps,
+    epochs and the LR schedule count optimizer steps (an epoch is μ × its rollout batches, as
+    TRL's `num_iterations`). A checkpoint between them keeps the batch: resume is bitwise."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage = (reward − group mean) / std, the std of its group (`group`), of the whole
     global batch (`batch`), or not divided (`none`, Dr. GRPO)."""
@@ -122,12 +127,6 @@ def grpo_problems(recipe) -> list[str]:
     if g is None:
         return ["`objective: grpo` needs a `grpo` section with its `rewards` (for example "
                 "`grpo: {rewards: [{function: math_answer}]}`)"]
-    if g.iterations != 1:
-        return ["`grpo.iterations` > 1 (several optimizer steps per rollout batch) is not "
-                "supported yet; set `grpo.iterations: 1`"]
-    if g.beta > 0 and recipe.peft is None:
-        return ["`grpo.beta` > 0 needs LoRA (the reference is the base with the adapter off); "
-                "a frozen full copy is not supported yet: set `grpo.beta: 0` or add `peft`"]
     if recipe.train.sequence_parallel > 1:
         return [f"`train.sequence_parallel: {recipe.train.sequence_parallel}` does not work with "
                 "`objective: grpo`: rollouts generate whole sequences per rank; set "

@@ -38,7 +38,13 @@ class Objective:
     False: the method lays its rows end to end per batch itself (its collate's `flatten`)."""
     reference = None
     """How a frozen reference model is evaluated: None, "adapter_off" (one more forward without
-    gradient per micro-batch) or "precomputed" (one forward per item before step 1)."""
+    gradient per micro-batch), "precomputed" (one forward per item before step 1) or
+    "frozen_copy" (a frozen copy of the initial model, partitioned like the policy: one more
+    forward per micro-batch, and its weights' memory)."""
+    steps_per_batch = 1
+    """Optimizer steps each global batch of rows is trained on (GRPO's μ, `grpo.iterations`):
+    the loop serves every batch this many times in a row (dpkit/data/feed.py RepeatedFeed), so
+    an epoch has this many times the steps, and the LR schedule counts every one."""
 
     def setup(self, run) -> None:
         """Called once on every rank after the engine exists and before the first step (for
@@ -65,6 +71,15 @@ class Objective:
         (a rollout's reward mean and std, its longest completion): merged into the step's
         metrics as they are, not divided by the units. Default: none."""
         return {}
+
+    def state_dict(self, env) -> dict | None:
+        """What the objective must keep across a checkpoint to continue bitwise (GRPO's rollout
+        batch between its μ steps), gathered onto the main rank; None: nothing. Called on every
+        rank when a checkpoint is saved (collectives allowed)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s value when resuming (on every rank, any world size)."""
 
     def prepare(self, engine, micro_batches: list[dict], env) -> None:
         """Called with this rank's device micro-batches of a step (or all its eval batches)
@@ -97,7 +112,7 @@ class Objective:
     def forwards_without_grad(self) -> int:
         """Forwards without gradient per micro-batch besides the loss's own, each of the batch's
         size (the planner's step time and ZeRO-3 gathers): an adapter-off reference is one."""
-        return 1 if self.reference == "adapter_off" else 0
+        return 1 if self.reference in ("adapter_off", "frozen_copy") else 0
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
         """Short readings for the progress bar, from a step's metrics (per unit)."""

@@ -47,6 +47,7 @@ from dpkit.data.rows import RowKind
 from dpkit.data.tokenize import IGNORE, map_source
 from dpkit.errors import Problem, RecipeError
 from dpkit.objectives.base import LossOut, Objective
+from dpkit.objectives.head import LossHead, shifted_labels
 
 EPS = 1e-4  # added to the std before dividing (TRL's)
 
@@ -304,6 +305,28 @@ PROMPTS = PromptRows()
 
 # ------------------------------------------------------------------------------ the objective
 @dataclass
+class _Kept:
+    """A rollout batch kept for its μ optimizer steps (`grpo.iterations` > 1)."""
+    step: int | None  # the data step its prompts came from (None: this rank had none)
+    metrics: dict     # the rollout's metrics (global), logged again on each of its steps
+    tokens: float     # completion tokens trained on, global batch
+    completions: float
+    entries: dict = field(default_factory=dict)
+    """(data row, sample) → [completion ids, advantage, masked, old log-probs, reference
+    log-probs] (log-probs: the completion's labelled tokens, filled by prepare())"""
+    iteration: int = 0  # the last of its steps trained (0 … μ−1)
+
+
+def _placed(values: list, batch: dict) -> torch.Tensor:
+    """Per-sequence log-probs of the labelled tokens back in a [B, T−1] tensor (0 elsewhere)."""
+    mask = batch["labels"][:, 1:] != IGNORE
+    out = torch.zeros(mask.shape, dtype=values[0].dtype if values else torch.float32)
+    for i, v in enumerate(values):
+        out[i][mask[i]] = v
+    return out
+
+
+@dataclass
 class _Prompt:
     example: PromptExample
     row: int    # the row's index in the data: with the step, what seeds its samples
@@ -316,33 +339,41 @@ class GRPO(Objective):
     metric_names = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
                     "clip_ratio/region_mean")
 
-    def __init__(self, settings, seed: int = 0, max_seq_len: int = 512):
+    def __init__(self, settings, seed: int = 0, max_seq_len: int = 512, lora: bool = False):
         self.s = settings
         self.kind = settings.loss_type
         self.unit = "completion tokens" if self.kind == "dapo" else "completions"
         self.G = settings.group_size
         self.eps_low, self.eps_high = settings.epsilon, settings.resolved_epsilon_high()
         self.beta = settings.beta
-        self.reference = "adapter_off" if self.beta > 0 else None
+        # β > 0: the reference is the base with the adapter off (LoRA), else a frozen copy of
+        # the initial model partitioned like the policy (dpkit/objectives/reference.py)
+        self.reference = (None if self.beta == 0 else "adapter_off" if lora else "frozen_copy")
+        self.steps_per_batch = settings.iterations  # μ: the loop serves each batch μ times
         self.rows_per_item = self.G
         self.seed = seed
         if self.beta > 0:
             self.metric_names = (*GRPO.metric_names, "kl")
         self.rewards = None
+        self.head = LossHead()  # full logits until setup() knows the run's head
+        self.ref_engine = self.ref_head = None  # the frozen copy (reference "frozen_copy")
         self._step_metrics: dict[str, float] = {}
+        self._kept: _Kept | None = None  # the rollout batch trained on for μ steps (μ > 1)
         self.samples: list[dict] = []  # the last rollout's logged completions (rank 0)
 
     @classmethod
     def from_recipe(cls, recipe) -> GRPO:
         from dpkit.methods.grpo import GRPOSection
 
-        return cls(recipe.grpo or GRPOSection(), recipe.train.seed, recipe.data.max_seq_len)
+        return cls(recipe.grpo or GRPOSection(), recipe.train.seed, recipe.data.max_seq_len,
+                   lora=recipe.peft is not None)
 
     def setup(self, run) -> None:
         from dpkit.objectives.grpo_rewards import Rewards
 
         self.layout = run.layout  # whether generation must gather partitioned parameters
         self.tokenizer = run.tokenizer
+        self.head = run.loss_head  # tiled as compute.loss says, like SFT: no full logits
         self.rewards = Rewards(self.s.rewards, run.say)
         self.run = run
         needed = {r.column for r in self.s.rewards
@@ -353,6 +384,11 @@ class GRPO(Objective):
             raise RecipeError.one("grpo.rewards", f"the data has no column {missing[0]!r} "
                                   f"(its columns: {sorted(have)})",
                                   "set the reward's `column` to the answer column")
+        if self.reference == "frozen_copy":
+            from dpkit.objectives.reference import frozen_copy
+
+            self.ref_engine, self.ref_head, line = frozen_copy(run)
+            run.say(f"[dpkit] grpo: {line}")
 
     # ------------------------------------------------------------------------------- data
     def step_examples(self, rows, picks, step_rows, step):
@@ -402,6 +438,16 @@ class GRPO(Objective):
         return out
 
     def rollout(self, engine, micro_batches: list[dict], env) -> list[dict]:
+        """A step's sequences: new completions of its prompts, or — on the 2nd to μth
+        optimizer step of a rollout batch (`grpo.iterations`; the feed marks each step's
+        `iteration`) — the kept ones, with the old (and reference) log-probs computed once
+        after their rollout."""
+        iteration = micro_batches[0].get("iteration") if micro_batches else None
+        if iteration:  # the same on every rank: no collective here
+            return self._kept_batches(micro_batches, iteration)
+        return self._new_rollout(engine, micro_batches, env, keep=iteration == 0)
+
+    def _new_rollout(self, engine, micro_batches: list[dict], env, keep: bool) -> list[dict]:
         prompts = [p for b in micro_batches for p in b["grpo_prompts"]]
         pad_id = micro_batches[0]["pad_id"] if micro_batches else 0
         rng = torch.get_rng_state()
@@ -459,14 +505,53 @@ class GRPO(Objective):
         self._keep_samples(prompts, texts, per_fn, total, env)
         # The trained micro-batches: each prompt's G sequences in its micro-batch.
         out, k = [], 0
+        kept = (_Kept(prompts[0].step if prompts else None, m, g[5], N) if keep else None)
         for b in micro_batches:
-            seqs = []
+            seqs, keys = [], []
             for p in b["grpo_prompts"]:
                 for j in range(self.G):
                     seqs.append((p.example.prompt_ids, flat[k], float(advantages[k]),
                                  truncated[k] and mask_trunc))
+                    keys.append((p.row, j))
+                    if kept is not None:
+                        kept.entries[(p.row, j)] = [flat[k], float(advantages[k]),
+                                                    truncated[k] and mask_trunc, None, None]
                     k += 1
-            out.append(self.collate_sequences(seqs, pad_id))
+            out.append({**self.collate_sequences(seqs, pad_id), "keys": keys, "keep": keep})
+        if keep:  # μ > 1: prepare() adds the old log-probs before any update
+            self._kept = kept
+        return out
+
+    def _kept_batches(self, micro_batches: list[dict], iteration: int) -> list[dict]:
+        """This rank's micro-batches of the kept rollout batch (any world size: entries are
+        looked up by data row and sample), with their old and reference log-probs."""
+        kept = self._kept
+        if kept is None:
+            raise RuntimeError(f"grpo: optimizer step {iteration + 1} of a rollout batch without "
+                               "its rollout (a checkpoint without objective.pt?)")
+        kept.iteration = iteration
+        self._step_metrics = dict(kept.metrics)  # the rollout's, on each of its μ steps
+        self.global_tokens, self.global_completions = kept.tokens, kept.completions
+        self.samples = []
+        pad_id = micro_batches[0]["pad_id"]
+        out = []
+        for b in micro_batches:
+            seqs, keys, olds, refs = [], [], [], []
+            for p in b["grpo_prompts"]:
+                if p.step != kept.step:
+                    raise RuntimeError(f"grpo: kept rollout of data step {kept.step}, asked for "
+                                       f"{p.step}")
+                for j in range(self.G):
+                    c, adv, masked, old, ref = kept.entries[(p.row, j)]
+                    seqs.append((p.example.prompt_ids, c, adv, masked))
+                    keys.append((p.row, j))
+                    olds.append(old)
+                    refs.append(ref)
+            batch = self.collate_sequences(seqs, pad_id)
+            batch["old_logp"] = _placed(olds, batch)
+            if self.beta > 0:
+                batch["ref_logp"] = _placed(refs, batch)
+            out.append({**batch, "keys": keys, "keep": False})
         return out
 
     def _keep_samples(self, prompts, texts, per_fn, total, env) -> None:
@@ -477,7 +562,7 @@ class GRPO(Objective):
         for i, p in enumerate(prompts[:self.s.log_completions]):
             sl = slice(i * self.G, (i + 1) * self.G)
             self.samples.append({
-                "step": p.step + 1, "kind": "rollout", "row": p.row,
+                "step": p.step * self.steps_per_batch + 1, "kind": "rollout", "row": p.row,
                 "prompt": self.tokenizer.decode(p.example.prompt_ids, skip_special_tokens=True),
                 "completions": texts[sl], "reward": total[sl],
                 "rewards": {n: v[sl] for n, v in zip(self.rewards.names, per_fn)}})
@@ -509,31 +594,56 @@ class GRPO(Objective):
                                          dtype=torch.float64)}
 
     # -------------------------------------------------------------------------------- loss
-    def token_logps(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the labels [B, T−1] at the sampling temperature, and the
-        entropy of each position's distribution (both 0 where nothing is predicted)."""
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        use_cache=False).logits[:, :-1]
-        logits = logits.float() / self.s.temperature
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        logp_all = F.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    def token_logps(self, engine, batch: dict, head=None, entropy: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs of the labels [B, T−1] at the sampling temperature, and (with
+        `entropy`) each position's entropy, both 0 where nothing is predicted. Through the
+        run's loss head (`head`: the frozen reference's): tiled as `compute.loss` says, so a
+        long completion's [tokens, vocabulary] logits never exist at once."""
+        labels = shifted_labels(batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        nll, ent = (head or self.head).token_nll_entropy(engine, inputs, labels,
+                                                         self.s.temperature, entropy)
+        return -nll[:, :-1], (ent[:, :-1] if entropy else None)
+
+    def ref_logps(self, engine, batch: dict) -> torch.Tensor:
+        """The reference's per-token log-probs (no gradient): the base with the LoRA adapter
+        off, or the frozen copy of the initial model."""
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp * mask, entropy * mask
+            if self.reference == "adapter_off":
+                with getattr(engine, "module", engine).disable_adapter():
+                    return self.token_logps(engine, batch, entropy=False)[0]
+            return self.token_logps(self.ref_engine, batch, self.ref_head, entropy=False)[0]
+
+    def prepare(self, engine, micro_batches: list[dict], env) -> None:
+        """Before any update: the reference's log-probs (β > 0) and, on the first step of a
+        kept rollout batch (μ > 1), the old policy's — one forward without gradient each per
+        micro-batch, once per rollout batch, kept for its μ steps (as TRL does)."""
+        for b in micro_batches:
+            keep = b.get("keep", False)
+            if keep:
+                with torch.no_grad():
+                    b["old_logp"] = self.token_logps(engine, b, entropy=False)[0]
+            if self.beta > 0 and "ref_logp" not in b:
+                b["ref_logp"] = self.ref_logps(engine, b)
+            if keep:
+                mask = b["labels"][:, 1:] != IGNORE
+                for i, key in enumerate(b["keys"]):
+                    entry = self._kept.entries[key]
+                    entry[3] = b["old_logp"][i][mask[i]].cpu()
+                    if self.beta > 0:
+                        entry[4] = b["ref_logp"][i][mask[i]].cpu()
 
     def loss(self, engine, batch: dict) -> LossOut:
         logp, entropy = self.token_logps(engine, batch)
         mask = (batch["labels"][:, 1:] != IGNORE).to(logp.dtype)
         seq_mask = batch["seq_mask"].to(logp.dtype)
-        ref = None
-        if self.beta > 0:
-            with torch.no_grad(), getattr(engine, "module", engine).disable_adapter():
-                ref = self.token_logps(engine, batch)[0]
-        old = logp.detach()  # μ = 1: the policy that sampled is this one
+        # μ = 1: the policy that sampled is this one (ratio 1, only its gradient counts); μ > 1:
+        # the log-probs of the weights that sampled, computed once after the rollout
+        old = batch["old_logp"] if "old_logp" in batch else logp.detach()
         per_token, extra = token_losses(logp, old, batch["advantages"].to(logp.dtype),
-                                        self.eps_low, self.eps_high, self.beta, ref)
+                                        self.eps_low, self.eps_high, self.beta,
+                                        batch.get("ref_logp"))
         loss = unit_loss_sum(self.kind, per_token, mask, seq_mask, self.s.max_completion_len)
         # Token metrics are means over the completion tokens of the global batch; the loop
         # divides them by the global units, so they are scaled by units / tokens here.
@@ -548,6 +658,47 @@ class GRPO(Objective):
             metrics["kl"] = (extra["kl"] * mask).sum().detach() * scale
         return LossOut(loss, metrics)
 
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self, env) -> dict | None:
+        """Between the μ steps of a rollout batch: the batch (every rank's completions,
+        advantages, old and reference log-probs, by data row and sample) and its metrics,
+        gathered onto the main rank, so a resume continues bitwise — on any world size. None
+        at a rollout boundary: the next step rolls out anew (its sampler is a function of the
+        step)."""
+        kept = self._kept
+        if kept is None or kept.iteration >= self.steps_per_batch - 1:
+            return None
+        mine = (kept.step, [[r, j, *e] for (r, j), e in kept.entries.items()])
+        parts = [mine]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            parts = [None] * torch.distributed.get_world_size() if env.is_main else None
+            torch.distributed.gather_object(mine, parts, dst=0)
+        if not env.is_main:
+            return None
+        steps = [st for st, _ in parts if st is not None]
+        return {"step": steps[0] if steps else None, "iteration": kept.iteration,
+                "metrics": kept.metrics, "tokens": kept.tokens,
+                "completions": kept.completions,
+                "entries": [e for _, entries in parts for e in entries]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            self._kept = None
+            return
+        kept = _Kept(state["step"], dict(state["metrics"]), state["tokens"],
+                     state["completions"], iteration=state["iteration"])
+        for r, j, *entry in state["entries"]:
+            kept.entries[(r, j)] = list(entry)
+        self._kept = kept
+
+    @property
+    def forwards_without_grad(self) -> float:
+        """Per micro-batch and optimizer step (the planner's): the reference's forward (β > 0)
+        and, with μ > 1, the old policy's — each once per rollout batch, shared by its μ
+        steps."""
+        once = (1 if self.reference else 0) + (1 if self.steps_per_batch > 1 else 0)
+        return once / self.steps_per_batch
+
     def step_metrics(self) -> dict[str, float]:
         return dict(self._step_metrics)
 
@@ -557,14 +708,18 @@ class GRPO(Objective):
     def describe(self) -> str:
         return (f"grpo ({self.kind} loss, G {self.G}, {self.s.max_completion_len} completion "
                 f"tokens, temperature {self.s.temperature:g}, {self.s.rollout} rollouts"
-                + (f", beta {self.beta:g}, reference adapter_off" if self.beta else "") + ")")
+                + (f", {self.steps_per_batch} optimizer steps per rollout batch"
+                   if self.steps_per_batch > 1 else "")
+                + (f", beta {self.beta:g}, reference {self.reference}" if self.beta else "")
+                + ")")
 
     def card(self) -> dict:
         s = self.s
         return {"objective": "grpo", "loss_type": self.kind, "group_size": self.G,
                 "max_completion_len": s.max_completion_len, "temperature": s.temperature,
                 "top_p": s.top_p, "epsilon": self.eps_low, "epsilon_high": self.eps_high,
-                "beta": self.beta, "scale_rewards": s.scale_rewards,
+                "beta": self.beta, "iterations": self.steps_per_batch,
+                "scale_rewards": s.scale_rewards,
                 "mask_truncated": s.mask_truncated, "rollout": s.rollout,
                 "rewards": [f"{r.function} × {r.weight:g}" for r in s.rewards]}
 

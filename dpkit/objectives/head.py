@@ -71,23 +71,31 @@ def plain_head(model):
 
 
 class _TiledNLL(torch.autograd.Function):
-    """Per-token negative log-likelihood of `labels` under softmax(hidden @ weightᵀ + bias),
-    tile by tile; logits are computed in the weight's dtype and soft-capped/upcast to fp32 exactly
-    as the plain path does."""
+    """Per-token negative log-likelihood of `labels` under softmax(logits / temperature), logits
+    = hidden @ weightᵀ + bias, tile by tile; logits are computed in the weight's dtype and
+    soft-capped/upcast to fp32 exactly as the plain path does. Second output: each position's
+    entropy (not differentiable; empty unless `entropy`), from the same tile's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tile, softcap):
-        ctx.tile, ctx.softcap = tile, softcap
+    def forward(ctx, hidden, weight, bias, labels, tile, softcap, temperature=1.0,
+                entropy=False):
+        ctx.tile, ctx.softcap, ctx.temperature = tile, softcap, temperature
         ctx.save_for_backward(hidden, weight, bias, labels)
         out = torch.zeros(labels.shape, dtype=wide(weight.dtype), device=hidden.device)
+        ent = torch.zeros(labels.shape if entropy else (0,), dtype=out.dtype, device=out.device)
         with torch.no_grad():
             for lo in range(0, labels.numel(), tile):
                 h, y = hidden[lo:lo + tile], labels[lo:lo + tile]
-                out[lo:lo + tile] = _nll(h, weight, bias, y, softcap)
-        return out
+                if entropy:
+                    out[lo:lo + tile], ent[lo:lo + tile] = _nll(h, weight, bias, y, softcap,
+                                                                temperature, True)
+                else:
+                    out[lo:lo + tile] = _nll(h, weight, bias, y, softcap, temperature)
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -99,7 +107,7 @@ class _TiledNLL(torch.autograd.Function):
             h = hidden[lo:lo + ctx.tile].detach().requires_grad_(need_h)
             g = grad_out[lo:lo + ctx.tile]
             with torch.enable_grad():
-                nll = _nll(h, w, b, labels[lo:lo + ctx.tile], ctx.softcap)
+                nll = _nll(h, w, b, labels[lo:lo + ctx.tile], ctx.softcap, ctx.temperature)
             wanted = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
             grads = iter(torch.autograd.grad(nll, wanted, g))
             if need_h:
@@ -109,15 +117,30 @@ class _TiledNLL(torch.autograd.Function):
             if need_b:
                 grad_b += next(grads)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None)
 
 
-def _nll(hidden, weight, bias, labels, softcap):
+def _nll(hidden, weight, bias, labels, softcap, temperature=1.0, entropy=False):
     logits = F.linear(hidden, weight, bias)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.to(wide(logits.dtype)), labels, ignore_index=IGNORE,
-                           reduction="none")
+    return _from_logits(logits, labels, temperature, entropy)
+
+
+def _from_logits(logits, labels, temperature=1.0, entropy=False):
+    """NLL per position (and, with `entropy`, each position's entropy, without gradient) of
+    softmax(logits / temperature), in the wide dtype."""
+    logits = logits.to(wide(logits.dtype))
+    if temperature != 1.0:  # GRPO's sampling temperature (the loss sees what was sampled)
+        logits = logits / temperature
+    flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    nll = F.cross_entropy(flat, y, ignore_index=IGNORE, reduction="none").view(labels.shape)
+    if not entropy:
+        return nll
+    with torch.no_grad():
+        logp = F.log_softmax(flat, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1).view(labels.shape)
+    return nll, ent * (labels != IGNORE)
 
 
 def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
@@ -132,20 +155,32 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
     (compute.loss: auto) also does so wherever tiling would hold more (`tiling_threshold`).
     `decide_on`: the token count that choice is made on (default: these labels'), so a caller
     passing the labelled positions only chooses as the planner does, on the whole batch."""
+    return token_nll_entropy(hidden, head, labels, tile, softcap, always, decide_on)[0]
+
+
+def token_nll_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
+                      tile: int = DEFAULT_TILE, softcap: float | None = None,
+                      always: bool = True, decide_on: int | None = None,
+                      temperature: float = 1.0, entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_nll` of softmax(logits / temperature), and with `entropy` each labelled
+    position's entropy (no gradient; 0 at label -100) from the same logits, else None."""
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     n, w = (flat_y.numel() if decide_on is None else decide_on), head.weight
     if n <= tile or not (always or n >= tiling_threshold(tile, head.in_features, w.element_size(),
                                                           w.requires_grad, bool(softcap))):
-        return plain_token_nll(hidden, head, labels, softcap)
-    out = _call_head(head, flat_h, flat_y, tile, softcap)
-    return out.view(labels.shape)
+        out = plain_token_nll(hidden, head, labels, softcap, temperature, entropy)
+        return out if entropy else (out, None)
+    out, ent = _call_head(head, flat_h, flat_y, tile, softcap, temperature, entropy)
+    return out.view(labels.shape), (ent.view(labels.shape) if entropy else None)
 
 
-def _call_head(head, hidden, labels, tile, softcap):
+def _call_head(head, hidden, labels, tile, softcap, temperature=1.0, entropy=False):
     """Run the tiles as the head module's own forward: DeepSpeed ZeRO-3 gathers a module's
     parameters around its calls (and their backward), not around a bare use of `head.weight`."""
     def tiled(h, y):
-        return _TiledNLL.apply(h, head.weight, head.bias, y, tile, softcap)
+        return _TiledNLL.apply(h, head.weight, head.bias, y, tile, softcap, temperature,
+                               entropy)
 
     return _call_module(head, tiled, hidden, labels)
 
@@ -160,14 +195,14 @@ def _call_module(module, fn, *args):
         del module.forward
 
 
-def plain_token_nll(hidden, head, labels, softcap: float | None = None) -> torch.Tensor:
-    """The same numbers through the full logits (reference and fallback)."""
+def plain_token_nll(hidden, head, labels, softcap: float | None = None,
+                    temperature: float = 1.0, entropy: bool = False):
+    """The same numbers through the full logits (reference and fallback): the NLL, or with
+    `entropy` (NLL, entropy)."""
     logits = head(hidden)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.to(wide(logits.dtype)).reshape(-1, logits.shape[-1]),
-                           labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="none").view(labels.shape)
+    return _from_logits(logits, labels, temperature, entropy)
 
 
 def forward_hidden(engine, **inputs) -> torch.Tensor:
@@ -220,21 +255,31 @@ class LossHead:
     def token_nll(self, engine, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         """Forward `inputs` through the engine; NLL per position of `labels` (aligned with the
         inputs, already shifted; -100 where nothing is predicted), 0 where ignored."""
+        return self.token_nll_entropy(engine, inputs, labels)[0]
+
+    def token_nll_entropy(self, engine, inputs: dict, labels: torch.Tensor,
+                          temperature: float = 1.0, entropy: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_nll` of softmax(logits / temperature) (GRPO's sampling temperature), and with
+        `entropy` each labelled position's entropy (no gradient, 0 where ignored), else None."""
         if self.tiled:
             hidden = forward_hidden(engine, **inputs)
             # Only the positions with a label go through the output layer: prompt, template and
             # padding tokens cost no logits (a preference or KTO batch's prompts are often half
             # its tokens; the head is a quarter of a small model's FLOPs per token).
             scored = labels != IGNORE
-            nll = token_nll(hidden[scored], self.head, labels[scored], self.tile, self.softcap,
-                            self.always, decide_on=labels.numel())
-            return torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(
-                scored, nll)
-        logits = engine(use_cache=False, **inputs).logits  # the model applies its own softcap
-        return F.cross_entropy(logits.to(wide(logits.dtype)).reshape(-1, logits.shape[-1]),
-                               labels.reshape(-1), ignore_index=IGNORE,
-                               reduction="none").view(labels.shape)
+            nll, ent = token_nll_entropy(hidden[scored], self.head, labels[scored], self.tile,
+                                         self.softcap, self.always, decide_on=labels.numel(),
+                                         temperature=temperature, entropy=entropy)
 
+            def placed(values):
+                return torch.zeros(labels.shape, dtype=values.dtype,
+                                   device=values.device).masked_scatter(scored, values)
+
+            return placed(nll), (placed(ent) if entropy else None)
+        logits = engine(use_cache=False, **inputs).logits  # the model applies its own softcap
+        out = _from_logits(logits, labels, temperature, entropy)
+        return out if entropy else (out, None)
 
     def loss_sum(self, engine, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the NLL over the labelled positions (SFT's loss)."""

@@ -25,11 +25,13 @@ class RunLength:
     seq_len: int = 0
     source: str = ""
 
-    def steps_for(self, rows_per_step: int) -> int | None:
-        """Optimizer steps; `rows_per_step`: global batch × rows per item (pairs: 2)."""
+    def steps_for(self, rows_per_step: int, steps_per_batch: int = 1) -> int | None:
+        """Optimizer steps; `rows_per_step`: global batch × rows per item (pairs: 2);
+        `steps_per_batch`: optimizer steps per global batch (GRPO's μ, `grpo.iterations`)."""
         if self.steps or not self.tokens:
             return self.steps
-        return -(-self.tokens // (rows_per_step * self.seq_len)) * self.epochs  # ceil per epoch
+        batches = -(-self.tokens // (rows_per_step * self.seq_len))  # ceil per epoch
+        return batches * steps_per_batch * self.epochs
 
 
 def run_length(recipe, dataset_tokens: int | None) -> RunLength:
@@ -85,7 +87,8 @@ def time_lines(p, length: RunLength, price: float | None) -> list[str]:
                 f"{st.comm_s:>8.3f}{st.comm_s - st.exposed_comm_s:>8.3f}{st.optimizer_s:>7.3f}"
                 f"{st.offload_s:>8.3f}{st.step_s:>8.3f}{st.tokens_per_s:>11,.0f}")
         if known:
-            steps = length.steps_for(o.batch.global_batch_size * rows_per_item)
+            steps = length.steps_for(o.batch.global_batch_size * rows_per_item,
+                                     objective.steps_per_batch)
             seconds = steps * st.step_s + (before or 0.0)
             line += f"{steps:>8,}{hours(seconds):>10}{seconds * world / 3600:>9,.1f}"
             if price:

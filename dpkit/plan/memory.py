@@ -69,6 +69,7 @@ class Setup:
     tiled_mlp: bool = False
     offload_activations: bool = False  # saved activations in CPU memory
     expert_parallel: int = 1  # ranks a MoE layer's experts are split over (moe.expert_parallel)
+    reference_copy: bool = False  # a frozen copy of the model as a reference (GRPO's β > 0, full)
 
     @property
     def tokens(self) -> int:
@@ -275,6 +276,17 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
         gathered = min(k.max_live_parameters,
                        shape.largest_local_layer(ep) + k.prefetch_bucket_size)
         add(Part("params", "gathered", min(gathered, P - persist), b, phases=bwd))
+
+    # A frozen reference copy (dpkit/objectives/reference.py), in the model dtype: partitioned
+    # like the policy under ZeRO-3 (a second engine: its partition and persistent parameters;
+    # its gathered layers live only while it runs, before the step's first forward with
+    # gradients, so not at the peak), whole on every rank under ZeRO 0–2. No gradients, no
+    # optimizer state.
+    if setup.reference_copy and s < 3:
+        add(Part("params", "reference copy", P, b))
+    elif setup.reference_copy:
+        add(Part("params", "reference partition", math.ceil(shape.total / n), b, par_dev))
+        add(Part("params", "reference persistent", persist, b))
 
     # Gradients, in the model dtype (DeepSpeed's default gradient accumulation dtype)
     inflight = shape.largest_trainable if shape.largest_trainable > k.reduce_bucket_size else 0

@@ -146,7 +146,8 @@ def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micr
     ep = recipe.moe.expert_parallel if expert_parallel is None else expert_parallel
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], rows,
                  recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
-                 **long_fields(recipe), expert_parallel=ep)
+                 **long_fields(recipe), expert_parallel=ep,
+                 reference_copy=reference_of(recipe) == "frozen_copy")
 
 
 def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,
@@ -248,6 +249,13 @@ def timed(recipe: Recipe, shape: ModelShape, o: Option, hw: Hardware, cluster: C
     return batch, step_time(job, cluster), job
 
 
+def reference_of(recipe: Recipe) -> str | None:
+    """How the recipe's objective evaluates its reference (`Objective.reference`)."""
+    from dpkit.objectives import build_objective
+
+    return build_objective(recipe).reference
+
+
 def objective_load(recipe: Recipe) -> dict:
     """What the recipe's objective puts through the model per batch item (the time model's Job
     fields): pairs are two rows; DPO with the adapter-off reference adds one forward without
@@ -302,7 +310,11 @@ def preference_cost(r: Recipe, shape: ModelShape) -> list[str]:
             "adapter_off": "reference = adapter off: +1 forward (no gradient) per micro batch, "
                            f"+{share:.0%} compute per step (in the times below), no extra memory",
             "precomputed": "reference precomputed: +1 forward per pair once before step 1 "
-                           f"({share:.0%} of an epoch's compute), no extra memory"}[ref]
+                           f"({share:.0%} of an epoch's compute), no extra memory",
+            "frozen_copy": "reference = a frozen copy of the initial model: +1 forward (no "
+                           f"gradient) per micro batch, +{share:.0%} compute per step (in the "
+                           "times below), its weights in memory above (partitioned under "
+                           "ZeRO-3)"}[ref]
     return ["", f"objective {r.objective}: a micro batch of N pairs is 2N rows in one forward "
             f"(memory above counts 2N rows); {cost}"]
 

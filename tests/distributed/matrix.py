@@ -137,12 +137,22 @@ def _pairs(row: dict) -> set:
 
 _PLAIN = {"packing": False, "sequence_parallel": 1, "streaming": False, "tail": "even",
           "dropout": 0.0}
+# GRPO's μ (optimizer steps per rollout batch) and β (its reference: adapter off under LoRA, a
+# frozen copy partitioned like the policy for full fine-tuning) over its 8 required rows, so that
+# every pair of (ZeRO stage, peft, μ, β) levels appears once: no row added for them.
+ONLINE_LEVELS = {("0", None): (1, 0.0), ("0", "lora"): (2, 0.1), ("1", None): (2, 0.1),
+                 ("1", "lora"): (1, 0.0), ("2", None): (2, 0.0), ("2", "lora"): (1, 0.1),
+                 ("3", None): (1, 0.1), ("3", "lora"): (2, 0.0)}
+"""(zero, peft) → (grpo.iterations, grpo.beta) of GRPO's required rows."""
 REQUIRED: tuple[dict, ...] = tuple(
-    {"method": m, "zero": z, "peft": p, **_PLAIN}
+    {"method": m, "zero": z, "peft": p, **_PLAIN,
+     **({"iterations": ONLINE_LEVELS[z, p][0], "beta": ONLINE_LEVELS[z, p][1]}
+        if m in ONLINE else {})}
     for m in ONLINE + NEW_HEAD for z in ("0", "1", "2", "3") for p in (None, "lora")) + tuple(
     {"method": m, "zero": z, "peft": p, "dropout": 0.0}
     for m in UNPAIRED for z in ("0", "1", "2", "3") for p in (None, "lora"))
-"""Rows beyond pairwise coverage, first in the array: GRPO's completions and losses, and a model
+"""Rows beyond pairwise coverage, first in the array: GRPO's completions and losses (with μ and β
+as ONLINE_LEVELS sets them), and a model
 with a new head (a reward model's score layer: its seeded init, its ZeRO-3 gather, PEFT training
 it in full), must equal one process's under every ZeRO stage, full and LoRA (dropout 0); so must
 KTO's losses and its reference point z₀ — all-reduced over the global batch before the backward
@@ -195,7 +205,9 @@ def row_name(row: dict) -> str:
                      *(["stream"] if row["streaming"] else []),
                      *([f"mix_{row['mixture']}"] if row["mixture"] != "concat" else []),
                      row["tail"],
-                     *(["dropout"] if row["dropout"] else [])])
+                     *(["dropout"] if row["dropout"] else []),
+                     *([f"mu{row['iterations']}"] if row.get("iterations", 1) > 1 else []),
+                     *(["kl"] if row.get("beta") else [])])
 
 
 def compares_to_one_process(row: dict) -> bool:
@@ -205,9 +217,15 @@ def compares_to_one_process(row: dict) -> bool:
 
 
 def resumes(row: dict) -> bool:
-    """Rows also resumed from their step-2 checkpoint (bitwise): dropout (its per-rank masks),
-    and streams (their saved position)."""
-    return bool(row["dropout"]) or row["streaming"]
+    """Rows also resumed from a checkpoint (bitwise): dropout (its per-rank masks), streams
+    (their saved position), and GRPO with μ > 1 (its rollout batch kept between its steps)."""
+    return bool(row["dropout"]) or row["streaming"] or row.get("iterations", 1) > 1
+
+
+def resume_step(row: dict) -> int:
+    """The checkpoint a resumed row continues from: step 2, or with μ = 2 step 3 — between the
+    two steps of a rollout batch, so the resume needs the batch the checkpoint kept."""
+    return 3 if row.get("iterations", 1) == 2 else 2
 
 
 def parse_zero(level: str) -> dict:
@@ -313,7 +331,8 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
         r[METHODS[row["method"]].section] = {"max_prompt_len": 24}
     if online:  # short completions sampled at temperature 1 and scored by the toy reward
         r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
-                     "rewards": [{"function": "char_share"}]}
+                     "rewards": [{"function": "char_share"}],
+                     "iterations": row.get("iterations", 1), "beta": row.get("beta", 0.0)}
     if row["peft"]:
         r["peft"] = {"method": row["peft"], "r": 4, "alpha": 8, "dropout": row["dropout"]}
     return r

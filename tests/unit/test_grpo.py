@@ -229,9 +229,7 @@ def _validate(path):
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("grpo,key", [({"iterations": 2}, "grpo.iterations"),
-                                      ({"beta": 0.1}, "grpo.beta"),
-                                      ({"rewards": [{"function": "nope"}]}, "grpo.rewards"),
+@pytest.mark.parametrize("grpo,key", [({"rewards": [{"function": "nope"}]}, "grpo.rewards"),
                                       ({"rewards": [{"function": "format"}]}, "pattern")])
 def test_unsupported_settings_are_refused_in_one_line(tmp_path, grpo, key):
     code, _, err = _validate(write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, **grpo)))
@@ -247,3 +245,180 @@ def test_validate_names_the_reward_code_it_would_run(tmp_path):
     assert code == 0, err
     lines = [ln for ln in out.splitlines() if "runs Python code" in ln]
     assert len(lines) == 1 and str(code_file) in lines[0], out
+
+
+# ------------------------------------------------------- the tiled head and μ > 1, by hand
+def _tiny_policy(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    return LlamaForCausalLM(LlamaConfig(**cfg)).double()  # fp64: resolves 1e-6 on sums
+
+
+def _objective(**grpo):
+    from dpkit.methods.grpo import GRPOSection
+    from dpkit.objectives.grpo import GRPO
+
+    settings = GRPOSection(group_size=2, max_completion_len=6, temperature=0.7,
+                           rewards=[{"function": "char_share"}], **grpo)
+    return GRPO(settings)
+
+
+def _sequences():
+    """(prompt, completion, advantage, masked) rows as a rollout gives them: two groups of 2,
+    one completion truncated and masked, lengths that differ (padding)."""
+    return [([5, 6, 7], [8, 9, 10, 11], 0.9, False), ([5, 6, 7], [12, 13], -0.9, False),
+            ([20, 21], [22, 23, 24, 25, 26, 27], 0.7, True), ([20, 21], [28], -0.7, False)]
+
+
+def _hand_logps(model, batch, temperature):
+    """log softmax(logits / T) of each label through the model's full logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].double() / temperature, dim=-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    return logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask, logp
+
+
+def test_grpo_through_the_tiled_head_equals_the_full_logits():
+    """`compute.loss: tiled` for GRPO: log-probs at the sampling temperature, the entropy and
+    the gradient of the loss equal the full-logits path's (tiles of 3 of the 7 labelled
+    tokens, so several tiles and a short last one)."""
+    from dpkit.objectives.head import LossHead, plain_head
+
+    model = _tiny_policy()
+    outs = []
+    for head in (LossHead(), LossHead(plain_head(model), tile=3)):
+        model.zero_grad()
+        obj = _objective(beta=0.0)
+        obj.head = head
+        batch = obj.collate_sequences(_sequences(), 0)
+        obj.global_tokens, obj.global_completions = 7.0, 4.0
+        out = obj.loss(model, batch)
+        logp, ent = obj.token_logps(model, batch)
+        out.loss.backward()
+        outs.append((logp.detach(), ent, out.loss.detach(),
+                     [p.grad.clone() for p in model.parameters()]))
+    (lp_a, en_a, l_a, g_a), (lp_b, en_b, l_b, g_b) = outs
+    hand, mask, full = _hand_logps(model, obj.collate_sequences(_sequences(), 0), 0.7)
+    assert torch.allclose(lp_a, hand.detach(), atol=1e-9)
+    assert (lp_a - lp_b).abs().max() < 1e-6 and (en_a - en_b).abs().max() < 1e-6
+    want_ent = (-(full.exp() * full).sum(-1) * mask).detach()
+    assert (en_b - want_ent).abs().max() < 1e-6 and en_b[~mask].abs().max() == 0
+    assert abs(float(l_a - l_b)) < 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(g_a, g_b)) < 1e-6
+    assert sum(float(g.abs().sum()) for g in g_b) > 0
+
+
+class _Env:
+    is_main, device, world_size = True, torch.device("cpu"), 1
+
+
+def _kept_step(obj, model, iteration):
+    """The micro-batch of step `iteration` of a rollout batch of the prompts above, as the
+    loop hands it to the objective (the feed marks the iteration)."""
+    from dpkit.objectives.grpo import PromptExample, _Kept, _Prompt
+
+    seqs = _sequences()
+    prompts = [_Prompt(PromptExample(seqs[0][0]), 3, 0), _Prompt(PromptExample(seqs[2][0]), 8, 0)]
+    if iteration == 0:  # what the rollout keeps (its completions and advantages)
+        obj._kept = _Kept(0, {"reward": 0.5}, 7.0, 4.0)
+        keys = [(3, 0), (3, 1), (8, 0), (8, 1)]
+        for key, (_, c, a, masked) in zip(keys, seqs):
+            obj._kept.entries[key] = [c, a, masked, None, None]
+        batch = {**obj.collate_sequences(seqs, 0), "keys": keys, "keep": True}
+        obj.prepare(model, [batch], _Env())
+        obj.global_tokens, obj.global_completions = 7.0, 4.0
+        return batch
+    return obj.rollout(model, [{"grpo_prompts": prompts, "pad_id": 0,
+                                "iteration": iteration}], _Env())[0]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_second_step_of_a_rollout_batch_clips_against_the_kept_old_log_probs(beta, tmp_path):
+    """μ = 2: the old log-probs are the policy's right after the rollout, computed once; after
+    an update the second step's loss is the clipped-ratio formula by hand against them (and the
+    reference's, kept too), the clip acts, and the batch saved in a checkpoint gives the same
+    tensors back."""
+    model = _tiny_policy()
+    ref_model = _tiny_policy()  # the frozen copy: the initial weights
+    obj = _objective(iterations=2, beta=beta, epsilon=0.05)
+    obj.reference = "frozen_copy" if beta else None
+    obj.ref_engine, obj.ref_head = ref_model, obj.head
+    first = _kept_step(obj, model, 0)
+    hand_old, mask, _ = _hand_logps(model, first, 0.7)
+    assert torch.allclose(first["old_logp"], hand_old.detach(), atol=1e-12)
+    out = obj.loss(model, first)
+    assert float(out.metrics["clip_ratio/region_mean"]) == 0  # ratio 1 at the first step
+    out.loss.backward()
+    with torch.no_grad():  # an update large enough to move ratios past 1 ± ε
+        for p in model.parameters():
+            p -= 0.5 * p.grad / (p.grad.norm() + 1e-12)
+    obj.global_tokens = -1.0  # an eval pass in between overwrote it: the batch's comes back
+    state = obj.state_dict(_Env())
+    torch.save(state, tmp_path / "objective.pt")
+    second = _kept_step(obj, model, 1)
+    assert torch.equal(second["old_logp"], first["old_logp"])
+    assert torch.equal(second["input_ids"], first["input_ids"])
+    out = obj.loss(model, second)
+    new, _, _ = _hand_logps(model, second, 0.7)
+    ref, _, _ = _hand_logps(ref_model, second, 0.7)
+    adv = [0.9, -0.9, 0.7, -0.7]
+    want, tokens, clipped = 0.0, 0, 0
+    for i in range(4):
+        for t in range(mask.shape[1]):
+            if not mask[i, t]:
+                continue
+            want += _hand_token(float(new[i, t]), float(hand_old[i, t]), float(ref[i, t]),
+                                adv[i], 0.05, 0.05, beta)
+            r = math.exp(float(new[i, t] - hand_old[i, t]))
+            clipped += (r < 0.95 and adv[i] < 0) or (r > 1.05 and adv[i] > 0)
+            tokens += 1
+    assert tokens == 7 and clipped > 0  # the masked truncated completion adds nothing
+    assert abs(float(out.loss) - want) < 1e-6  # dapo: the sum over tokens (÷ global tokens)
+    assert float(out.metrics["clip_ratio/region_mean"]) == clipped  # × units / tokens = 1
+    if beta:
+        assert float(out.metrics["kl"]) > 0
+    # a resume: a fresh objective loads the checkpoint's batch and builds the same step
+    again = _objective(iterations=2, beta=beta, epsilon=0.05)
+    again.load_state_dict(torch.load(tmp_path / "objective.pt", weights_only=True))
+    resumed = _kept_step(again, model, 1)
+    for key in ("input_ids", "labels", "advantages", "old_logp", *(["ref_logp"] if beta else [])):
+        assert torch.equal(resumed[key], second[key]), key
+    assert again.step_metrics() == {"reward": 0.5} and again.global_tokens == 7.0
+    assert again.state_dict(_Env()) is None  # the batch's last step: nothing left to keep
+
+
+def test_repeated_feed_serves_each_batch_mu_times_and_counts_it_once():
+    from dpkit.data.feed import RepeatedFeed
+
+    class Inner:  # a feed whose batches name their step
+        steps_per_epoch, last_counts = 3, [0, 0]
+
+        def micro_batches(self, step):
+            self.last_counts = [10 * step + 1, 1]
+            return [{"step": step}]
+
+        def step_rows(self, step):
+            return [step]
+
+        def epoch(self, step):
+            return step // 3
+
+        def state_dict(self):
+            return {}
+
+    feed = RepeatedFeed(Inner(), 2)
+    assert feed.steps_per_epoch == 6
+    got = [(feed.micro_batches(s), list(feed.last_counts), feed.epoch(s)) for s in range(8)]
+    assert [b[0] for b, _, _ in got] == [{"step": s // 2, "iteration": s % 2} for s in range(8)]
+    assert [c for _, c, _ in got] == [[10 * (s // 2) + 1, 1] if s % 2 == 0 else [0, 0]
+                                      for s in range(8)]
+    assert [e for _, _, e in got] == [0] * 6 + [1] * 2 and feed.step_rows(5) == [2]
+
+
+def test_iterations_and_a_full_reference_pass_validate(tmp_path):
+    r = _recipe(tmp_path, iterations=2, beta=0.1)
+    code, out, err = _validate(write_recipe(tmp_path / "r.yaml", r))
+    assert code == 0, err
