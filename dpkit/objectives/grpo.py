@@ -17,7 +17,12 @@ that sampled, ρ the reference):
 (dapo) or the completion (grpo, dr_grpo): the loss is the sum over this rank's units, and the loop
 (dpkit/step.py) divides by the global units, counted after the rollout — the same step on any
 world size. With one optimizer step per rollout (μ = 1, `grpo.iterations`), π_old is π detached:
-the ratio is 1 and only its gradient is used, as in TRL.
+the ratio is 1 and only its gradient is used, as in TRL. With μ > 1 the loop serves each batch
+for μ steps (dpkit/data/feed.py RepeatedFeed); π_old's log-probs (and ρ's) are computed once, in
+`prepare` right after the rollout, and kept with the batch (`_Kept`, saved in a checkpoint between
+its steps). The log-probs go through the run's loss head (tiled: no full logits) at the sampling
+temperature; ρ is the base with the adapter off (LoRA) or a frozen copy of the initial model
+(dpkit/objectives/reference.py).
 
 Reproducible rollouts (the default): a prompt's G samples are generated as one unpadded batch
 (the same shape on any world size, so the same rounding), and sample j of row k at step s draws

@@ -19,6 +19,8 @@ module's own call (`_call_head`), so DeepSpeed gathers the weight for the forwar
 
 `token_nll` returns one number per token (0 where the label is -100): its sum is SFT's loss and
 its negation the per-token log-probabilities a preference objective sums per sequence.
+`token_nll_entropy` divides the logits by a temperature first (GRPO's sampling temperature) and
+also gives each position's entropy, from the same tile's logits (no gradient).
 """
 
 from __future__ import annotations

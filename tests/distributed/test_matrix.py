@@ -278,7 +278,9 @@ def test_combination_trains_as_promised(runs, name):
     if not row["streaming"]:  # one epoch: each source gave its draws per epoch exactly
         assert [s["rows_seen"] for s in tokens] == [s["rows_per_epoch"] for s in tokens], tokens
     if online and row.get("beta"):  # the reference is the model before step 1: no KL there
-        assert steps[0]["kl"] == 0.0 and any(m["kl"] > 0 for m in steps), [m["kl"] for m in steps]
+        # (~0: its forward runs without gradient, the policy's with; another model gives ~0.1)
+        kl = [m["kl"] for m in steps]
+        assert abs(kl[0]) < 1e-9 and any(v > 1e-6 for v in kl), kl
     if online and row.get("iterations", 1) > 1:  # the 2nd step of a rollout batch moved the
         # ratio π/π_old away from 1: the clip acted on some token, and the loss is not ~0
         assert len(steps) % row["iterations"] == 0, len(steps)  # μ steps per rollout batch

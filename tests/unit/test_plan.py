@@ -435,3 +435,33 @@ def test_free_global_batch_is_one_micro_batch_per_data_parallel_rank_under_seque
         written = batch_arithmetic(chosen_recipe(p, o, True), 8)
         assert (written.grad_accum, o.batch.grad_accum) == (1, 1), o
         assert written.global_batch_size == o.micro_batch * 4 == o.batch.global_batch_size
+
+
+def test_a_frozen_reference_copy_is_counted_like_the_policy_weights(tmp_path):
+    """GRPO's β > 0 under full fine-tuning keeps a frozen copy of the model
+    (dpkit/objectives/reference.py): the whole weights per rank under ZeRO 0–2, a partition under
+    ZeRO-3 (here no parameter is small enough to persist); nothing else changes."""
+    import dataclasses
+    import math
+
+    from dpkit.plan.recommend import setup_for
+
+    total = 7_500_000_000
+    for stage in (0, 1, 2, 3):
+        base = setup(stage)
+        plain = estimate(shape_of(total), base)
+        ref = estimate(shape_of(total), dataclasses.replace(base, reference_copy=True))
+        want = total * 2 if stage < 3 else math.ceil(total / 64) * 2
+        assert ref.gpu("params") - plain.gpu("params") == want, stage
+        assert ref.gpu("grads", "optim", "activations") == plain.gpu("grads", "optim",
+                                                                      "activations")
+    raw = recipe(tmp_path).model_dump(mode="json")
+    raw.update(objective="grpo", grpo={"beta": 0.1, "rewards": [{"function": "char_share"}]})
+    raw["data"]["sources"][0]["format"] = "prompts"
+    hw = Hardware(16, 8, 80 * 2**30)
+    full = recipe_from_dict(raw)
+    lora = recipe_from_dict({**raw, "peft": {"method": "lora", "r": 8}})
+    no_kl = recipe_from_dict({**raw, "grpo": {"rewards": [{"function": "char_share"}]}})
+    assert setup_for(full, 3, "none", "none", hw, 1, Knobs()).reference_copy
+    assert not setup_for(lora, 3, "none", "none", hw, 1, Knobs()).reference_copy  # adapter off
+    assert not setup_for(no_kl, 3, "none", "none", hw, 1, Knobs()).reference_copy
