@@ -140,9 +140,11 @@ _PLAIN = {"packing": False, "sequence_parallel": 1, "streaming": False, "tail": 
 # GRPO's μ (optimizer steps per rollout batch) and β (its reference: adapter off under LoRA, a
 # frozen copy partitioned like the policy for full fine-tuning) over its 8 required rows, so that
 # every pair of (ZeRO stage, peft, μ, β) levels appears once: no row added for them.
-ONLINE_LEVELS = {("0", None): (1, 0.0), ("0", "lora"): (2, 0.1), ("1", None): (2, 0.1),
-                 ("1", "lora"): (1, 0.0), ("2", None): (2, 0.0), ("2", "lora"): (1, 0.1),
-                 ("3", None): (1, 0.1), ("3", "lora"): (2, 0.0)}
+# The frozen copy is met under ZeRO 0–2 (a module) and ZeRO-3 (a second engine), μ = 2 with
+# both references.
+ONLINE_LEVELS = {("0", None): (2, 0.0), ("0", "lora"): (1, 0.1), ("1", None): (1, 0.1),
+                 ("1", "lora"): (2, 0.0), ("2", None): (1, 0.0), ("2", "lora"): (2, 0.1),
+                 ("3", None): (2, 0.1), ("3", "lora"): (1, 0.0)}
 """(zero, peft) → (grpo.iterations, grpo.beta) of GRPO's required rows."""
 REQUIRED: tuple[dict, ...] = tuple(
     {"method": m, "zero": z, "peft": p, **_PLAIN,
@@ -333,6 +335,13 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
         r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
                      "rewards": [{"function": "char_share"}],
                      "iterations": row.get("iterations", 1), "beta": row.get("beta", 0.0)}
+        if row.get("iterations", 1) > 1:  # at lr 1e-2 a step moves full fine-tuning's ratios
+            # past 1 ± 0.2 everywhere (all clipped: no gradient), LoRA's by ~3%: a clip low
+            # enough for LoRA's, high enough above for full fine-tuning's A > 0 tokens
+            r["grpo"].update(epsilon=0.01, epsilon_high=5.0)
+        # its log-probs through the tiled head (tiles of 4 of a micro-batch's ~12 completion
+        # tokens), under every stage, the frozen reference's too
+        r["compute"] = {"loss": "tiled", "loss_tile_tokens": 4}
     if row["peft"]:
         r["peft"] = {"method": row["peft"], "r": 4, "alpha": 8, "dropout": row["dropout"]}
     return r

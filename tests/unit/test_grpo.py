@@ -274,7 +274,9 @@ def _sequences():
 
 def _hand_logps(model, batch, temperature):
     """log softmax(logits / T) of each label through the model's full logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1].double() / temperature, dim=-1)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
