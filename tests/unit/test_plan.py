@@ -465,3 +465,14 @@ def test_a_frozen_reference_copy_is_counted_like_the_policy_weights(tmp_path):
     assert setup_for(full, 3, "none", "none", hw, 1, Knobs()).reference_copy
     assert not setup_for(lora, 3, "none", "none", hw, 1, Knobs()).reference_copy  # adapter off
     assert not setup_for(no_kl, 3, "none", "none", hw, 1, Knobs()).reference_copy
+
+
+def test_run_length_counts_optimizer_steps_of_every_rollout_batch():
+    """GRPO's μ (`grpo.iterations`): each global batch gives μ optimizer steps, so a run
+    measured in tokens has μ times the steps (and the time table multiplies accordingly)."""
+    from dpkit.plan.cost import RunLength
+
+    length = RunLength(tokens=10_000, epochs=3, seq_len=100)
+    assert length.steps_for(8) == 13 * 3  # ceil(10000 / 800) batches per epoch
+    assert length.steps_for(8, 2) == 13 * 2 * 3
+    assert RunLength(steps=50).steps_for(8, 2) == 50  # max_steps counts optimizer steps
