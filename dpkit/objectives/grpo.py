@@ -318,7 +318,9 @@ class _Kept:
     completions: float
     entries: dict = field(default_factory=dict)
     """(data row, sample) → [completion ids, advantage, masked, old log-probs, reference
-    log-probs] (log-probs: the completion's labelled tokens, filled by prepare())"""
+    log-probs] (log-probs: the completion's labelled tokens, filled by prepare()). A row a
+    mixture draws twice into one batch has one entry: its samples are seeded by (step, row,
+    sample), so both copies hold the same completions, rewards and log-probs."""
     iteration: int = 0  # the last of its steps trained (0 … μ−1)
 
 
