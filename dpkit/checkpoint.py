@@ -61,6 +61,7 @@ class TrainState:
     data: dict = field(default_factory=dict)  # a stream's position (in-memory rows: empty)
     settings: dict = field(default_factory=dict)  # data_settings(): what fixes the data order
     source_counts: list = field(default_factory=list)  # tokens, then rows, seen per data source
+    expert_parallel: int = 1  # moe.expert_parallel: >1 is AutoEP's layout (dpkit/moe_layout.py)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -360,9 +361,40 @@ def read_state(ckpt: Path) -> TrainState:
 
 
 def needs_universal(ckpt: Path, layout) -> bool:
-    """Whether `layout` (dpkit/layout.py) differs from the checkpoint's world size or stage."""
+    """Whether `layout` (dpkit/layout.py) differs from the checkpoint's world size, stage or
+    expert-parallel degree."""
     saved = read_state(ckpt)
-    return saved.world_size != layout.world_size or saved.zero_stage != layout.stage
+    return (saved.world_size != layout.world_size or saved.zero_stage != layout.stage
+            or saved.expert_parallel != layout.expert_parallel)
+
+
+def expert_parallel_problem(ckpt: Path, layout) -> RecipeError | None:
+    """Which changes of expert parallelism a resume can take. An expert-parallel checkpoint
+    (DeepSpeed AutoEP's layout) resumes as it was written (same degree, world and stage), or
+    without expert parallelism on any world and stage: its universal conversion also gets the
+    model's own names (`convert_to_universal`). Other changes are refused: into AutoEP's layout
+    from the model's own nothing converts, and DeepSpeed's re-sharding of experts over another
+    degree or world is not tested here."""
+    saved, wanted = read_state(ckpt), layout.expert_parallel
+    same = (saved.expert_parallel, saved.world_size, saved.zero_stage) == (
+        wanted, layout.world_size, layout.stage)
+    if same or saved.expert_parallel == 1 == wanted:
+        return None
+    if wanted == 1 and saved.zero_stage > 0:
+        return None
+    was = (f"expert parallelism {saved.expert_parallel} on {saved.world_size} ranks, ZeRO "
+           f"{saved.zero_stage}")
+    if wanted == 1:  # a ZeRO-0 one: DeepSpeed's universal conversion needs ZeRO's partitions
+        return RecipeError.one("moe.expert_parallel", f"is 1, but checkpoint {ckpt} was trained "
+                               f"with {was}: its experts convert to another layout only from "
+                               "ZeRO 1-3 checkpoints (DeepSpeed's universal conversion)",
+                               "resume with the checkpoint's degree, world size and stage")
+    return RecipeError.one("moe.expert_parallel", f"is {wanted} on {layout.world_size} ranks, "
+                           f"ZeRO {layout.stage}, but checkpoint {ckpt} was trained with {was}: "
+                           "dpkit resumes an expert-parallel checkpoint only as it was written "
+                           "or without expert parallelism",
+                           "set moe.expert_parallel: 1, or resume with the checkpoint's "
+                           "degree, world size and stage")
 
 
 def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:
@@ -385,6 +417,12 @@ def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:
                                   keep_temp_folder=False, strict=True, inject_missing_state=True))
         _alias_model_states(target / "ds")
         _add_stage3_optimizer_state(target / "ds" / "zero")
+        if read_state(ckpt).expert_parallel > 1:  # AutoEP's names, and the model's own
+            from dpkit import moe, moe_layout
+
+            model = moe_layout.meta_model(ckpt / "hf")
+            moe_layout.add_model_layout(target / "ds" / "zero", model,
+                                        moe.autoep_preset(model.config))
         write_text(target / MARKER, "universal\n")
     distributed.wait_for_main("convert the checkpoint to the universal format", bound_s)
     return target

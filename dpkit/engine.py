@@ -115,7 +115,10 @@ def lr_now(scheduler) -> float:
 def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float) -> None:
     """Hugging Face format (safetensors), written to a temporary name and renamed when complete;
     rank 0 writes while the others wait up to `bound_s` (train.single_rank_work_timeout_s).
-    Partitioned parameters (`layout`, dpkit/layout.py) are consolidated first, on every rank."""
+    Partitioned parameters (`layout`, dpkit/layout.py) are consolidated first, on every rank;
+    an expert-parallel model is put back into the model's own layout (`save_expert_parallel`)."""
+    if layout.expert_parallel > 1:
+        return save_expert_parallel(engine, tokenizer, out_dir, env, bound_s)
     state = (engine._zero3_consolidated_16bit_state_dict() if layout.partitions_parameters
              else None)
     if env.is_main:
@@ -123,6 +126,32 @@ def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float) ->
         if state is None:
             state = engine.module.state_dict()
         engine.module.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, out_dir)
+    distributed.wait_for_main("write the final model", bound_s)
+
+
+def save_expert_parallel(engine, tokenizer, out_dir: Path, env, bound_s: float) -> None:
+    """The final save of an expert-parallel run: DeepSpeed AutoEP keeps each rank's experts in
+    its own layer, which save_pretrained would write as a model transformers can't load. Every
+    rank gathers the weights one MoE layer at a time into the model's own layout
+    (dpkit/moe_layout.py); rank 0 keeps them and writes them as `dpkit export` does
+    (dpkit/consolidate.py: the names, shards and config transformers would write)."""
+    import copy
+
+    from dpkit import moe, moe_layout
+    from dpkit.consolidate import save_model as write_model
+
+    module = engine.module
+    config = copy.deepcopy(module.config)
+    model = moe_layout.meta_model(config)
+    model.generation_config = copy.deepcopy(module.generation_config)
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    state = dict(moe_layout.gather_model_state(engine, model, moe.autoep_preset(config),
+                                               keep=env.is_main))
+    if env.is_main:
+        tmp = stage_dir(out_dir)
+        write_model(model, state, tmp, dtype, "50GB")  # save_pretrained's default
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, out_dir)
     distributed.wait_for_main("write the final model", bound_s)

@@ -42,6 +42,30 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: materialize(v) for k, v in checkpoint_weights(ckpt).items()}
 
 
+def weights_of(ckpt: Path, model) -> dict:
+    """The checkpoint's weights under `model`'s names (lazy where the stage allows). An
+    expert-parallel checkpoint (DeepSpeed AutoEP's layout: each rank's experts in its own files)
+    goes through DeepSpeed's universal conversion, which gathers every expert (cached in the
+    checkpoint, as a resume on another world size does), and is put back into the model's
+    layout (dpkit/moe_layout.py)."""
+    state = C.read_state(ckpt)
+    if state.expert_parallel == 1:
+        return checkpoint_weights(ckpt)
+    if state.zero_stage == 0:
+        raise RecipeError.one(str(ckpt), "is an expert-parallel ZeRO-0 checkpoint: DeepSpeed's "
+                              "universal conversion, which gathers the experts from the ranks' "
+                              "files, needs ZeRO's partitioned optimizer states (stages 1-3)",
+                              "use the run's final model (output.save_model: true), or train "
+                              "with zero.stage 1-3")
+    from types import SimpleNamespace
+
+    from dpkit import moe, moe_layout
+
+    universal = C.convert_to_universal(ckpt, SimpleNamespace(is_main=True), bound_s=0)
+    return moe_layout.universal_weights(universal / "ds" / "zero", model,
+                                        moe.autoep_preset(model.config))
+
+
 def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = "5GB",
            overwrite: bool = False) -> Path:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -56,7 +80,7 @@ def export(path: Path, out: Path, dtype: str = "float32", max_shard_size: str = 
         model = heads.auto_class(heads.of_config(config)).from_config(config)
     model.generation_config = GenerationConfig.from_model_config(config)
     with staging(out) as tmp:  # the weights one at a time, never the whole model in memory
-        save_model(model, checkpoint_weights(ckpt), tmp, DTYPES[dtype], max_shard_size)
+        save_model(model, weights_of(ckpt, model), tmp, DTYPES[dtype], max_shard_size)
         AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out
 

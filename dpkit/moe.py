@@ -241,11 +241,6 @@ def autoep_problems(recipe, config, world_size: int) -> list[Problem]:
     if recipe.train.sequence_parallel > 1:
         out.append(Problem(key, "with train.sequence_parallel: both split the ranks into groups "
                            "dpkit does not combine yet", "use one of them"))
-    if recipe.output.save_model:
-        out.append(Problem(key, "can't write the final Hugging Face model yet: AutoEP keeps each "
-                           "rank's experts in its own layout, which save_pretrained would write "
-                           "as a broken model", "set output.save_model: false (checkpoints "
-                           "resume), or train with moe.expert_parallel: 1"))
     if recipe.zero.offload_optimizer != "none" or recipe.zero.offload_params != "none":
         out.append(Problem(key, "with ZeRO offload is not supported (DeepSpeed's expert "
                            "parameter groups are not offloaded)", "set zero.offload_* to none"))

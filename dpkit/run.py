@@ -161,6 +161,9 @@ class Run:
             if r.resume is not None and self.resume_from is None:  # nothing to resume: anew
                 truncate_jsonl(self.out / METRICS, 0)
             (self.out / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's stop
+        if self.resume_from is not None and (
+                refused := C.expert_parallel_problem(self.resume_from, self.layout)) is not None:
+            raise refused
         self.universal = self.resume_from is not None and C.needs_universal(
             self.resume_from, self.layout)
         if self.universal:
@@ -426,7 +429,8 @@ class Run:
                              world_size=self.layout.world_size, zero_stage=self.layout.stage,
                              seed=self.recipe.train.seed, steps_per_epoch=self.per_epoch,
                              data=self.feed.state_dict(), settings=C.data_settings(self.recipe),
-                             source_counts=self.source_counts)
+                             source_counts=self.source_counts,
+                             expert_parallel=self.layout.expert_parallel)
         self.saved_step = step_done
         start = time.perf_counter()
         ckpt = C.save(self.engine, self.out, state, self.tokenizer, self.env,

@@ -116,6 +116,47 @@ def zero_paper() -> None:
                   f"(of {st.comm_s:.2f})")
 
 
+def ms_swift_qwen3_moe(world_size: int = 16) -> dict:
+    """ms-swift's Megatron-SWIFT quick start (github.com/modelscope/ms-swift,
+    docs/source_en/Megatron-SWIFT/Quick-start.md, "Benchmark"; the same table in QwenLM/Qwen3
+    issue #1278 and ms-swift issue #4030): Qwen3-30B-A3B, full-parameter fine-tuning, 8K
+    context, two nodes × 8 A800 80GB. `swift sft` (transformers + DeepSpeed): ZeRO-2 ran out of
+    memory; ZeRO-3 ran at 91.2 s/it using 16 × 80 GiB (Megatron-LM: 9.6 s/it, 16 × 60 GiB). The
+    setting, from the Megatron command on the same page: micro batch 1, global batch 16, packed
+    to 8192 tokens, full recomputation, bf16. Not stated for the DeepSpeed runs: their exact
+    batch (taken as the same) and the attention kernel (flash, as the Megatron run's). The
+    A800 is an A100 whose NVLink is cut to 400 GB/s; the link between the nodes is not given
+    (InfiniBand 200 Gb/s assumed). Returns {stage: predicted GiB per GPU} for the test."""
+    from dpkit.plan.recommend import Hardware, plan
+    from dpkit.recipe import recipe_from_dict
+
+    r = recipe_from_dict({
+        "model": {"name_or_path": "Qwen/Qwen3-30B-A3B", "dtype": "bfloat16",
+                  "gradient_checkpointing": True, "attn_implementation": "flash_attention_2"},
+        "data": {"sources": [{"path": "d.jsonl"}], "max_seq_len": 8192, "packing": True},
+        "train": {"global_batch_size": 16, "micro_batch_size": 1}, "zero": {"stage": 3},
+        "output": {"dir": "/tmp/unused"}})
+    c = Cluster(device=DEVICES["A100-80"], intra=replace(LINKS["nvlink3"], bandwidth=200e9),
+                inter=LINKS["ib200"])
+    p = plan(r, Hardware(world_size, 8, 80 * 2**30), cluster=c)
+    published = {2: "out of memory", 3: "ran, 16 × 80 GiB in use, 91.2 s/it"}
+    print(f"\nms-swift, Qwen3-30B-A3B full fine-tuning, 8K packed, micro 1, {world_size} A800 "
+          "80GB (DeepSpeed, no expert parallelism)")
+    out = {}
+    for stage in (2, 3):
+        o = next(o for o in p.options if (o.stage, o.offload_optimizer, o.expert_parallel)
+                 == (stage, "none", 1))
+        need = o.breakdown.gpu_total / 2**30
+        out[stage] = need
+        verdict = f"fits, {o.time.step_s:.1f} s/step predicted" if o.fits else "does not fit"
+        print(f"  ZeRO-{stage}: predicted {need:5.1f} GiB per GPU of 80: {verdict:<32} "
+              f"published: {published[stage]}")
+    print("  (the step time: transformers' Qwen3-MoE of that time ran its experts one by one in a "
+          "Python loop, which dpkit's FLOP-based time model does not see)")
+    return out
+
+
 if __name__ == "__main__":
     torchtitan()
     zero_paper()
+    ms_swift_qwen3_moe()

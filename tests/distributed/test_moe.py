@@ -12,10 +12,14 @@ within 1e-5 (fp32):
 - a block that keeps one module per expert (remote code: tests/distributed/per_expert_moe/)
   under ZeRO-3, declared a leaf module automatically; the same run with `moe.zero3_leaf_modules:
   []` is shown to hang, crash on a collective mismatch or differ (so the test can fail);
-- expert parallelism over 2 ranks (DeepSpeed AutoEP) under ZeRO-1 and ZeRO-3, and a resume of the
-  ZeRO-1 one from its step-2 checkpoint, bitwise equal to the run.
-Two launches: the references (1 process), then every 2-rank run, the one without leaf modules
-last.
+- expert parallelism over 2 ranks (DeepSpeed AutoEP) under ZeRO-1 and ZeRO-3, with checkpoints
+  and the final model: the saved model and `dpkit export` of the last checkpoint load with
+  from_pretrained and give the trained engine's logits (run_moe_recipes.py records them before
+  the final save); the step-2 checkpoints resumed on one process without expert parallelism;
+  the ZeRO-3 run again under `dpkit train` with rank 1 SIGKILLed at step 3, restarted and
+  resumed bitwise.
+Three launches: every 2-rank run (the one without leaf modules last), the SIGKILL chain
+(`dpkit train`, two attempts), then one process: the references and the resumes from 2 ranks.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MESSAGES, ROOT, TOKENIZER, read_metrics, torchrun, write_recipe
+import torch
+from conftest import MESSAGES, ROOT, TOKENIZER, rank_env, read_metrics, torchrun, write_recipe
 
 pytestmark = pytest.mark.distributed
-DRIVER = ROOT / "tests" / "distributed" / "run_recipes.py"
+DRIVER = ROOT / "tests" / "distributed" / "run_moe_recipes.py"  # + the engine's logits
 TOL = 1e-5
 STEPS = 4  # 13 rows, global batch 4: the last step has 1 row
 TINY_MOE = {"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 64,
@@ -79,28 +84,21 @@ def per_expert_model(directory: Path) -> dict:
 def runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("moe")
     per_expert = per_expert_model(tmp / "per_expert_model")
-    single = {"one": moe_recipe(tmp / "one", 0),
-              "one_no_aux": {**moe_recipe(tmp / "one_no_aux", 0), "moe": {"aux_loss_coef": 0}},
-              "one_lora": {**moe_recipe(tmp / "one_lora", 0), "peft": LORA},
-              "one_per_expert": moe_recipe(tmp / "one_per_expert", 0, per_expert)}
     double = {}
     for stage in (0, 1, 2, 3):
         double[f"full_z{stage}"] = moe_recipe(tmp / f"full_z{stage}", stage)
         double[f"lora_z{stage}"] = {**moe_recipe(tmp / f"lora_z{stage}", stage), "peft": LORA}
     double["lora_z3"]["output"]["save_model"] = True  # gathered from ZeRO-3 and checked
     double["per_expert_z3"] = moe_recipe(tmp / "per_expert_z3", 3, per_expert)
-    # expert parallelism last: AutoEP's process groups stay with the process
+    # expert parallelism last: AutoEP's process groups stay with the process. Checkpoints at
+    # steps 2 and 4 (the end), and the final model saved.
     for stage in (1, 3):
-        double[f"ep_z{stage}"] = moe_recipe(tmp / f"ep_z{stage}", stage, expert_parallel=2)
-    double["ep_z1"]["output"]["save_steps"] = 2
-    double["ep_z1_resumed"] = {**moe_recipe(tmp / "ep_z1_resumed", 1, expert_parallel=2),
-                               "resume": str(tmp / "ep_z1" / "checkpoints" / "step-00000002")}
+        double[f"ep_z{stage}"] = ep = moe_recipe(tmp / f"ep_z{stage}", stage, expert_parallel=2)
+        ep["output"].update(save_steps=2, save_model=True)
     # Last in the same launch, the per-expert block without its leaf declaration: it may end
     # the launch (a collective mismatch aborts both ranks; a hang ends at the 20 s collective
     # timeout), after every other run has finished.
     double["no_leaf"] = moe_recipe(tmp / "no_leaf", 3, per_expert, zero3_leaf_modules=[])
-    torchrun(1, [str(write_recipe(tmp / f"{n}.yaml", r)) for n, r in single.items()],
-             script=DRIVER, timeout=300)
     try:
         proc = torchrun(2, [str(write_recipe(tmp / f"{n}.yaml", r)) for n, r in double.items()],
                         script=DRIVER, timeout=420, check=False)
@@ -109,6 +107,31 @@ def runs(tmp_path_factory) -> Path:
         (tmp / "launch.out").write_text("timed out (hung)")
     unfinished = [n for n in list(double)[:-1] if not (tmp / n / "summary.json").is_file()]
     assert not unfinished, (unfinished, (tmp / "launch.out").read_text()[-6000:])
+
+    # ep_z3 again under `dpkit train`, rank 1 SIGKILLed as step 3 starts: the launcher restarts
+    # the ranks (train.max_restarts), which resume from the step-2 checkpoint.
+    killed = {**moe_recipe(tmp / "ep_killed", 3, expert_parallel=2)}
+    killed["output"].update(save_steps=2, save_model=True)
+    killed["train"]["max_restarts"] = 1
+    chain = subprocess.run([sys.executable, "-m", "dpkit.cli", "train",
+                            str(write_recipe(tmp / "ep_killed.yaml", killed)),
+                            "--nproc-per-node", "2"],
+                           cwd=ROOT, env={**rank_env(), "DPKIT_FAULT": "kill@step:3:1"},
+                           capture_output=True, text=True, timeout=300)
+    (tmp / "chain.out").write_text(f"exit {chain.returncode}\n{chain.stdout}\n{chain.stderr}")
+
+    # One process: the references, and both expert-parallel runs' step-2 checkpoints resumed
+    # without expert parallelism (world 2 -> 1, through the universal checkpoint).
+    single = {"one": moe_recipe(tmp / "one", 0),
+              "one_no_aux": {**moe_recipe(tmp / "one_no_aux", 0), "moe": {"aux_loss_coef": 0}},
+              "one_lora": {**moe_recipe(tmp / "one_lora", 0), "peft": LORA},
+              "one_per_expert": moe_recipe(tmp / "one_per_expert", 0, per_expert)}
+    for stage in (1, 3):
+        single[f"ep_z{stage}_on_one"] = {
+            **moe_recipe(tmp / f"ep_z{stage}_on_one", stage),
+            "resume": str(tmp / f"ep_z{stage}" / "checkpoints" / "step-00000002")}
+    torchrun(1, [str(write_recipe(tmp / f"{n}.yaml", r)) for n, r in single.items()],
+             script=DRIVER, timeout=300)
     return tmp
 
 
@@ -192,6 +215,80 @@ def test_expert_parallel_on_two_ranks_equals_one_process(runs, stage):
                                      "preset_model": "qwen3_moe"}
 
 
-def test_expert_parallel_resumes_bitwise(runs):
-    run, resumed = steps(runs / "ep_z1"), steps(runs / "ep_z1_resumed")
-    assert resumed == run[2:], (run, resumed)
+def test_expert_parallel_resumes_bitwise_after_sigkill(runs):
+    out = (runs / "chain.out").read_text()
+    assert out.startswith("exit 0"), out[-6000:]
+    metrics = read_metrics(runs / "ep_killed")
+    assert any(m.get("restart") == 1 and m.get("resumed_from", "").endswith("step-00000002")
+               for m in metrics), metrics
+    assert steps(runs / "ep_killed") == steps(runs / "ep_z3")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(runs / n / "model" / "model.safetensors") for n in ("ep_killed", "ep_z3"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_expert_parallel_checkpoint_resumes_on_one_process(runs, stage):
+    """Two ranks with their experts split, then one process without expert parallelism: the
+    universal checkpoint also holds the model's own layout (weights and Adam's moments)."""
+    expected, got = steps(runs / f"ep_z{stage}")[2:], steps(runs / f"ep_z{stage}_on_one")
+    assert len(got) == 2 and all(abs(a[0] - b[0]) <= TOL and abs(a[1] - b[1]) <= TOL
+                                 for a, b in zip(expected, got)), (expected, got)
+    log = (runs / f"ep_z{stage}_on_one" / "logs" / "rank0.log").read_text()
+    assert "universal checkpoint" in log
+
+
+def logits_of(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(DRIVER.parent))
+    from run_moe_recipes import BATCH
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=BATCH).logits
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_expert_parallel_final_model_answers_as_the_engine(runs, stage):
+    """The final save gathers each rank's experts into the model's own layout: transformers
+    loads it (no missing or unexpected weight: from_pretrained would warn and initialise them)
+    and its logits are the trained engine's, which ran with its experts split over 2 ranks."""
+    from safetensors.torch import load_file
+
+    run = runs / f"ep_z{stage}"
+    engine = torch.load(run / "engine_logits.pt")
+    saved = load_file(run / "model" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in saved or any(
+        ".mlp.experts.0." in k for k in saved), sorted(saved)[:20]
+    assert not any(".w1" in k or "router." in k for k in saved)
+    assert (logits_of(run / "model") - engine).abs().max().item() <= TOL
+    # ... and the engine's weights are the trained ones, not those it started from
+    from dpkit.model import build_model
+    from dpkit.recipe import load_recipe
+
+    recipe = load_recipe(runs / f"ep_z{stage}.yaml")
+    initial = build_model(recipe.model, recipe.train.seed, 0).float().eval()
+    sys.path.insert(0, str(DRIVER.parent))
+    from run_moe_recipes import BATCH
+
+    with torch.no_grad():
+        assert (initial(input_ids=BATCH).logits - engine).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_dpkit_export_of_an_expert_parallel_checkpoint(runs, tmp_path, stage):
+    """`dpkit export` of the last checkpoint (step 4, the end) of an expert-parallel run:
+    DeepSpeed's universal conversion gathers the experts; the export is the final model."""
+    from safetensors.torch import load_file
+
+    from dpkit.checkpoint import latest_complete
+    from dpkit.export import export
+
+    run = runs / f"ep_z{stage}"
+    out = export(latest_complete(run), tmp_path / "export")
+    assert (logits_of(out) - torch.load(run / "engine_logits.pt")).abs().max().item() <= TOL
+    a, b = load_file(out / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
