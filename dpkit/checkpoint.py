@@ -409,8 +409,8 @@ def convert_to_universal(ckpt: Path, env, bound_s: float) -> Path:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         shutil.rmtree(target, ignore_errors=True)
-        print(f"[dpkit] converting {ckpt} to a universal checkpoint (world size or ZeRO stage "
-              "changed); cached for next time", flush=True)
+        print(f"[dpkit] converting {ckpt} to a universal checkpoint (another world size, stage "
+              "or expert-parallel degree reads it); cached for next time", flush=True)
         # Stage 1/2 checkpoints lack some state the converter wants: inject_missing_state.
         ds_to_universal(Namespace(input_folder=str(ckpt / "ds"), output_folder=str(target / "ds"),
                                   num_extract_workers=1, num_merge_workers=1,
@@ -479,6 +479,20 @@ def repair_universal_load(optimizer, reference_groups: list[dict]) -> None:
     for state in inner.state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
+
+
+def repair_schedule(scheduler) -> None:
+    """After a resume from an expert-parallel checkpoint without expert parallelism: the LR
+    schedule's state has one entry per parameter group of the optimizer that saved it, where
+    DeepSpeed had split each group into dense and expert parameters; this optimizer has fewer
+    groups. Every group of a dpkit run follows the same schedule (train.lr), so the lists are
+    cut to this optimizer's groups."""
+    groups = len(scheduler.optimizer.param_groups)
+    for key in ("base_lrs", "_last_lr"):
+        values = getattr(scheduler, key, None)
+        if isinstance(values, list) and values and len(values) != groups:
+            assert len(set(values)) == 1, (key, values)  # one schedule for every group
+            setattr(scheduler, key, values[:1] * groups)
 
 
 def load(engine, ckpt: Path, env, universal: bool) -> TrainState:

@@ -176,26 +176,32 @@ def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- the universal format
-def _universal_tensor(zero_dir: Path, name: str, state: str = "fp32") -> torch.Tensor:
+def _universal_file(zero_dir: Path, name: str, state: str = "fp32"):
+    """One state of one weight in a universal checkpoint: DeepSpeed writes {"param": tensor, ...}
+    (ZeRO 1/2, and every expert's whole [experts, ...] tensor) or, from ZeRO-3, other weights as
+    a bare flat tensor. Read from the user's own checkpoint, written by DeepSpeed's converter."""
+    return torch.load(zero_dir / name / f"{state}.pt", map_location="cpu", weights_only=False)
+
+
+def _tensor(saved) -> torch.Tensor:
     from deepspeed.checkpoint.constants import PARAM
 
-    # written by DeepSpeed's converter from the user's own checkpoint (see dpkit/export.py)
-    return torch.load(zero_dir / name / f"{state}.pt", map_location="cpu",
-                      weights_only=False)[PARAM]
+    return saved[PARAM] if isinstance(saved, dict) else saved
 
 
 def universal_weights(zero_dir: Path, model, preset: str) -> dict:
     """Model weight name → a lazy weight (`.contiguous()` makes it) read from a universal
     checkpoint's `zero/` folder of an expert-parallel run, for dpkit/consolidate.py's writer.
     One group's AutoEP tensors are kept in memory at a time."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     cache: dict = {}
 
     def made(group: Group, out: str) -> torch.Tensor:
         if cache.get("group") is not group:
             cache.clear()
-            cache.update(group=group, tensors={n: _universal_tensor(zero_dir, n)
+            cache.update(group=group, tensors={n: _tensor(_universal_file(zero_dir, n))
                                                for n in group.inputs})
-        return group.outputs[out](cache["tensors"])
+        return group.outputs[out](cache["tensors"]).reshape(shapes[out])  # ZeRO-3's are flat
 
     return {out: _Lazy(lambda g=g, o=out: made(g, o))
             for g in plan(model, preset) for out in g.outputs}
@@ -213,7 +219,8 @@ def add_model_layout(zero_dir: Path, model, preset: str) -> int:
     """Give a universal checkpoint of an expert-parallel run the model's own names too, so a run
     without expert parallelism resumes from it: each renamed or rearranged weight gets its folder
     (fp32 weights and Adam's moments, rearranged alike; the step), beside AutoEP's (which an
-    expert-parallel run still reads). Returns how many folders were written."""
+    expert-parallel run still reads), in the form DeepSpeed wrote its source. Returns how many
+    folders were written."""
     from deepspeed.checkpoint.constants import CAT_DIM, PARAM
 
     written = 0
@@ -223,10 +230,13 @@ def add_model_layout(zero_dir: Path, model, preset: str) -> int:
         states = sorted(p.stem for p in (zero_dir / group.inputs[0]).glob("*.pt")
                         if p.stem != "step")
         for state in states:
-            tensors = {n: _universal_tensor(zero_dir, n, state) for n in group.inputs}
+            saved = {n: _universal_file(zero_dir, n, state) for n in group.inputs}
+            whole = all(isinstance(v, dict) for v in saved.values())
+            tensors = {n: _tensor(v) for n, v in saved.items()}
             for out, make in group.outputs.items():
                 (zero_dir / out).mkdir(exist_ok=True)
-                torch.save({PARAM: make(tensors).contiguous(), CAT_DIM: 0},
+                t = make(tensors).contiguous()
+                torch.save({PARAM: t, CAT_DIM: 0} if whole else t.reshape(-1),
                            zero_dir / out / f"{state}.pt")
         step = zero_dir / group.inputs[0] / "step.pt"
         for out in group.outputs:

@@ -254,6 +254,7 @@ class Run:
         state = C.load(self.engine, ckpt, self.env, self.universal)
         if self.universal:
             C.repair_universal_load(self.engine.optimizer, groups)
+            C.repair_schedule(self.scheduler)
         # The recipe keys were compared before any rank started (C.settings_problem); this also
         # catches data files whose rows changed, and checkpoints from before those were stored.
         if state.steps_per_epoch != self.per_epoch or state.seed != r.train.seed:
