@@ -137,7 +137,8 @@ def _expert_weight(rel: str, spec, prefix: str, shapes: dict, name: str):
 
 
 # ------------------------------------------------------------------- the final save (ranks)
-def gather_model_state(engine, model, preset: str, keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def gather_model_state(engine, model, preset: str,
+                       keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """The trained weights in `model`'s layout (a transformers model of the run's class on the
     meta device), yielded on the rank where `keep` is True (on CPU) and computed on every rank:
     each step is collective, so every rank must run the generator to its end. One group at a

@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,6 +171,8 @@ def test_a_finished_conversion_is_reused_and_one_cut_short_is_redone(waits, tmp_
         converted.append(args.input_folder)
         Path(args.output_folder).mkdir(parents=True)
     monkeypatch.setattr(converter, "main", convert)
+    (tmp_path / "dpkit.json").write_text(json.dumps(asdict(C.TrainState(  # as a save writes it
+        step=4, tokens_seen=0, world_size=2, zero_stage=1, seed=0, steps_per_epoch=4))))
     main = SimpleNamespace(is_main=True, rank=0, world_size=2, device=torch.device("cpu"))
     target = C.convert_to_universal(tmp_path, main, 123)
     assert converted == [str(tmp_path / "ds")] and (target / C.MARKER).is_file()
