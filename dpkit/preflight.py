@@ -130,7 +130,7 @@ def check_recipe(recipe: Recipe, world_size: int, on_cpu: bool, check_data: bool
     if unwritable or problem is not None:
         problems.extend([unwritable] if unwritable else problem.problems)
     elif recipe.resume is not None:
-        resume_problems, resume_notes = resume_checks(recipe)
+        resume_problems, resume_notes = resume_checks(recipe, world_size)
         problems.extend(resume_problems)
         notes.extend(resume_notes)
     return PreflightReport(problems, notes)

@@ -240,9 +240,11 @@ def output_dir_problem(recipe: Recipe) -> RecipeError | None:
     return None
 
 
-def resume_checks(recipe: Recipe) -> tuple[list[Problem], list[str]]:
-    """Before launch: the checkpoint a resume would load exists, is complete and whole; a note
-    when it lies outside output.dir (checkpoints are pickles: load only your own)."""
+def resume_checks(recipe: Recipe, world_size: int | None = None
+                  ) -> tuple[list[Problem], list[str]]:
+    """Before launch: the checkpoint a resume would load exists, is complete and whole, and (on
+    `world_size` ranks) its expert parallelism can change as asked; a note when it lies outside
+    output.dir (checkpoints are pickles: load only your own)."""
     from dpkit import checkpoint as C
 
     out = Path(recipe.output.dir).expanduser()
@@ -252,6 +254,12 @@ def resume_checks(recipe: Recipe) -> tuple[list[Problem], list[str]]:
             C.verify(ckpt)
             if (changed := C.settings_problem(recipe, ckpt)) is not None:
                 raise changed
+            if world_size is not None:
+                from dpkit.layout import layout_of
+
+                refused = C.expert_parallel_problem(ckpt, layout_of(recipe, world_size))
+                if refused is not None:
+                    raise refused
     except RecipeError as e:
         return e.problems, []
     note = outside_warning(ckpt, out) if ckpt is not None else None

@@ -293,3 +293,25 @@ def test_the_planner_agrees_with_ms_swifts_published_qwen3_moe_runs():
 
     need = ms_swift_qwen3_moe(16)
     assert need[2] > 80 > need[3], need
+
+
+def test_an_expert_parallel_resume_it_cannot_take_is_refused_by_validate(tmp_path):
+    """Before any rank starts: a checkpoint written with expert parallelism 2 on 2 ranks under
+    ZeRO-1, resumed with it under ZeRO-3 (DeepSpeed's re-sharding, untested here)."""
+    import json
+    from dataclasses import asdict
+
+    from dpkit import checkpoint as C
+
+    ckpt = tmp_path / "old" / "checkpoints" / "step-00000002"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "dpkit.json").write_text(json.dumps(asdict(C.TrainState(
+        step=2, tokens_seen=0, world_size=2, zero_stage=1, seed=0, steps_per_epoch=4,
+        expert_parallel=2))))
+    (ckpt / C.MARKER).write_text("2\n")
+    code, lines = validate(tmp_path, {"moe": {"expert_parallel": 2}, "zero": {"stage": 3}},
+                           f"resume={ckpt}")
+    assert code == 2 and len(lines) == 1, lines
+    assert "moe.expert_parallel" in lines[0] and "only as it was written" in lines[0], lines[0]
+    # without expert parallelism it is taken (the universal checkpoint's model layout)
+    assert validate(tmp_path, {"zero": {"stage": 3}}, f"resume={ckpt}")[0] == 0
