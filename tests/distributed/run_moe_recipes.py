@@ -2,9 +2,13 @@
 answers. After each run's last step, before its final save, every rank runs the engine forward
 (eval mode, no gradients) on a fixed batch — expert parallelism needs every rank's experts —
 and rank 0 writes the logits to <run>/engine_logits.pt: what a saved or exported model must
-reproduce. Usage: run_moe_recipes.py R1 R2 ..."""
+reproduce. And a fault for one recipe of the launch: MOE_FAULT="NAME.yaml=kill@step:3:1" sets
+DPKIT_FAULT (dpkit/checkpoint.py) while that recipe runs (the others run unharmed).
+Usage: run_moe_recipes.py R1 R2 ..."""
 
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +32,10 @@ def finish_with_logits(finish):
 
 if __name__ == "__main__":
     Run.finish = finish_with_logits(Run.finish)
+    faulty, _, fault = os.environ.get("MOE_FAULT", "").partition("=")
     for path in sys.argv[1:]:
+        os.environ.pop("DPKIT_FAULT", None)
+        if Path(path).name == faulty:
+            os.environ["DPKIT_FAULT"] = fault
         Run(load_recipe(path)).setup().train()
     distributed.shutdown()
