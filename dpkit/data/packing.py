@@ -108,3 +108,32 @@ def row_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     starts = (flat == 0).nonzero().flatten()
     cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def flatten_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch's real tokens laid end to end in one row, as a packed batch
+    (`input_ids`, `labels`, `position_ids` restarting per row, `cu_seq_lens`, `max_length`) plus
+    `index`: where each flat token sits in the padded batch (flattened), for `spread` to put
+    per-token results back. For objectives that build their rows per step (GRPO's completions):
+    the forward then computes no padding. A row's first token is unlabelled (never predicted
+    from the previous row's last token)."""
+    mask = batch["attention_mask"].bool()
+    lengths = [int(n) for n in mask.sum(dim=1).tolist() if n]
+    index = mask.reshape(-1).nonzero().flatten()
+    ids = batch["input_ids"].reshape(-1)[index].unsqueeze(0)
+    labels = batch["labels"].reshape(-1)[index].clone()
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    labels[starts] = IGNORE
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cu, longest = row_boundaries(positions)
+    return {"input_ids": ids, "labels": labels.unsqueeze(0), "position_ids": positions,
+            "cu_seq_lens": cu, "max_length": longest, "index": index}
+
+
+def spread(values: torch.Tensor, flat: dict, shape: torch.Size) -> torch.Tensor:
+    """Per-token values of a flattened batch ([1, n] or its first n − k) back in the padded
+    layout `shape` ([B, T]), 0 where there was padding."""
+    values = values.reshape(-1)
+    out = values.new_zeros(shape[0] * shape[1])
+    out = out.index_put((flat["index"][:values.numel()],), values)
+    return out.view(shape)

@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from dpkit import distributed
+from dpkit.data.packing import flatten_padded
 from dpkit.data.rows import RowKind
 from dpkit.data.tokenize import IGNORE, map_source
 from dpkit.errors import Problem, RecipeError
 from dpkit.objectives.base import LossOut, Objective
 from dpkit.objectives.head import LossHead, shifted_labels
+from dpkit.objectives.sft import model_inputs
 
 EPS = 1e-4  # added to the std before dividing (TRL's)
 
@@ -383,6 +385,8 @@ class GRPO(Objective):
         self.head = run.loss_head  # tiled as compute.loss says, like SFT: no full logits
         self.rewards = Rewards(self.s.rewards, run.say)
         self.run = run
+        if self.s.rollout == "fast":
+            self._rows_attention(run)
         needed = {r.column for r in self.s.rewards
                   if r.function in ("math_answer", "char_share")}
         have = set(run.train_rows[0].columns) if run.train_rows else set()
@@ -396,6 +400,24 @@ class GRPO(Objective):
 
             self.ref_engine, self.ref_head, line = frozen_copy(run)
             run.say(f"[dpkit] grpo: {line}")
+
+    @staticmethod
+    def _rows_attention(run) -> None:
+        """Fast mode's packed forwards: per-row attention where the model allows it (as
+        `data.packing` picks it for SFT, dpkit/attention.py), not sdpa under a dense block mask
+        over the whole row. Generation switches back to sdpa (eval/generate.py
+        plain_attention)."""
+        from dpkit.attention import implementation_for
+
+        module = run.engine.module
+        target = module.get_base_model() if hasattr(module, "get_base_model") else module
+        requested = run.recipe.model.attn_implementation
+        chosen = implementation_for(requested, True, target.config, run.recipe.data.max_seq_len)
+        if chosen != requested:
+            target.set_attn_implementation(chosen)
+            run.attention = chosen
+        run.say(f"[dpkit] grpo: fast rollouts; each micro-batch's sequences laid end to end for "
+                f"the forwards, attention {chosen}")
 
     # ------------------------------------------------------------------------------- data
     def step_examples(self, rows, picks, step_rows, step):
@@ -595,10 +617,13 @@ class GRPO(Objective):
             mask[i, :len(p) + len(c)] = 1
             if not masked and i < real:
                 labels[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "advantages": torch.tensor([a for _, _, a, _ in seqs], dtype=torch.float64),
-                "seq_mask": torch.tensor([1.0] * real + [0.0] * (len(seqs) - real),
-                                         dtype=torch.float64)}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 "advantages": torch.tensor([a for _, _, a, _ in seqs], dtype=torch.float64),
+                 "seq_mask": torch.tensor([1.0] * real + [0.0] * (len(seqs) - real),
+                                          dtype=torch.float64)}
+        if self.s.rollout == "fast":  # the forwards run on the sequences laid end to end
+            batch["flat"] = flatten_padded(batch)
+        return batch
 
     # -------------------------------------------------------------------------------- loss
     def token_logps(self, engine, batch: dict, head=None, entropy: bool = True
@@ -606,9 +631,21 @@ class GRPO(Objective):
         """Per-token log-probs of the labels [B, T−1] at the sampling temperature, and (with
         `entropy`) each position's entropy, both 0 where nothing is predicted. Through the
         run's loss head (`head`: the frozen reference's): tiled as `compute.loss` says, so a
-        long completion's [tokens, vocabulary] logits never exist at once."""
+        long completion's [tokens, vocabulary] logits never exist at once. A batch with `flat`
+        (fast mode) is computed on its packed row and spread back to the padded layout: the
+        same values, no padding in the forward."""
+        if "flat" in batch:
+            from dpkit.data.packing import spread
+            from dpkit.step import to_device
+
+            flat = to_device(batch["flat"], batch["input_ids"].device)
+            logp, ent = self.token_logps(engine, flat, head, entropy)
+            shape = batch["labels"].shape
+            return (spread(logp, flat, shape)[:, :-1],
+                    spread(ent, flat, shape)[:, :-1] if entropy else None)
         labels = shifted_labels(batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # model_inputs: the packed keywords (restarting positions, row boundaries) or the mask
+        inputs = {"input_ids": batch["input_ids"], **model_inputs(batch)}
         nll, ent = (head or self.head).token_nll_entropy(engine, inputs, labels,
                                                          self.s.temperature, entropy)
         return -nll[:, :-1], (ent[:, :-1] if entropy else None)

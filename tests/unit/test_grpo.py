@@ -424,3 +424,49 @@ def test_iterations_and_a_full_reference_pass_validate(tmp_path):
     r = _recipe(tmp_path, iterations=2, beta=0.1)
     code, out, err = _validate(write_recipe(tmp_path / "r.yaml", r))
     assert code == 0, err
+
+
+# ----------------------------------------------------------------- fast mode's packed forwards
+@pytest.mark.parametrize("attention", ["dpkit_rows", "sdpa"])
+def test_packed_forward_equals_the_padded_forward(attention):
+    """Fast mode lays a micro-batch's prompt + completion sequences end to end (no padding) for
+    the policy forward: per-token log-probs, entropies, the loss and its gradient equal the
+    padded batch's (reproducible mode's layout), row by row — with dpkit's per-row attention
+    and with transformers' own packed path (sdpa, block mask from the restarting positions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpkit.attention import implementation_for
+    from dpkit.methods.grpo import GRPOSection
+    from dpkit.objectives.grpo import GRPO
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    if attention == "dpkit_rows":
+        model.set_attn_implementation(implementation_for("sdpa", True, model.config, 64))
+    g = torch.Generator().manual_seed(1)
+    vocab = cfg["vocab_size"]
+    # groups of very different lengths: prompts 3-9 tokens, completions 1-12, one masked
+    seqs = [(torch.randint(3, vocab, (p,), generator=g).tolist(),
+             torch.randint(3, vocab, (c,), generator=g).tolist(), a, m)
+            for p, c, a, m in [(5, 12, 0.7, False), (5, 1, -1.2, False), (9, 4, 0.3, True),
+                               (3, 7, -0.1, False), (9, 10, 1.5, False)]]
+    out = {}
+    for mode in ("reproducible", "fast"):
+        rule = {"function": "char_share"}
+        obj = GRPO(GRPOSection(rollout=mode, rewards=[rule], max_completion_len=12))
+        batch = obj.collate_sequences(seqs, pad_id=0)
+        assert ("flat" in batch) == (mode == "fast")
+        if mode == "fast":  # no padding left: every token is one of a sequence's
+            assert batch["flat"]["input_ids"].numel() == sum(len(p) + len(c) for p, c, _, _ in seqs)
+        obj.global_tokens, obj.global_completions = 30.0, 5.0
+        model.zero_grad()
+        logp, entropy = obj.token_logps(model, batch)
+        obj.loss(model, batch).loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        out[mode] = (logp.detach(), entropy, grad)
+    (lp, ent, grad), (lp_f, ent_f, grad_f) = out["reproducible"], out["fast"]
+    assert lp.shape == lp_f.shape and bool((lp != 0).any())
+    torch.testing.assert_close(lp_f, lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent_f, ent, atol=1e-6, rtol=1e-6)  # entropies ~log(vocab) ≈ 7.6
+    torch.testing.assert_close(grad_f, grad, atol=1e-6, rtol=1e-5)
