@@ -360,6 +360,10 @@ class GRPO(Objective):
         self.reference = (None if self.beta == 0 else "adapter_off" if lora else "frozen_copy")
         self.steps_per_batch = settings.iterations  # μ: the loop serves each batch μ times
         self.rows_per_item = self.G
+        from dpkit.plan.memory import Rollout
+
+        self.rollout_load = Rollout(self.G, settings.resolved_max_prompt_len(max_seq_len),
+                                    settings.max_completion_len, settings.rollout == "fast")
         self.seed = seed
         if self.beta > 0:
             self.metric_names = (*GRPO.metric_names, "kl")

@@ -23,8 +23,9 @@ CPU_PER_RANK = 2 * GiB  # host memory of a rank's process itself (Python, torch,
 SHARD_BYTES = 5 * 10**9  # under ZeRO-3 a rank loads the checkpoint one shard at a time
 STAGE0_ALLREDUCE = 500_000_000  # ZeRO-0's flattened all-reduce bucket (MEMORY_OPT_ALLREDUCE_SIZE)
 DROPOUT_MASK = 1  # bytes per element of CUDA dropout's saved mask (bool); the CPU kernel keeps 4
-BACKWARD, STEP = "backward", "step"
-ALWAYS = frozenset({BACKWARD, STEP})
+BACKWARD, STEP, ROLLOUT = "backward", "step", "rollout"
+PHASES = (BACKWARD, STEP, ROLLOUT)  # ROLLOUT: an online method's generation (GRPO), no backward
+ALWAYS = frozenset(PHASES)
 
 @dataclass(frozen=True)
 class Knobs:
@@ -51,6 +52,50 @@ def long_fields(recipe) -> dict:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """An online method's generation (GRPO, dpkit/objectives/grpo.py) per rank and optimizer
+    step: G completions of each of the rank's prompts, up to `completion_len` tokens after a
+    prompt of up to `prompt_len`. `batched` (`rollout: fast`): one generate call with every
+    prompt of the rank's step; else (`reproducible`) one call per prompt of its G sequences."""
+    group: int
+    prompt_len: int
+    completion_len: int
+    batched: bool
+
+    def calls(self, prompts: int) -> int:
+        return 1 if self.batched else prompts
+
+    def sequences(self, prompts: int) -> int:
+        """Sequences generated at once (one call)."""
+        return self.group * (prompts if self.batched else 1)
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, tokens: int, dtype_bytes: int) -> int:
+    """Keys and values of every layer for `sequences` × `tokens` positions."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * sequences * tokens * dtype_bytes
+
+
+def rollout_parts(shape: ModelShape, setup: Setup, P: int, persist: int) -> list[Part]:
+    """What generation holds besides the model states (phase ROLLOUT: no activations are
+    saved then): the KV cache of one call's sequences at full length; one decode step's logits (model dtype, fp32 for the
+    temperature and top-p, fp64 for the Gumbel noise and the noisy scores: GumbelSampler); the
+    prefill's largest transient (one layer's MLP: two intermediate-size tensors per prompt
+    token); under ZeRO-3 every partitioned weight gathered at once for the whole phase
+    (eval/generate.py full_weights)."""
+    r, b = setup.rollout, setup.dtype_bytes
+    seqs, only = r.sequences(setup.rollout_prompts), frozenset({ROLLOUT})
+    parts = [Part("rollout", "KV cache",
+                  kv_cache_bytes(shape, seqs, r.prompt_len + r.completion_len, b), 1,
+                  phases=only),
+             Part("rollout", "logits", seqs * shape.vocab, b + 4 + 2 * 8, phases=only),
+             Part("rollout", "prefill", seqs * r.prompt_len * 2 * shape.intermediate, b,
+                  phases=only)]
+    if setup.stage == 3:
+        parts.append(Part("rollout", "gathered weights", P - persist, b, phases=only))
+    return parts
+
+
+@dataclass(frozen=True)
 class Setup:
     stage: int
     offload_optimizer: str  # none | cpu | nvme
@@ -70,6 +115,8 @@ class Setup:
     offload_activations: bool = False  # saved activations in CPU memory
     expert_parallel: int = 1  # ranks a MoE layer's experts are split over (moe.expert_parallel)
     reference_copy: bool = False  # a frozen copy of the model as a reference (GRPO's β > 0, full)
+    rollout: Rollout | None = None  # what an online method generates (GRPO), if any
+    rollout_prompts: int = 0  # prompts per rank and optimizer step (global batch / ranks)
 
     @property
     def tokens(self) -> int:
@@ -118,11 +165,11 @@ class Breakdown:
 
     def gpu(self, *categories: str) -> int:
         """The categories' GPU bytes at their own largest (forward/backward or optimizer step)."""
-        return max(sum(self.on("gpu", phase, c) for c in categories) for phase in (BACKWARD, STEP))
+        return max(sum(self.on("gpu", phase, c) for c in categories) for phase in PHASES)
 
     @property
     def peak_phase(self) -> str:
-        return BACKWARD if self.on("gpu", BACKWARD) >= self.on("gpu", STEP) else STEP
+        return max(PHASES, key=lambda phase: self.on("gpu", phase))  # ties: the first
 
     @property
     def gpu_allocated(self) -> int:
@@ -139,7 +186,7 @@ class Breakdown:
 
     @property
     def cpu_per_rank(self) -> int:
-        steady = max(self.on("cpu", BACKWARD), self.on("cpu", STEP))
+        steady = max(self.on("cpu", phase) for phase in PHASES)
         return CPU_PER_RANK + max(steady, self.cpu_loading)
 
     @property
@@ -354,6 +401,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Breakdown:
     else:
         add(Part("comm", "reduce bucket", k.reduce_bucket_size, b))
         add(Part("comm", "reduce-scatter", k.reduce_bucket_size, b, phases=bwd))
+
+    if setup.rollout is not None:
+        persistent = 0 if s < 3 else shape.persistent(k.param_persistence_threshold)
+        parts += rollout_parts(shape, setup, P, persistent)
 
     loading = P * b if s < 3 else min(P * b, SHARD_BYTES)
     return Breakdown(setup, [p for p in parts if p.elements], cpu_loading=loading)

@@ -142,12 +142,15 @@ def micro_candidates(recipe: Recipe, world_size: int) -> list[int]:
 def setup_for(recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware, micro: int,
               kn: Knobs, expert_parallel: int | None = None) -> Setup:
     m = recipe.model
-    rows = micro * objective_load(recipe)["rows_per_item"]  # pairs: chosen + rejected, 1 forward
+    load = objective_load(recipe)
+    rows = micro * load["rows_per_item"]  # pairs: chosen + rejected, 1 forward
     ep = recipe.moe.expert_parallel if expert_parallel is None else expert_parallel
+    prompts = -(-recipe.train.global_batch_size // hw.world_size)  # a rank's items per step
     return Setup(stage, opt, par, hw.world_size, hw.gpus_per_node, DTYPE_BYTES[m.dtype], rows,
                  recipe.data.max_seq_len, m.gradient_checkpointing, m.attn_implementation, kn,
                  **long_fields(recipe), expert_parallel=ep,
-                 reference_copy=reference_of(recipe) == "frozen_copy")
+                 reference_copy=reference_of(recipe) == "frozen_copy", rollout=load["rollout"],
+                 rollout_prompts=prompts if load["rollout"] else 0)
 
 
 def fit(shape: ModelShape, recipe: Recipe, stage: int, opt: str, par: str, hw: Hardware,
@@ -264,7 +267,8 @@ def objective_load(recipe: Recipe) -> dict:
     from dpkit.objectives import build_objective
 
     o = build_objective(recipe)
-    return {"rows_per_item": o.rows_per_item, "reference_forwards": o.forwards_without_grad}
+    return {"rows_per_item": o.rows_per_item, "reference_forwards": o.forwards_without_grad,
+            "rollout": o.rollout_load}
 
 
 # ----------------------------------------------------------------------------------- output
@@ -301,6 +305,8 @@ def preference_cost(r: Recipe, shape: ModelShape) -> list[str]:
     from dpkit.objectives import build_objective
     from dpkit.plan.time import matmul_params
 
+    if build_objective(r).rollout_load is not None:
+        return []  # an online method: rollout_lines
     n, t = matmul_params(shape)
     rows = [r.data.max_seq_len]
     share = (forward_flops(n, shape.layers, shape.hidden, rows)
@@ -366,7 +372,28 @@ def render(p: Plan, free_global_batch: bool = False, length=None, price: float |
         "", f"recommended: {option_name(o)}, micro batch {o.micro_batch} "
         f"({gib(o.breakdown.gpu_total)} GiB per GPU): the fastest that fits, {st.step_s:.3f} s "
         f"per step, {st.tokens_per_s:,.0f} tokens/s", f"  {batch.describe()}",
-        f"  overrides: {' '.join(o.overrides)}"])
+        f"  overrides: {' '.join(o.overrides)}"] + rollout_lines(p, o))
+
+
+def rollout_lines(p: Plan, o: Option) -> list[str]:
+    """An online method's generation at the recommended option: what it holds (in the totals
+    above, phase `rollout`) and what it adds to each step (in the times above)."""
+    b, setup = o.breakdown, o.breakdown.setup
+    r = setup.rollout
+    if r is None or o.time is None:
+        return []
+    n = setup.rollout_prompts
+    held = {x.item: x.bytes for x in b.parts if x.category == "rollout"}
+    gathered = (f", the weights gathered whole for the rollout {gib(held['gathered weights'])} "
+                "GiB (ZeRO-3)" if "gathered weights" in held else "")
+    phase = "the peak" if b.peak_phase == "rollout" else f"below the {b.peak_phase} peak"
+    return [f"rollout ({p.recipe.objective}, {'batched' if r.batched else 'one call per prompt'}):"
+            f" {r.calls(n)} generate call(s) of {r.sequences(n)} sequences × ({r.prompt_len} + "
+            f"{r.completion_len}) tokens per rank and step; holds the KV cache "
+            f"{gib(held['KV cache'])} GiB, logits and prefill "
+            f"{gib(held['logits'] + held['prefill'])} GiB{gathered} ({phase}); "
+            f"{o.time.rollout_s:.3f} s of the {o.time.step_s:.3f} s step (decode memory-bound: "
+            "every weight read per generated token)"]
 
 
 def write(p: Plan, directory: Path, free_global_batch: bool) -> list[Path]:

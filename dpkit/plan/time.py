@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, replace
 
 from dpkit.metrics import PEAK_FLOPS, forward_flops, model_flops
-from dpkit.plan.memory import ModelShape
+from dpkit.plan.memory import ModelShape, Rollout, kv_cache_bytes
 
 DEFAULT_EFFICIENCY = 0.40
 """Assumed fraction of the dense peak a training step's model FLOPs reach (MFU) when nothing is
@@ -161,6 +161,7 @@ class Job:
     rows_per_item: int = 1  # sequences per batch item: 2 for preference pairs
     reference_forwards: int = 0  # forwards without gradient per micro-batch (DPO adapter_off)
     expert_parallel: int = 1  # ranks a MoE layer's experts are split over
+    rollout: Rollout | None = None  # an online method's generation per rank and step (GRPO)
 
     @property
     def rows_per_rank(self) -> int:
@@ -188,11 +189,12 @@ class StepTime:
     offload_s: float
     overhead_s: float
     tokens: float  # per step, all ranks
+    rollout_s: float = 0.0  # generation before the forwards (GRPO), its weight gather included
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.optimizer_s + self.exposed_comm_s + self.offload_s
-                + self.overhead_s)
+                + self.overhead_s + self.rollout_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -317,6 +319,46 @@ def offload_time(job: Job, cluster: Cluster) -> float:
     return seconds
 
 
+DECODE_STEP_OVERHEAD_S_PER_LAYER = 2e-4
+"""Host time per generated token per layer that no FLOP or byte accounts for: transformers'
+eager `generate` launches each layer's kernels from Python (~a dozen, ~15 µs each). An
+assumption (CUDA graphs or vLLM remove most of it), stated in docs/plan.md."""
+
+
+def rollout_time(job: Job, cluster: Cluster) -> float:
+    """One rank's generation per step (GRPO): its prompts' calls (Rollout) one after another:
+
+    - prefill: 2·N FLOPs per prompt token of each call's sequences, compute-bound at the
+      training efficiency;
+    - decode, `completion_len` steps per call: each reads every weight (N_all·b bytes) and the
+      KV cache written so far at the memory bandwidth, or does 2·N FLOPs per sequence at the
+      dense peak, whichever is slower (at small batches the read: decode is memory-bound), plus
+      the per-layer launch overhead;
+    - under ZeRO-3 one all-gather of the weights per rollout phase (never per token).
+    Σ over decode steps t = 1…C of the cache read = S·kv·(C·P + C(C+1)/2) per call (kv: cache
+    bytes per token). Sampling stops early only at eos: a completion is counted at its full
+    length (an upper bound)."""
+    r = job.rollout
+    if r is None:
+        return 0.0
+    d, b = cluster.device, job.dtype_bytes
+    n, _ = matmul_params(job.shape)
+    weights = job.shape.total * b
+    kv_token = kv_cache_bytes(job.shape, 1, 1, b)
+    prompts = job.micro_batch * job.grad_accum  # the rank's prompts of the step
+    c, p, seqs = r.completion_len, r.prompt_len, r.sequences(prompts)
+    prefill = 2 * n * seqs * p / (cluster.efficiency * d.peak(b))
+    reads = (c * weights + seqs * kv_token * (c * p + c * (c + 1) / 2)) / d.memory_bandwidth
+    flops = c * 2 * n * seqs / d.peak(b)
+    overhead = c * job.shape.layers * DECODE_STEP_OVERHEAD_S_PER_LAYER
+    gather = 0.0
+    if job.stage == 3 and job.world_size > 1:
+        bandwidth, latency = cluster.ring(job.world_size, job.gpus_per_node)
+        gather = bytes_sent(Collective("all-gather", job.shape.total, 1, "weights, rollout"),
+                            job.world_size, b) / bandwidth + latency
+    return r.calls(prompts) * (prefill + max(reads, flops) + overhead) + gather
+
+
 def step_time(job: Job, cluster: Cluster) -> StepTime:
     peak = cluster.device.peak(job.dtype_bytes)
     fill = job.fill if job.flop_fill is None else job.flop_fill
@@ -327,7 +369,7 @@ def step_time(job: Job, cluster: Cluster) -> StepTime:
     comm, exposed = comm + a2a, comm - hidden + a2a
     return StepTime(compute, optimizer_time(job, cluster), comm, exposed,
                     offload_time(job, cluster), cluster.overhead_s,
-                    job.tokens_per_rank * job.world_size)
+                    job.tokens_per_rank * job.world_size, rollout_time(job, cluster))
 
 
 def with_world(job: Job, world: int, global_batch: int) -> Job:

@@ -291,10 +291,11 @@ def test_a_pair_is_two_rows_and_adapter_off_adds_a_forward(tmp_path):
     hw = Hardware(8, 8, 80 * 2**30, 1024 * 2**30)
     dpo = preference_recipe(tmp_path, "dpo", lora=True)
     simpo = dpo.model_copy(update={"objective": "simpo"})
-    assert objective_load(dpo) == {"rows_per_item": 2, "reference_forwards": 1}
-    assert objective_load(simpo) == {"rows_per_item": 2, "reference_forwards": 0}
+    none = {"rollout": None}  # nothing generated
+    assert objective_load(dpo) == {"rows_per_item": 2, "reference_forwards": 1, **none}
+    assert objective_load(simpo) == {"rows_per_item": 2, "reference_forwards": 0, **none}
     assert objective_load(preference_recipe(tmp_path, "dpo", lora=False)) == \
-        {"rows_per_item": 2, "reference_forwards": 0}  # precomputed: before step 1, not per step
+        {"rows_per_item": 2, "reference_forwards": 0, **none}  # precomputed: before step 1
     c = Cluster()
     speed = c.efficiency * c.device.peak(2)
     seconds = {}
@@ -333,3 +334,86 @@ def test_precomputed_reference_is_in_the_run_time(tmp_path, capsys):
     assert f"{seconds / 60:,.1f} min" in line or f"{seconds / 3600:,.1f} h" in line, line
     # steps: the dataset's tokens in rows of 1024, two rows per pair, 64 pairs per step
     assert f"{-(-tokens // (64 * 2 * 1024)):,}" in out
+
+
+# ------------------------------------------------------------------------------- rollouts
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rollout_memory_and_time_are_the_formula_written_out(batched, stage):
+    """GRPO's generation, by hand: a rank's P prompts × G completions of C tokens after Lp
+    prompt tokens. Fast (batched): one call of P·G sequences; reproducible: P calls of G.
+    KV cache = 2 · layers · kv_heads · head_dim · sequences · (Lp + C) · bytes. Per call:
+    prefill 2N·seqs·Lp FLOPs at the efficiency; C decode steps each reading all weights and the
+    cache so far (Σ_t seqs·kv·(Lp + t)) at the HBM bandwidth, or 2N·seqs FLOPs at the peak,
+    whichever is slower; plus the launch overhead per layer and token. ZeRO-3: one all-gather of
+    the weights per rollout (and the gathered weights held)."""
+    from dpkit.plan.memory import ROLLOUT, Rollout, Setup, estimate
+    from dpkit.plan.time import DECODE_STEP_OVERHEAD_S_PER_LAYER, matmul_params, rollout_time
+
+    s = model_shape(AutoConfig.for_model(**LLAMA_8B))
+    G, Lp, C, micro, accum, world, b = 8, 200, 500, 2, 3, 16, 2
+    prompts = micro * accum
+    r = Rollout(G, Lp, C, batched)
+    seqs, calls = (prompts * G, 1) if batched else (G, prompts)
+    kv_per_token = 2 * 32 * 8 * 128 * b  # Llama 8B: 32 layers, 8 KV heads of 128
+    # memory: the KV cache of one call's sequences at full length, in the rollout phase only
+    setup = Setup(stage, "none", "none", world, 8, b, micro * G, 1024, rollout=r,
+                  rollout_prompts=prompts)
+    br = estimate(s, setup)
+    held = {p.item: p for p in br.parts if p.category == "rollout"}
+    assert held["KV cache"].bytes == kv_per_token * seqs * (Lp + C)
+    assert held["logits"].bytes == seqs * 128256 * (b + 4 + 16)
+    assert all(p.phases == {ROLLOUT} for p in held.values())
+    assert ("gathered weights" in held) == (stage == 3)
+    without = estimate(s, replace(setup, rollout=None))
+    assert br.on("gpu", "backward") == without.on("gpu", "backward")  # nothing else moved
+    assert br.on("gpu", ROLLOUT) == (without.on("gpu", "backward") + sum(
+        p.bytes for p in held.values()) - sum(p.bytes for p in without.parts
+                                              if p.phases == {"backward"}))
+    # time
+    cluster = Cluster()
+    j = replace(job(stage, world=world, accum=accum, shape=s, rollout=r), micro_batch=micro)
+    n = matmul_params(s)[0]
+    hbm, peak = cluster.device.memory_bandwidth, cluster.device.peak(b)
+    prefill = 2 * n * seqs * Lp / (cluster.efficiency * peak)
+    reads = sum(s.total * b + seqs * kv_per_token * (Lp + t) for t in range(1, C + 1)) / hbm
+    decode = max(reads, C * 2 * n * seqs / peak)
+    overhead = C * 32 * DECODE_STEP_OVERHEAD_S_PER_LAYER
+    gather = 0.0
+    if stage == 3:
+        bandwidth, latency = cluster.ring(world, 8)
+        gather = (world - 1) / world * s.total * b / bandwidth + latency
+    want = calls * (prefill + decode + overhead) + gather
+    assert rollout_time(j, cluster) == pytest.approx(want, rel=1e-12)
+    st = step_time(j, cluster)
+    assert st.rollout_s == pytest.approx(want, rel=1e-12)
+    assert st.step_s == pytest.approx(step_time(replace(j, rollout=None), cluster).step_s + want)
+    # at these sizes decode is memory-bound, and the reproducible mode reads every weight once
+    # per prompt: P times the fast mode's reads
+    assert reads > C * 2 * n * seqs / peak
+
+
+def test_plan_of_a_grpo_recipe_counts_its_rollout(tmp_path):
+    """`dpkit plan` on a GRPO recipe: the rollout's memory is in the totals and the fast mode
+    generates one batch (a larger KV cache) in less time than the reproducible one."""
+    r = {"model": {"config": LLAMA_8B, "tokenizer": "dpkit:tokenizers/tiny-bpe",
+                   "dtype": "bfloat16", "gradient_checkpointing": True},
+         "objective": "grpo",
+         "grpo": {"group_size": 8, "max_completion_len": 512,
+                  "rewards": [{"function": "math_answer"}]},
+         "data": {"sources": [{"path": "dpkit:data/letters.prompts.jsonl",
+                               "format": "prompts"}], "max_seq_len": 1024},
+         "train": {"global_batch_size": 64, "micro_batch_size": 1},
+         "zero": {"stage": 3}, "peft": {"method": "lora", "r": 16},
+         "output": {"dir": str(tmp_path / "run")}}
+    hw = Hardware(8, 8, 80 * 2**30)
+    plans = {}
+    for mode in ("fast", "reproducible"):
+        r["grpo"]["rollout"] = mode
+        plans[mode] = plan(recipe_from_dict(r), hw)
+    fast, repro = (plans[m].recommended for m in ("fast", "reproducible"))
+    kv = {m: next(p.bytes for p in plans[m].recommended.breakdown.parts if p.item == "KV cache")
+          for m in plans}
+    assert kv["fast"] == 8 * kv["reproducible"]  # 8 prompts per rank, generated at once
+    assert fast.time.rollout_s < repro.time.rollout_s
+    assert fast.breakdown.setup.rollout.batched and not repro.breakdown.setup.rollout.batched
