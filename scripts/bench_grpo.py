@@ -6,11 +6,12 @@ excluded), and the ratios.
 
     PYTHONPATH=$PWD:/path/to/trl-target python scripts/bench_grpo.py --reps 2
 
-Both sides: the bundled letters prompts (dpkit/resources/data/letters.prompts.jsonl) as one user
-turn of the tiny tokenizer's chat template, the shared tiny Llama (scripts/trl_harness.py),
+Both sides: the bundled self-instruct seed's instructions (with their input) as prompts, one user
+turn of the tiny tokenizer's chat template, those of ≤ 128 tokens (15–128: varied lengths, as
+real prompt sets have), the shared tiny Llama (scripts/trl_harness.py),
 G completions per prompt sampled at temperature 1 (top-p 1, no top-k) up to
 --completion-len tokens, the `char_share` reward (dpkit's shipped function, given to TRL as its
-reward function), `dapo` loss, β 0 (no reference model), μ 1, group-scaled advantages, one
+reward function; against the seed's reference output), `dapo` loss, β 0 (no reference model), μ 1, group-scaled advantages, one
 rollout per optimizer step (TRL: steps_per_generation = gradient accumulation), parameters
 gathered once per rollout under ZeRO-3 (TRL: ds3_gather_for_generation). A randomly initialised
 model rarely samples eos: nearly every completion runs to the limit on both sides, so both
@@ -38,8 +39,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trl_harness as H  # noqa: E402
 
-PROMPTS = "dpkit:data/letters.prompts.jsonl"
+SEED = "dpkit:data/self_instruct_seed.alpaca.jsonl"
+MAX_PROMPT = 128  # chat-rendered prompt tokens kept (TRL 1.16 has no prompt cut): rows above out
 CONFIGS = ("trl", "fast", "reproducible")
+
+
+def write_prompts(path: Path) -> int:
+    """The bundled self-instruct seed as prompt rows (instruction and input; `answer` the
+    reference output), those of at most MAX_PROMPT tokens as rendered: prompts of varied length
+    (15–128 tokens), as real prompt sets have."""
+    from dpkit.model import load_tokenizer
+    from dpkit.recipe import ModelSection
+    from dpkit.shipped import resolve
+
+    tok = load_tokenizer(ModelSection(config=H.MODEL, tokenizer=H.TOKENIZER))
+    rows = []
+    for line in Path(resolve(SEED)).read_text().splitlines():
+        r = json.loads(line)
+        prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                      add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if len(ids) <= MAX_PROMPT:
+            rows.append({"prompt": prompt, "answer": r["output"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
 
 
 def recipe(work: Path, args, rollout: str) -> dict:
@@ -50,8 +74,8 @@ def recipe(work: Path, args, rollout: str) -> dict:
                  "rewards": [{"function": "char_share", "column": "answer"}]},
         "model": {"name_or_path": str(work / "init"), "tokenizer": H.TOKENIZER,
                   "dtype": "float32"},
-        "data": {"sources": [{"path": PROMPTS, "format": "prompts"}],
-                 "max_seq_len": 64 + args.completion_len},
+        "data": {"sources": [{"path": str(work / "prompts.jsonl"), "format": "prompts"}],
+                 "max_seq_len": MAX_PROMPT + args.completion_len},
         "train": {"global_batch_size": args.global_batch, "micro_batch_size": args.micro,
                   "max_steps": args.steps, "lr": 1e-5, "lr_schedule": "constant", "seed": 0},
         "zero": {"stage": args.stage},
@@ -81,7 +105,7 @@ def run_trl(recipe_path: str) -> dict | None:
     # a string prompt is rendered by dpkit as one user turn of the chat template: the same here
     data = data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
 
-    def letters(completions, answer, **kw):
+    def share(completions, answer, **kw):
         return char_share([c[-1]["content"] for c in completions], answer=answer)
 
     args = GRPOConfig(
@@ -90,7 +114,7 @@ def run_trl(recipe_path: str) -> dict | None:
         temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0, num_iterations=1,
         scale_rewards="group", epsilon=0.2, max_steps=r.train.max_steps,
         ds3_gather_for_generation=True, log_completions=False, disable_dropout=True)
-    trainer = GRPOTrainer(model=side.model, reward_funcs=[letters], args=args,
+    trainer = GRPOTrainer(model=side.model, reward_funcs=[share], args=args,
                           train_dataset=data, processing_class=side.tokenizer,
                           callbacks=[side.clock()])
     trainer.train()
@@ -143,6 +167,7 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="dpkit-bench-grpo-"))
     work.mkdir(parents=True, exist_ok=True)
     H.save_init(work)
+    print(f"{write_prompts(work / 'prompts.jsonl')} prompts of ≤ {MAX_PROMPT} tokens", flush=True)
     paths = {}
     for rollout in ("fast", "reproducible"):
         paths[rollout] = work / f"recipe-{rollout}.yaml"

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "vocab_size": 2048, "max_position_embeddings": 2048}
+import trl_harness as H  # noqa: E402  (the harness the TRL benchmarks share)
+
+MODEL = H.MODEL  # the shared tiny Llama
 ROWS = "dpkit:data/self_instruct_seed.unpaired.jsonl"
 
 
@@ -143,33 +143,9 @@ def worker(args) -> None:
 
 
 # ================================================================================= the driver
-def rank_env() -> dict[str, str]:
-    env = dict(os.environ)
-    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    return env
-
-
-def launch(which: str, recipe_path: Path, result: Path, log: Path, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), "--worker", which, "--recipe", str(recipe_path),
-           "--result", str(result)]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=rank_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{which} failed ({proc.returncode}), log {log}:\n"
-                         f"{log.read_text()[-4000:]}")
-    return json.loads(result.read_text())
-
-
 def rows_per_s(result: dict, warmup: int) -> float:
     """Full steps after the warm-up (an epoch's last step may be partial: left out)."""
-    t, n = result["times"][:-1], result["rows"]
-    return sum(n[warmup:len(t)]) / (t[-1] - t[warmup - 1])
+    return H.per_second(result["times"], result["rows"], warmup)
 
 
 def main() -> None:
@@ -187,15 +163,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    import torch
-    import transformers
     import yaml
 
-    try:
-        import trl
-    except ImportError:
-        raise SystemExit("TRL is not importable: install it (pip install trl) or put it on "
-                         "PYTHONPATH; this benchmark compares against its KTOTrainer") from None
+    H.require_trl("KTOTrainer")
     from dpkit.model import build_model, load_tokenizer
     from dpkit.recipe import ModelSection
 
@@ -209,8 +179,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"dpkit": [], "trl": []}
     for rep in range(args.reps):
         for which in runs:  # interleaved, so drifting machine load hits both alike
-            res = launch(which, recipe_path, work / f"{which}-{rep}.json",
-                         work / f"{which}-{rep}.log", timeout=1800)
+            res = H.launch(__file__, which, recipe_path, work / f"{which}-{rep}.json",
+                           work / f"{which}-{rep}.log", timeout=1800)
             runs[which].append(res)
             print(f"rep {rep} {which}: {rows_per_s(res, args.warmup):.2f} examples/s, "
                   f"step-1 loss {res['loss1']}", flush=True)
@@ -225,9 +195,7 @@ def main() -> None:
            "dpkit_reference_s": statistics.median(r["reference_s"] for r in runs["dpkit"]),
            "stage": args.stage, "global_batch": args.global_batch, "micro": args.micro,
            "max_seq_len": args.max_seq_len, "reps": args.reps, "load_avg": os.getloadavg(),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "trl": trl.__version__,
-                        "deepspeed": __import__("deepspeed").__version__}}
+           "versions": H.versions()}
     print(json.dumps(out, indent=2))
 
 

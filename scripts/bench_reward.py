@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "vocab_size": 2048, "max_position_embeddings": 2048}
+import trl_harness as H  # noqa: E402  (the harness the TRL benchmarks share)
+
+MODEL = H.MODEL  # the shared tiny Llama
 PAIRS = "dpkit:data/self_instruct_seed.preference.jsonl"
 
 
@@ -133,33 +133,9 @@ def worker(args) -> None:
 
 
 # ================================================================================= the driver
-def rank_env() -> dict[str, str]:
-    env = dict(os.environ)
-    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    return env
-
-
-def launch(which: str, recipe_path: Path, result: Path, log: Path, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), "--worker", which, "--recipe", str(recipe_path),
-           "--result", str(result)]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=rank_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{which} failed ({proc.returncode}), log {log}:\n"
-                         f"{log.read_text()[-4000:]}")
-    return json.loads(result.read_text())
-
-
 def pairs_per_s(result: dict, warmup: int) -> float:
     """Full steps after the warm-up (an epoch's last step may be partial: left out)."""
-    t, n = result["times"][:-1], result["pairs"]
-    return sum(n[warmup:len(t)]) / (t[-1] - t[warmup - 1])
+    return H.per_second(result["times"], result["pairs"], warmup)
 
 
 def main() -> None:
@@ -177,15 +153,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    import torch
-    import transformers
     import yaml
 
-    try:
-        import trl
-    except ImportError:
-        raise SystemExit("TRL is not importable: install it (pip install trl) or put it on "
-                         "PYTHONPATH; this benchmark compares against its RewardTrainer") from None
+    H.require_trl("RewardTrainer")
     from dpkit.model import build_model, load_tokenizer
     from dpkit.recipe import ModelSection
 
@@ -202,8 +172,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"dpkit": [], "trl": []}
     for rep in range(args.reps):
         for which in runs:  # interleaved, so drifting machine load hits both alike
-            res = launch(which, recipe_path, work / f"{which}-{rep}.json",
-                         work / f"{which}-{rep}.log", timeout=1800)
+            res = H.launch(__file__, which, recipe_path, work / f"{which}-{rep}.json",
+                           work / f"{which}-{rep}.log", timeout=1800)
             runs[which].append(res)
             print(f"rep {rep} {which}: {pairs_per_s(res, args.warmup):.2f} pairs/s, "
                   f"{res['rows']} pairs, step-1 loss {res['loss1']}", flush=True)
@@ -213,9 +183,7 @@ def main() -> None:
            "pairs": {k: v[0]["rows"] for k, v in runs.items()},
            "stage": args.stage, "global_batch": args.global_batch, "micro": args.micro,
            "max_seq_len": args.max_seq_len, "reps": args.reps, "load_avg": os.getloadavg(),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "trl": trl.__version__,
-                        "deepspeed": __import__("deepspeed").__version__}}
+           "versions": H.versions()}
     print(json.dumps(out, indent=2))
 
 

@@ -46,8 +46,8 @@ class Objective:
     the loop serves every batch this many times in a row (dpkit/data/feed.py RepeatedFeed), so
     an epoch has this many times the steps, and the LR schedule counts every one."""
     rollout_load = None
-    """What the objective generates per optimizer step, for the planner (a
-    dpkit.plan.memory.Rollout: GRPO's completions), or None."""
+    """What the objective generates per optimizer step, for the planner: the fields of a
+    dpkit.plan.memory.Rollout (GRPO's completions), or None."""
 
     def setup(self, run) -> None:
         """Called once on every rank after the engine exists and before the first step (for

@@ -17,8 +17,8 @@ from dpkit import heads
 from dpkit.batch import BatchPlan, plan_batch, without_accumulation
 from dpkit.errors import Problem, RecipeError
 from dpkit.plan.cost import run_length, time_lines
-from dpkit.plan.memory import (DTYPE_BYTES, Breakdown, GiB, Knobs, ModelShape, Setup, estimate,
-                               long_fields, model_shape)
+from dpkit.plan.memory import (DTYPE_BYTES, Breakdown, GiB, Knobs, ModelShape, Rollout, Setup,
+                               estimate, long_fields, model_shape)
 from dpkit.plan.time import Cluster, Job, StepTime, step_time
 from dpkit.recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from dpkit.run_files import DS_CONFIG, RECIPE
@@ -268,7 +268,7 @@ def objective_load(recipe: Recipe) -> dict:
 
     o = build_objective(recipe)
     return {"rows_per_item": o.rows_per_item, "reference_forwards": o.forwards_without_grad,
-            "rollout": o.rollout_load}
+            "rollout": Rollout(**o.rollout_load) if o.rollout_load else None}
 
 
 # ----------------------------------------------------------------------------------- output
