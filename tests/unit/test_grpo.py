@@ -470,3 +470,7 @@ def test_packed_forward_equals_the_padded_forward(attention):
     torch.testing.assert_close(lp_f, lp, atol=1e-6, rtol=0)
     torch.testing.assert_close(ent_f, ent, atol=1e-6, rtol=1e-6)  # entropies ~log(vocab) ≈ 7.6
     torch.testing.assert_close(grad_f, grad, atol=1e-6, rtol=1e-5)
+    # a micro-batch with under 10% padding stays padded (per-row attention would cost more)
+    even = [(p, c[:1] * 4, a, m) for p, c, a, m in seqs if len(p) == 5]
+    fast = GRPO(GRPOSection(rollout="fast", rewards=[{"function": "char_share"}]))
+    assert "flat" not in fast.collate_sequences(even, pad_id=0)
