@@ -361,7 +361,7 @@ class GRPO(Objective):
         self.reference = (None if self.beta == 0 else "adapter_off" if lora else "frozen_copy")
         self.steps_per_batch = settings.iterations  # μ: the loop serves each batch μ times
         self.rows_per_item = self.G
-        self.rollout_load = {"group": self.G,
+        self.rollout_load = {"group": self.G, "every": settings.iterations,
                              "prompt_len": settings.resolved_max_prompt_len(max_seq_len),
                              "completion_len": settings.max_completion_len,
                              "batched": settings.rollout == "fast"}
@@ -390,8 +390,6 @@ class GRPO(Objective):
         self.head = run.loss_head  # tiled as compute.loss says, like SFT: no full logits
         self.rewards = Rewards(self.s.rewards, run.say)
         self.run = run
-        if self.s.rollout == "fast":
-            self._rows_attention(run)
         needed = {r.column for r in self.s.rewards
                   if r.function in ("math_answer", "char_share")}
         have = set(run.train_rows[0].columns) if run.train_rows else set()
@@ -405,24 +403,30 @@ class GRPO(Objective):
 
             self.ref_engine, self.ref_head, line = frozen_copy(run)
             run.say(f"[dpkit] grpo: {line}")
+        if self.s.rollout == "fast":
+            self._rows_attention(run, [run.engine, self.ref_engine])
 
     @staticmethod
-    def _rows_attention(run) -> None:
+    def _rows_attention(run, engines) -> None:
         """Fast mode's packed forwards: per-row attention where the model allows it (as
         `data.packing` picks it for SFT, dpkit/attention.py), not sdpa under a dense block mask
-        over the whole row. Generation switches back to sdpa (eval/generate.py
-        plain_attention)."""
+        over the whole row — for the policy and a frozen reference copy alike. Generation
+        switches back to sdpa (eval/generate.py plain_attention)."""
         from dpkit.attention import implementation_for
 
-        module = run.engine.module
-        target = module.get_base_model() if hasattr(module, "get_base_model") else module
         requested = run.recipe.model.attn_implementation
-        chosen = implementation_for(requested, True, target.config, run.recipe.data.max_seq_len)
-        if chosen != requested:
-            target.set_attn_implementation(chosen)
-            run.attention = chosen
+        chosen = requested
+        for engine in (e for e in engines if e is not None):
+            module = getattr(engine, "module", engine)
+            target = module.get_base_model() if hasattr(module, "get_base_model") else module
+            chosen = implementation_for(requested, True, target.config,
+                                        run.recipe.data.max_seq_len)
+            if chosen != requested:
+                target.set_attn_implementation(chosen)
+        run.attention = chosen
         run.say(f"[dpkit] grpo: fast rollouts; each micro-batch's sequences laid end to end for "
-                f"the forwards, attention {chosen}")
+                f"the forwards (where that removes ≥ {PACK_MIN_PADDING:.0%} padding), attention "
+                f"{chosen}")
 
     # ------------------------------------------------------------------------------- data
     def step_examples(self, rows, picks, step_rows, step):

@@ -56,11 +56,13 @@ class Rollout:
     """An online method's generation (GRPO, dpkit/objectives/grpo.py) per rank and optimizer
     step: G completions of each of the rank's prompts, up to `completion_len` tokens after a
     prompt of up to `prompt_len`. `batched` (`rollout: fast`): one generate call with every
-    prompt of the rank's step; else (`reproducible`) one call per prompt of its G sequences."""
+    prompt of the rank's step; else (`reproducible`) one call per prompt of its G sequences.
+    `every`: optimizer steps per rollout (GRPO's μ: its steps share one rollout)."""
     group: int
     prompt_len: int
     completion_len: int
     batched: bool
+    every: int = 1
 
     def calls(self, prompts: int) -> int:
         return 1 if self.batched else prompts

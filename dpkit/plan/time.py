@@ -334,7 +334,8 @@ def rollout_time(job: Job, cluster: Cluster) -> float:
       KV cache written so far at the memory bandwidth, or does 2·N FLOPs per sequence at the
       dense peak, whichever is slower (at small batches the read: decode is memory-bound), plus
       the per-layer launch overhead;
-    - under ZeRO-3 one all-gather of the weights per rollout phase (never per token).
+    - under ZeRO-3 one all-gather of the weights per rollout phase (never per token);
+    divided by the optimizer steps that share one rollout (GRPO's μ).
     Σ over decode steps t = 1…C of the cache read = S·kv·(C·P + C(C+1)/2) per call (kv: cache
     bytes per token). Sampling stops early only at eos: a completion is counted at its full
     length (an upper bound)."""
@@ -356,7 +357,7 @@ def rollout_time(job: Job, cluster: Cluster) -> float:
         bandwidth, latency = cluster.ring(job.world_size, job.gpus_per_node)
         gather = bytes_sent(Collective("all-gather", job.shape.total, 1, "weights, rollout"),
                             job.world_size, b) / bandwidth + latency
-    return r.calls(prompts) * (prefill + max(reads, flops) + overhead) + gather
+    return (r.calls(prompts) * (prefill + max(reads, flops) + overhead) + gather) / r.every
 
 
 def step_time(job: Job, cluster: Cluster) -> StepTime:

@@ -427,12 +427,14 @@ def test_iterations_and_a_full_reference_pass_validate(tmp_path):
 
 
 # ----------------------------------------------------------------- fast mode's packed forwards
-@pytest.mark.parametrize("attention", ["dpkit_rows", "sdpa"])
-def test_packed_forward_equals_the_padded_forward(attention):
+@pytest.mark.parametrize("attention,tiled", [("dpkit_rows", False), ("sdpa", False),
+                                              ("dpkit_rows", True)])
+def test_packed_forward_equals_the_padded_forward(attention, tiled):
     """Fast mode lays a micro-batch's prompt + completion sequences end to end (no padding) for
     the policy forward: per-token log-probs, entropies, the loss and its gradient equal the
     padded batch's (reproducible mode's layout), row by row — with dpkit's per-row attention
-    and with transformers' own packed path (sdpa, block mask from the restarting positions)."""
+    and with transformers' own packed path (sdpa, block mask from the restarting positions),
+    through the full logits and the tiled head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpkit.attention import implementation_for
@@ -455,6 +457,10 @@ def test_packed_forward_equals_the_padded_forward(attention):
     for mode in ("reproducible", "fast"):
         rule = {"function": "char_share"}
         obj = GRPO(GRPOSection(rollout=mode, rewards=[rule], max_completion_len=12))
+        if tiled:  # through the tiled loss head (compute.loss: tiled), tiles of 5 tokens
+            from dpkit.objectives.head import LossHead, plain_head
+
+            obj.head = LossHead(plain_head(model), tile=5)
         batch = obj.collate_sequences(seqs, pad_id=0)
         assert ("flat" in batch) == (mode == "fast")
         if mode == "fast":  # no padding left: every token is one of a sequence's

@@ -385,6 +385,9 @@ def test_rollout_memory_and_time_are_the_formula_written_out(batched, stage):
         gather = (world - 1) / world * s.total * b / bandwidth + latency
     want = calls * (prefill + decode + overhead) + gather
     assert rollout_time(j, cluster) == pytest.approx(want, rel=1e-12)
+    # μ = 2 (grpo.iterations): two optimizer steps share one rollout
+    mu2 = replace(j, rollout=replace(r, every=2))
+    assert rollout_time(mu2, cluster) == pytest.approx(want / 2, rel=1e-12)
     st = step_time(j, cluster)
     assert st.rollout_s == pytest.approx(want, rel=1e-12)
     assert st.step_s == pytest.approx(step_time(replace(j, rollout=None), cluster).step_s + want)
