@@ -146,13 +146,21 @@ ONLINE_LEVELS = {("0", None): (2, 0.0), ("0", "lora"): (1, 0.1), ("1", None): (1
                  ("1", "lora"): (2, 0.0), ("2", None): (1, 0.0), ("2", "lora"): (2, 0.1),
                  ("3", None): (2, 0.1), ("3", "lora"): (1, 0.0)}
 """(zero, peft) → (grpo.iterations, grpo.beta) of GRPO's required rows."""
+ROLLOUTS = schema_levels(METHODS[ONLINE[0]].settings, "rollout") if ONLINE else ()
+"""GRPO's rollout modes. `fast` (a rank's prompts in one padded batch, sequences packed for the
+forwards) may change with the world size by design: its rows rerun and resume bitwise instead,
+one with LoRA under ZeRO-3 and μ = 2 (its kept batch), one full under ZeRO-2 with β > 0 (the
+frozen copy's packed forward)."""
+FAST_ROWS: tuple[dict, ...] = tuple(
+    {"method": m, "zero": z, "peft": p, **_PLAIN, "rollout": "fast", "iterations": mu, "beta": b}
+    for m in ONLINE for z, p, mu, b in (("3", "lora", 2, 0.0), ("2", None, 1, 0.1)))
 REQUIRED: tuple[dict, ...] = tuple(
     {"method": m, "zero": z, "peft": p, **_PLAIN,
      **({"iterations": ONLINE_LEVELS[z, p][0], "beta": ONLINE_LEVELS[z, p][1]}
         if m in ONLINE else {})}
     for m in ONLINE + NEW_HEAD for z in ("0", "1", "2", "3") for p in (None, "lora")) + tuple(
     {"method": m, "zero": z, "peft": p, "dropout": 0.0}
-    for m in UNPAIRED for z in ("0", "1", "2", "3") for p in (None, "lora"))
+    for m in UNPAIRED for z in ("0", "1", "2", "3") for p in (None, "lora")) + FAST_ROWS
 """Rows beyond pairwise coverage, first in the array: GRPO's completions and losses (with μ and β
 as ONLINE_LEVELS sets them), and a model
 with a new head (a reward model's score layer: its seeded init, its ZeRO-3 gather, PEFT training
@@ -209,19 +217,24 @@ def row_name(row: dict) -> str:
                      row["tail"],
                      *(["dropout"] if row["dropout"] else []),
                      *([f"mu{row['iterations']}"] if row.get("iterations", 1) > 1 else []),
-                     *(["kl"] if row.get("beta") else [])])
+                     *(["kl"] if row.get("beta") else []),
+                     *([row["rollout"]] if row.get("rollout", "reproducible") != "reproducible"
+                       else [])])
 
 
 def compares_to_one_process(row: dict) -> bool:
     """Dropout draws its masks per rank: by design a world size changes those numbers, so they
-    are held to a bitwise rerun and resume instead. A stream is the same on any world size."""
-    return not row["dropout"]
+    are held to a bitwise rerun and resume instead; so are GRPO's fast rollouts (a rank's batch of
+    prompts, padded together). A stream is the same on any world size."""
+    return not row["dropout"] and row.get("rollout", "reproducible") == "reproducible"
 
 
 def resumes(row: dict) -> bool:
     """Rows also resumed from a checkpoint (bitwise): dropout (its per-rank masks), streams
-    (their saved position), and GRPO with μ > 1 (its rollout batch kept between its steps)."""
-    return bool(row["dropout"]) or row["streaming"] or row.get("iterations", 1) > 1
+    (their saved position), GRPO with μ > 1 (its rollout batch kept between its steps) and
+    GRPO's fast rollouts (held to a rerun, not to one process)."""
+    return (bool(row["dropout"]) or row["streaming"] or row.get("iterations", 1) > 1
+            or not compares_to_one_process(row))
 
 
 def resume_step(row: dict) -> int:
@@ -334,7 +347,8 @@ def recipe(row: dict, out: Path, tokenizer: str, sft_data: str, pref_data: str,
     if online:  # short completions sampled at temperature 1 and scored by the toy reward
         r["grpo"] = {"group_size": GROUP, "max_completion_len": 6,
                      "rewards": [{"function": "char_share"}],
-                     "iterations": row.get("iterations", 1), "beta": row.get("beta", 0.0)}
+                     "iterations": row.get("iterations", 1), "beta": row.get("beta", 0.0),
+                     "rollout": row.get("rollout", "reproducible")}
         if row.get("iterations", 1) > 1:  # at lr 1e-2 a step moves full fine-tuning's ratios
             # past 1 ± 0.2 everywhere (all clipped: no gradient), LoRA's by ~3%: a clip low
             # enough for LoRA's, high enough above for full fine-tuning's A > 0 tokens

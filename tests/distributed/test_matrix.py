@@ -19,6 +19,8 @@ import io
 import itertools
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,9 @@ KTO_KEYS = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/r
 absent from a step's batch has no entry (as in TRL's logs)."""
 CHECKSUM = "completions/checksum"
 ROWS = {M.row_name(r): r for r in M.covering_rows()}
+ONLY = os.environ.get("DPKIT_MATRIX_ONLY")
+"""A regular expression: the fixture trains only the rows whose names match (with `-k` the same
+rows: a developer's loop on a few rows; unset in CI, where every row runs)."""
 
 
 def build(row: dict, out: Path, **kw) -> dict:
@@ -63,6 +68,8 @@ def runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("matrix")
     single, double, resumed = {}, {}, {}
     for name, row in ROWS.items():
+        if ONLY and not re.search(ONLY, name):
+            continue
         r = build(row, tmp / name)
         if M.compares_to_one_process(row):
             single[f"{name}.one"] = build({**row, "sequence_parallel": 1}, tmp / f"{name}.one")
@@ -105,6 +112,15 @@ def test_every_schema_level_is_in_the_matrix():
                 missing.append(f"{factor}={level!r}")
     assert not missing, f"schema levels with no entry in tests/distributed/matrix.py: {missing}"
     assert set(M.FACTORS["method"]) == set(M.METHODS)
+    # GRPO's rollout modes are levels of its own section, not factors: each has its rows
+    assert set(M.ROLLOUTS) == {r.get("rollout", "reproducible") for r in ROWS.values()
+                               if r["method"] in M.ONLINE}
+
+
+def test_docs_count_the_combinations_the_matrix_trains():
+    doc = (ROOT / "docs" / "matrix.md").read_text()
+    said = re.search(r"greedily: (\d+) combinations today", " ".join(doc.split()))
+    assert said and int(said.group(1)) == len(ROWS), (said and said.group(1), len(ROWS))
 
 
 def test_rows_cover_every_pair_of_levels():
