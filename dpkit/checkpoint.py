@@ -270,6 +270,16 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def resume_after_restart(resume: str | None, run_dir: Path) -> str | None:
+    """What an automatically restarted group resumes from (a restart by `dpkit train`, or by
+    torchrun's agent in an elastic launch): this run's newest complete checkpoint (resume=auto,
+    following `latest`). Before this run saved any, a `resume=PATH` it started from still
+    applies; without one, resume=auto starts anew in the directory the failed start made."""
+    if resume is not None and resume != "auto" and latest_complete(run_dir) is None:
+        return resume
+    return "auto"
+
+
 def data_settings(recipe) -> dict:
     """The recipe keys that decide which rows each step trains on, flat (`data.sources[0].path`):
     stored in every checkpoint, so a resume with any of them changed is refused instead of
@@ -537,7 +547,10 @@ def fault_point(where: str, step: int, rank: int) -> None:
     """Fault injection for the crash tests, in the first attempt of a run only (not after an
     automatic restart). DPKIT_FAULT=kill@step:STEP:RANK SIGKILLs that rank as it starts step
     STEP; kill@save:STEP:RANK after it wrote its files of the step-STEP checkpoint but before the
-    checkpoint is marked complete; term@step:STEP:RANK preempts the run as it starts step STEP:
+    checkpoint is marked complete; killnode@step:STEP:RANK kills that rank's whole node as it
+    starts step STEP: SIGKILL to its `dpkit train` (DPKIT_SUPERVISOR_PID), torchrun and ranks,
+    as when a machine goes away (RANK `*`: any rank that has the variable, for a fault given to
+    one node's `dpkit train` only); term@step:STEP:RANK preempts the run as it starts step STEP:
     SIGTERM to `dpkit train` (DPKIT_SUPERVISOR_PID; to this rank when there is none) and to this
     rank, as a scheduler signals every process of a job; nan@step:STEP:RANK (see
     fault_requested) makes that rank's loss NaN. Unset in normal runs: a string compare."""
@@ -548,11 +561,33 @@ def fault_point(where: str, step: int, rank: int) -> None:
         return
     if spec == f"kill@{where}:{step}:{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec in (f"killnode@{where}:{step}:{rank}", f"killnode@{where}:{step}:*"):
+        _kill_node()
     if spec == f"term@{where}:{step}:{rank}":
         supervisor = int(os.environ.get("DPKIT_SUPERVISOR_PID", "0") or 0)
         if supervisor:
             os.kill(supervisor, signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _kill_node() -> None:
+    """SIGKILL every process of this node's launch: `dpkit train` first (it would report and
+    stop), then torchrun's agent and the ranks under it, this one last."""
+    import psutil
+
+    root = int(os.environ.get("DPKIT_SUPERVISOR_PID", "0") or 0) or os.getppid()
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        if p.pid != os.getpid():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    os.kill(os.getpid(), 9)
 
 
 # ------------------------------------------------------------------------------- preemption

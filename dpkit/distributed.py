@@ -121,10 +121,52 @@ def launcher_info(env=None) -> LauncherInfo:
 def restart_count(env=None) -> int:
     """Which attempt of this run the ranks are: 0 the first, n after n automatic restarts (by
     `dpkit train`'s supervisor, DPKIT_RESTART, or torchrun's elastic agent,
-    TORCHELASTIC_RESTART_COUNT, when someone runs it with --max-restarts)."""
+    TORCHELASTIC_RESTART_COUNT, when someone runs it with --max-restarts). Once the process
+    group exists (setup): the number every rank agreed on, which also counts the starts of an
+    elastic launch (`_agreed_restarts`)."""
     env = os.environ if env is None else env
-    return max(_int(env, "DPKIT_RESTART", default=0),
-               _int(env, "TORCHELASTIC_RESTART_COUNT", default=0))
+    local = max(_int(env, "DPKIT_RESTART", default=0),
+                _int(env, "TORCHELASTIC_RESTART_COUNT", default=0))
+    return max(local, _AGREED or 0) if env is os.environ else local
+
+
+_AGREED: int | None = None
+"""restart_count() as all ranks agreed on it in setup (None before)."""
+
+
+def _elastic_starts() -> int:
+    """Rank 0 of an elastic launch (dpkit.launch sets DPKIT_RDZV_ENDPOINT): how many times the
+    ranks of this launch started before, counted in the rendezvous's own store, which lives on
+    node 0's agent for the whole launch. torchrun's restart count can't say it: each node's
+    agent counts its own restarts, and a group restarted because a node joined or left keeps
+    the count it had (pytorch#108158), so a start after a node's death may read 0 there."""
+    endpoint = os.environ.get("DPKIT_RDZV_ENDPOINT", "")
+    if not endpoint:
+        return 0
+    from torch.distributed import TCPStore
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        store = TCPStore(host, int(port), None, False, datetime.timedelta(seconds=60),
+                         wait_for_workers=False)
+        return int(store.add(f"dpkit_starts/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", 1)) - 1
+    except Exception as e:  # DistNetworkError, DistStoreError: torch's wording
+        raise RendezvousError(f"rank 0 could not reach the rendezvous at {endpoint} to count "
+                              f"this launch's starts: {e}") from e
+
+
+def _agreed_restarts(info: LauncherInfo, device: torch.device) -> int:
+    """restart_count() the same on every rank: the highest any rank has (rank 0 adds the
+    elastic launch's count). Every start after the first resumes (dpkit.run), so the ranks must
+    not disagree about it."""
+    count = restart_count()
+    if info.rank == 0:
+        count = max(count, _elastic_starts())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([count], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        count = int(t.item())
+    return count
 
 
 EXIT_REQUEUE = 143
@@ -277,7 +319,12 @@ def _meet(info: LauncherInfo, timeout_s: int):
                 f"rank 0 could not listen at {where}: {e} — pick a free --master-port (or "
                 "MASTER_PORT)") from e
         raise RendezvousError(could_not_reach(info.node_rank, where, timeout_s)) from e
-    meet = PrefixStore(f"dpkit_meet/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # A store torchrun's agent shares with every start of the ranks keeps the keys of the ones
+    # before: name this start's. A fresh store per start (elastic launches) needs no name, and
+    # must not take one from the agents' restart counts, which differ between nodes there.
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "0"
+    meet = PrefixStore(f"dpkit_meet/{attempt}", store)
     meet.set(str(info.rank), f"{info.node_rank} {socket.gethostname()}")
     keys = [str(r) for r in range(info.world_size)]
     try:  # the store's host waits a little longer, so the others can still ask it who is missing
@@ -333,6 +380,8 @@ def setup(timeout_s: int) -> DistEnv:
             world_size=world_size, timeout=timeout,
             **({"device_id": device} if backend == "nccl" else {}))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    global _AGREED
+    _AGREED = _agreed_restarts(info, device)
     _ENV = DistEnv(rank, local_rank, world_size, backend, device)
     return _ENV
 

@@ -6,6 +6,11 @@ same file the parent already validated. Across nodes:
 
 - torchrun and accelerate run once per node (`--node-rank R`) and meet at node 0's address and
   port (static rendezvous: node R's ranks are R×n … R×n+n-1);
+- with a node range (`--nodes MIN:MAX`, torchrun only) the nodes meet in torchrun's c10d
+  rendezvous at node 0's address instead, and torchrun's agent restarts the ranks when one dies
+  (`--max-restarts` = train.max_restarts), on the nodes that are left as long as there are MIN:
+  the ranks resume from the newest complete checkpoint by themselves (dpkit.run), through the
+  universal format when the world size changed;
 - the deepspeed CLI either runs once, on node 0, and ssh-starts (pdsh) every host of the hostfile,
   or, with `--node-rank R`, once per node without ssh (`--no_ssh`; dpkit writes a hostfile when
   none is given: the deepspeed launcher needs one to count the ranks).
@@ -33,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from dpkit.checkpoint import last_logged_step, latest_complete, preempted_checkpoint
+from dpkit.checkpoint import (last_logged_step, latest_complete, preempted_checkpoint,
+                              resume_after_restart)
 from dpkit.distributed import (EXIT_NONFINITE, EXIT_REQUEUE, could_not_reach, free_port,
                                never_joined)
 from dpkit.errors import EXIT_USER_ERROR, Problem, RecipeError
@@ -92,7 +98,16 @@ class LaunchPlan:
     nproc_per_node: int = 0
     """0: the hostfile's slots, else one rank per GPU, or 2 ranks on a machine without GPUs."""
     nodes: int = 0
-    """0: the hostfile's host count, else 1."""
+    """0: the hostfile's host count, else 1. With `min_nodes`: the most nodes."""
+    min_nodes: int = 0
+    """Elastic (`--nodes MIN:MAX`, torchrun only): the fewest nodes the run goes on with after a
+    node died; 0: a fixed node count."""
+    max_restarts: int = 0
+    """The recipe's train.max_restarts: torchrun's agent restarts the ranks itself in an elastic
+    launch (the ranks are to meet again, on fewer nodes); `dpkit train` does otherwise."""
+    rdzv_conf: str = ""
+    """More `key=value,...` for torchrun's c10d rendezvous in an elastic launch (e.g.
+    last_call_timeout=10); dpkit sets join_timeout, and is_host where the node rank is known."""
     node_rank: int | None = None
     """This node's rank; None: detected from the hostfile where this machine has one line, and
     for the deepspeed CLI, start every node from here over ssh."""
@@ -134,6 +149,22 @@ class LaunchPlan:
 
     def world_size(self) -> int:
         return sum(self.node_slots())
+
+    def elastic(self) -> bool:
+        """A node range (MIN < MAX): torchrun's c10d rendezvous, restarts by its agent."""
+        return 0 < self.min_nodes < self.num_nodes()
+
+    def world_sizes(self) -> list[int]:
+        """Every world size this launch can run on (one, unless elastic)."""
+        if not self.elastic():
+            return [self.world_size()]
+        return [n * self.ranks_per_node() for n in range(self.min_nodes, self.num_nodes() + 1)]
+
+    def rdzv_id(self) -> str:
+        """The c10d rendezvous's name, the same on every node without a word between them: the
+        SLURM job's id where there is one (its state lives in node 0's agent, fresh each launch)."""
+        job = os.environ.get("SLURM_JOB_ID", "")
+        return job if job.isdigit() else "dpkit"
 
     def addr(self) -> str:
         if self.master_addr:
@@ -181,9 +212,22 @@ class LaunchPlan:
                 out.append(Problem("--hostfile", f"{self.launcher} starts the same number of "
                                    "ranks on every node, the hostfile's slots differ",
                                    "give every host the same slots, or use --launcher deepspeed"))
-        if self.nodes < 0 or self.nproc_per_node < 0:
+        if self.nodes < 0 or self.nproc_per_node < 0 or self.min_nodes < 0:
             out.append(Problem("--nodes", "must be positive"))
         nodes = self.num_nodes()
+        if self.min_nodes > nodes:
+            out.append(Problem("--nodes", f"{self.min_nodes}:{nodes}: the minimum is above the "
+                               "maximum", f"give MIN:MAX with MIN <= MAX, e.g. 1:{nodes}"))
+        if self.elastic() and self.launcher != "torchrun":
+            out.append(Problem("--nodes", f"{self.min_nodes}:{nodes} needs torchrun's elastic "
+                               f"(c10d) rendezvous; the {self.launcher} launcher starts a fixed "
+                               "set of nodes", f"use --launcher torchrun, or a fixed count: "
+                               f"--nodes {nodes}"))
+        if self.elastic() and self.max_restarts < 1:
+            out.append(Problem("train.max_restarts", f"is 0: with --nodes {self.min_nodes}:{nodes} "
+                               "a dead node would end the run instead of resuming on the nodes "
+                               "left", "set train.max_restarts to 1 or more (each node death "
+                               "uses one restart on every surviving node)"))
         if self.node_rank is not None and not 0 <= self.node_rank < nodes:
             out.append(Problem("--node-rank", f"{self.node_rank} is not in 0..{nodes - 1}",
                                f"number the {nodes} nodes 0..{nodes - 1}"))
@@ -195,7 +239,8 @@ class LaunchPlan:
         if commands and nodes > 1 and not self.master_addr and not self.hostfile:
             out.append(Problem("--master-addr", f"required with {nodes} nodes: node 0's address, "
                                "the same on every node", "give --master-addr (or --hostfile)"))
-        if launching and nodes > 1 and self.this_node() is None and self.per_node():
+        if launching and nodes > 1 and self.this_node() is None and self.per_node() and \
+                not self.elastic():  # c10d numbers the nodes in arrival order
             where = ("this machine is not exactly one host of the hostfile" if self.hostfile
                      else f"{self.launcher} runs once on every node")
             out.append(Problem("--node-rank", f"required with {nodes} nodes: {where}",
@@ -236,7 +281,20 @@ def command(plan: LaunchPlan, recipe: str, overrides: list[str],
 def _torchrun(plan: LaunchPlan, target: list[str], rank: int, node_rank: int | None) -> list[str]:
     n, nodes, addr, port = plan.ranks_per_node(), plan.num_nodes(), plan.addr(), plan.port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-    if nodes == 1:
+    if plan.elastic():
+        # c10d: the nodes meet at node 0's address whatever their number (no --node_rank), and
+        # after a death the agent restarts its ranks and meets the nodes left (dpkit.run resumes).
+        # is_host: which agent serves the rendezvous, where the node rank says (else torch
+        # guesses from the host name; two "nodes" on one machine would race for the port).
+        known = plan.this_node() if node_rank is None else node_rank
+        conf = [f"join_timeout={plan.rendezvous_timeout_s}"]
+        if known is not None:
+            conf.append(f"is_host={int(known == 0)}")
+        conf += [c for c in plan.rdzv_conf.split(",") if c.strip()]
+        cmd += ["--nnodes", f"{plan.min_nodes}:{nodes}", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"{addr}:{port}", "--rdzv_id", plan.rdzv_id(),
+                "--max_restarts", str(plan.max_restarts), "--rdzv_conf", ",".join(conf)]
+    elif nodes == 1:
         cmd += ["--standalone"] if not plan.master_port else [
             "--master_addr", addr, "--master_port", str(port)]
     else:
@@ -298,12 +356,26 @@ LAUNCHER_COMMANDS = {"torchrun": _torchrun, "accelerate": _accelerate, "deepspee
 LAUNCHERS = tuple(LAUNCHER_COMMANDS)
 
 
+def elastic_environment(plan: LaunchPlan) -> dict[str, str]:
+    """For torchrun's agent and the ranks of an elastic launch. The agent would otherwise share
+    one TCP store with every start of the ranks, where a restarted group finds the keys of the
+    group before it (and torchrun's restart counts differ between nodes, pytorch#108158): each
+    start gets a fresh store from its rank 0. DPKIT_RDZV_ENDPOINT: where the ranks count the
+    starts of this launch (the rendezvous's own store, alive as long as the launch is), so that
+    every start after the first resumes (dpkit.distributed.restart_count)."""
+    if not plan.elastic():
+        return {}
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            "DPKIT_RDZV_ENDPOINT": f"{plan.addr()}:{plan.port()}"}
+
+
 def rank_environment(plan: LaunchPlan) -> dict[str, str]:
     """Environment for the ranks. On CPU one thread per rank: more threads thrash 2 cores."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
+    env.update(elastic_environment(plan))
     env.update(plan.extra_env)
     return env
 
@@ -312,8 +384,12 @@ def render(plan: LaunchPlan, recipe: str, overrides: list[str]) -> str:
     """What `--dry-run` prints: the command for this node, or for every node when each runs its
     own and no --node-rank says which one this is."""
     env = "" if torch.cuda.is_available() else "OMP_NUM_THREADS=1 "
+    env += "".join(f"{k}={shlex.quote(v)} " for k, v in elastic_environment(plan).items())
     nodes = plan.num_nodes()
-    if nodes == 1 or not plan.per_node() or plan.this_node() is not None:
+    if plan.elastic() and plan.this_node() is None:
+        lines = [f"# every node (the one at {plan.addr()} serves the rendezvous):",
+                 env + shlex.join(command(plan, recipe, overrides))]
+    elif nodes == 1 or not plan.per_node() or plan.this_node() is not None:
         lines = [env + shlex.join(command(plan, recipe, overrides))]
     else:
         hosts = [h for h, _ in plan.hosts()] or [""] * nodes
@@ -377,7 +453,9 @@ def launch(plan: LaunchPlan, recipe: str, overrides: list[str], dry_run: bool,
         print(render(plan, recipe, overrides))
         return 0
     cmd = command(plan, recipe, overrides)
-    print(f"[dpkit] launching {plan.world_size()} ranks: {shlex.join(cmd)}", flush=True)
+    ranks = (f"{plan.world_sizes()[0]}-{plan.world_size()}" if plan.elastic()
+             else plan.world_size())
+    print(f"[dpkit] launching {ranks} ranks: {shlex.join(cmd)}", flush=True)
     env = {**rank_environment(plan), "DPKIT_SUPERVISOR_PID": str(os.getpid())}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     tail: list[bytes] = []
@@ -474,11 +552,9 @@ def decide(code: int, rank_codes: list[int], preempted: bool, restarts: int,
 
 def restart_overrides(overrides: list[str], run_dir: Path, recipe_resume: str | None
                       ) -> list[str]:
-    """A restart continues from this run's newest complete checkpoint (resume=auto follows
-    checkpoints/latest). Before this run saved any, a `resume=PATH` it started from still
-    applies; without one, resume=auto starts anew in the directory the failed attempt made."""
-    if recipe_resume is not None and recipe_resume != "auto" and \
-            latest_complete(run_dir) is None:
+    """The overrides of a restart: resume as dpkit.checkpoint.resume_after_restart says (the
+    ranks of an elastic launch, restarted by torchrun, apply the same rule themselves)."""
+    if resume_after_restart(recipe_resume, run_dir) != "auto":
         return list(overrides)
     return [o for o in overrides if not o.startswith("resume=")] + ["resume=auto"]
 

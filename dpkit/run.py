@@ -81,6 +81,11 @@ class Run:
     def setup(self) -> Run:
         r = self.recipe
         self.env = distributed.setup(r.train.collective_timeout_s)
+        if distributed.restart_count():  # restarted by torchrun's agent (elastic: maybe on fewer
+            # nodes) with the command line of the first start: resume as `dpkit train` would
+            again = C.resume_after_restart(r.resume, Path(r.output.dir).expanduser())
+            if again != r.resume:
+                self.recipe = r = r.model_copy(update={"resume": again})
         # Refusals (finished run, damaged checkpoint, foreign directory) before anything exists.
         self.out, self.resume_from = prepare_output_dir(r, self.env)
         self.log = logs.setup(self.out, self.env.rank, self.env.is_main)
@@ -269,20 +274,25 @@ class Run:
         self.start_step, self.tokens_seen = state.step, state.tokens_seen
         if len(state.source_counts) == len(self.source_counts):  # not in older checkpoints
             self.source_counts = list(state.source_counts)
+        world, saved = self.env.world_size, state.world_size
         self.say(f"[dpkit] resumed from {ckpt} at step {self.start_step}"
-                 + (" (universal checkpoint: world size or ZeRO stage changed)"
-                    if self.universal else ""))
+                 + (f" (universal checkpoint: world size {saved} -> {world} or ZeRO stage "
+                    f"changed)" if self.universal else ""))
         if self.env.is_main:
             reached = C.last_logged_step(self.out)  # before the steps after the checkpoint go
             truncate_jsonl(self.out / METRICS, self.start_step)
             restart = distributed.restart_count()
-            if restart:  # an automatic restart after a rank died: say what it cost
+            if restart:  # an automatic restart after a rank (or node) died: what it cost
                 redone = max(0, reached - self.start_step)
+                fewer = f" on {world} ranks (saved by {saved})" if world != saved else ""
                 self.say(f"[dpkit] restart {restart}: resumed from {ckpt} at step "
-                         f"{self.start_step}; {redone} steps done before the failure are redone")
+                         f"{self.start_step}{fewer}; {redone} steps done before the failure "
+                         "are redone")
                 append_jsonl(self.out / METRICS, {"step": self.start_step, "restart": restart,
                                                   "resumed_from": str(ckpt),
-                                                  "steps_redone": redone})
+                                                  "steps_redone": redone,
+                                                  "saved_world_size": saved,
+                                                  "world_size": world})
 
     # -------------------------------------------------------------------------------- loop
     def train(self) -> dict:

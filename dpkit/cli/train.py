@@ -26,6 +26,10 @@ def register(subparsers) -> None:
                    help="port on node 0 (default: a free one; 29500 across nodes)")
     p.add_argument("--hostfile", help="`host slots=N` per line (deepspeed's format): nodes, ranks "
                                       "per node and node 0's address, for every launcher")
+    p.add_argument("--rdzv-conf", default="",
+                   help="with --nodes MIN:MAX: more settings for torchrun's c10d rendezvous, "
+                        "key=value,... (e.g. last_call_timeout=10: how long the nodes that are "
+                        "there wait for more before starting; torch's default is 30 s)")
     p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
     p.set_defaults(func=cmd_train)
 
@@ -38,9 +42,11 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return launch(plan, args.recipe, args.overrides, dry_run=True)
     t = recipe.train
+    # Elastic: torchrun's agent restarts the ranks (they must meet the other nodes' again);
+    # this process only passes SIGTERM on and reports.
     code = supervise(plan, args.recipe, args.overrides, Path(recipe.output.dir),
-                     max_restarts=t.max_restarts, grace_s=plan.preemption_grace_s,
-                     recipe_resume=recipe.resume)
+                     max_restarts=0 if plan.elastic() else t.max_restarts,
+                     grace_s=plan.preemption_grace_s, recipe_resume=recipe.resume)
     if code == EXIT_REQUEUE:
         print(preempted_summary(recipe, args), file=sys.stderr)
     elif code != 0:

@@ -13,7 +13,9 @@ def register(subparsers) -> None:
 
 def cmd_validate(args) -> int:
     recipe, plan, report = preflight(args)
-    print(f"{args.recipe}: OK for {plan.world_size()} ranks")
+    sizes = plan.world_sizes()
+    ranks = f"{sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]}"
+    print(f"{args.recipe}: OK for {ranks} ranks")
     for note in report.notes:
         print(f"  {note}")
     return 0

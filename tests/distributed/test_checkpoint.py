@@ -157,7 +157,7 @@ def test_dead_rank_restarts_the_group_from_the_last_complete_checkpoint(runs):
     assert "restart 2 of 2" not in proc.stderr  # the fault fires in the first attempt only
     restarts = [m for m in read_metrics(tmp / "K") if "restart" in m]
     assert restarts == [{"step": 3, "restart": 1, "resumed_from": str(step3),
-                         "steps_redone": 1}]
+                         "steps_redone": 1, "saved_world_size": 2, "world_size": 2}]
 
 
 def test_resumed_run_is_bitwise_identical_to_uninterrupted(runs):
@@ -290,3 +290,112 @@ def test_background_saves_complete_after_their_files_and_resume_bitwise(runs):
     resumed = weights(tmp / "AR")
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k])
                                                   for k in final)
+
+
+# ----------------------------------------------------------------------- elastic: a node dies
+ELASTIC_RDZV = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2,read_timeout=300"
+"""Torch's defaults wait 30 s for more nodes once MIN are there and drop a silent node after
+3 missed 5 s heartbeats; here 5 s and 2 × 1 s (read_timeout: node 1's agent waits for node 0's
+rendezvous while node 0 still checks the recipe)."""
+
+
+@pytest.fixture(scope="module")
+def node_death(runs):
+    """U's recipe as two one-rank "nodes" on this machine, each its own `dpkit train --nodes 1:2`
+    (torchrun's c10d rendezvous, train.max_restarts 1); node 1's whole launch — `dpkit train`,
+    torchrun and its rank — SIGKILLed as step 4 of 8 starts, as when a machine goes away. Node 0
+    goes on alone: its ranks fail on the dead peer, its agent meets again without node 1 and the
+    rank resumes from step 2's checkpoint on 1 rank through the universal format."""
+    from dpkit.distributed import free_port
+
+    tmp, _ = runs
+    # collective_timeout_s: a bound on anything that would wait for the dead node (not the
+    # data order, so resume compares it with nothing)
+    n = recipe(tmp, "N", train={"max_restarts": 1, "collective_timeout_s": 120})
+    cmd = [sys.executable, "-m", "dpkit.cli", "train", str(n), "--nodes", "1:2",
+           "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), "--rdzv-conf", ELASTIC_RDZV]
+    start = time.monotonic()
+    # Node 1 first: its agent waits for node 0's rendezvous, which then sees both within the
+    # last call (started together, the two checks of the recipe could end seconds apart).
+    log = tmp / "N-node1.log"  # a file, not a pipe nobody reads while it runs
+    with log.open("w") as out:
+        dead = subprocess.Popen([*cmd, "--node-rank", "1"], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**rank_env(), "DPKIT_FAULT": "killnode@step:4:*"})
+    try:
+        _wait_for_child(dead.pid, "torch.distributed.run")
+        survivor = subprocess.run([*cmd, "--node-rank", "0"], cwd=ROOT, env=rank_env(),
+                                  capture_output=True, text=True, timeout=400)
+        survivor.seconds = time.monotonic() - start
+        dead.wait(timeout=60)
+    finally:
+        if dead.poll() is None:
+            _kill_tree(dead.pid)
+    dead.output = log.read_text()
+    return tmp, survivor, dead
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_for_child(pid: int, name: str, timeout: float = 180) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(name in " ".join(p.cmdline()) for p in psutil.Process(pid).children()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no {name} under {pid} after {timeout} s")
+
+
+def test_dead_node_the_survivor_resumes_alone_through_the_universal_format(node_death):
+    tmp, survivor, dead = node_death
+    assert dead.returncode == -9, dead.output[-3000:]
+    assert survivor.returncode == 0, survivor.stdout[-3000:] + survivor.stderr[-5000:]
+    step2 = tmp / "N" / "checkpoints" / "step-00000002"
+    out = survivor.stdout
+    assert f"[dpkit] restart 1: resumed from {step2} at step 2 on 1 ranks (saved by 2); 1 " \
+           "steps done before the failure are redone" in out, out[-3000:]
+    assert (step2 / "universal" / MARKER).is_file()  # converted once, marked, kept for next time
+    restarts = [m for m in read_metrics(tmp / "N") if "restart" in m]
+    assert restarts == [{"step": 2, "restart": 1, "resumed_from": str(step2), "steps_redone": 1,
+                         "saved_world_size": 2, "world_size": 1}]
+    summary = json.loads((tmp / "N" / "summary.json").read_text())
+    assert summary["world_size"] == 1
+    # From the death (as step 4 starts, right after step 3's line) to the resumed rank: a
+    # heartbeat timeout (2 × 1 s), the last call (5 s), starting the rank and the conversion.
+    gap = logged_at(tmp / "N", "[dpkit] restart 1: resumed") - logged_at(tmp / "N", "step 3: loss")
+    print(f"node death to resumed training: {gap:.1f} s; the whole launch {survivor.seconds:.0f} s")
+    assert 0 < gap < 120, gap
+
+
+def test_dead_node_run_ends_where_the_uninterrupted_two_rank_run_does(node_death):
+    """Steps 1-2 ran on the same 2 ranks as U: bitwise. Steps 3-8 ran on 1 rank with twice the
+    accumulation (the global batch and its rows are the same): the same sums in another order,
+    so fp32 rounding only (no dropout here: each rank's dropout stream cannot follow its rows to
+    another world size, as in test_resume_on_another_world_size_or_stage)."""
+    tmp, survivor, _ = node_death
+    assert survivor.returncode == 0, survivor.stderr[-3000:]
+    expected, got = train_losses(tmp / "U"), train_losses(tmp / "N")
+    assert len(got) == 8 and got[:2] == expected[:2]
+    assert max(abs(a - b) for a, b in zip(expected[2:], got[2:])) <= 1e-5, (expected, got)
+    a, b = weights(tmp / "N"), weights(tmp / "U")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= ELASTIC_WEIGHT_TOLERANCE, worst
+
+
+ELASTIC_WEIGHT_TOLERANCE = 1e-5
+"""Measured 3.1e-7 (embeddings; weights up to 1.0): 30× that, and 300× less than what one
+optimizer step moves a weight by (up to lr = 3e-3), so a step lost, trained twice or on other
+rows fails it."""

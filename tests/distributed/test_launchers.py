@@ -198,25 +198,31 @@ def test_multinode_helper_script(recipe_file, tmp_path):
     assert args.training_script_args == [str(recipe_file), "train.lr=1e-3"]
 
 
-def test_slurm_script_runs_one_torchrun_per_node(recipe_file, tmp_path):
+@pytest.mark.parametrize("min_nodes", [None, "1"])
+def test_slurm_script_runs_one_torchrun_per_node(recipe_file, tmp_path, min_nodes):
     """Run scripts/slurm/train.sbatch with bash under a fake allocation: `srun` and `scontrol`
-    are stand-ins that record their arguments; torch's parser reads what srun would start."""
+    are stand-ins that record their arguments; torch's parser reads what srun would start.
+    MIN_NODES=1: elastic, as `dpkit train --nodes 1:2` launches it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    record = tmp_path / "srun.json"
-    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                  f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    record, environ = tmp_path / "srun.json", tmp_path / "srun-env.json"
+    keys = ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "DPKIT_RDZV_ENDPOINT"]
+    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                  f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+                                  f"open({str(environ)!r}, 'w').write(json.dumps("
+                                  f"{{k: os.environ.get(k) for k in {keys!r}}}))\n")
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = dict(rank_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
                SLURM_JOB_NODELIST="node-a,node-b", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-               GPUS_PER_NODE="2")
+               GPUS_PER_NODE="2", **({"MIN_NODES": min_nodes} if min_nodes else {}))
     script = ROOT / "scripts" / "slurm" / "train.sbatch"
     sbatch = [line.split()[1] for line in script.read_text().splitlines()
               if line.startswith("#SBATCH")]
     assert "--ntasks-per-node=1" in sbatch  # one launcher per node
-    proc = subprocess.run(["bash", str(script), str(recipe_file), "train.lr=1e-3"], env=env,
+    overrides = ["train.lr=1e-3", *(["train.max_restarts=2"] if min_nodes else [])]
+    proc = subprocess.run(["bash", str(script), str(recipe_file), *overrides], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     argv = json.loads(record.read_text())
@@ -224,11 +230,21 @@ def test_slurm_script_runs_one_torchrun_per_node(recipe_file, tmp_path):
     start = argv.index("torch.distributed.run") + 1
     assert argv[start - 3:start] == [sys.executable, "-m", "torch.distributed.run"]
     args, config, _ = torchrun_config(argv[start:])
-    assert config.min_nodes == config.max_nodes == 2 and config.nproc_per_node == 2
+    assert config.max_nodes == 2 and config.nproc_per_node == 2
     assert config.rdzv_backend == "c10d" and config.rdzv_endpoint == "node-a:29500"
     assert config.run_id == "4242" and int(config.rdzv_configs["join_timeout"]) == 45
     assert args.training_script == "dpkit.train"
-    assert args.training_script_args == [str(recipe_file), "train.lr=1e-3"]
+    assert args.training_script_args == [str(recipe_file), *overrides]
+    exported = json.loads(environ.read_text())
+    if min_nodes is None:  # one dead node ends the job
+        assert config.min_nodes == 2 and config.max_restarts == 0
+        assert "--kill-on-bad-exit=1" in argv[:start] and "--no-kill" not in argv[:start]
+        assert exported == dict.fromkeys(keys)
+    else:  # the others go on: srun keeps them, torchrun restarts their ranks, which resume
+        assert config.min_nodes == 1 and config.max_restarts == 2
+        assert "--kill-on-bad-exit=0" in argv[:start] and "--no-kill" in argv[:start]
+        assert exported == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                            "DPKIT_RDZV_ENDPOINT": "node-a:29500"}
 
 
 @pytest.mark.skipif(os.environ.get("DPKIT_TEST_SLURM") != "1" or not shutil.which("sbatch"),

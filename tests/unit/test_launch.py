@@ -22,7 +22,14 @@ from distributed.launch_parsers import (
 
 from dpkit import distributed
 from dpkit.distributed import expand_hostlist, free_port, launcher_info, strip_launcher_args
-from dpkit.launch import LaunchPlan, command, diagnose, read_hostfile, write_hostfile
+from dpkit.launch import (
+    LaunchPlan,
+    command,
+    diagnose,
+    rank_environment,
+    read_hostfile,
+    write_hostfile,
+)
 from dpkit.shipped import ACCELERATE_CONFIGS
 
 RECIPE = "recipes/some.yaml"
@@ -164,6 +171,65 @@ def test_hostfile_gives_nodes_ranks_and_master_to_every_launcher(tmp_path):
     assert config.rdzv_endpoint == "10.0.0.5:29500" and plan.world_size() == 8
 
 
+# ------------------------------------------------------------------------- elastic node counts
+@pytest.mark.parametrize("node", [0, 1, None])
+def test_torchrun_with_a_node_range_meets_in_c10d_and_restarts_itself(node):
+    plan = LaunchPlan("torchrun", nproc_per_node=4, nodes=3, min_nodes=1, node_rank=node,
+                      master_addr="10.0.0.1", rendezvous_timeout_s=33, max_restarts=2,
+                      rdzv_conf="last_call_timeout=10")
+    assert plan.elastic() and plan.world_sizes() == [4, 8, 12] and plan.problems() == []
+    _, config, _ = torchrun_config(split(command(plan, RECIPE, OVERRIDES),
+                                         "torch.distributed.run"))
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (1, 3, 4)
+    assert config.rdzv_backend == "c10d" and config.rdzv_endpoint == "10.0.0.1:29500"
+    assert config.max_restarts == 2 and config.run_id == "dpkit"
+    conf = config.rdzv_configs
+    assert int(conf["join_timeout"]) == 33 and conf["last_call_timeout"] == "10"
+    assert "rank" not in conf  # c10d numbers the nodes as they arrive
+    # which agent serves the rendezvous: said where the node rank is known, else torch's guess
+    assert conf.get("is_host") == (None if node is None else str(int(node == 0)))
+    # a fresh store for each start of the ranks; rank 0 counts the starts at the rendezvous
+    env = rank_environment(plan)
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert env["DPKIT_RDZV_ENDPOINT"] == "10.0.0.1:29500"
+    assert "DPKIT_RDZV_ENDPOINT" not in rank_environment(LaunchPlan("torchrun", nodes=2))
+
+
+def test_node_range_is_refused_where_it_cannot_work():
+    def problems(plan):
+        return [(p.where, p.message) for p in plan.problems(launching=True)]
+
+    for launcher in ("deepspeed", "accelerate"):  # a fixed set of nodes, no elastic rendezvous
+        (where, message), = problems(LaunchPlan(launcher, nodes=2, min_nodes=1, node_rank=0,
+                                                master_addr="h", max_restarts=1))
+        assert where == "--nodes" and f"the {launcher} launcher starts a fixed set" in message
+    (where, message), = problems(LaunchPlan("torchrun", nodes=2, min_nodes=1, master_addr="h"))
+    assert where == "train.max_restarts"  # a death would end the run: nothing to go on with
+    assert [w for w, _ in problems(LaunchPlan("torchrun", nodes=2, min_nodes=3,
+                                              master_addr="h", node_rank=0))] == ["--nodes"]
+    # 2:2 is a fixed count: the static rendezvous as before
+    assert not LaunchPlan("torchrun", nodes=2, min_nodes=2).elastic()
+
+
+def test_validate_checks_every_node_count_of_a_range(recipe_file, capsys):
+    """The run may go on with fewer nodes: the global batch (8, micro 2) must split over each
+    world size of the range. 4 ranks do; 3 (the minimum of 3:4) don't."""
+    from dpkit.cli import main
+    from dpkit.cli.common import fewer_nodes_problems
+    from dpkit.recipe import load_recipe
+
+    ok = ["validate", str(recipe_file), "train.max_restarts=1", "--nproc-per-node", "1"]
+    assert main([*ok, "--nodes", "1:2"]) == 0
+    assert "OK for 1-2 ranks" in capsys.readouterr().out
+    recipe = load_recipe(recipe_file)
+    (problem,) = fewer_nodes_problems(recipe, LaunchPlan(nproc_per_node=1, nodes=4, min_nodes=3))
+    assert problem.where == "train.global_batch_size"
+    assert problem.message.endswith("(on 3 nodes, which --nodes 3:4 allows)")
+    assert main([*ok[:2], "--nodes", "1:2"]) == 2
+    assert "train.max_restarts: is 0: with --nodes 1:2" in capsys.readouterr().err
+    assert main([*ok, "--nodes", "1-2"]) == 2  # argparse: not N or MIN:MAX
+
+
 # ---------------------------------------------------------------------------- flags and dry run
 def test_flag_problems_are_named():
     def where(plan):
@@ -204,6 +270,15 @@ def test_dry_run_prints_every_nodes_command(recipe_file, capsys):
         # torchrun must not kill the ranks before dpkit's grace (100 s) is over
         assert config.shutdown_timeout == 100 + 5
         assert config.rdzv_endpoint == "10.0.0.9:29500"
+    # a node range: one command for every node, with the environment it needs
+    assert main(["train", str(recipe_file), "train.max_restarts=2", "--nnodes", "1:2",
+                 "--nproc-per-node", "2", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# every node (the one at 10.0.0.9 serves the rendezvous):" in out
+    (cmd,) = commands_of(out)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 DPKIT_RDZV_ENDPOINT=10.0.0.9:29500 " in out
+    _, config, _ = torchrun_config(split(cmd, "torch.distributed.run"))
+    assert (config.min_nodes, config.max_nodes, config.max_restarts) == (1, 2, 2)
     assert main(["train", str(recipe_file), "--launcher", "deepspeed", "--nodes", "2",
                  "--node-rank", "1", "--master-addr", "10.0.0.9", "--dry-run"]) == 0
     (cmd,) = commands_of(capsys.readouterr().out)
@@ -592,3 +667,28 @@ def test_faults_fire_in_the_first_attempt_only(monkeypatch):
     monkeypatch.setenv("DPKIT_RESTART", "0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # torchrun --max-restarts did
     assert restart_count() == 2 and not fault_requested("nan", 3, 1)
+
+
+def test_an_elastic_launch_counts_its_starts_at_the_rendezvous(monkeypatch):
+    """torchrun's restart count is each agent's own (a node that joins late reads 0 while the
+    others read 1): rank 0 counts the starts of an elastic launch in the rendezvous's store and
+    every rank takes the highest number (here one rank, a local store as the rendezvous's)."""
+    import datetime
+
+    import torch
+    from torch.distributed import TCPStore
+
+    server = TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=10),
+                      wait_for_workers=False)
+    monkeypatch.setenv("DPKIT_RDZV_ENDPOINT", f"127.0.0.1:{server.port}")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a membership change keeps it
+    monkeypatch.delenv("DPKIT_RESTART", raising=False)
+    monkeypatch.setattr(distributed, "_AGREED", None)
+    info = distributed.LauncherInfo("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0)
+    cpu = torch.device("cpu")
+    assert [distributed._agreed_restarts(info, cpu) for _ in range(3)] == [0, 1, 2]
+    monkeypatch.setattr(distributed, "_AGREED", 2)  # what setup keeps
+    assert distributed.restart_count() == 2
+    monkeypatch.delenv("DPKIT_RDZV_ENDPOINT")  # not elastic: nothing to ask
+    assert distributed._elastic_starts() == 0
