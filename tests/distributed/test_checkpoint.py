@@ -297,6 +297,10 @@ ELASTIC_RDZV = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt
 """Torch's defaults wait 30 s for more nodes once MIN are there and drop a silent node after
 3 missed 5 s heartbeats; here 5 s and 2 × 1 s (read_timeout: node 1's agent waits for node 0's
 rendezvous while node 0 still checks the recipe)."""
+ELASTIC_WEIGHT_TOLERANCE = 1e-5
+"""Measured 3.1e-7 (embeddings; weights up to 1.0): 30× that, and 300× less than what one
+optimizer step moves a weight by (up to lr = 3e-3), so a step lost, trained twice or on other
+rows fails it."""
 
 
 @pytest.fixture(scope="module")
@@ -394,8 +398,3 @@ def test_dead_node_run_ends_where_the_uninterrupted_two_rank_run_does(node_death
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= ELASTIC_WEIGHT_TOLERANCE, worst
 
-
-ELASTIC_WEIGHT_TOLERANCE = 1e-5
-"""Measured 3.1e-7 (embeddings; weights up to 1.0): 30× that, and 300× less than what one
-optimizer step moves a weight by (up to lr = 3e-3), so a step lost, trained twice or on other
-rows fails it."""
