@@ -328,7 +328,7 @@ def node_death(runs):
                                 stderr=subprocess.STDOUT,
                                 env={**rank_env(), "DPKIT_FAULT": "killnode@step:4:*"})
     try:
-        _wait_for_child(dead.pid, "torch.distributed.run")
+        _wait_for_child(dead, "torch.distributed.run")
         survivor = subprocess.run([*cmd, "--node-rank", "0"], cwd=ROOT, env=rank_env(),
                                   capture_output=True, text=True, timeout=400)
         survivor.seconds = time.monotonic() - start
@@ -351,15 +351,15 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _wait_for_child(pid: int, name: str, timeout: float = 180) -> None:
+def _wait_for_child(proc: subprocess.Popen, name: str, timeout: float = 180) -> None:
     import psutil
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(name in " ".join(p.cmdline()) for p in psutil.Process(pid).children()):
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(name in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
             return
         time.sleep(0.2)
-    raise TimeoutError(f"no {name} under {pid} after {timeout} s")
+    raise AssertionError(f"no {name} under {proc.args} (exit code {proc.poll()})")
 
 
 def test_dead_node_the_survivor_resumes_alone_through_the_universal_format(node_death):
