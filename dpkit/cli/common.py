@@ -76,6 +76,14 @@ def fewer_nodes_problems(recipe, plan: LaunchPlan) -> list:
     from dpkit.errors import Problem, RecipeError
 
     out = []
+    ep = recipe.moe.expert_parallel
+    if ep > 1 and plan.elastic():
+        out.append(Problem("--nodes", f"{plan.min_nodes}:{plan.num_nodes()} would resume on fewer "
+                           f"ranks after a node dies, and an expert-parallel checkpoint "
+                           f"(moe.expert_parallel: {ep}) resumes only on its own layout or one "
+                           "process (docs/moe.md)", f"use a fixed count: --nodes "
+                           f"{plan.num_nodes()} (train.max_restarts still restarts the group)"))
+        return out
     for world in plan.world_sizes()[:-1]:
         try:
             batch_arithmetic(recipe, world)

@@ -228,6 +228,11 @@ def test_validate_checks_every_node_count_of_a_range(recipe_file, capsys):
     assert main([*ok[:2], "--nodes", "1:2"]) == 2
     assert "train.max_restarts: is 0: with --nodes 1:2" in capsys.readouterr().err
     assert main([*ok, "--nodes", "1-2"]) == 2  # argparse: not N or MIN:MAX
+    # an expert-parallel checkpoint resumes only on its own layout (or one process): no range
+    ep = load_recipe(recipe_file, ["moe.expert_parallel=2"])
+    (problem,) = fewer_nodes_problems(ep, LaunchPlan(nproc_per_node=1, nodes=2, min_nodes=1))
+    assert problem.where == "--nodes" and "moe.expert_parallel: 2" in problem.message
+    assert fewer_nodes_problems(ep, LaunchPlan(nproc_per_node=2, nodes=2)) == []
 
 
 # ---------------------------------------------------------------------------- flags and dry run
