@@ -208,9 +208,9 @@ def save_model(model, weights: dict[str, Any], out: Path | None, dtype: torch.dt
                            else shapes[k].dtype)
             for k in names}
     reverted = revert_weight_conversion(model, dict(meta))
-    if list(reverted) == names and all(reverted[k] is meta[k] for k in names):
+    if reverted.keys() == meta.keys() and all(reverted[k] is meta[k] for k in names):
         sources = {k: (lambda k=k: materialize(weights[k], dtype)) for k in names}
-        plan = meta
+        plan = reverted  # its order (sorted, for a model from_pretrained loaded) sets the shards
     else:  # names change on save: transformers converts the whole state dict, in memory
         whole = {k: materialize(weights[k], dtype) for k in names}
         if not write:
