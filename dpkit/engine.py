@@ -121,10 +121,10 @@ def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float,
     `max_shard_size`, config), written one tensor at a time by dpkit/consolidate.py: ZeRO-3
     parameters (`layout`, dpkit/layout.py) are gathered one at a time on every rank and only
     rank 0 keeps a CPU copy, until its bytes are written — never the whole model, as DeepSpeed's
-    consolidated state dict was; under ZeRO 0-2 the model's own tensors are written as they are
-    (on an accelerator, copied to the CPU one at a time: safetensors' save_file holds every
-    tensor's CPU copy of a shard until the file is written). An expert-parallel model is put
-    back into the model's own layout first (`save_expert_parallel`)."""
+    consolidated state dict was; under ZeRO 0-2 the model's own tensors are written as they are,
+    one at a time (safetensors' save_file, under save_pretrained, held a copy of a whole shard:
+    50GB by default, the model). An expert-parallel model is put back into the model's own
+    layout first (`save_expert_parallel`)."""
     if layout.expert_parallel > 1:
         return save_expert_parallel(engine, tokenizer, out_dir, env, bound_s)
     from dpkit.consolidate import live_weights

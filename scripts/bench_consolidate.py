@@ -27,10 +27,8 @@ The end-of-run save (`final3`, `final2`): 2 CPU ranks load the model into a ZeRO
 engine with its AdamW (dpkit's Run.setup, no step), then rank 0 is measured while both save:
 `old` is dpkit/engine.py's save_model before (DeepSpeed's `_zero3_consolidated_16bit_state_dict`:
 the whole model on rank 0; under ZeRO-2 `save_pretrained` of the module's own tensors), `streamed`
-is dpkit's now (one parameter gathered at a time). On the CPU the ZeRO-2 module's tensors are
-written in place either way; on a GPU save_pretrained's safetensors keeps a CPU copy of every
-tensor of a shard (50GB shards by default: the model) until the file is written, which streamed
-does not (not measurable on this machine).
+is dpkit's now (ZeRO-3: one parameter gathered at a time; ZeRO-2: the module's tensors written
+one at a time, where safetensors' save_file under save_pretrained holds a copy of the shard).
 
 Memory is the process's anonymous resident memory, RssAnon from /proc/self/status, sampled every
 2 ms by a thread: the heap and anonymous mappings, i.e. what the consolidation itself holds. Not
