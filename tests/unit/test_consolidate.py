@@ -165,14 +165,15 @@ def test_ranks_that_do_not_write_read_the_writers_weights_in_its_order(tmp_path,
         set(orders[0]) == set(state)  # every weight once; a tied one under its kept name
 
 
-def test_a_model_from_pretrained_streams_and_shards_as_save_pretrained(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_from_pretrained_streams_and_shards_as_save_pretrained(tmp_path, dtype):
     """A run's live model was loaded with from_pretrained: transformers records the conversions
     it applied (none for Llama) and its revert hands the state dict back sorted by name, which
     is the order save_pretrained shards in. The same names and tensors: still written one at a
-    time, and the shards follow that order."""
+    time, and the shards follow that order; each tensor in the live model's dtype (no cast)."""
     config = CONFIGS["llama"]()
     real_model(config).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
     reference = tmp_path / "reference"
     copy.deepcopy(model).save_pretrained(reference, max_shard_size="40KB")
     lazy = {k: Counted(v) for k, v in model.state_dict().items()}
