@@ -112,20 +112,38 @@ def lr_now(scheduler) -> float:
     return scheduler.get_last_lr()[0]
 
 
-def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float) -> None:
+def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float,
+               max_shard_size: int | str = "50GB") -> None:
     """Hugging Face format (safetensors), written to a temporary name and renamed when complete;
     rank 0 writes while the others wait up to `bound_s` (train.single_rank_work_timeout_s).
-    Partitioned parameters (`layout`, dpkit/layout.py) are consolidated first, on every rank;
-    an expert-parallel model is put back into the model's own layout (`save_expert_parallel`)."""
+
+    The files save_pretrained would write (names, tied weights, shards and index at its default
+    `max_shard_size`, config), written one tensor at a time by dpkit/consolidate.py: ZeRO-3
+    parameters (`layout`, dpkit/layout.py) are gathered one at a time on every rank and only
+    rank 0 keeps a CPU copy, until its bytes are written — never the whole model, as DeepSpeed's
+    consolidated state dict was; under ZeRO 0-2 the model's own tensors are written as they are,
+    one at a time (safetensors' save_file, under save_pretrained, held a copy of a whole shard:
+    50GB by default, the model). An expert-parallel model is put back into the model's own
+    layout first (`save_expert_parallel`)."""
     if layout.expert_parallel > 1:
         return save_expert_parallel(engine, tokenizer, out_dir, env, bound_s)
-    state = (engine._zero3_consolidated_16bit_state_dict() if layout.partitions_parameters
-             else None)
+    from dpkit.consolidate import live_weights
+    from dpkit.consolidate import save_model as write_model
+
+    module = engine.module
+    partitioned = layout.partitions_parameters
+    if not (env.is_main or partitioned):  # nothing to gather: rank 0 writes alone
+        distributed.wait_for_main("write the final model", bound_s)
+        return
+    optimizer = engine.optimizer if partitioned else None
+    if hasattr(optimizer, "checkpoint_event_prologue"):  # as DeepSpeed before a consolidation:
+        optimizer.checkpoint_event_prologue()  # every parameter partitioned, none left gathered
+    tmp = stage_dir(out_dir) if env.is_main else None
+    write_model(module, live_weights(module, keep=env.is_main), tmp, None, max_shard_size,
+                write=env.is_main)
+    if hasattr(optimizer, "checkpoint_event_epilogue"):  # the persistent ones gathered again
+        optimizer.checkpoint_event_epilogue()
     if env.is_main:
-        tmp = stage_dir(out_dir)
-        if state is None:
-            state = engine.module.state_dict()
-        engine.module.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, out_dir)
     distributed.wait_for_main("write the final model", bound_s)

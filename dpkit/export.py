@@ -1,8 +1,8 @@
 """`dpkit export`: a Hugging Face model (safetensors) from any stage's checkpoint, on one process.
 
-DeepSpeed's own consolidation does the work: `zero_to_fp32` merges the fp32 master partitions
-of ZeRO 1–3 checkpoints, whatever the number of ranks that wrote them; a ZeRO-0 checkpoint holds
-the whole module in its model-states file. dpkit/consolidate.py writes the weights one at a time
+DeepSpeed's own consolidation does the work: `zero_to_fp32` knows how the fp32 master partitions
+of ZeRO 1–3 checkpoints fit together, whatever the number of ranks that wrote them; a ZeRO-0
+checkpoint holds the whole module in its model-states file. dpkit/consolidate.py writes the weights one at a time
 (never the whole model in memory). Only complete checkpoints (COMPLETE marker) are read, and only
 from a path the user names: DeepSpeed checkpoints are pickles.
 """
@@ -39,7 +39,7 @@ def resolve_checkpoint(path: Path) -> Path:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full (unpartitioned) weights of a checkpoint, all in memory: fp32 master weights for
     ZeRO 1–3. (The export itself writes them one at a time: dpkit/consolidate.py.)"""
-    return {k: materialize(v) for k, v in checkpoint_weights(ckpt).items()}
+    return {k: materialize(v, torch.float32) for k, v in checkpoint_weights(ckpt).items()}
 
 
 def weights_of(ckpt: Path, model) -> dict:

@@ -49,11 +49,13 @@ MIXTURE = {"mixture": "all_exhausted", "max_seq_len": 128, "sources": [
      "weight": 2}]}
 
 
-def recipe(tmp: Path, name: str, stage=2, save_steps=2, dropout=0.0, **extra) -> Path:
+def recipe(tmp: Path, name: str, stage=2, save_steps=2, dropout=0.0, tied=False,
+           **extra) -> Path:
     r = tiny_recipe(tmp / name, train={**TRAIN, **extra.pop("train", {})}, zero={"stage": stage},
                     output={"save_steps": save_steps, "save_model": True, **extra.pop("output", {})},
                     data=MIXTURE)
     r["model"]["config"]["attention_dropout"] = dropout  # > 0: resume must restore the RNG
+    r["model"]["config"]["tie_word_embeddings"] = tied
     r.update(extra)
     return write_recipe(tmp / f"{name}.yaml", r)
 
@@ -82,7 +84,8 @@ def runs(tmp_path_factory):
     # world size or stage must (without: each rank's RNG stream can't follow its rows there).
     references = [recipe(tmp, "U"), recipe(tmp, "D", dropout=0.2),
                   recipe(tmp, "E0", stage=0, save_steps=2, train={"max_steps": 2}),
-                  recipe(tmp, "E3", stage=3, save_steps=2, train={"max_steps": 2}),
+                  recipe(tmp, "E3", stage=3, save_steps=2, train={"max_steps": 2},
+                         tied=True),  # one parameter under two names, gathered once on save
                   recipe(tmp, "L", save_steps=1, output={"save_total_limit": 2}),
                   # ZeRO-3 saving in the background (output.async_save): the same run as Z3
                   recipe(tmp, "Z3", stage=3), recipe(tmp, "A", stage=3,
@@ -220,27 +223,39 @@ def test_export_matches_the_engine_weights(runs, tmp_path, name):
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
 
 
-def test_streamed_zero3_export_equals_zero_to_fp32_through_save_pretrained(runs, tmp_path):
-    """E3 is a 2-rank ZeRO-3 checkpoint. `export` writes it one weight at a time
-    (dpkit/consolidate.py); the reference is the export as it was before: DeepSpeed's
-    zero_to_fp32 state dict, all in memory, loaded into the model, cast, written by
-    save_pretrained. Same files and index, bitwise the same tensors, and from_pretrained loads
-    the same model."""
+def save_pretrained_of(ckpt: Path, out: Path, dtype=torch.float32, **kwargs) -> Path:
+    """What dpkit saved before it streamed: DeepSpeed's zero_to_fp32 state dict, all in memory
+    (for ZeRO 1/2 its in-memory merge), loaded into the model, cast, written by save_pretrained."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf"))
+    model.load_state_dict(master)
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.to(dtype).save_pretrained(out, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("name", ["E3", "U"])
+def test_streamed_export_equals_zero_to_fp32_through_save_pretrained(runs, tmp_path, name):
+    """E3 is a 2-rank ZeRO-3 checkpoint (tied embeddings), U a ZeRO-2 one. `export` writes them
+    one weight at a time (dpkit/consolidate.py: ZeRO-3 through DeepSpeed's lazy tensors, ZeRO-2
+    read from the memory-mapped partitions); the reference is the export as it was before
+    (save_pretrained_of). Same files and index, bitwise the same tensors, and from_pretrained
+    loads the same model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
     tmp, _ = runs
-    ckpt = latest_complete(tmp / "E3")
+    ckpt = latest_complete(tmp / name)
     master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
     ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).split(".")[1]
-        out = export(ckpt, tmp_path / name, dtype=name, max_shard_size="100KB")
-        reference = tmp_path / f"reference-{name}"
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf"))
-        model.load_state_dict(master)
-        model.generation_config = GenerationConfig.from_model_config(model.config)
-        model.to(dtype).save_pretrained(reference, max_shard_size="100KB")
+        dname = str(dtype).split(".")[1]
+        out = export(ckpt, tmp_path / dname, dtype=dname, max_shard_size="100KB")
+        reference = save_pretrained_of(ckpt, tmp_path / f"reference-{dname}", dtype,
+                                       max_shard_size="100KB")
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert index == json.loads((reference / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1  # several shards
@@ -259,6 +274,27 @@ def test_streamed_zero3_export_equals_zero_to_fp32_through_save_pretrained(runs,
                             for d in (out, reference))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["E3", "U"])
+def test_final_save_equals_save_pretrained_of_the_trained_model(runs, tmp_path, name):
+    """The run's own model/ (dpkit/engine.py: E3's ZeRO-3 parameters gathered one at a time on
+    both ranks, written by rank 0 one tensor at a time; U's ZeRO-2 module written tensor by
+    tensor) is the file save_pretrained writes of the whole trained model, byte for byte: on the
+    CPU in fp32 the live weights are the master weights of the last checkpoint, taken at the
+    last step."""
+    tmp, _ = runs
+    run = tmp / name
+    ckpt = latest_complete(run)
+    assert json.loads((ckpt / "dpkit.json").read_text())["step"] == \
+        load_recipe(tmp / f"{name}.yaml").train.max_steps
+    reference = save_pretrained_of(ckpt, tmp_path / "reference")
+    saved = run / "model"
+    assert (saved / "model.safetensors").read_bytes() == \
+        (reference / "model.safetensors").read_bytes()
+    assert json.loads((saved / "config.json").read_text()) == \
+        json.loads((reference / "config.json").read_text())
+    assert not (saved / "model.safetensors.index.json").exists()  # save_pretrained's 50GB shards
 
 
 def test_background_saves_complete_after_their_files_and_resume_bitwise(runs):

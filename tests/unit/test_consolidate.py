@@ -130,6 +130,61 @@ def test_one_weight_in_memory_at_a_time(tmp_path, dtype):
     assert len(tensors(tmp_path)) == len(lazy)
 
 
+class Recorded:
+    """A lazy weight that records the order it is read in."""
+
+    def __init__(self, tensor, reads: list, name: str):
+        self.tensor, self.shape, self.dtype, self.reads, self.name = \
+            tensor, tensor.shape, tensor.dtype, reads, name
+
+    def contiguous(self):
+        self.reads.append(self.name)
+        return self.tensor.clone()
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "mixtral"])
+def test_ranks_that_do_not_write_read_the_writers_weights_in_its_order(tmp_path, kind):
+    """The final save under ZeRO-3 gathers each weight collectively: the ranks that do not write
+    (write=False) must read the same weights in the same order as the writer, or the gathers
+    pair up different parameters (and hang or mix them). Several shards, tied weights; Mixtral's
+    experts go through transformers' conversion (the whole state dict)."""
+    config = CONFIGS[kind]()
+    state = real_model(config).state_dict()
+    orders = []
+    for write in (True, False):
+        reads: list[str] = []
+        weights = {k: Recorded(v, reads, k) for k, v in state.items()}
+        out = tmp_path / str(write)
+        out.mkdir()
+        save_model(meta_model(config), weights, out if write else None, None, "40KB",
+                   write=write)
+        orders.append(reads)
+        assert any(out.iterdir()) == write
+    assert orders[0] == orders[1] and len(orders[0]) == len(set(orders[0]))
+    assert set(orders[0]) == set(state) - {"lm_head.weight"} if kind == "llama-tied" else \
+        set(orders[0]) == set(state)  # every weight once; a tied one under its kept name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_from_pretrained_streams_and_shards_as_save_pretrained(tmp_path, dtype):
+    """A run's live model was loaded with from_pretrained: transformers records the conversions
+    it applied (none for Llama) and its revert hands the state dict back sorted by name, which
+    is the order save_pretrained shards in. The same names and tensors: still written one at a
+    time, and the shards follow that order; each tensor in the live model's dtype (no cast)."""
+    config = CONFIGS["llama"]()
+    real_model(config).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    reference = tmp_path / "reference"
+    copy.deepcopy(model).save_pretrained(reference, max_shard_size="40KB")
+    lazy = {k: Counted(v) for k, v in model.state_dict().items()}
+    Counted.alive = Counted.peak = 0
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    save_model(model, lazy, ours, None, "40KB")
+    assert Counted.peak == 1 and Counted.alive == 0
+    assert_same_export(ours, reference)
+
+
 def test_safetensors_writer_is_read_by_the_library(tmp_path):
     made = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(),
             "i64": torch.arange(3), "flag": torch.tensor([True, False, True]),

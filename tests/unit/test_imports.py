@@ -223,7 +223,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                "dpkit.parallel*", "dpkit.moe", "dpkit.moe_layout"]),
     ("training", ["dpkit.metrics", "dpkit.checkpoint", "dpkit.objectives*", "dpkit.eval*",
                   "dpkit.engine", "dpkit.step",
-                  "dpkit.consolidate"]),  # export's writer, also the expert-parallel final save
+                  "dpkit.consolidate"]),  # the writer of export and of the final save
     ("readers of runs", ["dpkit.plan*", "dpkit.model_card", "dpkit.report", "dpkit.export",
                          "dpkit.hub"]),
     ("the loop", ["dpkit.run", "dpkit.train"]),
