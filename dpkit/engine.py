@@ -130,11 +130,11 @@ def save_model(engine, tokenizer, out_dir: Path, env, layout, bound_s: float,
     from dpkit.consolidate import live_weights
     from dpkit.consolidate import save_model as write_model
 
-    module = engine.module
     partitioned = layout.partitions_parameters
     if not (env.is_main or partitioned):  # nothing to gather: rank 0 writes alone
         distributed.wait_for_main("write the final model", bound_s)
         return
+    module = engine.module
     optimizer = engine.optimizer if partitioned else None
     if hasattr(optimizer, "checkpoint_event_prologue"):  # as DeepSpeed before a consolidation:
         optimizer.checkpoint_event_prologue()  # every parameter partitioned, none left gathered
